@@ -1,0 +1,33 @@
+"""rlweights: fast, validated in-place weight operations for deep reinforcement learning.
+
+``import rlweights as rw``. Every op takes *weight sets*: an ``nn.Module`` (matched by
+name), a sequence of tensors (matched by position), a ``state_dict`` or the handle of
+:func:`flatten_`. Coefficient convention: ``tau`` is the step toward the source,
+``target <- target + tau * (source - target)`` (TorchRL's eps / torch's decay = 1 - tau).
+"""
+
+from rlweights.flat import FlatLayoutWarning, FlatWeights, flatten_
+from rlweights.ops import average_, clamp_, copy_, distance, distances, max_norm_, polyak_
+from rlweights.targets import HardUpdate, PolyakUpdate, make_target
+from rlweights.weights import NonFiniteError, WeightMismatchError
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "FlatLayoutWarning",
+    "FlatWeights",
+    "HardUpdate",
+    "NonFiniteError",
+    "PolyakUpdate",
+    "WeightMismatchError",
+    "__version__",
+    "average_",
+    "clamp_",
+    "copy_",
+    "distance",
+    "distances",
+    "flatten_",
+    "make_target",
+    "max_norm_",
+    "polyak_",
+]

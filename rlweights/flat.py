@@ -1,0 +1,224 @@
+"""Flat storage: one contiguous buffer per (role, device, dtype), Parameters as views of it.
+
+After :func:`flatten_`, a Polyak update of a whole network is one ``lerp_`` per buffer, a
+hard copy one ``copy_``, a clip one ``clamp_``: the cost becomes the memory traffic instead of
+Python and kernel-launch overhead. Parameter (and buffer) *objects* are kept, only their
+storage is rebound, so optimizers, hooks and other references stay valid.
+
+Why each piece is there:
+
+* Views break when a module is moved or cast (``.to()``, ``.half()``,
+  ``load_state_dict(assign=True)``, ``vector_to_parameters``). Every op checks the layout
+  cheaply before it uses it (the data pointers of the views, plus a structural re-check
+  whenever any module anywhere registered a parameter, buffer or submodule) and falls back to
+  the per-tensor path if it is broken, so a stale buffer is never updated.
+* A Parameter rebound to a view does not share the buffer's autograd version counter, so a
+  write into the flat buffer is invisible to autograd. Every op that writes a flat buffer bumps
+  the versions of its views (``torch.autograd.graph.increment_version``): changing weights
+  between a forward and its backward still raises autograd's error.
+* ``copy.deepcopy`` of a flattened module copies Parameters one by one (no views);
+  :func:`rlweights.make_target` flattens the copy again.
+
+Limitation: replacing a tensor by writing into ``module._parameters`` / ``module._buffers``
+directly bypasses PyTorch's registration hooks and is not detected; assign attributes
+(``module.weight = ...``) or call :func:`flatten_` again after such surgery.
+"""
+
+from __future__ import annotations
+
+import warnings
+import weakref
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from torch import Tensor, nn
+
+from rlweights.weights import Entry, entries, is_float
+
+__all__ = ["FlatGroup", "FlatLayoutWarning", "FlatWeights", "flatten_", "layout_of"]
+
+Role = Literal["weight", "buffer"]
+
+_data_ptr = Tensor.data_ptr
+_LAYOUTS: weakref.WeakKeyDictionary[nn.Module, FlatWeights] = weakref.WeakKeyDictionary()
+_SIGNATURES: dict[tuple, int] = {}
+# Bumped by PyTorch's global registration hooks whenever any module anywhere registers a
+# parameter, buffer or submodule; a layout re-checks its structure when this has moved.
+_GENERATION = [0]
+_HOOKS: list = []
+
+
+class FlatLayoutWarning(UserWarning):
+    """A flattened module's layout broke (moved, cast, tensors replaced); ops fall back to
+    the slower per-tensor path until :func:`flatten_` is called again."""
+
+
+def _bump_generation(*_args: object) -> None:
+    _GENERATION[0] += 1
+
+
+def _install_hooks() -> None:
+    if _HOOKS:
+        return
+    from torch.nn.modules import module as m
+
+    _HOOKS.append(m.register_module_parameter_registration_hook(_bump_generation))
+    _HOOKS.append(m.register_module_buffer_registration_hook(_bump_generation))
+    _HOOKS.append(m.register_module_module_registration_hook(_bump_generation))
+
+
+@dataclass(frozen=True, slots=True)
+class FlatGroup:
+    """One contiguous buffer and the tensors that are views of it."""
+
+    role: Role
+    device: torch.device
+    dtype: torch.dtype
+    flat: Tensor
+    names: tuple[str, ...]
+    views: tuple[Tensor, ...]
+
+
+class FlatWeights:
+    """Handle returned by :func:`flatten_`; usable wherever a weight set is expected.
+
+    ``groups`` holds the flat buffers: ``role="weight"`` for parameters, ``"buffer"`` for
+    floating buffers (BatchNorm statistics). Non-floating tensors (``num_batches_tracked``)
+    stay where they were and are listed in ``others``. Writing into ``group.flat`` yourself
+    bypasses autograd's version counters; use the ops.
+    """
+
+    def __init__(self, module: nn.Module, groups: list[FlatGroup], others: list[Entry]):
+        self._module = weakref.ref(module)
+        self.groups: tuple[FlatGroup, ...] = tuple(groups)
+        self.others: tuple[Entry, ...] = tuple(others)
+        self.weight_flats = tuple(g.flat for g in groups if g.role == "weight")
+        self.buffer_flats = tuple(g.flat for g in groups if g.role == "buffer")
+        self.weight_views = [v for g in groups if g.role == "weight" for v in g.views]
+        self.buffer_views = [v for g in groups if g.role == "buffer" for v in g.views]
+        self._ptr_checks = [(g.views, [_data_ptr(v) for v in g.views]) for g in groups]
+        self._structure = _structure(module)
+        self._generation = _GENERATION[0]
+        self._warned = False
+        self._pair = None  # the last flat pair plan built with this layout as target (ops.py)
+        sig = (
+            tuple((g.role, g.device, g.dtype, g.names, _shapes(g.views)) for g in groups),
+            tuple((e.name, e.kind, *_meta(e.tensor)) for e in others),
+        )
+        # Two layouts with the same signature pair group by group: names, shapes, dtypes,
+        # devices and offsets all agree, so that validation is done once, here.
+        self.signature = _SIGNATURES.setdefault(sig, len(_SIGNATURES))
+
+    @property
+    def module(self) -> nn.Module:
+        module = self._module()
+        if module is None:
+            raise ReferenceError("the module of this FlatWeights handle no longer exists")
+        return module
+
+    @property
+    def numel(self) -> int:
+        return sum(g.flat.numel() for g in self.groups)
+
+    @property
+    def intact(self) -> bool:
+        """True while every tensor of the module is still the view this layout made."""
+        if self._generation != _GENERATION[0]:
+            module = self._module()
+            if module is None or _structure(module) != self._structure:
+                return False
+            self._generation = _GENERATION[0]
+        return all(list(map(_data_ptr, views)) == ptrs for views, ptrs in self._ptr_checks)
+
+    def __repr__(self) -> str:
+        module = self._module()
+        name = type(module).__name__ if module is not None else "<dead module>"
+        groups = ", ".join(
+            f"{g.role}:{str(g.dtype).removeprefix('torch.')}@{g.device}[{g.flat.numel()}]"
+            for g in self.groups
+        )
+        state = "intact" if self.intact else "broken"
+        return f"FlatWeights({name}, {groups or 'no floating tensors'}, {state})"
+
+
+def _shapes(tensors: tuple[Tensor, ...]) -> tuple[torch.Size, ...]:
+    return tuple(t.shape for t in tensors)
+
+
+def _meta(t: Tensor) -> tuple[torch.dtype, torch.device, torch.Size]:
+    return t.dtype, t.device, t.shape
+
+
+def _structure(module: nn.Module) -> list[tuple[str, int]]:
+    """Names and identities of every tensor, to notice replaced or added ones."""
+    named: Iterator[tuple[str, Tensor]]
+    named = (*module.named_parameters(), *module.named_buffers())  # type: ignore[assignment]
+    return [(n, id(t)) for n, t in named]
+
+
+def layout_of(weights: object) -> FlatWeights | None:
+    """The intact flat layout of a module or handle, else None (warning once if it broke)."""
+    if isinstance(weights, FlatWeights):
+        layout = weights
+    elif isinstance(weights, nn.Module):
+        layout = _LAYOUTS.get(weights)
+        if layout is None:
+            return None
+    else:
+        return None
+    if layout.intact:
+        return layout
+    if not layout._warned:
+        layout._warned = True
+        warnings.warn(
+            "a flattened module was moved, cast or had tensors replaced, so its flat layout is "
+            "broken; ops fall back to the slower per-tensor path. Call rw.flatten_(module) "
+            "again (after .to(), .half(), load_state_dict(assign=True), ...).",
+            FlatLayoutWarning,
+            stacklevel=3,
+        )
+    return None
+
+
+def flatten_(module: nn.Module) -> FlatWeights:
+    """Move a module's floating tensors into contiguous buffers, one per (role, device, dtype).
+
+    Each Parameter (and floating buffer) becomes a view of its buffer; the objects themselves
+    are kept, so optimizers, hooks and references stay valid. Values are unchanged. Parameters
+    and buffers get separate buffers so that a target update can lerp the first and copy the
+    second. Idempotent: an intact layout is returned as is, a broken one is rebuilt.
+    """
+    if not isinstance(module, nn.Module):
+        raise TypeError(f"flatten_ takes an nn.Module, got {type(module).__name__}")
+    existing = _LAYOUTS.get(module)
+    if existing is not None and existing.intact:
+        return existing
+    _install_hooks()
+    found, _ = entries(module)
+    grouped: dict[tuple[Role, torch.device, torch.dtype], list[Entry]] = {}
+    others = []
+    for e in found:
+        if is_float(e.tensor) and e.tensor.device.type != "meta":
+            role: Role = "weight" if e.kind == "param" else "buffer"
+            grouped.setdefault((role, e.tensor.device, e.tensor.dtype), []).append(e)
+        else:
+            others.append(e)
+    groups = []
+    with torch.no_grad():
+        for (role, device, dtype), members in grouped.items():
+            flat = torch.empty(sum(e.tensor.numel() for e in members), dtype=dtype, device=device)
+            views, offset = [], 0
+            for e in members:
+                n = e.tensor.numel()
+                view = flat[offset : offset + n].view(e.tensor.shape)
+                view.copy_(e.tensor)
+                e.tensor.data = view  # rebinds storage; the Parameter object is kept
+                views.append(e.tensor)
+                offset += n
+            names = tuple(e.name for e in members)
+            groups.append(FlatGroup(role, device, dtype, flat, names, tuple(views)))
+    layout = FlatWeights(module, groups, others)
+    _LAYOUTS[module] = layout
+    return layout

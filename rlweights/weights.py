@@ -1,0 +1,253 @@
+"""Weight sets: resolving what the user passes into matched, validated pairs of tensors.
+
+A *weight set* is an ``nn.Module`` (its parameters without duplicates, so tied weights count
+once, then its buffers, matched **by name**), a mapping of names to tensors (a ``state_dict``,
+matched by name), a sequence of tensors (matched **by position**), a single tensor, or the
+:class:`~rlweights.FlatWeights` handle returned by :func:`rlweights.flatten_`.
+
+Everything here runs before any op writes: a bad call raises and leaves every tensor untouched.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import math
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Literal, TypeAlias, Union
+
+import torch
+from torch import Tensor, nn
+
+if TYPE_CHECKING:
+    from rlweights.flat import FlatWeights
+
+__all__ = [
+    "Entry",
+    "NonFiniteError",
+    "WeightMismatchError",
+    "Weights",
+    "check_bound",
+    "check_choice",
+    "check_fraction",
+    "entries",
+    "match",
+    "select",
+]
+
+Weights: TypeAlias = Union[nn.Module, Tensor, Iterable[Tensor], Mapping[str, Tensor], "FlatWeights"]
+"""Anything an op accepts as a set of weights."""
+
+Kind = Literal["param", "buffer", "state", "tensor"]
+
+_MAX_LISTED = 6
+
+
+class WeightMismatchError(ValueError):
+    """Two weight sets cannot be paired: names, counts, shapes, dtypes or devices differ.
+
+    The message names the offending tensors and what differs. Nothing was written.
+    """
+
+
+class NonFiniteError(ValueError):
+    """A source holds NaN or infinite values and the op was asked to refuse them.
+
+    Raised with ``nonfinite="raise"``; nothing was written.
+    """
+
+
+@dataclass(slots=True)
+class Entry:
+    """One named tensor of a weight set; ``kind`` says where it came from."""
+
+    name: str
+    tensor: Tensor
+    kind: Kind
+
+
+def _listing(names: Iterable[str]) -> str:
+    names = list(names)
+    shown = ", ".join(repr(n) for n in names[:_MAX_LISTED])
+    more = len(names) - _MAX_LISTED
+    return shown + (f" and {more} more" if more > 0 else "")
+
+
+def entries(weights: Weights, what: str = "weights") -> tuple[list[Entry], bool]:
+    """The tensors of a weight set, in order, and whether they are matched by name.
+
+    ``what`` names the argument in error messages (``"target"``, ``"sources[2]"``, ...).
+    """
+    from rlweights.flat import FlatWeights  # local: flat builds on this module
+
+    if isinstance(weights, FlatWeights):
+        weights = weights.module
+    if isinstance(weights, nn.Module):
+        found = [Entry(n, p, "param") for n, p in weights.named_parameters()]
+        found += [Entry(n, b, "buffer") for n, b in weights.named_buffers()]
+        return found, True
+    if isinstance(weights, Tensor):
+        return [Entry("0", weights, "tensor")], False
+    if isinstance(weights, Mapping):
+        found = []
+        for name, value in weights.items():
+            if not isinstance(value, Tensor):
+                raise TypeError(
+                    f"{what}[{name!r}] is a {type(value).__name__}, not a tensor: a mapping "
+                    "weight set must map names to tensors (a state_dict)."
+                )
+            found.append(Entry(str(name), value, "state"))
+        return found, True
+    if isinstance(weights, Iterable) and not isinstance(weights, (str, bytes)):
+        found = []
+        for i, value in enumerate(weights):
+            if not isinstance(value, Tensor):
+                raise TypeError(
+                    f"{what}[{i}] is a {type(value).__name__}, not a tensor: pass an nn.Module, "
+                    "a sequence of tensors, a state_dict or the handle of rw.flatten_."
+                )
+            found.append(Entry(str(i), value, "tensor"))
+        return found, False
+    raise TypeError(
+        f"{what} is a {type(weights).__name__}: expected an nn.Module, a tensor, a sequence of "
+        "tensors, a mapping of names to tensors (state_dict) or the handle of rw.flatten_."
+    )
+
+
+def select(
+    found: list[Entry],
+    include: str | Sequence[str] | None,
+    exclude: str | Sequence[str] | None,
+    what: str,
+) -> list[Entry]:
+    """Keep the entries whose names match an ``include`` glob and no ``exclude`` glob."""
+    inc = [include] if isinstance(include, str) else list(include or [])
+    exc = [exclude] if isinstance(exclude, str) else list(exclude or [])
+    kept = [
+        e
+        for e in found
+        if (not inc or any(fnmatch.fnmatchcase(e.name, p) for p in inc))
+        and not any(fnmatch.fnmatchcase(e.name, p) for p in exc)
+    ]
+    if inc and not kept:
+        raise ValueError(
+            f"include={include!r} matches no tensor of {what}; its names are "
+            f"{_listing(e.name for e in found)} (patterns are shell globs, e.g. 'encoder.*')."
+        )
+    return kept
+
+
+def match(
+    target: list[Entry],
+    target_named: bool,
+    source: list[Entry],
+    source_named: bool,
+    op: str,
+    source_what: str = "source",
+) -> list[tuple[Entry, Entry]]:
+    """Pair target and source entries (by name when both are named, else by position).
+
+    Raises :class:`WeightMismatchError` naming every offending tensor when names, counts,
+    shapes, dtypes or devices differ.
+    """
+    if target_named and source_named:
+        by_name = {e.name: e for e in source}
+        missing = [e.name for e in target if e.name not in by_name]
+        extra = [n for n in by_name if n not in {e.name for e in target}]
+        if missing or extra:
+            parts = []
+            if missing:
+                parts.append(f"missing from {source_what}: {_listing(missing)}")
+            if extra:
+                parts.append(f"only in {source_what}: {_listing(extra)}")
+            raise WeightMismatchError(
+                f"{op}: target and {source_what} hold different tensors ({'; '.join(parts)}). "
+                "Both must have the same architecture; use include=/exclude= patterns to "
+                "transfer part of a network."
+            )
+        pairs = [(e, by_name[e.name]) for e in target]
+    else:
+        if len(target) != len(source):
+            raise WeightMismatchError(
+                f"{op}: target has {len(target)} tensors but {source_what} has {len(source)}; "
+                "sequences are matched by position and must have the same length."
+            )
+        pairs = list(zip(target, source, strict=True))
+    problems = []
+    for t, s in pairs:
+        label = t.name if t.name == s.name else f"{t.name}/{s.name}"
+        tt, st = t.tensor, s.tensor
+        if tt.shape != st.shape:
+            problems.append(f"{label!r} shape {tuple(tt.shape)} vs {tuple(st.shape)}")
+        if tt.dtype != st.dtype:
+            problems.append(f"{label!r} dtype {tt.dtype} vs {st.dtype}")
+        if tt.device != st.device:
+            problems.append(f"{label!r} device {tt.device} vs {st.device}")
+    if problems:
+        raise WeightMismatchError(
+            f"{op}: target and {source_what} do not match (target vs {source_what}): "
+            f"{'; '.join(problems[:_MAX_LISTED])}"
+            + (f" and {len(problems) - _MAX_LISTED} more" if len(problems) > _MAX_LISTED else "")
+            + ". Nothing was written."
+        )
+    check_no_alias([t for t, _ in pairs], op)
+    return pairs
+
+
+def check_no_alias(written: list[Entry], op: str) -> None:
+    """Refuse a target that lists the same memory twice (it would be updated twice)."""
+    seen: dict[tuple[int, torch.device], str] = {}
+    for e in written:
+        if e.tensor.numel() == 0:
+            continue
+        key = (e.tensor.data_ptr(), e.tensor.device)
+        if key in seen:
+            raise WeightMismatchError(
+                f"{op}: target tensors {seen[key]!r} and {e.name!r} share memory, so they would "
+                "be written twice; pass each tensor once (modules already count tied weights once)."
+            )
+        seen[key] = e.name
+
+
+def is_float(t: Tensor) -> bool:
+    return t.is_floating_point() or t.is_complex()
+
+
+def check_fraction(value: object, name: str, op: str) -> float | Tensor:
+    """Validate a coefficient in [0, 1]: a Python number, or a 0-dim floating tensor.
+
+    Tensor values are not inspected (that would sync the host with the device); their range
+    is the caller's responsibility.
+    """
+    if isinstance(value, Tensor):
+        if value.dim() != 0 or not value.is_floating_point():
+            raise ValueError(
+                f"{op}: {name} must be a float in [0, 1] or a 0-dim floating tensor, got a "
+                f"{value.dtype} tensor of shape {tuple(value.shape)}."
+            )
+        return value.detach() if value.requires_grad else value
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(f"{op}: {name} must be a float in [0, 1], got {value!r}.")
+    value = float(value)
+    if not 0.0 <= value <= 1.0:  # also refuses NaN
+        raise ValueError(
+            f"{op}: {name}={value} is outside [0, 1]. {name} is the step toward the source "
+            "(target <- target + tau * (source - target)); TorchRL's eps, torch/timm decay and "
+            "ema-pytorch beta are 1 - tau."
+        )
+    return value
+
+
+def check_choice(value: object, allowed: tuple[str, ...], name: str, op: str) -> None:
+    """Validate a mode string against its allowed values."""
+    if value not in allowed:
+        raise ValueError(f"{op}: {name}={value!r} is not one of {', '.join(map(repr, allowed))}.")
+
+
+def check_bound(value: object, name: str, op: str) -> float | None:
+    """Validate an optional finite real bound."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value):
+        raise ValueError(f"{op}: {name} must be a real number or None, got {value!r}.")
+    return float(value)
