@@ -39,6 +39,7 @@ from rlweights.weights import (
     check_bound,
     check_choice,
     check_fraction,
+    check_no_overlap,
     entries,
     is_float,
     match,
@@ -459,7 +460,7 @@ def _single(weights: Weights, op: str) -> tuple[list[Tensor], list[Tensor]]:
     if layout is not None:
         return list(layout.weight_flats), layout.weight_views
     found, _ = entries(weights, "weights")
-    out = []
+    out, kept = [], []
     for e in found:
         if e.kind == "buffer":
             continue
@@ -471,6 +472,8 @@ def _single(weights: Weights, op: str) -> tuple[list[Tensor], list[Tensor]]:
                 )
             continue
         out.append(e.tensor)
+        kept.append(e)
+    check_no_overlap(kept, op)
     return out, []
 
 
@@ -520,7 +523,7 @@ def max_norm_(weights: Weights, max_norm: float) -> None:
             acc = torch.float64 if t.dtype == torch.float64 else torch.float32
             norms = torch.linalg.vector_norm(t.reshape(t.shape[0], -1), dim=1, dtype=acc)
             scale = (bound / norms).clamp_(max=1.0)
-            t.mul_(scale.view(-1, *([1] * (t.dim() - 1))).to(t.dtype))
+            t.mul_(scale.view(-1, *([1] * (t.dim() - 1))))
 
 
 def _norm_dtype(t: Tensor) -> torch.dtype:

@@ -30,6 +30,7 @@ __all__ = [
     "check_bound",
     "check_choice",
     "check_fraction",
+    "check_no_overlap",
     "entries",
     "match",
     "select",
@@ -190,23 +191,32 @@ def match(
             + (f" and {len(problems) - _MAX_LISTED} more" if len(problems) > _MAX_LISTED else "")
             + ". Nothing was written."
         )
-    check_no_alias([t for t, _ in pairs], op)
+    check_no_overlap([t for t, _ in pairs], op)
     return pairs
 
 
-def check_no_alias(written: list[Entry], op: str) -> None:
-    """Refuse a target that lists the same memory twice (it would be updated twice)."""
-    seen: dict[tuple[int, torch.device], str] = {}
+def check_no_overlap(written: list[Entry], op: str) -> None:
+    """Refuse tensors to be written that share memory: they would be updated twice.
+
+    Conservative: the memory span of each tensor is compared, so two strided views that
+    interleave without sharing an element are refused too.
+    """
+    spans = []
     for e in written:
-        if e.tensor.numel() == 0:
+        t = e.tensor
+        if t.numel() == 0:
             continue
-        key = (e.tensor.data_ptr(), e.tensor.device)
-        if key in seen:
+        extent = 1 + sum((size - 1) * abs(stride) for size, stride in zip(t.shape, t.stride()))
+        start = t.data_ptr()
+        spans.append((t.device, start, start + extent * t.element_size(), e.name))
+    spans.sort(key=lambda s: (str(s[0]), s[1]))
+    for (dev_a, _, end_a, name_a), (dev_b, start_b, _, name_b) in zip(spans, spans[1:]):
+        if dev_a == dev_b and start_b < end_a:
             raise WeightMismatchError(
-                f"{op}: target tensors {seen[key]!r} and {e.name!r} share memory, so they would "
-                "be written twice; pass each tensor once (modules already count tied weights once)."
+                f"{op}: target tensors {name_a!r} and {name_b!r} overlap in memory, so they "
+                "would be written twice; pass each tensor once (modules already count tied "
+                "weights once)."
             )
-        seen[key] = e.name
 
 
 def is_float(t: Tensor) -> bool:

@@ -1,0 +1,99 @@
+"""Shared fixtures: small networks of the shapes RL uses, devices, float64 references."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+CUDA = torch.cuda.is_available()
+DEVICES = [
+    "cpu",
+    pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(not CUDA, reason="no CUDA")]),
+]
+FLOAT_DTYPES = [torch.float32, torch.float64, torch.bfloat16, torch.float16]
+
+
+def mlp(seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(5, 16), nn.ReLU(), nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 2))
+
+
+def cnn_bn(seed: int = 0) -> nn.Module:
+    """A small conv net with BatchNorm (floating running stats + integer num_batches_tracked)."""
+    torch.manual_seed(seed)
+    net = nn.Sequential(
+        nn.Conv2d(2, 4, 3),
+        nn.BatchNorm2d(4),
+        nn.ReLU(),
+        nn.Flatten(),
+        nn.Linear(4 * 4 * 4, 3),
+    )
+    net.train()
+    with torch.no_grad():
+        net(torch.randn(8, 2, 6, 6))  # move the running statistics off their defaults
+    return net
+
+
+class Tied(nn.Module):
+    """Encoder/decoder sharing one weight: it must be updated once, not twice."""
+
+    def __init__(self, seed: int = 0):
+        super().__init__()
+        torch.manual_seed(seed)
+        self.enc = nn.Linear(6, 4, bias=False)
+        self.dec = nn.Linear(4, 6, bias=False)
+        self.dec.weight = self.enc.weight  # shapes differ; we only need the sharing
+        self.head = nn.Linear(4, 1)
+
+
+def tied(seed: int = 0) -> nn.Module:
+    return Tied(seed)
+
+
+NETS = {"mlp": mlp, "cnn_bn": cnn_bn, "tied": tied}
+
+
+def make_pair(kind: str, dtype: torch.dtype = torch.float32, device: str = "cpu"):
+    """Two networks of the same architecture with different weights (target, source)."""
+    target = NETS[kind](0).to(device=device, dtype=dtype)
+    source = NETS[kind](1).to(device=device, dtype=dtype)
+    return target, source
+
+
+def snapshot(module_or_tensors) -> list[torch.Tensor]:
+    if isinstance(module_or_tensors, nn.Module):
+        tensors = [*module_or_tensors.parameters(), *module_or_tensors.buffers()]
+    else:
+        tensors = list(module_or_tensors)
+    return [t.detach().clone() for t in tensors]
+
+
+def bits(t: torch.Tensor) -> torch.Tensor:
+    """The raw bytes of a tensor, so that -0.0 != 0.0 and NaN == NaN (bit identity)."""
+    return t.detach().contiguous().reshape(-1).view(torch.uint8)
+
+
+def assert_unchanged(before: list[torch.Tensor], module_or_tensors) -> None:
+    after = snapshot(module_or_tensors)
+    assert len(before) == len(after)
+    for b, a in zip(before, after, strict=True):
+        assert b.dtype == a.dtype and b.shape == a.shape
+        assert torch.equal(bits(b), bits(a))
+
+
+def named(module: nn.Module) -> dict[str, torch.Tensor]:
+    """Parameters (deduplicated) then buffers, cloned in float64 for references."""
+    out = {n: p.detach().double().clone() for n, p in module.named_parameters()}
+    for n, b in module.named_buffers():
+        out[n] = b.detach().clone() if not b.is_floating_point() else b.detach().double().clone()
+    return out
+
+
+def buffer_names(module: nn.Module) -> set[str]:
+    return {n for n, _ in module.named_buffers()}
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(1234)

@@ -1,0 +1,148 @@
+"""Bad input raises a clear error and leaves every tensor bit-identical (atomic validation)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import NETS, assert_unchanged, make_pair, snapshot
+from torch import nn
+
+import rlweights as rw
+
+
+@pytest.fixture(params=[True, False], ids=["flat", "plain"])
+def pair(request):
+    target, source = make_pair("cnn_bn")
+    if request.param:
+        rw.make_target(source)  # flattens the source too
+        rw.flatten_(target)
+    return target, source
+
+
+def _all_ops(target, source):
+    """Every writing op applied to (target, source)."""
+    return [
+        lambda: rw.polyak_(target, source, 0.5),
+        lambda: rw.copy_(target, source),
+        lambda: rw.average_(target, [source, target]),
+    ]
+
+
+def test_mismatched_names_name_the_tensors(pair):
+    target, _ = pair
+    other = nn.Sequential(nn.Conv2d(2, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten())
+    before = snapshot(target)
+    for op in _all_ops(target, other):
+        with pytest.raises(rw.WeightMismatchError, match=r"missing from source: '4.weight', '4.bias'"):
+            op()
+    assert_unchanged(before, target)
+
+
+def test_mismatched_shapes_dtypes_devices_name_the_tensors(pair):
+    target, _ = pair
+    wider = nn.Sequential(nn.Conv2d(2, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(), nn.Linear(64, 5))
+    before = snapshot(target)
+    for op in _all_ops(target, wider):
+        with pytest.raises(rw.WeightMismatchError, match=r"'4.weight' shape \(3, 64\) vs \(5, 64\)"):
+            op()
+    doubled = NETS["cnn_bn"](3).double()
+    for op in _all_ops(target, doubled):
+        with pytest.raises(rw.WeightMismatchError, match=r"'0.weight' dtype torch.float32 vs torch.float64"):
+            op()
+    elsewhere = NETS["cnn_bn"](3).to("meta")
+    for op in _all_ops(target, elsewhere):
+        with pytest.raises(rw.WeightMismatchError, match=r"'0.weight' device cpu vs meta"):
+            op()
+    assert_unchanged(before, target)
+
+
+def test_sequence_counts_and_late_mismatch_are_atomic():
+    targets = [torch.randn(3), torch.randn(4, 2), torch.randn(5)]
+    before = snapshot(targets)
+    with pytest.raises(rw.WeightMismatchError, match=r"target has 3 tensors but source has 2"):
+        rw.polyak_(targets, [torch.randn(3), torch.randn(4, 2)], 0.5)
+    # The first two pairs are fine; the last one is not: nothing may be written.
+    with pytest.raises(rw.WeightMismatchError, match=r"'2' shape \(5,\) vs \(6,\)"):
+        rw.polyak_(targets, [torch.randn(3), torch.randn(4, 2), torch.randn(6)], 0.5)
+    with pytest.raises(rw.WeightMismatchError, match=r"'2' dtype torch.float32 vs torch.float16"):
+        rw.copy_(targets, [torch.randn(3), torch.randn(4, 2), torch.randn(5).half()])
+    assert_unchanged(before, targets)
+
+
+def test_integer_tensors_where_floats_are_needed():
+    targets = [torch.randn(3), torch.arange(4)]
+    sources = [torch.randn(3), torch.arange(4) + 1]
+    before = snapshot(targets)
+    with pytest.raises(rw.WeightMismatchError, match=r"tensor '1' is torch.int64, but polyak_ needs"):
+        rw.polyak_(targets, sources, 0.5)
+    with pytest.raises(rw.WeightMismatchError, match=r"tensor '1' is torch.int64, but average_ needs"):
+        rw.average_(targets, [sources])
+    with pytest.raises(rw.WeightMismatchError, match=r"tensor '1' is torch.int64, but clamp_ needs"):
+        rw.clamp_(targets, -1, 1)
+    assert_unchanged(before, targets)
+    rw.copy_(targets, sources)  # copying integers is well defined
+    assert torch.equal(targets[1], sources[1])
+
+
+@pytest.mark.parametrize(
+    ("tau", "msg"),
+    [
+        (-0.1, r"tau=-0.1 is outside \[0, 1\]"),
+        (1.5, r"tau=1.5 is outside \[0, 1\]"),
+        (float("nan"), r"tau=nan is outside \[0, 1\]"),
+        ("0.1", r"tau must be a float in \[0, 1\], got '0.1'"),
+        (True, r"tau must be a float in \[0, 1\], got True"),
+        (torch.tensor([0.1]), r"0-dim floating tensor, got a torch.float32 tensor of shape \(1,\)"),
+        (torch.tensor(1), r"got a torch.int64 tensor"),
+    ],
+)
+def test_bad_tau(pair, tau, msg):
+    target, source = pair
+    before = snapshot(target)
+    with pytest.raises(ValueError, match=msg):
+        rw.polyak_(target, source, tau)
+    with pytest.raises(ValueError, match=msg.replace("tau=", "tau=").replace("tau must", "tau must")):
+        rw.PolyakUpdate(source, target, tau)
+    assert_unchanged(before, target)
+
+
+def test_bad_modes_and_bounds(pair):
+    target, source = pair
+    before = snapshot(target)
+    with pytest.raises(ValueError, match=r"buffers='lerp' is not one of 'copy', 'polyak', 'skip'"):
+        rw.polyak_(target, source, 0.5, buffers="lerp")
+    with pytest.raises(ValueError, match=r"nonfinite='ignore' is not one of"):
+        rw.copy_(target, source, nonfinite="ignore")
+    with pytest.raises(ValueError, match=r"min=1.0 is greater than max=-1.0"):
+        rw.clamp_(target, 1.0, -1.0)
+    with pytest.raises(ValueError, match=r"min must be a real number or None, got nan"):
+        rw.clamp_(target, float("nan"), 1.0)
+    with pytest.raises(ValueError, match=r"give min, max or both"):
+        rw.clamp_(target)
+    with pytest.raises(ValueError, match=r"max_norm must be a real number or None, got nan"):
+        rw.max_norm_(target, float("nan"))
+    assert_unchanged(before, target)
+
+
+def test_wrong_argument_types():
+    net = NETS["mlp"](0)
+    with pytest.raises(TypeError, match=r"target is a int: expected an nn.Module"):
+        rw.polyak_(3, net, 0.5)
+    with pytest.raises(TypeError, match=r"source\[1\] is a str, not a tensor"):
+        rw.polyak_(list(net.parameters())[:2], [torch.randn(16, 5), "x"], 0.5)
+    with pytest.raises(TypeError, match="sources must be a sequence of weight sets"):
+        rw.average_(net, net)
+    with pytest.raises(ValueError, match=r"include=/exclude= select tensors by name"):
+        rw.copy_(list(net.parameters()), list(net.parameters()), include="0.*")
+
+
+def test_make_target_and_routines_validate():
+    net = NETS["mlp"](0)
+    with pytest.raises(TypeError, match="make_target takes an nn.Module"):
+        rw.make_target([torch.randn(2)])
+    target = rw.make_target(net)
+    for every in (0, -1, 1.5, True):
+        with pytest.raises(ValueError, match=r"every must be an int >= 1"):
+            rw.HardUpdate(net, target, every)
+    with pytest.raises(ValueError, match=r"buffers='x' is not one of"):
+        rw.PolyakUpdate(net, target, 0.1, buffers="x")
