@@ -28,14 +28,13 @@ from __future__ import annotations
 
 import warnings
 import weakref
-from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Literal
 
 import torch
 from torch import Tensor, nn
 
-from rlweights.weights import Entry, entries, is_float
+from rlweights.weights import Entry, entries, is_float, module_entries
 
 __all__ = ["FlatGroup", "FlatLayoutWarning", "FlatWeights", "flatten_", "layout_of"]
 
@@ -53,6 +52,12 @@ _HOOKS: list = []
 class FlatLayoutWarning(UserWarning):
     """A flattened module's layout broke (moved, cast, tensors replaced); ops fall back to
     the slower per-tensor path until :func:`flatten_` is called again."""
+
+
+def _overwrites_params() -> bool:
+    """Under this (rare) future flag ``Module._apply`` replaces Parameters through the
+    ``_parameters`` dict, which no registration hook sees: re-check the structure."""
+    return torch.__future__.get_overwrite_module_params_on_conversion()
 
 
 def _bump_generation(*_args: object) -> None:
@@ -102,6 +107,7 @@ class FlatWeights:
         self._structure = _structure(module)
         self._generation = _GENERATION[0]
         self._warned = False
+        self._dead = False
         self._pair = None  # the last flat pair plan built with this layout as target (ops.py)
         sig = (
             tuple((g.role, g.device, g.dtype, g.names, _shapes(g.views)) for g in groups),
@@ -125,9 +131,15 @@ class FlatWeights:
     @property
     def intact(self) -> bool:
         """True while every tensor of the module is still the view this layout made."""
-        if self._generation != _GENERATION[0]:
+        if self._dead:
+            return False
+        if self._generation != _GENERATION[0] or _overwrites_params():
             module = self._module()
             if module is None or _structure(module) != self._structure:
+                # Replaced or added tensors never come back: stay broken (and always
+                # "stale", so that cached plans re-check) until flatten_ rebuilds.
+                self._dead = True
+                self._generation = -1
                 return False
             self._generation = _GENERATION[0]
         return all(list(map(_data_ptr, views)) == ptrs for views, ptrs in self._ptr_checks)
@@ -153,9 +165,7 @@ def _meta(t: Tensor) -> tuple[torch.dtype, torch.device, torch.Size]:
 
 def _structure(module: nn.Module) -> list[tuple[str, int]]:
     """Names and identities of every tensor, to notice replaced or added ones."""
-    named: Iterator[tuple[str, Tensor]]
-    named = (*module.named_parameters(), *module.named_buffers())  # type: ignore[assignment]
-    return [(n, id(t)) for n, t in named]
+    return [(e.name, id(e.tensor)) for e in module_entries(module)]
 
 
 def layout_of(weights: object) -> FlatWeights | None:

@@ -30,7 +30,14 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
-from rlweights.flat import _GENERATION, _LAYOUTS, FlatWeights, _data_ptr, layout_of
+from rlweights.flat import (
+    _GENERATION,
+    _LAYOUTS,
+    FlatWeights,
+    _data_ptr,
+    _overwrites_params,
+    layout_of,
+)
 from rlweights.weights import (
     Entry,
     NonFiniteError,
@@ -71,6 +78,7 @@ class _Plan:
     flat: bool = False
     bump_weights: list[Tensor] = field(default_factory=list)
     bump_buffers: list[Tensor] = field(default_factory=list)
+    bump_all: list[Tensor] = field(default_factory=list)
     layouts: tuple[FlatWeights, ...] = ()
     views: list[Tensor] = field(default_factory=list)
     ptrs: list[int] = field(default_factory=list)
@@ -124,7 +132,7 @@ def _cached_flat_plan(target: Weights, source: Weights) -> _Plan | None:
     sl = plan.layouts[1]
     generation = _GENERATION[0]
     stale = tl._generation != generation or sl._generation != generation
-    if stale and not (tl.intact and sl.intact):
+    if (stale or _overwrites_params()) and not (tl.intact and sl.intact):
         return None
     if list(map(_data_ptr, plan.views)) != plan.ptrs:
         return None
@@ -141,6 +149,7 @@ def _flat_plan(target: FlatWeights, source: FlatWeights) -> _Plan:
         flat=True,
         bump_weights=target.weight_views,
         bump_buffers=target.buffer_views,
+        bump_all=target.weight_views + target.buffer_views,
         layouts=(target, source),
         views=views,
         ptrs=[_data_ptr(v) for v in views],
@@ -252,6 +261,10 @@ class _no_grad:
 
 _NULL = nullcontext()
 
+# Inside torch.compile the ops run eagerly (a graph break): their checks are Python-level
+# bookkeeping that must not be traced, and the writes are single kernels anyway.
+_eager = torch.compiler.disable
+
 
 def _grad_off(plan: _Plan) -> AbstractContextManager[None]:
     # Flat buffers never require grad, so writing them records nothing: skip the toggle.
@@ -263,6 +276,7 @@ def _bump(tensors: list[Tensor]) -> None:
         torch._C._increment_version(tensors)
 
 
+@_eager
 def polyak_(
     target: Weights,
     source: Weights,
@@ -283,6 +297,19 @@ def polyak_(
     ``"skip"``. Integer buffers (``num_batches_tracked``) are copied, never interpolated
     (skipped with ``buffers="skip"``). See the module docstring for ``nonfinite``.
     """
+    if type(tau) is float and buffers == "copy" and nonfinite == "propagate" and 0.0 < tau <= 1.0:
+        # The hot path (a target update every gradient step): nothing but the integrity
+        # check of the cached flat plan, one lerp_ per flat buffer and the version bump.
+        plan = _cached_flat_plan(target, source)
+        if plan is not None:
+            for (t,), (s,) in plan.weights:
+                t.lerp_(s, tau)
+            for (t,), (s,) in plan.buffers:
+                t.copy_(s)
+            for t, s in plan.others:
+                t.copy_(s)
+            torch._C._increment_version(plan.bump_all)
+            return
     op = "polyak_"
     tau = check_fraction(tau, "tau", op)
     check_choice(buffers, ("copy", "polyak", "skip"), "buffers", op)
@@ -311,6 +338,7 @@ def polyak_(
             _bump(plan.bump_buffers)
 
 
+@_eager
 def copy_(
     target: Weights,
     source: Weights,
@@ -396,6 +424,7 @@ def _average_into(t: Tensor, sources: list[Tensor], w: list[float]) -> None:
         t.add_(sources[i], alpha=w[i])
 
 
+@_eager
 def average_(
     target: Weights,
     sources: Sequence[Weights],
@@ -477,6 +506,7 @@ def _single(weights: Weights, op: str) -> tuple[list[Tensor], list[Tensor]]:
     return out, []
 
 
+@_eager
 def clamp_(weights: Weights, min: float | None = None, max: float | None = None) -> None:
     """Clip every weight into ``[min, max]`` in place (WGAN's critic clipping).
 
@@ -502,6 +532,7 @@ def clamp_(weights: Weights, min: float | None = None, max: float | None = None)
         _bump(bump)
 
 
+@_eager
 def max_norm_(weights: Weights, max_norm: float) -> None:
     """Rescale each output unit's incoming weights to L2 norm at most ``max_norm`` (Keras MaxNorm).
 
@@ -530,6 +561,7 @@ def _norm_dtype(t: Tensor) -> torch.dtype:
     return torch.float64 if t.dtype == torch.float64 else torch.float32
 
 
+@_eager
 def distances(a: Weights, b: Weights) -> dict[str, Tensor]:
     """Per-tensor L2 distance ``||a_i - b_i||`` of every matched floating tensor.
 
@@ -548,6 +580,7 @@ def distances(a: Weights, b: Weights) -> dict[str, Tensor]:
         }
 
 
+@_eager
 def distance(a: Weights, b: Weights) -> Tensor:
     """L2 distance over all matched floating tensors, as a 0-dim tensor (no host sync).
 

@@ -33,6 +33,7 @@ __all__ = [
     "check_no_overlap",
     "entries",
     "match",
+    "module_entries",
     "select",
 ]
 
@@ -84,9 +85,7 @@ def entries(weights: Weights, what: str = "weights") -> tuple[list[Entry], bool]
     if isinstance(weights, FlatWeights):
         weights = weights.module
     if isinstance(weights, nn.Module):
-        found = [Entry(n, p, "param") for n, p in weights.named_parameters()]
-        found += [Entry(n, b, "buffer") for n, b in weights.named_buffers()]
-        return found, True
+        return module_entries(weights), True
     if isinstance(weights, Tensor):
         return [Entry("0", weights, "tensor")], False
     if isinstance(weights, Mapping):
@@ -113,6 +112,22 @@ def entries(weights: Weights, what: str = "weights") -> tuple[list[Entry], bool]
         f"{what} is a {type(weights).__name__}: expected an nn.Module, a tensor, a sequence of "
         "tensors, a mapping of names to tensors (state_dict) or the handle of rw.flatten_."
     )
+
+
+def module_entries(module: nn.Module) -> list[Entry]:
+    """``named_parameters()`` then ``named_buffers()`` (duplicates removed), in one walk."""
+    params, buffers, seen = [], [], set()
+    for prefix, sub in module.named_modules():
+        dot = prefix + "." if prefix else ""
+        for name, p in sub._parameters.items():
+            if p is not None and id(p) not in seen:
+                seen.add(id(p))
+                params.append(Entry(dot + name, p, "param"))
+        for name, b in sub._buffers.items():
+            if b is not None and id(b) not in seen:
+                seen.add(id(b))
+                buffers.append(Entry(dot + name, b, "buffer"))
+    return params + buffers
 
 
 def select(
@@ -154,7 +169,8 @@ def match(
     if target_named and source_named:
         by_name = {e.name: e for e in source}
         missing = [e.name for e in target if e.name not in by_name]
-        extra = [n for n in by_name if n not in {e.name for e in target}]
+        target_names = {e.name for e in target}
+        extra = [n for n in by_name if n not in target_names]
         if missing or extra:
             parts = []
             if missing:
@@ -191,7 +207,8 @@ def match(
             + (f" and {len(problems) - _MAX_LISTED} more" if len(problems) > _MAX_LISTED else "")
             + ". Nothing was written."
         )
-    check_no_overlap([t for t, _ in pairs], op)
+    # Modules list each tensor once already (tied weights deduplicated).
+    check_no_overlap([t for t, _ in pairs if t.kind in ("tensor", "state")], op)
     return pairs
 
 

@@ -16,7 +16,9 @@ FLOAT_DTYPES = [torch.float32, torch.float64, torch.bfloat16, torch.float16]
 
 def mlp(seed: int = 0) -> nn.Module:
     torch.manual_seed(seed)
-    return nn.Sequential(nn.Linear(5, 16), nn.ReLU(), nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 2))
+    return nn.Sequential(
+        nn.Linear(5, 16), nn.ReLU(), nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 2)
+    )
 
 
 def cnn_bn(seed: int = 0) -> nn.Module:

@@ -89,7 +89,9 @@ def _assert_targets_follow(target, source, t0, s0, tau=0.5):
         lambda m: m.double(),
         lambda m: m.to(torch.float64).float(),
         lambda m: m.load_state_dict({k: v.clone() for k, v in m.state_dict().items()}, assign=True),
-        lambda m: vector_to_parameters(parameters_to_vector(m.parameters()).clone(), m.parameters()),
+        lambda m: vector_to_parameters(
+            parameters_to_vector(m.parameters()).clone(), m.parameters()
+        ),
         lambda m: setattr(m[0].weight, "data", m[0].weight.detach().clone()),  # the seed's .data
         lambda m: m.share_memory(),
     ],
@@ -129,6 +131,35 @@ def test_replaced_and_added_tensors_are_noticed():
     source.register_buffer("extra", torch.ones(2))
     with pytest.raises(rw.WeightMismatchError, match=r"only in source: 'extra'"):
         rw.polyak_(target, source, 1.0)
+
+
+def test_overwrite_params_on_conversion_is_noticed():
+    target, source = make_pair("mlp")
+    rw.flatten_(target)
+    rw.flatten_(source)
+    torch.__future__.set_overwrite_module_params_on_conversion(True)
+    try:
+        source.double().float()  # new Parameter objects, written straight into _parameters
+        t0, s0 = named(target), named(source)
+        with pytest.warns(rw.FlatLayoutWarning):
+            _assert_targets_follow(target, source, t0, s0)
+    finally:
+        torch.__future__.set_overwrite_module_params_on_conversion(False)
+    # With the flag off again, the replaced tensors are still noticed.
+    _assert_targets_follow(target, source, named(target), named(source))
+
+
+def test_module_entries_match_torch_named_members():
+    net = nn.Sequential(NETS["cnn_bn"](0), NETS["tied"](0))
+    shared = nn.Linear(3, 3, bias=False)
+    net.append(shared)
+    net.append(shared)  # a submodule reachable twice
+    net[0][1].register_buffer("scratch", torch.zeros(2), persistent=False)
+    got = [(e.name, e.tensor, e.kind) for e in rw.weights.module_entries(net)]
+    want = [(n, p, "param") for n, p in net.named_parameters()]
+    want += [(n, b, "buffer") for n, b in net.named_buffers()]
+    assert [(n, k) for n, _, k in got] == [(n, k) for n, _, k in want]
+    assert all(a is b for (_, a, _), (_, b, _) in zip(got, want, strict=True))
 
 
 def test_deepcopy_of_a_flat_module_is_independent_and_unflat():

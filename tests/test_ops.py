@@ -26,7 +26,9 @@ def _check(module: nn.Module, expected: dict[str, torch.Tensor]) -> None:
     for name, want in expected.items():
         have = got[name]
         if want.is_floating_point():
-            dtype = dict(module.named_parameters()).get(name, dict(module.named_buffers()).get(name))
+            dtype = dict(module.named_parameters()).get(
+                name, dict(module.named_buffers()).get(name)
+            )
             assert_close(have, want.to(have.device), check_dtype=False, **_tol(dtype.dtype))
         else:
             assert torch.equal(have, want.to(have.device)), name

@@ -33,21 +33,29 @@ def test_mismatched_names_name_the_tensors(pair):
     other = nn.Sequential(nn.Conv2d(2, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten())
     before = snapshot(target)
     for op in _all_ops(target, other):
-        with pytest.raises(rw.WeightMismatchError, match=r"missing from source: '4.weight', '4.bias'"):
+        with pytest.raises(
+            rw.WeightMismatchError, match=r"missing from source: '4.weight', '4.bias'"
+        ):
             op()
     assert_unchanged(before, target)
 
 
 def test_mismatched_shapes_dtypes_devices_name_the_tensors(pair):
     target, _ = pair
-    wider = nn.Sequential(nn.Conv2d(2, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(), nn.Linear(64, 5))
+    wider = nn.Sequential(
+        nn.Conv2d(2, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(), nn.Linear(64, 5)
+    )
     before = snapshot(target)
     for op in _all_ops(target, wider):
-        with pytest.raises(rw.WeightMismatchError, match=r"'4.weight' shape \(3, 64\) vs \(5, 64\)"):
+        with pytest.raises(
+            rw.WeightMismatchError, match=r"'4.weight' shape \(3, 64\) vs \(5, 64\)"
+        ):
             op()
     doubled = NETS["cnn_bn"](3).double()
     for op in _all_ops(target, doubled):
-        with pytest.raises(rw.WeightMismatchError, match=r"'0.weight' dtype torch.float32 vs torch.float64"):
+        with pytest.raises(
+            rw.WeightMismatchError, match=r"'0.weight' dtype torch.float32 vs torch.float64"
+        ):
             op()
     elsewhere = NETS["cnn_bn"](3).to("meta")
     for op in _all_ops(target, elsewhere):
@@ -73,11 +81,17 @@ def test_integer_tensors_where_floats_are_needed():
     targets = [torch.randn(3), torch.arange(4)]
     sources = [torch.randn(3), torch.arange(4) + 1]
     before = snapshot(targets)
-    with pytest.raises(rw.WeightMismatchError, match=r"tensor '1' is torch.int64, but polyak_ needs"):
+    with pytest.raises(
+        rw.WeightMismatchError, match=r"tensor '1' is torch.int64, but polyak_ needs"
+    ):
         rw.polyak_(targets, sources, 0.5)
-    with pytest.raises(rw.WeightMismatchError, match=r"tensor '1' is torch.int64, but average_ needs"):
+    with pytest.raises(
+        rw.WeightMismatchError, match=r"tensor '1' is torch.int64, but average_ needs"
+    ):
         rw.average_(targets, [sources])
-    with pytest.raises(rw.WeightMismatchError, match=r"tensor '1' is torch.int64, but clamp_ needs"):
+    with pytest.raises(
+        rw.WeightMismatchError, match=r"tensor '1' is torch.int64, but clamp_ needs"
+    ):
         rw.clamp_(targets, -1, 1)
     assert_unchanged(before, targets)
     rw.copy_(targets, sources)  # copying integers is well defined
@@ -101,7 +115,9 @@ def test_bad_tau(pair, tau, msg):
     before = snapshot(target)
     with pytest.raises(ValueError, match=msg):
         rw.polyak_(target, source, tau)
-    with pytest.raises(ValueError, match=msg.replace("tau=", "tau=").replace("tau must", "tau must")):
+    with pytest.raises(
+        ValueError, match=msg.replace("tau=", "tau=").replace("tau must", "tau must")
+    ):
         rw.PolyakUpdate(source, target, tau)
     assert_unchanged(before, target)
 

@@ -1,0 +1,44 @@
+"""The ``rlweights`` command. Subcommands grow with the project; ``scripts/`` only call in here."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from rlweights import __version__, bench
+
+__all__ = ["build_parser", "main"]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="rlweights",
+        description=(
+            "Fast, validated in-place weight operations for deep RL: Polyak/hard target "
+            "updates, averaging, clipping. 'rlweights COMMAND --help' explains each command."
+        ),
+    )
+    parser.add_argument("--version", action="version", version=f"rlweights {__version__}")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+    bench_parser = commands.add_parser(
+        "bench",
+        help="benchmark Polyak target updates against SB3, CleanRL, foreach and AveragedModel",
+        description=bench.__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    bench.add_arguments(bench_parser)
+    bench_parser.set_defaults(handler=bench.main_from_args)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 0
+    return args.handler(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

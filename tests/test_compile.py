@@ -1,0 +1,38 @@
+"""torch.compile of a training step that calls polyak_ (CPU)."""
+
+from __future__ import annotations
+
+import torch
+from conftest import NETS, named
+from torch.testing import assert_close
+
+import rlweights as rw
+
+
+def test_compiled_step_with_polyak_matches_eager():
+    torch._dynamo.reset()
+    online = NETS["mlp"](0)
+    target = rw.make_target(online)
+    eager_online, eager_target = NETS["mlp"](0), NETS["mlp"](0)
+    x = torch.randn(4, 5)
+
+    def step(online, target, tau):
+        value = online(x).pow(2).mean() + target(x).mean()
+        rw.polyak_(target, online, tau)
+        return value
+
+    compiled = torch.compile(step)
+    with torch.no_grad():
+        for p in online.parameters():
+            p.add_(0.5)
+        for p in eager_online.parameters():
+            p.add_(0.5)
+    t0 = named(target)
+    for tau in (0.5, torch.tensor(0.25)):
+        got = compiled(online, target, tau)
+        want = step(eager_online, eager_target, tau)
+        assert_close(got, want)
+    s = named(online)
+    for name, t in t0.items():
+        once = t + 0.5 * (s[name] - t)
+        assert_close(named(target)[name], once + 0.25 * (s[name] - once))

@@ -1,0 +1,83 @@
+"""CUDA-only checks: graph capture with a tensor tau, one kernel per flat group.
+
+Numerics on CUDA are covered by the ``device`` parametrisation of the other test files.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import CUDA, named
+from torch import nn
+from torch.testing import assert_close
+
+import rlweights as rw
+
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not CUDA, reason="no CUDA")]
+
+
+def _critic(seed: int) -> nn.Module:
+    """SAC's twin critic for HalfCheetah (obs 17 + action 6), on the GPU."""
+    torch.manual_seed(seed)
+
+    def q() -> nn.Module:
+        return nn.Sequential(
+            nn.Linear(23, 256), nn.ReLU(), nn.Linear(256, 256), nn.ReLU(), nn.Linear(256, 1)
+        )
+
+    return nn.ModuleList([q(), q()]).cuda()
+
+
+def test_polyak_step_captured_in_a_cuda_graph_replays_with_a_new_tau():
+    online = _critic(0)
+    target = rw.make_target(online)
+    with torch.no_grad():
+        for p in online.parameters():
+            p.add_(1.0)
+    tau = torch.tensor(0.1, device="cuda")
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):  # warm-up outside the capture, as the CUDA-graph docs ask
+        rw.polyak_(target, online, torch.tensor(0.0, device="cuda"))
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    t0, s0 = named(target), named(online)
+    with torch.cuda.graph(graph):
+        rw.polyak_(target, online, tau)
+    # Capture records kernels without running them: the target is still as it was.
+    for name, want in t0.items():
+        assert torch.equal(named(target)[name], want)
+    ref = dict(t0)
+    for value in (0.3, 0.05, 1.0):
+        tau.fill_(value)
+        graph.replay()
+        ref = {n: r + value * (s0[n] - r) for n, r in ref.items()}
+        torch.cuda.synchronize()
+        for name, want in ref.items():
+            assert_close(named(target)[name], want, rtol=1e-5, atol=1e-6)
+
+
+def _cuda_kernels(fn) -> list[str]:
+    fn()  # warm-up
+    torch.cuda.synchronize()
+    activities = [torch.profiler.ProfilerActivity.CUDA]
+    with torch.profiler.profile(activities=activities) as prof:
+        fn()
+        torch.cuda.synchronize()
+    cuda = torch.autograd.DeviceType.CUDA
+    return [e.name for e in prof.events() if e.device_type == cuda]
+
+
+def test_one_kernel_per_device_dtype_group():
+    online = _critic(0)
+    target = rw.make_target(online)
+    kernels = _cuda_kernels(lambda: rw.polyak_(target, online, 0.005))
+    assert len(kernels) == 1, kernels
+    mixed = nn.ModuleDict(
+        {"a": nn.Linear(64, 64), "b": nn.Linear(64, 64).to(torch.bfloat16)}
+    ).cuda()
+    mixed_target = rw.make_target(mixed)
+    kernels = _cuda_kernels(lambda: rw.polyak_(mixed_target, mixed, 0.005))
+    assert len(kernels) == 2, kernels
+    kernels = _cuda_kernels(lambda: rw.copy_(target, online))
+    assert len(kernels) == 1, kernels

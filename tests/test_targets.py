@@ -1,0 +1,130 @@
+"""make_target and the stateful target-update routines."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import NETS, assert_unchanged, named, snapshot
+from torch.testing import assert_close
+
+import rlweights as rw
+from rlweights import ops
+
+
+def test_make_target_is_a_frozen_flat_copy():
+    online = NETS["cnn_bn"](0)
+    params = list(online.parameters())
+    target = rw.make_target(online)
+    assert target is not online
+    assert all(not p.requires_grad for p in target.parameters())
+    assert all(p.requires_grad for p in online.parameters())
+    assert not target.training and online.training
+    assert all(a is b for a, b in zip(online.parameters(), params, strict=True))
+    for (n, a), b in zip(online.state_dict().items(), target.state_dict().values(), strict=True):
+        assert torch.equal(a, b), n
+        assert a.numel() == 0 or a.data_ptr() != b.data_ptr()
+    assert ops._pair_plan(target, online, "t").flat  # the pair takes the fast path
+
+
+def _gradient_step(net, opt):
+    net.train()
+    opt.zero_grad()
+    net(torch.randn(8, 2, 6, 6)).pow(2).mean().backward()
+    opt.step()
+
+
+def test_polyak_update_tracks_a_float64_reference_over_training():
+    online = NETS["cnn_bn"](0)
+    target = rw.make_target(online)
+    opt = torch.optim.SGD(online.parameters(), lr=0.1)
+    update = rw.PolyakUpdate(online, target, tau=0.1)
+    ref = named(target)
+    for _ in range(5):
+        _gradient_step(online, opt)
+        assert update.step()
+        src = named(online)
+        for name, s in src.items():
+            if name in dict(online.named_parameters()):
+                ref[name] = ref[name] + 0.1 * (s - ref[name])
+            else:
+                ref[name] = s  # buffers hard-copied, as SB3 does
+    got = named(target)
+    for name, want in ref.items():
+        assert_close(got[name], want, rtol=1e-6, atol=1e-7)
+    assert update.state_dict() == {"every": 1, "steps": 5, "updates": 5, "tau": 0.1}
+
+
+def test_tau_can_change_at_run_time_and_zero_freezes():
+    online, target = NETS["mlp"](0), NETS["mlp"](1)
+    update = rw.PolyakUpdate(online, target, tau=0.5)
+    update.tau = 0.0
+    before = snapshot(target)
+    update.step()
+    assert_unchanged(before, target)
+    update.tau = 1.0
+    update.step()
+    assert rw.distance(online, target).item() == 0.0
+    with pytest.raises(ValueError, match="outside"):
+        update.tau = 2.0
+    assert update.tau == 1.0
+
+
+def test_hard_update_copies_exactly_every_k_steps_and_never_between():
+    online = NETS["mlp"](0)
+    target = rw.make_target(online)
+    opt = torch.optim.SGD(online.parameters(), lr=0.1)
+    update = rw.HardUpdate(online, target, every=3)
+    last_copy = snapshot(target)
+    for step in range(1, 10):
+        online(torch.randn(4, 5)).pow(2).mean().backward()
+        opt.step()
+        opt.zero_grad()
+        did = update.step()
+        assert did == (step % 3 == 0)
+        if did:
+            assert rw.distance(online, target).item() == 0.0
+            last_copy = snapshot(target)
+        else:
+            assert_unchanged(last_copy, target)
+    assert update.updates == 3
+
+
+def test_state_dict_round_trip_and_atomic_load():
+    online, target = NETS["mlp"](0), NETS["mlp"](1)
+    update = rw.PolyakUpdate(online, target, tau=0.2, every=2)
+    for _ in range(5):
+        update.step()
+    state = update.state_dict()
+    fresh = rw.PolyakUpdate(online, target, tau=0.9)
+    fresh.load_state_dict(state)
+    assert fresh.state_dict() == state
+    assert [fresh.step() for _ in range(3)] == [update.step() for _ in range(3)]  # same phase
+    state = fresh.state_dict()
+    hard = rw.HardUpdate(online, target, every=4)
+    hard.step()
+    copy_state = hard.state_dict()
+    other = rw.HardUpdate(online, target)
+    other.load_state_dict(copy_state)
+    assert other.state_dict() == copy_state == {"every": 4, "steps": 1, "updates": 0}
+    for bad, msg in [
+        ({"every": 1, "steps": 0}, "expected keys"),
+        ({**state, "steps": -1}, "steps must be an int >= 0"),
+        ({**state, "every": 0}, "every must be an int >= 1"),
+        ({**state, "tau": 3.0}, "outside"),
+        ([1, 2], "expected keys"),
+    ]:
+        with pytest.raises(ValueError, match=msg):
+            fresh.load_state_dict(bad)
+        assert fresh.state_dict() == state  # unchanged
+    assert "PolyakUpdate(Sequential -> Sequential, tau=0.2, every=2" in repr(fresh)
+    assert "HardUpdate(Sequential -> Sequential, every=4" in repr(other)
+
+
+def test_tensor_tau_routine():
+    online, target = NETS["mlp"](0), NETS["mlp"](1)
+    t0, s0 = named(target), named(online)
+    update = rw.PolyakUpdate(online, target, tau=torch.tensor(0.25))
+    update.step()
+    for name, want in t0.items():
+        assert_close(named(target)[name], want + 0.25 * (s0[name] - want))
+    assert "tau=<tensor>" in repr(update)
