@@ -9,6 +9,7 @@ per-round ratios, because these machines are shared and noisy.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import platform
 import statistics
@@ -63,7 +64,7 @@ def mlp_16m() -> nn.Module:
     """A wide MLP of 16.8M parameters, where every implementation is memory-bound."""
     sizes = [1024, 2048, 2048, 2048, 2048, 1024]
     layers: list[nn.Module] = []
-    for n_in, n_out in zip(sizes, sizes[1:]):
+    for n_in, n_out in itertools.pairwise(sizes):
         layers += [nn.Linear(n_in, n_out), nn.ReLU()]
     return nn.Sequential(*layers[:-1])
 
@@ -116,7 +117,7 @@ def _competitors(build: Callable[[], nn.Module], device: torch.device) -> list[_
 
     def cleanrl(o: nn.Module = online, t: nn.Module = target) -> None:
         # CleanRL's inline form (sac_continuous_action.py): out of place, through .data.
-        for param, target_param in zip(o.parameters(), t.parameters()):
+        for param, target_param in zip(o.parameters(), t.parameters(), strict=False):
             target_param.data.copy_(TAU * param.data + (1 - TAU) * target_param.data)
 
     out.append(_Competitor("CleanRL inline loop", cleanrl, lerp_bytes))

@@ -11,12 +11,12 @@ Everything here runs before any op writes: a bad call raises and leaves every te
 from __future__ import annotations
 
 import fnmatch
+import itertools
 import math
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal, TypeAlias, Union
 
-import torch
 from torch import Tensor, nn
 
 if TYPE_CHECKING:
@@ -223,11 +223,13 @@ def check_no_overlap(written: list[Entry], op: str) -> None:
         t = e.tensor
         if t.numel() == 0:
             continue
-        extent = 1 + sum((size - 1) * abs(stride) for size, stride in zip(t.shape, t.stride()))
+        extent = 1 + sum(
+            (size - 1) * abs(stride) for size, stride in zip(t.shape, t.stride(), strict=False)
+        )
         start = t.data_ptr()
         spans.append((t.device, start, start + extent * t.element_size(), e.name))
     spans.sort(key=lambda s: (str(s[0]), s[1]))
-    for (dev_a, _, end_a, name_a), (dev_b, start_b, _, name_b) in zip(spans, spans[1:]):
+    for (dev_a, _, end_a, name_a), (dev_b, start_b, _, name_b) in itertools.pairwise(spans):
         if dev_a == dev_b and start_b < end_a:
             raise WeightMismatchError(
                 f"{op}: target tensors {name_a!r} and {name_b!r} overlap in memory, so they "

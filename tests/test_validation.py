@@ -154,7 +154,7 @@ def test_wrong_argument_types():
 
 def test_make_target_and_routines_validate():
     net = NETS["mlp"](0)
-    with pytest.raises(TypeError, match="make_target takes an nn.Module"):
+    with pytest.raises(TypeError, match=r"make_target takes an nn\.Module"):
         rw.make_target([torch.randn(2)])
     target = rw.make_target(net)
     for every in (0, -1, 1.5, True):

@@ -1,0 +1,77 @@
+"""The rlweights command and the scripts, smoke-run with tiny budgets as a user would."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+EXE = Path(sys.executable).parent / "rlweights"
+
+
+def _run(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(args, capture_output=True, text=True, cwd=ROOT, timeout=300)
+
+
+@pytest.mark.parametrize("args", [["--help"], ["bench", "--help"]])
+def test_help(args):
+    cmd = [str(EXE)] if EXE.exists() else [sys.executable, "-m", "rlweights"]
+    done = _run(*cmd, *args)
+    assert done.returncode == 0, done.stderr
+    assert "usage: rlweights" in done.stdout
+    if args == ["--help"]:
+        assert "bench" in done.stdout
+
+
+def test_bench_script_smoke(tmp_path):
+    out = tmp_path / "bench.json"
+    done = _run(
+        sys.executable,
+        "scripts/bench_ops.py",
+        "--models",
+        "sac_critic",
+        "--rounds",
+        "2",
+        "--min-batch-ms",
+        "0.2",
+        "--json",
+        str(out),
+    )
+    assert done.returncode == 0, done.stderr
+    assert "| rw.polyak_ (make_target) |" in done.stdout
+    result = json.loads(out.read_text())
+    rows = result["models"]["sac_critic"]["rows"]
+    assert result["models"]["sac_critic"]["params"] == 144386
+    expected = {
+        "SB3 polyak_update",
+        "CleanRL inline loop",
+        "torch._foreach_lerp_",
+        "AveragedModel EMA",
+        "rw.polyak_ (plain modules)",
+        "rw.polyak_ (make_target)",
+        "one flat lerp_, unchecked",
+        "flat copy_ (memory bound)",
+    }
+    assert set(rows) == expected
+    assert all(r["median_us"] > 0 for r in rows.values())
+    assert {g["goal"] for g in result["goals"]} >= {
+        "SAC critic: rw.polyak_ >= 6x faster than SB3"
+    }
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-CUDA message")
+def test_bench_refuses_cuda_without_a_gpu():
+    done = _run(sys.executable, "-m", "rlweights", "bench", "--device", "cuda")
+    assert done.returncode != 0
+    assert "torch sees no CUDA device" in done.stderr
+    assert "Traceback" not in done.stderr
+
+
+def test_bench_rejects_bad_rounds():
+    done = _run(sys.executable, "-m", "rlweights", "bench", "--rounds", "0")
+    assert done.returncode != 0 and "--rounds must be >= 1" in done.stderr
