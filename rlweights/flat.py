@@ -34,7 +34,15 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
-from rlweights.weights import Entry, entries, is_float, module_entries
+from rlweights.weights import (
+    _GENERATION,
+    Entry,
+    _overwrites_params,
+    entries,
+    install_hooks,
+    is_float,
+    module_entries,
+)
 
 __all__ = ["FlatGroup", "FlatLayoutWarning", "FlatWeights", "flatten_", "layout_of"]
 
@@ -43,35 +51,11 @@ Role = Literal["weight", "buffer"]
 _data_ptr = Tensor.data_ptr
 _LAYOUTS: weakref.WeakKeyDictionary[nn.Module, FlatWeights] = weakref.WeakKeyDictionary()
 _SIGNATURES: dict[tuple, int] = {}
-# Bumped by PyTorch's global registration hooks whenever any module anywhere registers a
-# parameter, buffer or submodule; a layout re-checks its structure when this has moved.
-_GENERATION = [0]
-_HOOKS: list = []
 
 
 class FlatLayoutWarning(UserWarning):
     """A flattened module's layout broke (moved, cast, tensors replaced); ops fall back to
     the slower per-tensor path until :func:`flatten_` is called again."""
-
-
-def _overwrites_params() -> bool:
-    """Under this (rare) future flag ``Module._apply`` replaces Parameters through the
-    ``_parameters`` dict, which no registration hook sees: re-check the structure."""
-    return torch.__future__.get_overwrite_module_params_on_conversion()
-
-
-def _bump_generation(*_args: object) -> None:
-    _GENERATION[0] += 1
-
-
-def _install_hooks() -> None:
-    if _HOOKS:
-        return
-    from torch.nn.modules import module as m
-
-    _HOOKS.append(m.register_module_parameter_registration_hook(_bump_generation))
-    _HOOKS.append(m.register_module_buffer_registration_hook(_bump_generation))
-    _HOOKS.append(m.register_module_module_registration_hook(_bump_generation))
 
 
 @dataclass(frozen=True, slots=True)
@@ -103,12 +87,13 @@ class FlatWeights:
         self.buffer_flats = tuple(g.flat for g in groups if g.role == "buffer")
         self.weight_views = [v for g in groups if g.role == "weight" for v in g.views]
         self.buffer_views = [v for g in groups if g.role == "buffer" for v in g.views]
-        self._ptr_checks = [(g.views, [_data_ptr(v) for v in g.views]) for g in groups]
+        self._ptr_checks = [
+            ((*g.views, g.flat), [*map(_data_ptr, g.views), _data_ptr(g.flat)]) for g in groups
+        ]
         self._structure = _structure(module)
         self._generation = _GENERATION[0]
         self._warned = False
         self._dead = False
-        self._pair = None  # the last flat pair plan built with this layout as target (ops.py)
         sig = (
             tuple((g.role, g.device, g.dtype, g.names, _shapes(g.views)) for g in groups),
             tuple((e.name, e.kind, *_meta(e.tensor)) for e in others),
@@ -203,9 +188,12 @@ def flatten_(module: nn.Module) -> FlatWeights:
     if not isinstance(module, nn.Module):
         raise TypeError(f"flatten_ takes an nn.Module, got {type(module).__name__}")
     existing = _LAYOUTS.get(module)
-    if existing is not None and existing.intact:
-        return existing
-    _install_hooks()
+    if existing is not None:
+        if existing.intact:
+            return existing
+        existing._dead = True  # never again, even if new views reuse its addresses
+        existing._generation = -1
+    install_hooks()
     found, _ = entries(module)
     grouped: dict[tuple[Role, torch.device, torch.dtype], list[Entry]] = {}
     others = []

@@ -22,17 +22,18 @@ extra read of the sources plus a ``torch.where`` pass: about 2-3x the cost of th
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Sequence
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from typing import Literal
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
+from torch.compiler import is_compiling
 
 from rlweights.flat import (
     _GENERATION,
-    _LAYOUTS,
     FlatWeights,
     _data_ptr,
     _overwrites_params,
@@ -114,22 +115,21 @@ def _plan_from_pairs(pairs: list[tuple[Entry, Entry]], op: str, ints_ok: bool) -
     )
 
 
-def _registered(weights: object) -> FlatWeights | None:
-    if type(weights) is FlatWeights:
-        return weights
-    return _LAYOUTS.get(weights) if isinstance(weights, nn.Module) else None
+# Flat plans of recent (target, source) pairs, keyed by the objects' ids and checked by
+# weak reference (an entry goes away with either object).
+_PAIR_PLANS: dict[tuple[int, int], tuple[weakref.ref, weakref.ref, _Plan]] = {}
 
 
 def _cached_flat_plan(target: Weights, source: Weights) -> _Plan | None:
-    """The flat plan cached by the last call on this pair, if both layouts are still intact.
+    """The flat plan of an earlier call on this pair, if both layouts are still intact.
 
-    This is the hot path: two dict lookups, one data-pointer check per view, nothing else.
+    This is the hot path: one dict lookup, one data-pointer check per view, nothing else.
     """
-    tl = _registered(target)
-    plan = tl._pair if tl is not None else None
-    if plan is None or plan.layouts[1] is not _registered(source):
+    entry = _PAIR_PLANS.get((id(target), id(source)))
+    if entry is None or entry[0]() is not target or entry[1]() is not source:
         return None
-    sl = plan.layouts[1]
+    plan = entry[2]
+    tl, sl = plan.layouts
     generation = _GENERATION[0]
     stale = tl._generation != generation or sl._generation != generation
     if (stale or _overwrites_params()) and not (tl.intact and sl.intact):
@@ -139,23 +139,29 @@ def _cached_flat_plan(target: Weights, source: Weights) -> _Plan | None:
     return plan
 
 
-def _flat_plan(target: FlatWeights, source: FlatWeights) -> _Plan:
-    views = [*target.weight_views, *target.buffer_views]
-    views += [*source.weight_views, *source.buffer_views]
+def _flat_plan(target: Weights, source: Weights, tl: FlatWeights, sl: FlatWeights) -> _Plan:
+    # The flat buffers are checked too: if their storage moved (share_memory_), a later
+    # allocation could reuse the old addresses and make stale views look intact.
+    views = [*tl.weight_views, *tl.buffer_views, *sl.weight_views, *sl.buffer_views]
+    views += [g.flat for g in tl.groups] + [g.flat for g in sl.groups]
     plan = _Plan(
-        [([t], [s]) for t, s in zip(target.weight_flats, source.weight_flats, strict=True)],
-        [([t], [s]) for t, s in zip(target.buffer_flats, source.buffer_flats, strict=True)],
-        [(t.tensor, s.tensor) for t, s in zip(target.others, source.others, strict=True)],
+        [([t], [s]) for t, s in zip(tl.weight_flats, sl.weight_flats, strict=True)],
+        [([t], [s]) for t, s in zip(tl.buffer_flats, sl.buffer_flats, strict=True)],
+        [(t.tensor, s.tensor) for t, s in zip(tl.others, sl.others, strict=True)],
         flat=True,
-        bump_weights=target.weight_views,
-        bump_buffers=target.buffer_views,
-        bump_all=target.weight_views + target.buffer_views,
-        layouts=(target, source),
+        bump_weights=tl.weight_views,
+        bump_buffers=tl.buffer_views,
+        bump_all=tl.weight_views + tl.buffer_views,
+        layouts=(tl, sl),
         views=views,
         ptrs=[_data_ptr(v) for v in views],
     )
-    # One slot: the usual caller updates one target from one source, call after call.
-    target._pair = plan
+    key = (id(target), id(source))
+
+    def forget(_: object) -> None:
+        _PAIR_PLANS.pop(key, None)
+
+    _PAIR_PLANS[key] = (weakref.ref(target, forget), weakref.ref(source, forget), plan)
     return plan
 
 
@@ -179,7 +185,7 @@ def _pair_plan(
             return plan
         layouts = _shared_layouts(target, source)
         if layouts is not None:
-            return _flat_plan(*layouts)
+            return _flat_plan(target, source, *layouts)
     t_entries, t_named = entries(target, "target")
     s_entries, s_named = entries(source, "source")
     return _plan_from_pairs(match(t_entries, t_named, s_entries, s_named, op), op, ints_ok)
@@ -276,7 +282,6 @@ def _bump(tensors: list[Tensor]) -> None:
         torch._C._increment_version(tensors)
 
 
-@_eager
 def polyak_(
     target: Weights,
     source: Weights,
@@ -297,6 +302,8 @@ def polyak_(
     ``"skip"``. Integer buffers (``num_batches_tracked``) are copied, never interpolated
     (skipped with ``buffers="skip"``). See the module docstring for ``nonfinite``.
     """
+    if is_compiling():  # run eagerly inside torch.compile (a graph break), see _eager
+        return _polyak_eager(target, source, tau, buffers=buffers, nonfinite=nonfinite)
     if type(tau) is float and buffers == "copy" and nonfinite == "propagate" and 0.0 < tau <= 1.0:
         # The hot path (a target update every gradient step): nothing but the integrity
         # check of the cached flat plan, one lerp_ per flat buffer and the version bump.
@@ -336,6 +343,11 @@ def polyak_(
             for t, s in plan.others:
                 t.copy_(s)
             _bump(plan.bump_buffers)
+
+
+# The checks are Python bookkeeping that must not be traced; polyak_ tests for compilation
+# itself instead of wearing the decorator, which costs microseconds on every eager call.
+_polyak_eager = _eager(polyak_)
 
 
 @_eager

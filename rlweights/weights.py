@@ -13,10 +13,12 @@ from __future__ import annotations
 import fnmatch
 import itertools
 import math
+import weakref
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal, TypeAlias, Union
 
+import torch
 from torch import Tensor, nn
 
 if TYPE_CHECKING:
@@ -85,7 +87,7 @@ def entries(weights: Weights, what: str = "weights") -> tuple[list[Entry], bool]
     if isinstance(weights, FlatWeights):
         weights = weights.module
     if isinstance(weights, nn.Module):
-        return module_entries(weights), True
+        return cached_module_entries(weights), True
     if isinstance(weights, Tensor):
         return [Entry("0", weights, "tensor")], False
     if isinstance(weights, Mapping):
@@ -114,6 +116,34 @@ def entries(weights: Weights, what: str = "weights") -> tuple[list[Entry], bool]
     )
 
 
+# Bumped by PyTorch's global registration hooks whenever any module anywhere registers a
+# parameter, buffer or submodule; a layout re-checks its structure when this has moved.
+_GENERATION = [0]
+_HOOKS: list = []
+
+
+def _overwrites_params() -> bool:
+    """Under this (rare) future flag ``Module._apply`` replaces Parameters through the
+    ``_parameters`` dict, which no registration hook sees: re-check the structure."""
+    return torch.__future__.get_overwrite_module_params_on_conversion()
+
+
+def _bump_generation(*_args: object) -> None:
+    _GENERATION[0] += 1
+
+
+def install_hooks() -> None:
+    """Count registrations of parameters, buffers and submodules anywhere in the process
+    (PyTorch's global registration hooks), so that cached structures know when to re-check."""
+    if _HOOKS:
+        return
+    from torch.nn.modules import module as m
+
+    _HOOKS.append(m.register_module_parameter_registration_hook(_bump_generation))
+    _HOOKS.append(m.register_module_buffer_registration_hook(_bump_generation))
+    _HOOKS.append(m.register_module_module_registration_hook(_bump_generation))
+
+
 def module_entries(module: nn.Module) -> list[Entry]:
     """``named_parameters()`` then ``named_buffers()`` (duplicates removed), in one walk."""
     params, buffers, seen = [], [], set()
@@ -128,6 +158,25 @@ def module_entries(module: nn.Module) -> list[Entry]:
                 seen.add(id(b))
                 buffers.append(Entry(dot + name, b, "buffer"))
     return params + buffers
+
+
+_ENTRIES: weakref.WeakKeyDictionary[nn.Module, tuple[int, list[Entry]]]
+_ENTRIES = weakref.WeakKeyDictionary()
+
+
+def cached_module_entries(module: nn.Module) -> list[Entry]:
+    """:func:`module_entries`, remembered until any module registers a tensor or submodule.
+
+    Only *which* tensors a module holds is cached; shapes, dtypes and devices are checked at
+    every call by :func:`match`, so ``.to()`` and casts are always seen.
+    """
+    install_hooks()
+    cached = _ENTRIES.get(module)
+    if cached is not None and cached[0] == _GENERATION[0] and not _overwrites_params():
+        return cached[1]
+    found = module_entries(module)
+    _ENTRIES[module] = (_GENERATION[0], found)
+    return found
 
 
 def select(

@@ -59,9 +59,7 @@ def test_bench_script_smoke(tmp_path):
     }
     assert set(rows) == expected
     assert all(r["median_us"] > 0 for r in rows.values())
-    assert {g["goal"] for g in result["goals"]} >= {
-        "SAC critic: rw.polyak_ >= 6x faster than SB3"
-    }
+    assert {g["goal"] for g in result["goals"]} >= {"SAC critic: rw.polyak_ >= 6x faster than SB3"}
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-CUDA message")

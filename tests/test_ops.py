@@ -271,11 +271,11 @@ def test_distance_and_distances(device, flat):
     total = torch.sqrt(sum(v**2 for v in per.values()))
     d = rw.distance(a, b)
     assert d.dim() == 0 and d.device.type == device
-    assert_close(d.double().cpu(), total, rtol=1e-5, atol=1e-6)
+    assert_close(d.double().cpu(), total.cpu(), rtol=1e-5, atol=1e-6)
     ds = rw.distances(a, b)
     assert ds.keys() == per.keys()
     for n, v in ds.items():
-        assert_close(v.double().cpu(), per[n], rtol=1e-5, atol=1e-6)
+        assert_close(v.double().cpu(), per[n].cpu(), rtol=1e-5, atol=1e-6)
     assert rw.distance(a, a).item() == 0.0
 
 

@@ -162,3 +162,22 @@ def test_make_target_and_routines_validate():
             rw.HardUpdate(net, target, every)
     with pytest.raises(ValueError, match=r"buffers='x' is not one of"):
         rw.PolyakUpdate(net, target, 0.1, buffers="x")
+
+
+def test_plain_module_changes_are_seen_between_calls():
+    """Entries of plain modules are cached; casts and new tensors must still be seen."""
+    target, source = make_pair("mlp")
+    rw.polyak_(target, source, 0.5)
+    target.double()
+    with pytest.raises(rw.WeightMismatchError, match=r"dtype torch.float64 vs torch.float32"):
+        rw.polyak_(target, source, 0.5)
+    source.double()
+    rw.polyak_(target, source, 1.0)
+    assert rw.distance(target, source).item() == 0.0
+    source.extra = nn.Parameter(torch.zeros(2, dtype=torch.float64))
+    with pytest.raises(rw.WeightMismatchError, match=r"only in source: 'extra'"):
+        rw.polyak_(target, source, 0.5)
+    target[0].weight = nn.Parameter(torch.ones(16, 5, dtype=torch.float64))
+    source.extra = None  # unregistering keeps the attribute name, with no tensor
+    rw.polyak_(target, source, 1.0)
+    assert torch.equal(target[0].weight, source[0].weight)
