@@ -244,6 +244,17 @@ def run(
     return result
 
 
+def _cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def _goals(result: dict) -> list[dict]:
     models = result["models"]
     goals = []
@@ -296,7 +307,7 @@ def markdown(result: dict) -> str:
             )
         extra = m["rows"][RW].get("speedup_vs_foreach")
         if extra is not None:
-            lines += ["", f"rw.polyak_ vs torch._foreach_lerp_: {extra:.2f}x faster."]
+            lines += ["", f"rw.polyak_ runs at {extra:.2f}x the speed of torch._foreach_lerp_."]
         lines.append("")
     if result.get("kernels_per_update") is not None:
         lines += [f"CUDA kernels per rw.polyak_ (SAC critic): {result['kernels_per_update']}", ""]

@@ -583,7 +583,7 @@ def distances(a: Weights, b: Weights) -> dict[str, Tensor]:
     op = "distances"
     a_entries, a_named = entries(a, "a")
     b_entries, b_named = entries(b, "b")
-    pairs = match(a_entries, a_named, b_entries, b_named, op, "b")
+    pairs = match(a_entries, a_named, b_entries, b_named, op, "b", writes=False)
     with _no_grad():
         return {
             x.name: torch.linalg.vector_norm(x.tensor - y.tensor, dtype=_norm_dtype(x.tensor))
@@ -608,7 +608,7 @@ def distance(a: Weights, b: Weights) -> Tensor:
     else:
         a_entries, a_named = entries(a, "a")
         b_entries, b_named = entries(b, "b")
-        matched = match(a_entries, a_named, b_entries, b_named, op, "b")
+        matched = match(a_entries, a_named, b_entries, b_named, op, "b", writes=False)
         pairs = [(x.tensor, y.tensor) for x, y in matched if is_float(x.tensor)]
     if not pairs:
         return torch.zeros(())

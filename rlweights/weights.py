@@ -14,7 +14,7 @@ import fnmatch
 import itertools
 import math
 import weakref
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Container, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal, TypeAlias, Union
 
@@ -209,17 +209,25 @@ def match(
     source_named: bool,
     op: str,
     source_what: str = "source",
+    writes: bool = True,
 ) -> list[tuple[Entry, Entry]]:
     """Pair target and source entries (by name when both are named, else by position).
 
     Raises :class:`WeightMismatchError` naming every offending tensor when names, counts,
-    shapes, dtypes or devices differ.
+    shapes, dtypes or devices differ, or (``writes``) when target tensors share memory.
     """
     if target_named and source_named:
         by_name = {e.name: e for e in source}
-        missing = [e.name for e in target if e.name not in by_name]
         target_names = {e.name for e in target}
-        extra = [n for n in by_name if n not in target_names]
+        # A state_dict lists tied weights under every name; a module lists them once. A name
+        # on one side only is fine when its tensor is the same memory as a matched one.
+        target = [e for e in target if e.name in by_name or not _aliases(e, target, by_name)]
+        missing = [e.name for e in target if e.name not in by_name]
+        extra = [
+            e.name
+            for e in source
+            if e.name not in target_names and not _aliases(e, source, target_names)
+        ]
         if missing or extra:
             parts = []
             if missing:
@@ -256,9 +264,24 @@ def match(
             + (f" and {len(problems) - _MAX_LISTED} more" if len(problems) > _MAX_LISTED else "")
             + ". Nothing was written."
         )
-    # Modules list each tensor once already (tied weights deduplicated).
-    check_no_overlap([t for t, _ in pairs if t.kind in ("tensor", "state")], op)
+    if writes:  # modules list each tensor once already (tied weights deduplicated)
+        check_no_overlap([t for t, _ in pairs if t.kind in ("tensor", "state")], op)
     return pairs
+
+
+def _aliases(entry: Entry, side: list[Entry], matched_names: Container[str]) -> bool:
+    """Whether ``entry`` is the same memory as another entry of its side that is matched."""
+    t = entry.tensor
+    if t.numel() == 0:
+        return False
+    key = (t.data_ptr(), t.shape, t.stride(), t.dtype, t.device)
+    return any(
+        other.name in matched_names
+        and other is not entry
+        and (o := other.tensor).numel()
+        and (o.data_ptr(), o.shape, o.stride(), o.dtype, o.device) == key
+        for other in side
+    )
 
 
 def check_no_overlap(written: list[Entry], op: str) -> None:

@@ -159,8 +159,10 @@ def test_copy_partial_transfer_by_pattern():
         rw.copy_(fresh, pretrained)
 
 
-def test_copy_from_a_state_dict_loaded_without_code(tmp_path):
-    target, source = make_pair("cnn_bn")
+@pytest.mark.parametrize("kind", ["cnn_bn", "tied"])
+def test_copy_from_a_state_dict_loaded_without_code(tmp_path, kind):
+    """state_dicts list tied weights under every name; they still match a module."""
+    target, source = make_pair(kind)
     path = tmp_path / "ckpt.pt"
     torch.save(source.state_dict(), path)
     rw.copy_(target, torch.load(path, weights_only=True))
@@ -287,6 +289,12 @@ def test_overlapping_targets_are_refused():
     with pytest.raises(rw.WeightMismatchError, match=r"overlap"):
         rw.clamp_([base, base], -1, 1)
     assert torch.equal(base, before)
+
+
+def test_distance_reads_aliased_sequences():
+    x, y = torch.randn(3), torch.randn(3)
+    d = rw.distance([x, x], [y, y])
+    assert_close(d, (x - y).norm() * 2**0.5)
 
 
 def test_distance_float64_precision():
