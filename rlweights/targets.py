@@ -8,7 +8,7 @@ from typing import Any
 from torch import Tensor, nn
 
 from rlweights.flat import flatten_
-from rlweights.ops import BufferPolicy, NonFinite, copy_, polyak_
+from rlweights.ops import BufferPolicy, NonFinite, _pair_plan, copy_, polyak_
 from rlweights.weights import Weights, check_choice, check_fraction
 
 __all__ = ["HardUpdate", "PolyakUpdate", "make_target"]
@@ -46,9 +46,11 @@ class _Periodic:
     the first update happens at step ``every``)."""
 
     def __init__(self, source: Weights, target: Weights, every: int):
+        self.every = _check_every(every, type(self).__name__)
+        # Pair and validate now, not at the first due step (maybe thousands of steps later).
+        _pair_plan(target, source, type(self).__name__, ints_ok=True)
         self.source = source
         self.target = target
-        self.every = _check_every(every, type(self).__name__)
         self.steps = 0
         self.updates = 0
 

@@ -179,3 +179,21 @@ def test_generation_bump_elsewhere_keeps_the_fast_path():
     rw.polyak_(target, source, 0.5)
     nn.Linear(2, 2)  # registers parameters somewhere else in the process
     assert ops._pair_plan(target, source, "t").flat
+
+
+def test_mixed_dtypes_get_one_flat_buffer_each():
+    def net(seed):
+        torch.manual_seed(seed)
+        return nn.ModuleDict({"a": nn.Linear(4, 4), "b": nn.Linear(4, 4).to(torch.float64)})
+
+    online = net(0)
+    target = rw.make_target(online)
+    handle = rw.flatten_(target)
+    assert sorted(str(g.dtype) for g in handle.groups) == ["torch.float32", "torch.float64"]
+    with torch.no_grad():
+        for p in online.parameters():
+            p.add_(1.0)
+    t0, s0 = named(target), named(online)
+    rw.polyak_(target, online, 0.25)
+    for name, t in t0.items():
+        assert_close(named(target)[name], t + 0.25 * (s0[name] - t))

@@ -303,3 +303,23 @@ def test_distance_float64_precision():
     d = rw.distance(a, b)
     assert d.dtype == torch.float64
     assert_close(d, torch.tensor(3**0.5 * 1e-12, dtype=torch.float64), rtol=1e-3, atol=0)
+
+
+@pytest.mark.parametrize("policy", ["average", "copy", "skip"])
+def test_average_buffer_policies(policy):
+    nets = [NETS["cnn_bn"](i) for i in range(3)]
+    nets[1][1].num_batches_tracked += 5
+    target, sources = nets[0], nets[1:]
+    t0, refs = named(target), [named(n) for n in sources]
+    rw.average_(target, sources, buffers=policy)
+    got = named(target)
+    for name in ("1.running_mean", "1.running_var"):
+        want = {
+            "average": (refs[0][name] + refs[1][name]) / 2,
+            "copy": refs[0][name],
+            "skip": t0[name],
+        }[policy]
+        assert_close(got[name], want, **_tol(torch.float32))
+    tracked = (t0 if policy == "skip" else refs[0])["1.num_batches_tracked"]
+    assert torch.equal(got["1.num_batches_tracked"], tracked)
+    assert_close(got["0.weight"], (refs[0]["0.weight"] + refs[1]["0.weight"]) / 2)

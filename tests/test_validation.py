@@ -162,6 +162,9 @@ def test_make_target_and_routines_validate():
             rw.HardUpdate(net, target, every)
     with pytest.raises(ValueError, match=r"buffers='x' is not one of"):
         rw.PolyakUpdate(net, target, 0.1, buffers="x")
+    # A mismatched pair is refused when the routine is made, not at its first due step.
+    with pytest.raises(rw.WeightMismatchError, match=r"HardUpdate: target and source hold"):
+        rw.HardUpdate(net, NETS["cnn_bn"](0)[4:], every=1000)
 
 
 def test_plain_module_changes_are_seen_between_calls():
