@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable
 from typing import Any
 
 from torch import Tensor, nn
@@ -43,22 +44,40 @@ def _weights_name(weights: Weights) -> str:
 
 class _Periodic:
     """Counts ``step()`` calls and updates on every ``every``-th one (as SB3's DQN does:
-    the first update happens at step ``every``)."""
+    the first update happens at step ``every``).
 
-    def __init__(self, source: Weights, target: Weights, every: int):
+    A routine made without ``source`` and ``target`` is a template: :meth:`bind` makes a bound
+    copy (``rlweights.sb3.attach`` does this for each target pair of a model).
+    """
+
+    def __init__(self, source: Weights | None, target: Weights | None, every: int):
         self.every = _check_every(every, type(self).__name__)
-        # Pair and validate now, not at the first due step (maybe thousands of steps later).
-        _pair_plan(target, source, type(self).__name__, ints_ok=True)
+        if (source is None) != (target is None):
+            raise ValueError(f"{type(self).__name__}: pass both source and target, or neither")
+        if source is not None:
+            # Pair and validate now, not at the first due step (maybe thousands later).
+            _pair_plan(target, source, type(self).__name__, ints_ok=True)
         self.source = source
         self.target = target
         self.steps = 0
         self.updates = 0
+
+    def bind(self, source: Weights, target: Weights) -> _Periodic:
+        """A copy of this routine's settings, fresh counters, acting on ``source -> target``."""
+        bound = copy.copy(self)
+        _Periodic.__init__(bound, source, target, self.every)
+        return bound
 
     def _update(self) -> None:
         raise NotImplementedError
 
     def step(self) -> bool:
         """Count one step; update the target when due. Returns whether it updated."""
+        if self.source is None:
+            raise ValueError(
+                f"{type(self).__name__} has no source and target: pass them when making it, "
+                "use .bind(source, target), or attach it to an SB3 model (rlweights.sb3.attach)."
+            )
         self.steps += 1
         if self.steps % self.every:
             return False
@@ -91,9 +110,13 @@ class _Periodic:
         return ""
 
     def __repr__(self) -> str:
+        pair = (
+            "unbound"
+            if self.source is None
+            else f"{_weights_name(self.source)} -> {_weights_name(self.target)}"
+        )
         return (
-            f"{type(self).__name__}({_weights_name(self.source)} -> "
-            f"{_weights_name(self.target)}{self._repr_extra()}, every={self.every}, "
+            f"{type(self).__name__}({pair}{self._repr_extra()}, every={self.every}, "
             f"steps={self.steps}, updates={self.updates})"
         )
 
@@ -101,51 +124,74 @@ class _Periodic:
 class PolyakUpdate(_Periodic):
     """Soft target update every ``every`` steps: ``target <- target + tau * (source - target)``.
 
-    ``tau`` can be changed at any time (``routine.tau = 0.01``; validated), and may be a 0-dim
-    tensor for CUDA graphs. ``buffers`` / ``nonfinite`` are those of :func:`rlweights.polyak_`.
+    ``tau`` is a float in [0, 1], a 0-dim tensor (for CUDA graphs), or a schedule: a callable
+    that receives the number of updates done so far and returns the float for this one
+    (validated at every update). It can be changed at any time (``routine.tau = 0.01``).
+    ``buffers`` / ``nonfinite`` are those of :func:`rlweights.polyak_`.
 
     >>> target = rw.make_target(critic)
     >>> update = rw.PolyakUpdate(critic, target, tau=0.005)
     >>> update.step()  # after each gradient step
+    >>> warmup = rw.PolyakUpdate(tau=lambda n: min(1.0, 0.005 + 1.0 / (n + 1)))  # a template
     """
 
     def __init__(
         self,
-        source: Weights,
-        target: Weights,
-        tau: float | Tensor,
+        source: Weights | None = None,
+        target: Weights | None = None,
+        tau: float | Tensor | Callable[[int], float] | None = None,
         every: int = 1,
         *,
         buffers: BufferPolicy = "copy",
         nonfinite: NonFinite = "propagate",
     ):
-        super().__init__(source, target, every)
         check_choice(buffers, ("copy", "polyak", "skip"), "buffers", "PolyakUpdate")
         check_choice(nonfinite, ("propagate", "raise", "skip"), "nonfinite", "PolyakUpdate")
         self.tau = tau
+        super().__init__(source, target, every)
         self.buffers = buffers
         self.nonfinite = nonfinite
 
     @property
-    def tau(self) -> float | Tensor:
+    def tau(self) -> float | Tensor | Callable[[int], float]:
         return self._tau
 
     @tau.setter
-    def tau(self, value: float | Tensor) -> None:
-        self._tau = check_fraction(value, "tau", "PolyakUpdate")
+    def tau(self, value: float | Tensor | Callable[[int], float] | None) -> None:
+        if value is None:
+            raise ValueError("PolyakUpdate: tau is required (a float in [0, 1], e.g. 0.005)")
+        is_schedule = callable(value) and not isinstance(value, Tensor)
+        self._tau = value if is_schedule else check_fraction(value, "tau", "PolyakUpdate")
+
+    def current_tau(self) -> float | Tensor:
+        """The coefficient the next update uses (the schedule's value, if tau is one)."""
+        if isinstance(self._tau, (float, Tensor)):
+            return self._tau
+        return check_fraction(self._tau(self.updates), "tau (from the schedule)", "PolyakUpdate")
 
     def _update(self) -> None:
-        polyak_(self.target, self.source, self._tau, buffers=self.buffers, nonfinite=self.nonfinite)
+        tau = self.current_tau()
+        polyak_(self.target, self.source, tau, buffers=self.buffers, nonfinite=self.nonfinite)
 
     def state_dict(self) -> dict[str, Any]:
-        return {**super().state_dict(), "tau": self._tau}
+        # A schedule is code, not state: it is kept by the routine, not saved.
+        tau = self._tau if isinstance(self._tau, (float, Tensor)) else None
+        return {**super().state_dict(), "tau": tau}
 
     def _load_extra(self, state: dict[str, Any]) -> None:
-        self.tau = state["tau"]
+        if state["tau"] is not None:
+            self.tau = state["tau"]
 
     def _repr_extra(self) -> str:
-        tau = self._tau if isinstance(self._tau, float) else "<tensor>"
-        return f", tau={tau}"
+        tau = self._tau
+        shown = (
+            tau
+            if isinstance(tau, float)
+            else "<tensor>"
+            if isinstance(tau, Tensor)
+            else "<schedule>"
+        )
+        return f", tau={shown}"
 
 
 class HardUpdate(_Periodic):
@@ -156,14 +202,14 @@ class HardUpdate(_Periodic):
 
     def __init__(
         self,
-        source: Weights,
-        target: Weights,
+        source: Weights | None = None,
+        target: Weights | None = None,
         every: int = 1,
         *,
         nonfinite: NonFinite = "propagate",
     ):
-        super().__init__(source, target, every)
         check_choice(nonfinite, ("propagate", "raise", "skip"), "nonfinite", "HardUpdate")
+        super().__init__(source, target, every)
         self.nonfinite = nonfinite
 
     def _update(self) -> None:

@@ -128,3 +128,36 @@ def test_tensor_tau_routine():
     for name, want in t0.items():
         assert_close(named(target)[name], want + 0.25 * (s0[name] - want))
     assert "tau=<tensor>" in repr(update)
+
+
+def test_templates_bind_to_pairs_and_schedules_drive_tau():
+    online = NETS["mlp"](0)
+    target = rw.make_target(online)
+    with torch.no_grad():
+        for p in online.parameters():
+            p.add_(1.0)
+    template = rw.PolyakUpdate(tau=lambda n: [0.5, 0.25][n % 2])
+    assert "unbound" in repr(template) and "<schedule>" in repr(template)
+    with pytest.raises(ValueError, match="has no source and target"):
+        template.step()
+    bound = template.bind(online, target)
+    assert bound is not template and template.source is None
+    t0, s0 = named(target), named(online)
+    bound.step()  # tau 0.5
+    bound.step()  # tau 0.25
+    for name, t in t0.items():
+        once = t + 0.5 * (s0[name] - t)
+        assert_close(named(target)[name], once + 0.25 * (s0[name] - once))
+    assert bound.state_dict()["tau"] is None  # a schedule is code, not state
+    bad = rw.PolyakUpdate(online, target, tau=lambda n: 2.0)
+    before = snapshot(target)
+    with pytest.raises(ValueError, match=r"tau \(from the schedule\)=2.0 is outside"):
+        bad.step()
+    assert_unchanged(before, target)
+    with pytest.raises(ValueError, match="pass both source and target, or neither"):
+        rw.HardUpdate(online, None)
+    with pytest.raises(ValueError, match="tau is required"):
+        rw.PolyakUpdate(online, target)
+    hard = rw.HardUpdate(every=2).bind(online, target)
+    assert [hard.step(), hard.step()] == [False, True]
+    assert rw.distance(online, target).item() == 0.0
