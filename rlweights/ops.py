@@ -304,13 +304,16 @@ def polyak_(
     """
     if is_compiling():  # run eagerly inside torch.compile (a graph break), see _eager
         return _polyak_eager(target, source, tau, buffers=buffers, nonfinite=nonfinite)
-    if type(tau) is float and buffers == "copy" and nonfinite == "propagate" and 0.0 < tau <= 1.0:
+    if type(tau) is float and nonfinite == "propagate" and 0.0 < tau <= 1.0:
         # The hot path (a target update every gradient step): nothing but the integrity
         # check of the cached flat plan, one lerp_ per flat buffer and the version bump.
-        plan = _cached_flat_plan(target, source)
+        plan = _cached_flat_plan(target, source) if buffers in ("copy", "skip") else None
         if plan is not None:
             for (t,), (s,) in plan.weights:
                 t.lerp_(s, tau)
+            if buffers == "skip":
+                torch._C._increment_version(plan.bump_weights)
+                return
             for (t,), (s,) in plan.buffers:
                 t.copy_(s)
             for t, s in plan.others:
@@ -343,6 +346,25 @@ def polyak_(
             for t, s in plan.others:
                 t.copy_(s)
             _bump(plan.bump_buffers)
+
+
+def _polyak_scale_add_(target: Weights, source: Weights, tau: float) -> None:
+    """SB3's formula, ``target <- target * (1 - tau) + tau * source`` (two passes, rounded as
+    SB3 rounds), on the parameters only, on the same validated paths as :func:`polyak_`.
+
+    ``rlweights.sb3.attach`` uses it so that an attached model trains bit-identically to a
+    plain one. ``tau=0`` writes nothing.
+    """
+    op = "attach"
+    tau = check_fraction(tau, "tau", op)
+    plan = _pair_plan(target, source, op)
+    if type(tau) is float and tau == 0.0:
+        return
+    with _grad_off(plan):
+        for ts, ss in plan.weights:
+            torch._foreach_mul_(ts, 1 - tau)
+            torch._foreach_add_(ts, ss, alpha=tau)
+        _bump(plan.bump_weights)
 
 
 # The checks are Python bookkeeping that must not be traced; polyak_ tests for compilation
