@@ -23,7 +23,7 @@ from torch import nn
 
 import rlweights as rw
 
-__all__ = ["MODELS", "main", "markdown", "run"]
+__all__ = ["MODELS", "main", "markdown", "run", "write_json"]
 
 TAU = 0.005
 SB3 = "SB3 polyak_update"
@@ -352,12 +352,17 @@ def main_from_args(args: argparse.Namespace) -> int:
     result = run(args.models, args.device, args.rounds, args.min_batch_ms / 1000)
     print(markdown(result), end="")
     if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        tmp = args.json.with_suffix(args.json.suffix + ".tmp")
-        tmp.write_text(json.dumps(result, indent=2))
-        tmp.replace(args.json)
+        write_json(args.json, result)
         print(f"wrote {args.json}")
     return 0
+
+
+def write_json(path: Path, result: dict) -> None:
+    """Write ``result`` atomically (a temporary file renamed into place)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(result, indent=2))
+    tmp.replace(path)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from rlweights import __version__, bench
+from rlweights import __version__, bench, bench_sb3
 
 __all__ = ["build_parser", "main"]
 
@@ -28,6 +28,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     bench.add_arguments(bench_parser)
     bench_parser.set_defaults(handler=bench.main_from_args)
+    sb3_parser = commands.add_parser(
+        "bench-sb3",
+        help="benchmark SB3's own target-update call site and SAC training, plain vs attached",
+        description=bench_sb3.__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    bench_sb3.add_arguments(sb3_parser)
+    sb3_parser.set_defaults(handler=bench_sb3.main_from_args)
     return parser
 
 

@@ -355,15 +355,18 @@ def _polyak_scale_add_(target: Weights, source: Weights, tau: float) -> None:
     ``rlweights.sb3.attach`` uses it so that an attached model trains bit-identically to a
     plain one. ``tau=0`` writes nothing.
     """
-    op = "attach"
-    tau = check_fraction(tau, "tau", op)
-    plan = _pair_plan(target, source, op)
-    if type(tau) is float and tau == 0.0:
-        return
+    if type(tau) is not float or not 0.0 < tau <= 1.0:
+        tau = float(check_fraction(tau, "tau", "attach"))  # SB3's tau is a Python number
+        if tau == 0.0:
+            return
+    plan = _cached_flat_plan(target, source) or _pair_plan(target, source, "attach")
     with _grad_off(plan):
         for ts, ss in plan.weights:
-            torch._foreach_mul_(ts, 1 - tau)
-            torch._foreach_add_(ts, ss, alpha=tau)
+            if len(ts) == 1:
+                ts[0].mul_(1 - tau).add_(ss[0], alpha=tau)
+            else:
+                torch._foreach_mul_(ts, 1 - tau)
+                torch._foreach_add_(ts, ss, alpha=tau)
         _bump(plan.bump_weights)
 
 

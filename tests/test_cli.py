@@ -18,7 +18,7 @@ def _run(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run(args, capture_output=True, text=True, cwd=ROOT, timeout=300)
 
 
-@pytest.mark.parametrize("args", [["--help"], ["bench", "--help"]])
+@pytest.mark.parametrize("args", [["--help"], ["bench", "--help"], ["bench-sb3", "--help"]])
 def test_help(args):
     cmd = [str(EXE)] if EXE.exists() else [sys.executable, "-m", "rlweights"]
     done = _run(*cmd, *args)
@@ -73,3 +73,30 @@ def test_bench_refuses_cuda_without_a_gpu():
 def test_bench_rejects_bad_rounds():
     done = _run(sys.executable, "-m", "rlweights", "bench", "--rounds", "0")
     assert done.returncode != 0 and "--rounds must be >= 1" in done.stderr
+
+
+def test_bench_sb3_script_smoke(tmp_path):
+    out = tmp_path / "sb3.json"
+    done = _run(
+        sys.executable,
+        "scripts/bench_sb3.py",
+        "--rounds",
+        "2",
+        "--train-rounds",
+        "1",
+        "--train-steps",
+        "150",
+        "--json",
+        str(out),
+    )
+    assert done.returncode == 0, done.stderr
+    result = json.loads(out.read_text())
+    assert set(result["call_site"]) == {
+        "SB3 (plain model)",
+        "plain model, dispatcher installed",
+        "attached model",
+    }
+    training = result["training"]
+    assert len(training) == 3
+    assert all(0 < row["update_share"] < 1 for row in training.values())
+    assert "| plain SB3 |" in done.stdout

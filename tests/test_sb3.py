@@ -78,9 +78,26 @@ def _fresh(kwargs):
     return out
 
 
+def test_td3_shared_features_extractor_keeps_sb3_behaviour():
+    """Shared by actor and critic, the extractor is updated twice per update point, as in
+    SB3; it cannot live in two flat buffers, so those modules stay unflattened."""
+    kwargs = {
+        "policy_kwargs": small(
+            features_extractor_class=BatchNormExtractor, share_features_extractor=True
+        )
+    }
+    model = _make(TD3, **kwargs)
+    handle = rsb3.attach(model)
+    assert handle.flattened == []
+    handle.detach()
+    _assert_identical(_run(TD3, False, **kwargs), _run(TD3, True, **kwargs))
+
+
 def test_attach_flattens_and_routes_to_the_fast_path():
     model = _make(SAC)
-    handle = rsb3.attach(model)
+    rsb3.attach(model)
+    handle = rsb3.attach(model)  # attaching twice is harmless
+    assert rsb3._PATCHED["stable_baselines3.sac.sac"][2] == 1
     assert handle.flattened == ["critic", "critic_target"]
     assert rw.ops._pair_plan(model.critic_target, model.critic, "t").flat
     from stable_baselines3.sac import sac
