@@ -1,0 +1,203 @@
+"""Weight drift: what the weights are doing while an agent trains.
+
+A :class:`DriftMonitor` watches named modules (and, optionally, their target networks) and,
+on each :meth:`~DriftMonitor.measure`, returns for every module and every parameter tensor:
+
+* ``weight_norm``: ``||w||``; growing without bound means weights blow up;
+* ``init_distance``: ``||w - w_0||`` from the weights at the start (a flat snapshot); a
+  policy that stops moving away from its initialisation has stopped learning;
+* ``update_ratio``: ``||w - w_prev|| / ||w||`` since the previous measurement (the first
+  one compares with the start); the relative size of recent updates;
+* ``nonfinite``: the number of NaN / inf values;
+* ``target_distance``: ``||w - w_target||`` when a target network is given; how far the
+  target lags the online network.
+
+Values are tensors on the weights' device (no host sync until they are logged). Per-tensor
+values come from segment reductions over contiguous storage: on flattened modules the flat
+buffers are read directly, one pass per quantity. Tags: ``drift/<module>/<metric>`` for
+totals and ``drift/<module>/layers/<tensor>/<metric>`` per tensor.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from rlweights.flat import layout_of
+from rlweights.weights import WeightMismatchError, is_float, module_entries
+
+__all__ = ["METRICS", "DriftMonitor"]
+
+METRICS = ("weight_norm", "init_distance", "update_ratio", "nonfinite", "target_distance")
+
+
+@dataclass
+class _Group:
+    """The floating parameters of one (device, dtype), as contiguous storage."""
+
+    names: list[str]
+    tensors: list[Tensor]
+    lengths: Tensor
+    init: Tensor
+    prev: Tensor
+
+
+def _acc(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _params(module: nn.Module) -> list[tuple[str, Tensor]]:
+    return [
+        (e.name, e.tensor)
+        for e in module_entries(module)
+        if e.kind == "param" and is_float(e.tensor)
+    ]
+
+
+def _contiguous(module: nn.Module, tensors: list[Tensor]) -> Tensor:
+    """The tensors as one flat vector: the flat buffer itself when the module is flattened
+    with exactly these tensors in it, else a concatenated copy."""
+    layout = layout_of(module)
+    if layout is not None:
+        for flat in layout.weight_flats:
+            views = [v for g in layout.groups if g.flat is flat for v in g.views]
+            if len(views) == len(tensors) and all(
+                a is b for a, b in zip(views, tensors, strict=True)
+            ):
+                return flat
+    return torch.cat([t.detach().reshape(-1) for t in tensors])
+
+
+class DriftMonitor:
+    """Drift metrics of named modules; see the module docstring for what each one means.
+
+    >>> monitor = DriftMonitor({"actor": actor, "critic": critic}, {"critic": critic_target})
+    >>> metrics = monitor.measure()  # {"drift/critic/target_distance": tensor(...), ...}
+    """
+
+    def __init__(
+        self,
+        modules: Mapping[str, nn.Module],
+        targets: Mapping[str, nn.Module] | None = None,
+        per_layer: bool = True,
+    ):
+        targets = dict(targets or {})
+        unknown = set(targets) - set(modules)
+        if unknown:
+            raise ValueError(
+                f"DriftMonitor: targets {sorted(unknown)} have no module of the same name; "
+                f"modules are {sorted(modules)}"
+            )
+        self.modules = dict(modules)
+        self.targets = targets
+        self.per_layer = per_layer
+        self._groups: dict[str, list[_Group]] = {}
+        for name, module in self.modules.items():
+            if not isinstance(module, nn.Module):
+                raise TypeError(
+                    f"DriftMonitor: {name!r} is a {type(module).__name__}, not a module"
+                )
+            self._groups[name] = self._snapshot(module)
+            if name in targets:
+                self._check_target(name, module, targets[name])
+
+    @staticmethod
+    def _snapshot(module: nn.Module) -> list[_Group]:
+        grouped: dict[tuple[torch.device, torch.dtype], list[tuple[str, Tensor]]] = {}
+        for name, t in _params(module):
+            grouped.setdefault((t.device, t.dtype), []).append((name, t))
+        groups = []
+        for (device, _), members in grouped.items():
+            tensors = [t for _, t in members]
+            with torch.no_grad():
+                flat = _contiguous(module, tensors).clone()
+            lengths = torch.tensor([t.numel() for t in tensors], device=device)
+            groups.append(_Group([n for n, _ in members], tensors, lengths, flat, flat.clone()))
+        return groups
+
+    def _check_target(self, name: str, module: nn.Module, target: nn.Module) -> None:
+        mine = {n: t for n, t in _params(module)}
+        theirs = {n: t for n, t in _params(target)}
+        bad = [
+            n
+            for n in mine.keys() | theirs.keys()
+            if n not in mine or n not in theirs or mine[n].shape != theirs[n].shape
+        ]
+        if bad:
+            raise WeightMismatchError(
+                f"DriftMonitor: target of {name!r} does not match it: {sorted(bad)[:6]}"
+            )
+
+    def reset(self) -> None:
+        """Take the current weights as the new start (``init_distance`` restarts from 0)."""
+        for name, module in self.modules.items():
+            self._groups[name] = self._snapshot(module)
+
+    @torch.no_grad()
+    def measure(self) -> dict[str, Tensor]:
+        """All metrics as ``{tag: 0-dim tensor}``; updates the reference of ``update_ratio``."""
+        out: dict[str, Tensor] = {}
+        for name, module in self.modules.items():
+            target = self.targets.get(name)
+            target_params = dict(_params(target)) if target is not None else None
+            per_tensor: dict[str, list[Tensor]] = {m: [] for m in METRICS}
+            names: list[str] = []
+            for group in self._groups[name]:
+                cur = _contiguous(module, group.tensors)
+                acc = _acc(cur.dtype)
+
+                def seg(
+                    v: Tensor, lengths: Tensor = group.lengths, acc: torch.dtype = acc
+                ) -> Tensor:
+                    return torch.segment_reduce(v.to(acc), "sum", lengths=lengths)
+
+                per_tensor["weight_norm"].append(seg(cur.square()))
+                per_tensor["init_distance"].append(seg((cur - group.init).square()))
+                per_tensor["update_ratio"].append(seg((cur - group.prev).square()))
+                per_tensor["nonfinite"].append(seg((~torch.isfinite(cur)).to(acc)))
+                if target_params is not None:
+                    tgt = torch.cat([target_params[n].detach().reshape(-1) for n in group.names])
+                    per_tensor["target_distance"].append(seg((cur - tgt).square()))
+                group.prev.copy_(cur)
+                names += group.names
+            squares = {m: torch.cat(v) for m, v in per_tensor.items() if v}
+            out.update(self._totals(name, squares))
+            if self.per_layer:
+                out.update(self._layers(name, names, squares))
+        return out
+
+    @staticmethod
+    def _ratio(moved: Tensor, norm: Tensor) -> Tensor:
+        return moved / norm.clamp_min(torch.finfo(norm.dtype).tiny)
+
+    def _totals(self, name: str, squares: dict[str, Tensor]) -> dict[str, Tensor]:
+        sums = {m: v.sum() for m, v in squares.items()}
+        norm = sums["weight_norm"].sqrt()
+        out = {
+            f"drift/{name}/weight_norm": norm,
+            f"drift/{name}/init_distance": sums["init_distance"].sqrt(),
+            f"drift/{name}/update_ratio": self._ratio(sums["update_ratio"].sqrt(), norm),
+            f"drift/{name}/nonfinite": sums["nonfinite"],
+        }
+        if "target_distance" in sums:
+            out[f"drift/{name}/target_distance"] = sums["target_distance"].sqrt()
+        return out
+
+    def _layers(self, name: str, names: list[str], squares: dict[str, Tensor]) -> dict[str, Tensor]:
+        norms = squares["weight_norm"].sqrt()
+        values = {
+            "weight_norm": norms,
+            "init_distance": squares["init_distance"].sqrt(),
+            "update_ratio": self._ratio(squares["update_ratio"].sqrt(), norms),
+            "nonfinite": squares["nonfinite"],
+        }
+        if "target_distance" in squares:
+            values["target_distance"] = squares["target_distance"].sqrt()
+        return {
+            f"drift/{name}/layers/{layer}/{metric}": v[i]
+            for metric, v in values.items()
+            for i, layer in enumerate(names)
+        }

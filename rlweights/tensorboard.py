@@ -1,0 +1,75 @@
+"""Writing drift metrics to TensorBoard with ``torch.utils.tensorboard.SummaryWriter``.
+
+Tags are those of :mod:`rlweights.drift`: ``drift/<module>/<metric>`` for totals and
+``drift/<module>/layers/<tensor>/<metric>`` per tensor. A custom-scalars layout (TensorBoard's
+"Custom Scalars" tab) puts each module's per-tensor values of one metric on one chart.
+
+>>> from torch.utils.tensorboard import SummaryWriter
+>>> logger = DriftLogger(SummaryWriter("runs/exp"), DriftMonitor({"critic": critic}))
+>>> for step in range(steps):
+...     train_step()
+...     if step % 1000 == 0:
+...         logger.log(step)
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from torch.utils.tensorboard import SummaryWriter
+
+from rlweights.drift import METRICS, DriftMonitor
+
+__all__ = ["DriftLogger"]
+
+
+class DriftLogger:
+    """Measures a :class:`DriftMonitor` and writes the values (and optionally histograms of
+    the weights) to a ``SummaryWriter``; one host sync per :meth:`log` call."""
+
+    def __init__(
+        self,
+        writer: SummaryWriter,
+        monitor: DriftMonitor,
+        histograms: bool = False,
+        config: Mapping[str, Any] | None = None,
+    ):
+        self.writer = writer
+        self.monitor = monitor
+        self.histograms = histograms
+        writer.add_custom_scalars(self.layout())
+        if config is not None:
+            text = json.dumps(dict(config), indent=2, sort_keys=True, default=str)
+            writer.add_text("config", "```\n" + text + "\n```")
+
+    def layout(self) -> dict:
+        """TensorBoard custom-scalars layout: one category per module, one chart per metric."""
+        layout = {}
+        for name in self.monitor.modules:
+            base = re.escape(f"drift/{name}/")
+            charts = {
+                metric: ["Multiline", [f"^{base}layers/.*/{metric}$"]]
+                for metric in METRICS
+                if metric != "target_distance" or name in self.monitor.targets
+            }
+            charts["totals"] = ["Multiline", [f"^{base}[a-z_]+$"]]
+            layout[f"drift/{name}"] = charts
+        return layout
+
+    def log(self, step: int) -> dict[str, float]:
+        """Measure, write every value at ``step``, and return them as floats."""
+        metrics = self.monitor.measure()
+        tags = list(metrics)
+        values = torch.stack([v.double().cpu() for v in metrics.values()]).tolist() if tags else []
+        out = dict(zip(tags, values, strict=True))
+        for tag, value in out.items():
+            self.writer.add_scalar(tag, value, step)
+        if self.histograms:
+            for name, module in self.monitor.modules.items():
+                for param_name, p in module.named_parameters():
+                    self.writer.add_histogram(f"weights/{name}/{param_name}", p.detach(), step)
+        return out
