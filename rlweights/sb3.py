@@ -37,10 +37,19 @@ from typing import Any
 from torch import Tensor, nn
 
 import rlweights as rw
+from rlweights.drift import DriftMonitor
 from rlweights.ops import _polyak_scale_add_
 from rlweights.targets import _Periodic
+from rlweights.tensorboard import DriftLogger
 
-__all__ = ["SUPPORTED", "Attachment", "WeightConstraintCallback", "attach", "detach"]
+__all__ = [
+    "SUPPORTED",
+    "Attachment",
+    "DriftCallback",
+    "WeightConstraintCallback",
+    "attach",
+    "detach",
+]
 
 MIN_SB3, MAX_SB3 = (2, 3), (3, 0)
 
@@ -416,3 +425,58 @@ class WeightConstraintCallback(_callback_base()):  # type: ignore[misc]
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
+
+
+class DriftCallback(_callback_base()):  # type: ignore[misc]
+    """Log weight drift (:mod:`rlweights.drift`) of an SB3 model every ``every`` calls.
+
+    Tracks the online networks of the model's target pairs (``critic``, ``actor``, ``q_net``,
+    ...) with their targets, or the whole ``policy`` for algorithms without targets. When the
+    model logs to TensorBoard (``tensorboard_log=``), the values go into that same run through
+    its ``SummaryWriter``, at ``num_timesteps``; otherwise they are recorded through SB3's
+    logger (per-tensor values kept out of stdout).
+
+    >>> model = SAC("MlpPolicy", "Pendulum-v1", tensorboard_log="runs")
+    >>> model.learn(20_000, callback=DriftCallback(every=1000))
+    """
+
+    def __init__(self, every: int = 1000, per_layer: bool = True, histograms: bool = False):
+        super().__init__()
+        if isinstance(every, bool) or not isinstance(every, int) or every < 1:
+            raise ValueError(f"DriftCallback: every must be an int >= 1, not {every!r}")
+        self.every = every
+        self.per_layer = per_layer
+        self.histograms = histograms
+        self.drift_logger = None
+        self.monitor: DriftMonitor | None = None
+
+    def _on_training_start(self) -> None:
+        from stable_baselines3.common.logger import TensorBoardOutputFormat
+
+        try:
+            _, _, pairs, _ = _algorithm(self.model)
+            modules = {s: getattr(self.model, s) for s, _ in pairs}
+            targets = {s: getattr(self.model, t) for s, t in pairs}
+        except ValueError:  # no target networks: watch the whole policy
+            modules, targets = {"policy": self.model.policy}, {}
+        self.monitor = DriftMonitor(modules, targets, per_layer=self.per_layer)
+        writers = [
+            f.writer for f in self.logger.output_formats if isinstance(f, TensorBoardOutputFormat)
+        ]
+        if writers:
+            self.drift_logger = DriftLogger(writers[0], self.monitor, self.histograms)
+
+    def _on_step(self) -> bool:
+        if self.n_calls % self.every == 0:
+            self.log_drift()
+        return True
+
+    def log_drift(self) -> dict[str, float]:
+        """Measure now and log at the model's ``num_timesteps``."""
+        if self.drift_logger is not None:
+            return self.drift_logger.log(self.num_timesteps)
+        values = {tag: float(v) for tag, v in self.monitor.measure().items()}
+        for tag, value in values.items():
+            quiet = ("stdout", "log") if "/layers/" in tag else None
+            self.logger.record(tag, value, exclude=quiet)
+        return values

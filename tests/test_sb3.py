@@ -274,3 +274,53 @@ def test_weight_constraint_callback_clamps_after_every_gradient_step():
         rsb3.WeightConstraintCallback()
     with pytest.raises(ValueError, match=r"min=1\.0 is greater than max=0\.0"):
         rsb3.WeightConstraintCallback(clamp=(1.0, 0.0))
+
+
+def test_drift_callback_logs_into_the_sb3_tensorboard_run(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    model = _make(SAC, tensorboard_log=str(tmp_path))
+    callback = rsb3.DriftCallback(every=50)
+    model.learn(200, callback=callback)
+    logged = callback.drift_logger.log(1000)  # measured now, after the last update
+    callback.drift_logger.writer.flush()
+    runs = list(tmp_path.iterdir())
+    assert len(runs) == 1  # the run SB3 made, not a second one
+    events = EventAccumulator(str(runs[0]), size_guidance={"scalars": 0})
+    events.Reload()
+    scalars = events.Tags()["scalars"]
+    assert "drift/critic/target_distance" in scalars
+    assert "drift/critic/layers/qf0.0.weight/update_ratio" in scalars
+    read = events.Scalars("drift/critic/target_distance")
+    assert [e.step for e in read] == [50, 100, 150, 200, 1000]
+    want = rw.distance(list(model.critic.parameters()), list(model.critic_target.parameters()))
+    assert read[-1].value == pytest.approx(want.item(), rel=1e-5)
+    assert read[-1].value == pytest.approx(logged["drift/critic/target_distance"], rel=1e-6)
+    with pytest.raises(ValueError, match="every must be an int >= 1"):
+        rsb3.DriftCallback(every=0)
+
+
+def test_drift_callback_without_tensorboard_records_through_the_logger():
+    model = (
+        _make(PPO, learning_starts=None)
+        if False
+        else PPO(
+            "MlpPolicy",
+            "Pendulum-v1",
+            device="cpu",
+            n_steps=64,
+            batch_size=32,
+            seed=0,
+            policy_kwargs={"net_arch": [8]},
+        )
+    )
+    callback = rsb3.DriftCallback(every=16, per_layer=False)
+    model.learn(64, callback=callback)
+    values = callback.log_drift()
+    assert set(values) == {
+        "drift/policy/weight_norm",
+        "drift/policy/init_distance",
+        "drift/policy/update_ratio",
+        "drift/policy/nonfinite",
+    }
+    assert values["drift/policy/init_distance"] > 0
