@@ -23,7 +23,7 @@ from torch import nn
 
 import rlweights as rw
 
-__all__ = ["MODELS", "main", "markdown", "run", "write_json"]
+__all__ = ["MODELS", "markdown", "run", "write_json"]
 
 TAU = 0.005
 SB3 = "SB3 polyak_update"
@@ -363,9 +363,3 @@ def write_json(path: Path, result: dict) -> None:
     tmp = path.with_suffix(path.suffix + ".tmp")
     tmp.write_text(json.dumps(result, indent=2))
     tmp.replace(path)
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="bench_ops", description=__doc__.splitlines()[0])
-    add_arguments(parser)
-    return main_from_args(parser.parse_args(argv))

@@ -22,7 +22,7 @@ import torch
 
 from rlweights.bench import write_json
 
-__all__ = ["add_arguments", "main", "main_from_args", "run"]
+__all__ = ["add_arguments", "main_from_args", "run"]
 
 
 def _sac(seed: int):
@@ -204,9 +204,3 @@ def main_from_args(args: argparse.Namespace) -> int:
         write_json(args.json, result)
         print(f"wrote {args.json}")
     return 0
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="bench_sb3", description=__doc__.splitlines()[0])
-    add_arguments(parser)
-    return main_from_args(parser.parse_args(argv))

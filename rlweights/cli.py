@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from rlweights import __version__, bench, bench_sb3
+from rlweights import __version__, bench, bench_drift, bench_sb3
 
 __all__ = ["build_parser", "main"]
 
@@ -36,6 +36,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     bench_sb3.add_arguments(sb3_parser)
     sb3_parser.set_defaults(handler=bench_sb3.main_from_args)
+    drift_parser = commands.add_parser(
+        "bench-drift",
+        help="benchmark drift measurements against Polyak updates and inside SB3 SAC",
+        description=bench_drift.__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    bench_drift.add_arguments(drift_parser)
+    drift_parser.set_defaults(handler=bench_drift.main_from_args)
     return parser
 
 

@@ -36,13 +36,18 @@ METRICS = ("weight_norm", "init_distance", "update_ratio", "nonfinite", "target_
 
 @dataclass
 class _Group:
-    """The floating parameters of one (device, dtype), as contiguous storage."""
+    """The floating parameters of one (device, dtype), as contiguous storage, with the
+    snapshots (start, previous measurement) and a scratch buffer of the same size."""
 
     names: list[str]
     tensors: list[Tensor]
-    lengths: Tensor
+    lengths: list[int]
     init: Tensor
     prev: Tensor
+    scratch: Tensor
+
+    def split(self, flat: Tensor) -> list[Tensor]:
+        return list(torch.split(flat, self.lengths))
 
 
 def _acc(dtype: torch.dtype) -> torch.dtype:
@@ -110,12 +115,15 @@ class DriftMonitor:
         for name, t in _params(module):
             grouped.setdefault((t.device, t.dtype), []).append((name, t))
         groups = []
-        for (device, _), members in grouped.items():
+        for members in grouped.values():
             tensors = [t for _, t in members]
             with torch.no_grad():
                 flat = _contiguous(module, tensors).clone()
-            lengths = torch.tensor([t.numel() for t in tensors], device=device)
-            groups.append(_Group([n for n, _ in members], tensors, lengths, flat, flat.clone()))
+            lengths = [t.numel() for t in tensors]
+            names = [n for n, _ in members]
+            groups.append(
+                _Group(names, tensors, lengths, flat, flat.clone(), torch.empty_like(flat))
+            )
         return groups
 
     def _check_target(self, name: str, module: nn.Module, target: nn.Module) -> None:
@@ -147,57 +155,61 @@ class DriftMonitor:
             names: list[str] = []
             for group in self._groups[name]:
                 cur = _contiguous(module, group.tensors)
-                acc = _acc(cur.dtype)
-
-                def seg(
-                    v: Tensor, lengths: Tensor = group.lengths, acc: torch.dtype = acc
-                ) -> Tensor:
-                    return torch.segment_reduce(v.to(acc), "sum", lengths=lengths)
-
-                per_tensor["weight_norm"].append(seg(cur.square()))
-                per_tensor["init_distance"].append(seg((cur - group.init).square()))
-                per_tensor["update_ratio"].append(seg((cur - group.prev).square()))
-                per_tensor["nonfinite"].append(seg((~torch.isfinite(cur)).to(acc)))
+                scratch = group.scratch
+                norms = _norms(group, cur)
+                per_tensor["weight_norm"].append(norms(cur))
+                per_tensor["init_distance"].append(norms(torch.sub(cur, group.init, out=scratch)))
+                per_tensor["update_ratio"].append(norms(torch.sub(cur, group.prev, out=scratch)))
+                # x * 0 is NaN exactly where x is NaN or inf: its "L0 norm" counts them.
+                per_tensor["nonfinite"].append(norms(torch.mul(cur, 0, out=scratch), 0))
                 if target_params is not None:
-                    tgt = torch.cat([target_params[n].detach().reshape(-1) for n in group.names])
-                    per_tensor["target_distance"].append(seg((cur - tgt).square()))
+                    tgt = _contiguous(target, [target_params[n] for n in group.names])
+                    per_tensor["target_distance"].append(norms(torch.sub(cur, tgt, out=scratch)))
                 group.prev.copy_(cur)
                 names += group.names
-            squares = {m: torch.cat(v) for m, v in per_tensor.items() if v}
-            out.update(self._totals(name, squares))
+            values = {m: torch.cat(v) for m, v in per_tensor.items() if v}
+            out.update(self._totals(name, values))
             if self.per_layer:
-                out.update(self._layers(name, names, squares))
+                out.update(self._layers(name, names, values))
         return out
 
     @staticmethod
     def _ratio(moved: Tensor, norm: Tensor) -> Tensor:
         return moved / norm.clamp_min(torch.finfo(norm.dtype).tiny)
 
-    def _totals(self, name: str, squares: dict[str, Tensor]) -> dict[str, Tensor]:
-        sums = {m: v.sum() for m, v in squares.items()}
-        norm = sums["weight_norm"].sqrt()
+    def _totals(self, name: str, values: dict[str, Tensor]) -> dict[str, Tensor]:
+        def total(v: Tensor) -> Tensor:
+            return torch.linalg.vector_norm(v)
+
+        norm = total(values["weight_norm"])
         out = {
             f"drift/{name}/weight_norm": norm,
-            f"drift/{name}/init_distance": sums["init_distance"].sqrt(),
-            f"drift/{name}/update_ratio": self._ratio(sums["update_ratio"].sqrt(), norm),
-            f"drift/{name}/nonfinite": sums["nonfinite"],
+            f"drift/{name}/init_distance": total(values["init_distance"]),
+            f"drift/{name}/update_ratio": self._ratio(total(values["update_ratio"]), norm),
+            f"drift/{name}/nonfinite": values["nonfinite"].sum(),
         }
-        if "target_distance" in sums:
-            out[f"drift/{name}/target_distance"] = sums["target_distance"].sqrt()
+        if "target_distance" in values:
+            out[f"drift/{name}/target_distance"] = total(values["target_distance"])
         return out
 
-    def _layers(self, name: str, names: list[str], squares: dict[str, Tensor]) -> dict[str, Tensor]:
-        norms = squares["weight_norm"].sqrt()
-        values = {
-            "weight_norm": norms,
-            "init_distance": squares["init_distance"].sqrt(),
-            "update_ratio": self._ratio(squares["update_ratio"].sqrt(), norms),
-            "nonfinite": squares["nonfinite"],
-        }
-        if "target_distance" in squares:
-            values["target_distance"] = squares["target_distance"].sqrt()
+    def _layers(self, name: str, names: list[str], values: dict[str, Tensor]) -> dict[str, Tensor]:
+        per = dict(values)
+        per["update_ratio"] = self._ratio(values["update_ratio"], values["weight_norm"])
         return {
             f"drift/{name}/layers/{layer}/{metric}": v[i]
-            for metric, v in values.items()
+            for metric, v in per.items()
             for i, layer in enumerate(names)
         }
+
+
+def _norms(group: _Group, cur: Tensor):
+    """A function: flat vector -> per-tensor norms (1-D), in one fused foreach reduction."""
+    low = cur.dtype in (torch.float16, torch.bfloat16)
+
+    def norms(flat: Tensor, order: float = 2) -> Tensor:
+        parts = group.split(flat)
+        if low:
+            return torch.stack(torch._foreach_norm(parts, order, dtype=torch.float32))
+        return torch.stack(torch._foreach_norm(parts, order))
+
+    return norms
