@@ -18,7 +18,9 @@ def _run(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run(args, capture_output=True, text=True, cwd=ROOT, timeout=300)
 
 
-@pytest.mark.parametrize("args", [["--help"], ["bench", "--help"], ["bench-sb3", "--help"]])
+@pytest.mark.parametrize(
+    "args", [["--help"], ["bench", "--help"], ["bench-sb3", "--help"], ["bench-drift", "--help"]]
+)
 def test_help(args):
     cmd = [str(EXE)] if EXE.exists() else [sys.executable, "-m", "rlweights"]
     done = _run(*cmd, *args)
@@ -100,3 +102,14 @@ def test_bench_sb3_script_smoke(tmp_path):
     assert len(training) == 3
     assert all(0 < row["update_share"] < 1 for row in training.values())
     assert "| plain SB3 |" in done.stdout
+
+
+def test_bench_drift_script_smoke(tmp_path):
+    out = tmp_path / "drift.json"
+    args = ["--rounds", "1", "--sac-rounds", "1", "--sac-steps", "150", "--every", "50"]
+    done = _run(sys.executable, "scripts/bench_drift.py", *args, "--json", str(out))
+    assert done.returncode == 0, done.stderr
+    result = json.loads(out.read_text())
+    assert set(result["measure_vs_update"]) == {"sac_critic", "mlp_16m"}
+    assert 0 < result["sac"]["measure_share"] < 1
+    assert "DriftMonitor.measure" in done.stdout
