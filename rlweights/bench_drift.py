@@ -129,9 +129,9 @@ def markdown(result: dict) -> str:
             f"SAC on Pendulum-v1, {sac['steps']} steps, `DriftCallback(every={sac['every']})`: "
             f"{sac['wall_s']['without']:.1f} s without, "
             f"{sac['wall_s']['with DriftCallback']:.1f} s with (end to end "
-            f"{100 * sac['overhead']:+.2f} %, within the run-to-run noise); time inside the "
-            f"drift measurements and their logging: {100 * sac['measure_share']:.3f} % of "
-            "the run.",
+            f"{100 * sac['overhead']:+.2f} %, separate runs, so run-to-run noise included); "
+            "time inside the drift measurements and their logging: "
+            f"{100 * sac['measure_share']:.3f} % of the run.",
         ]
     return "\n".join(lines) + "\n"
 
