@@ -96,6 +96,31 @@ def buffer_names(module: nn.Module) -> set[str]:
     return {n for n, _ in module.named_buffers()}
 
 
+def logged_drift_run(logdir, steps, histograms=False, config=None):
+    """A tiny training stand-in (weights moved, target Polyak-updated) logging drift each
+    step with DriftLogger; returns {step: logged values}."""
+    from torch.utils.tensorboard import SummaryWriter
+
+    import rlweights as rw
+    from rlweights.drift import DriftMonitor
+    from rlweights.tensorboard import DriftLogger
+
+    online = mlp(0)
+    target = rw.make_target(online)
+    writer = SummaryWriter(str(logdir))
+    monitor = DriftMonitor({"critic": online}, {"critic": target})
+    logger = DriftLogger(writer, monitor, histograms, config)
+    logged = {}
+    for step in steps:
+        with torch.no_grad():
+            for p in online.parameters():
+                p.add_(0.1)
+        rw.polyak_(target, online, 0.1)
+        logged[step] = logger.log(step)
+    writer.close()
+    return logged
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(1234)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import NETS
+from conftest import NETS, logged_drift_run
 from torch.testing import assert_close
 
 import rlweights as rw
@@ -100,24 +100,8 @@ def test_bad_monitor_arguments():
 
 def test_logger_writes_events_read_back_by_tensorboard(tmp_path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-    from torch.utils.tensorboard import SummaryWriter
 
-    from rlweights.tensorboard import DriftLogger
-
-    online = NETS["mlp"](0)
-    target = rw.make_target(online)
-    writer = SummaryWriter(str(tmp_path))
-    logger = DriftLogger(
-        writer, DriftMonitor({"critic": online}, {"critic": target}), True, {"tau": 0.1}
-    )
-    logged = {}
-    for step in (0, 10, 20):
-        with torch.no_grad():
-            for p in online.parameters():
-                p.add_(0.1)
-        rw.polyak_(target, online, 0.1)
-        logged[step] = logger.log(step)
-    writer.close()
+    logged = logged_drift_run(tmp_path, (0, 10, 20), histograms=True, config={"tau": 0.1})
     events = EventAccumulator(str(tmp_path), size_guidance={"scalars": 0, "histograms": 0})
     events.Reload()
     scalars = events.Tags()["scalars"]

@@ -10,13 +10,7 @@ import time
 import urllib.parse
 import urllib.request
 
-import torch
-from conftest import NETS
-from torch.utils.tensorboard import SummaryWriter
-
-import rlweights as rw
-from rlweights.drift import DriftMonitor
-from rlweights.tensorboard import DriftLogger
+from conftest import logged_drift_run
 
 
 def _free_port() -> int:
@@ -31,18 +25,7 @@ def _get(url: str):
 
 
 def test_tensorboard_serves_the_drift_scalars(tmp_path):
-    online = NETS["mlp"](0)
-    target = rw.make_target(online)
-    writer = SummaryWriter(str(tmp_path / "run"))
-    logger = DriftLogger(writer, DriftMonitor({"critic": online}, {"critic": target}))
-    logged = {}
-    for step in range(3):
-        with torch.no_grad():
-            for p in online.parameters():
-                p.add_(0.05)
-        rw.polyak_(target, online, 0.2)
-        logged[step] = logger.log(step)
-    writer.close()
+    logged = logged_drift_run(tmp_path / "run", range(3))
 
     port = _free_port()
     server = subprocess.Popen(
