@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import NETS, logged_drift_run
+from conftest import DEVICES, NETS, logged_drift_run
 from torch.testing import assert_close
 
 import rlweights as rw
@@ -19,11 +19,12 @@ def _norm(d):
     return torch.sqrt(sum((v**2).sum() for v in d.values()))
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("flat", [True, False], ids=["flat", "plain"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_metrics_match_float64_reference(flat, dtype):
-    online = NETS["cnn_bn"](0).to(dtype)
-    target = rw.make_target(online) if flat else NETS["cnn_bn"](0).to(dtype)
+def test_metrics_match_float64_reference(flat, dtype, device):
+    online = NETS["cnn_bn"](0).to(device=device, dtype=dtype)
+    target = rw.make_target(online) if flat else NETS["cnn_bn"](0).to(device=device, dtype=dtype)
     if not flat:
         target.requires_grad_(False)
     w0 = _params64(online)
@@ -31,12 +32,12 @@ def test_metrics_match_float64_reference(flat, dtype):
     opt = torch.optim.SGD(online.parameters(), lr=0.5)
     for _ in range(2):
         opt.zero_grad()
-        online(torch.randn(4, 2, 6, 6, dtype=dtype)).pow(2).mean().backward()
+        online(torch.randn(4, 2, 6, 6, dtype=dtype, device=device)).pow(2).mean().backward()
         opt.step()
     monitor.measure()  # sets the reference for update_ratio
     w_prev = _params64(online)
     opt.zero_grad()
-    online(torch.randn(4, 2, 6, 6, dtype=dtype)).pow(2).mean().backward()
+    online(torch.randn(4, 2, 6, 6, dtype=dtype, device=device)).pow(2).mean().backward()
     opt.step()
     rw.polyak_(target, online, 0.3)
     with torch.no_grad():
