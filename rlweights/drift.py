@@ -132,7 +132,10 @@ class DriftMonitor:
         bad = [
             n
             for n in mine.keys() | theirs.keys()
-            if n not in mine or n not in theirs or mine[n].shape != theirs[n].shape
+            if n not in mine
+            or n not in theirs
+            or (mine[n].shape, mine[n].dtype, mine[n].device)
+            != (theirs[n].shape, theirs[n].dtype, theirs[n].device)
         ]
         if bad:
             raise WeightMismatchError(

@@ -64,7 +64,11 @@ class DriftLogger:
         """Measure, write every value at ``step``, and return them as floats."""
         metrics = self.monitor.measure()
         tags = list(metrics)
-        values = torch.stack([v.double().cpu() for v in metrics.values()]).tolist() if tags else []
+        tensors = [v.double() for v in metrics.values()]
+        if len({t.device for t in tensors}) == 1:
+            values = torch.stack(tensors).tolist()  # one device-to-host copy, one sync
+        else:
+            values = [t.item() for t in tensors]
         out = dict(zip(tags, values, strict=True))
         for tag, value in out.items():
             self.writer.add_scalar(tag, value, step)
