@@ -1,1 +1,5 @@
-"""Native DQN, SAC and TD3 agents built on rlweights (coming with their own issue)."""
+"""Native RL agents built on rlweights.
+
+So far: ``agents.sac`` (Soft Actor-Critic). DQN, TD3, the training command, checkpoints and
+evaluation come with the rest of issue 5.
+"""
