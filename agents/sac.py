@@ -44,6 +44,8 @@ class SACConfig:
     learning_rate: float = 1e-3
     hidden: tuple[int, ...] = (256, 256)
     device: str = "cpu"
+    logdir: str | None = None  # TensorBoard events (returns, losses, drift) when given
+    drift_every: int = 1000  # environment steps between drift measurements; 0 disables
 
     def __post_init__(self) -> None:
         checks = {
@@ -56,6 +58,7 @@ class SACConfig:
             "tau": 0.0 <= self.tau <= 1.0,
             "learning_rate": self.learning_rate > 0.0,
             "hidden": len(self.hidden) >= 1 and all(h >= 1 for h in self.hidden),
+            "drift_every": self.drift_every >= 0,
         }
         bad = [name for name, ok in checks.items() if not ok]
         if bad:
@@ -193,7 +196,12 @@ class SAC:
 
 
 def train(config: SACConfig) -> tuple[SAC, dict]:
-    """Train from scratch; returns the agent and a summary (returns, steps per second)."""
+    """Train from scratch; returns the agent and a summary (returns, steps per second).
+
+    With ``config.logdir`` it writes TensorBoard events: episodic returns, losses (every 100
+    updates) and weight drift of actor and critic (with its target) through
+    :class:`rlweights.tensorboard.DriftLogger` every ``config.drift_every`` steps.
+    """
     seed_everything(config.seed)
     # Same-step autoreset: the final observation of an episode comes in infos["final_obs"],
     # so every stored transition is a real one.
@@ -210,11 +218,25 @@ def train(config: SACConfig) -> tuple[SAC, dict]:
         device,
         seed=config.seed,
     )
+    writer = drift = None
+    if config.logdir is not None:
+        from torch.utils.tensorboard import SummaryWriter
+
+        from rlweights.drift import DriftMonitor
+        from rlweights.tensorboard import DriftLogger
+
+        writer = SummaryWriter(config.logdir)
+        if config.drift_every:
+            monitor = DriftMonitor(
+                {"actor": agent.actor, "critic": agent.critic}, {"critic": agent.critic_target}
+            )
+            drift = DriftLogger(writer, monitor, config=asdict(config))
     envs.single_action_space.seed(config.seed)
     obs, _ = envs.reset(seed=config.seed)
     returns: list[float] = []
+    drift_seconds = 0.0
     start = time.perf_counter()
-    steps = 0
+    steps = updates = 0
     while steps < config.total_steps:
         if steps < config.learning_starts:
             actions = np.stack([envs.single_action_space.sample() for _ in range(config.num_envs)])
@@ -231,13 +253,26 @@ def train(config: SACConfig) -> tuple[SAC, dict]:
         final = infos.get("final_info", {})
         if "episode" in final:
             finished = final["_episode"]
-            returns += [float(r) for r in np.asarray(final["episode"]["r"])[finished]]
+            for r in np.asarray(final["episode"]["r"])[finished]:
+                returns.append(float(r))
+                if writer is not None:
+                    writer.add_scalar("charts/episodic_return", float(r), steps + config.num_envs)
         obs = next_obs
-        steps += config.num_envs
+        previous, steps = steps, steps + config.num_envs
         if steps > config.learning_starts:
-            agent.update(buffer.sample(config.batch_size))
+            losses = agent.update(buffer.sample(config.batch_size))
+            updates += 1
+            if writer is not None and updates % 100 == 0:
+                for name, value in losses.items():
+                    writer.add_scalar(f"losses/{name}", value.item(), steps)
+        if drift is not None and steps // config.drift_every > previous // config.drift_every:
+            tick = time.perf_counter()
+            drift.log(steps)
+            drift_seconds += time.perf_counter() - tick
     wall = time.perf_counter() - start
     envs.close()
+    if writer is not None:
+        writer.close()
     summary = {
         "config": asdict(config),
         "steps": steps,
@@ -246,5 +281,6 @@ def train(config: SACConfig) -> tuple[SAC, dict]:
         "wall_seconds": wall,
         "steps_per_second": steps / wall,
         "target_updates": agent.target_update.updates,
+        "drift_seconds": drift_seconds,
     }
     return agent, summary

@@ -1,5 +1,6 @@
 """Benchmark of drift monitoring: one measurement vs one Polyak update, and the overhead of
-``DriftCallback`` on SB3 SAC (Pendulum-v1), with and without, in alternating runs.
+drift logging on SB3 SAC (``DriftCallback``) and on the native SAC agent (Pendulum-v1), with
+and without, in alternating runs.
 
 Run as ``rlweights bench-drift`` or ``python scripts/bench_drift.py``.
 """
@@ -101,12 +102,41 @@ def _sac_overhead(rounds: int, steps: int, every: int) -> dict:
     }
 
 
+def _native_overhead(rounds: int, steps: int, every: int) -> dict:
+    """The native SAC agent (agents.sac) with TensorBoard logging, drift off and on."""
+    import tempfile
+
+    from agents.sac import SACConfig, train
+
+    walls: dict[str, list[float]] = {"without": [], "with drift": []}
+    shares = []
+    for r in range(rounds):
+        for drift in [False, True] if r % 2 == 0 else [True, False]:
+            with tempfile.TemporaryDirectory() as logdir:
+                config = SACConfig(
+                    total_steps=steps, seed=r, logdir=logdir, drift_every=every if drift else 0
+                )
+                _, summary = train(config)
+            walls["with drift" if drift else "without"].append(summary["wall_seconds"])
+            if drift:
+                shares.append(summary["drift_seconds"] / summary["wall_seconds"])
+    overheads = [w / wo - 1 for w, wo in zip(walls["with drift"], walls["without"], strict=True)]
+    return {
+        "steps": steps,
+        "every": every,
+        "wall_s": {k: statistics.median(v) for k, v in walls.items()},
+        "overhead": statistics.median(overheads),
+        "measure_share": statistics.median(shares),
+    }
+
+
 def run(rounds: int = 15, sac_rounds: int = 2, sac_steps: int = 3000, every: int = 1000) -> dict:
     return {
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
         "measure_vs_update": _measure_vs_update(rounds),
         "sac": _sac_overhead(sac_rounds, sac_steps, every) if sac_rounds else None,
+        "native_sac": _native_overhead(sac_rounds, sac_steps, every) if sac_rounds else None,
     }
 
 
@@ -132,6 +162,16 @@ def markdown(result: dict) -> str:
             f"{100 * sac['overhead']:+.2f} %, separate runs, so run-to-run noise included); "
             "time inside the drift measurements and their logging: "
             f"{100 * sac['measure_share']:.3f} % of the run.",
+        ]
+    native = result.get("native_sac")
+    if native:
+        lines += [
+            "",
+            f"Native SAC (`agents.sac`), {native['steps']} steps, drift every {native['every']}: "
+            f"{native['wall_s']['without']:.1f} s without, {native['wall_s']['with drift']:.1f} s "
+            f"with (end to end {100 * native['overhead']:+.2f} %, separate runs); time inside "
+            f"the drift measurements and their logging: {100 * native['measure_share']:.3f} % "
+            "of the run.",
         ]
     return "\n".join(lines) + "\n"
 

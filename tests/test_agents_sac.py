@@ -106,3 +106,24 @@ def test_bad_configs_and_discrete_envs():
         ReplayBuffer(0, (3,), (1,))
     with pytest.raises(ValueError, match="the buffer is empty"):
         ReplayBuffer(4, (3,), (1,)).sample(2)
+
+
+def test_training_logs_returns_losses_and_drift_to_tensorboard(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    _, summary = train(
+        SACConfig(**TINY | {"total_steps": 400}, logdir=str(tmp_path), drift_every=100)
+    )
+    events = EventAccumulator(str(tmp_path), size_guidance={"scalars": 0})
+    events.Reload()
+    scalars = events.Tags()["scalars"]
+    assert "charts/episodic_return" in scalars
+    assert "losses/critic_loss" in scalars
+    assert "drift/critic/target_distance" in scalars
+    assert "drift/actor/layers/mean.weight/update_ratio" in scalars
+    steps = [e.step for e in events.Scalars("drift/critic/target_distance")]
+    assert steps == [100, 200, 300, 400]
+    assert summary["drift_seconds"] > 0
+    first = events.Scalars("charts/episodic_return")[0]
+    assert first.step == 200  # logged at the environment step that ended the episode
+    assert first.value == pytest.approx(summary["last_returns"][0], rel=1e-6)

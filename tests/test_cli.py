@@ -112,4 +112,5 @@ def test_bench_drift_script_smoke(tmp_path):
     result = json.loads(out.read_text())
     assert set(result["measure_vs_update"]) == {"sac_critic", "mlp_16m"}
     assert 0 < result["sac"]["measure_share"] < 1
+    assert 0 < result["native_sac"]["measure_share"] < 1
     assert "DriftMonitor.measure" in done.stdout
