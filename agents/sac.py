@@ -174,7 +174,8 @@ class SAC:
             soft = next_q - alpha * next_log_prob
             target = batch["rewards"] + cfg.gamma * (1 - batch["dones"]) * soft
         q = self.critic(torch.cat([batch["obs"], batch["actions"]], -1))
-        critic_loss = F.mse_loss(q, target.expand_as(q)) * q.shape[0] / 2
+        # SB3's 0.5 * (mse_1 + mse_2) is the mean over both networks' squared errors.
+        critic_loss = F.mse_loss(q, target.expand_as(q))
         self.critic_optimizer.zero_grad(set_to_none=True)
         critic_loss.backward()
         self.critic_optimizer.step()
