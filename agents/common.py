@@ -1,14 +1,34 @@
-"""Pieces every native agent shares: seeding and a replay buffer of torch tensors."""
+"""What every native agent shares: the common config, seeding, networks, optimizers, a replay
+buffer of torch tensors, and the rlweights routines (target update, policy EMA, constraints)."""
 
 from __future__ import annotations
 
+import copy
+import itertools
 import random
+from collections.abc import Iterable
+from dataclasses import dataclass, fields
+from typing import Any, ClassVar
 
+import gymnasium as gym
 import numpy as np
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
-__all__ = ["ReplayBuffer", "seed_everything"]
+import rlweights as rw
+
+__all__ = [
+    "AgentConfig",
+    "OffPolicyAgent",
+    "ReplayBuffer",
+    "adam",
+    "check_flat_observations",
+    "mlp",
+    "parse_target_update",
+    "rng_state",
+    "seed_everything",
+    "set_rng_state",
+]
 
 
 def seed_everything(seed: int) -> None:
@@ -18,12 +38,161 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def rng_state() -> dict[str, Any]:
+    """The global RNG states of python, numpy and torch, as plain tensors and numbers (so
+    that a checkpoint holding them loads with ``weights_only=True``)."""
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    version, py_state, py_gauss = random.getstate()
+    return {
+        "torch": torch.get_rng_state(),
+        "numpy": {
+            "kind": kind,
+            "keys": torch.from_numpy(keys.astype(np.int64)),
+            "pos": int(pos),
+            "has_gauss": int(has_gauss),
+            "gauss": float(gauss),
+        },
+        "python": {"version": version, "state": list(py_state), "gauss": py_gauss},
+    }
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    n = state["numpy"]
+    keys = n["keys"].numpy().astype(np.uint32)
+    np.random.set_state((n["kind"], keys, n["pos"], n["has_gauss"], n["gauss"]))
+    p = state["python"]
+    random.setstate((p["version"], tuple(p["state"]), p["gauss"]))
+
+
+def parse_target_update(spec: str) -> tuple[str, float | int]:
+    """``"polyak:TAU"`` -> ("polyak", TAU in [0, 1]); ``"hard:EVERY"`` -> ("hard", EVERY >= 1)."""
+    kind, _, value = spec.partition(":")
+    try:
+        if kind == "polyak":
+            tau = float(value)
+            if 0.0 <= tau <= 1.0:
+                return kind, tau
+        elif kind == "hard":
+            every = int(value)
+            if every >= 1:
+                return kind, every
+    except ValueError:
+        pass
+    raise ValueError(
+        f"target_update must be 'polyak:TAU' with TAU in [0, 1] or 'hard:EVERY' with an "
+        f"integer EVERY >= 1, got {spec!r}"
+    )
+
+
+def check_flat_observations(env_id: str, observation_space: gym.Space) -> None:
+    """The native agents use MLPs: observations must be a Box vector."""
+    if not isinstance(observation_space, gym.spaces.Box) or len(observation_space.shape) != 1:
+        raise ValueError(
+            f"the native agents take vector observations (a 1-D Box), but {env_id} has "
+            f"{observation_space}; flatten them with a gymnasium wrapper first"
+        )
+
+
+@dataclass
+class AgentConfig:
+    """Settings shared by every native agent. Each algorithm's subclass sets its defaults
+    (rl-baselines3-zoo's hyperparameters for its default environment) and adds its own.
+
+    Units: ``total_steps``, ``learning_starts``, ``train_freq``, ``eval_every`` and
+    ``drift_every`` count environment steps summed over the vectorised environments;
+    ``gradient_steps`` gradient steps are done every ``train_freq`` environment steps.
+    """
+
+    algo: ClassVar[str] = ""
+    env_id: str = ""
+    total_steps: int = 20_000
+    seed: int = 0
+    num_envs: int = 1
+    buffer_size: int = 1_000_000
+    batch_size: int = 256
+    learning_starts: int = 100
+    gamma: float = 0.99
+    learning_rate: float = 1e-3
+    hidden: tuple[int, ...] = (256, 256)
+    train_freq: int = 1
+    gradient_steps: int = 1
+    target_update: str = "polyak:0.005"  # or "hard:EVERY"
+    policy_ema: float | None = None  # tau of an EMA of the policy, evaluated next to it
+    clip: float | None = None  # clamp weights to [-clip, clip] after each optimizer step
+    max_norm: float | None = None  # per-unit max-norm after each optimizer step
+    device: str = "cpu"
+    drift_every: int = 1000  # 0 disables drift logging
+    eval_every: int = 5000  # 0: evaluate only at the end
+    eval_episodes: int = 10
+
+    def __post_init__(self) -> None:
+        self.hidden = tuple(self.hidden)
+        self.checks()
+
+    def _rules(self) -> dict[str, bool]:
+        return {
+            "env_id": bool(self.env_id),
+            "total_steps": self.total_steps >= 1,
+            "seed": self.seed >= 0,
+            "num_envs": self.num_envs >= 1,
+            "buffer_size": self.buffer_size >= 1,
+            "batch_size": self.batch_size >= 1,
+            "learning_starts": self.learning_starts >= 0,
+            "gamma": 0.0 <= self.gamma <= 1.0,
+            "learning_rate": self.learning_rate > 0.0,
+            "hidden": len(self.hidden) >= 1 and all(h >= 1 for h in self.hidden),
+            "train_freq": self.train_freq >= 1,
+            "gradient_steps": self.gradient_steps >= 1,
+            "policy_ema": self.policy_ema is None or 0.0 < self.policy_ema <= 1.0,
+            "clip": self.clip is None or self.clip > 0.0,
+            "max_norm": self.max_norm is None or self.max_norm > 0.0,
+            "drift_every": self.drift_every >= 0,
+            "eval_every": self.eval_every >= 0,
+            "eval_episodes": self.eval_episodes >= 1,
+        }
+
+    def checks(self) -> None:
+        parse_target_update(self.target_update)
+        bad = [name for name, ok in self._rules().items() if not ok]
+        if bad:
+            values = ", ".join(f"{name}={getattr(self, name)!r}" for name in bad)
+            raise ValueError(f"{type(self).__name__}: impossible values: {values}")
+
+    def to_dict(self) -> dict[str, Any]:
+        data = {f.name: getattr(self, f.name) for f in fields(self)}
+        return {"algo": self.algo, **data, "hidden": list(self.hidden)}
+
+
+def mlp(sizes: Iterable[int], activate_last: bool = False) -> nn.Sequential:
+    """Linear layers with ReLU between them (and after the last one if asked)."""
+    sizes = list(sizes)
+    layers: list[nn.Module] = []
+    for i, (n_in, n_out) in enumerate(itertools.pairwise(sizes)):
+        layers.append(nn.Linear(n_in, n_out))
+        if activate_last or i < len(sizes) - 2:
+            layers.append(nn.ReLU())
+    return nn.Sequential(*layers)
+
+
+def adam(params: Iterable[Tensor], lr: float) -> torch.optim.Adam:
+    """Adam with the fused kernel (one pass over all tensors; CPU and CUDA since torch 2.4),
+    falling back to foreach where fused is unavailable."""
+    params = list(params)
+    try:
+        return torch.optim.Adam(params, lr=lr, fused=True)
+    except RuntimeError:
+        return torch.optim.Adam(params, lr=lr, foreach=True)
+
+
 class ReplayBuffer:
     """A ring buffer of transitions kept as torch tensors on the training device.
 
     Transitions arrive in batches (one row per vectorised environment) and are sampled
     uniformly with a torch generator, so sampling needs no host round trip.
     """
+
+    FIELDS = ("obs", "actions", "rewards", "next_obs", "dones")
 
     def __init__(
         self,
@@ -58,16 +227,11 @@ class ReplayBuffer:
         ``terminated`` marks true terminal states only (not time-limit truncations), so
         that bootstrapping stops exactly where the episode really ended.
         """
-        batch = {
-            "obs": obs,
-            "actions": actions,
-            "rewards": rewards,
-            "next_obs": next_obs,
-            "dones": terminated,
-        }
         n = len(rewards)
         idx = (torch.arange(n, device=self.device) + self.position) % self.capacity
-        for name, value in batch.items():
+        for name, value in zip(
+            self.FIELDS, (obs, actions, rewards, next_obs, terminated), strict=True
+        ):
             store: Tensor = getattr(self, name)
             store[idx] = torch.as_tensor(np.asarray(value), device=self.device).to(store.dtype)
         self.position = (self.position + n) % self.capacity
@@ -78,10 +242,178 @@ class ReplayBuffer:
         if self.size == 0:
             raise ValueError("ReplayBuffer.sample: the buffer is empty")
         idx = torch.randint(self.size, (batch_size,), device=self.device, generator=self.generator)
-        return {
-            "obs": self.obs[idx],
-            "actions": self.actions[idx],
-            "rewards": self.rewards[idx],
-            "next_obs": self.next_obs[idx],
-            "dones": self.dones[idx],
+        return {name: getattr(self, name)[idx] for name in self.FIELDS}
+
+    def state_dict(self) -> dict[str, Any]:
+        """The stored rows only (not the empty capacity), the ring position and the sampler."""
+        state: dict[str, Any] = {name: getattr(self, name)[: self.size] for name in self.FIELDS}
+        state.update(position=self.position, size=self.size, generator=self.generator.get_state())
+        return state
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        size = state["size"]
+        if size > self.capacity:
+            raise ValueError(
+                f"ReplayBuffer: the saved buffer holds {size} transitions, more than this "
+                f"buffer's capacity {self.capacity}"
+            )
+        for name in self.FIELDS:
+            getattr(self, name)[:size] = state[name].to(self.device)
+        self.position, self.size = state["position"], size
+        self.generator.set_state(state["generator"])
+
+
+def _constraint_tensors(module: nn.Module) -> list[Tensor]:
+    """The weight matrices a per-unit max-norm applies to, each shaped (out_units, inputs)."""
+    tensors: list[Tensor] = []
+    for sub in module.modules():
+        if isinstance(sub, nn.Linear):
+            tensors.append(sub.weight)
+        unit_weights = getattr(sub, "unit_weights", None)
+        if unit_weights is not None:
+            tensors.extend(unit_weights())
+    return tensors
+
+
+class OffPolicyAgent:
+    """The base of DQN, SAC and TD3: holds the networks, optimizers and rlweights routines.
+
+    A subclass builds its networks and optimizers, then calls :meth:`_setup_routines` with
+    the online network whose target it keeps and the policy network to average. It
+    implements ``act``, ``policy`` (deterministic actions for evaluation) and ``update``.
+    """
+
+    def __init__(self, config: AgentConfig):
+        self.config = config
+        self.device = torch.device(config.device)
+        self.gradient_updates = 0
+        self.networks: dict[str, nn.Module] = {}
+        self.optimizers: dict[str, torch.optim.Optimizer] = {}
+        self.constraint_handles: list = []
+
+    def _setup_routines(
+        self, online: tuple[str, ...], policy: str, per_env_step: bool = False
+    ) -> None:
+        """Flat storage for every network; targets of the ``online`` networks (one rlweights
+        Polyak or hard update routine over all of them); the optional EMA of ``policy``; the
+        optional weight constraints after every optimizer step.
+
+        ``per_env_step``: the routine is stepped once per vectorised environment step (DQN, as
+        in SB3 and CleanRL), so ``hard:EVERY`` counts environment steps summed over the
+        ``num_envs`` environments."""
+        cfg = self.config
+        for name, net in self.networks.items():
+            if name not in online:  # the online networks are flattened by make_target
+                rw.flatten_(net)
+        if len(online) == 1:
+            source = self.networks[online[0]]
+            target = rw.make_target(source)
+            self.networks[f"{online[0]}_target"] = target
+        else:  # one flat buffer for all of them: one update pass
+            source = nn.ModuleDict({name: self.networks[name] for name in online})
+            target = rw.make_target(source)
+            for name in online:
+                self.networks[f"{name}_target"] = target[name]
+        kind, value = parse_target_update(cfg.target_update)
+        if kind == "polyak":
+            self.target_update: rw.PolyakUpdate | rw.HardUpdate = rw.PolyakUpdate(
+                source, target, tau=float(value)
+            )
+        else:
+            every = max(int(value) // cfg.num_envs, 1) if per_env_step else int(value)
+            self.target_update = rw.HardUpdate(source, target, every=every)
+        self.online_names, self.policy_name = online, policy
+        self.policy_ema: rw.PolyakUpdate | None = None
+        if cfg.policy_ema is not None:
+            net = self.networks[policy]
+            # Not rw.make_target(net): that would re-flatten ``net`` out of the buffer it may
+            # share with another online network (TD3's actor and critic).
+            ema = copy.deepcopy(net)
+            rw.flatten_(ema)
+            self.networks[f"{policy}_ema"] = ema.requires_grad_(False).eval()
+            self.policy_ema = rw.PolyakUpdate(
+                net, self.networks[f"{policy}_ema"], tau=cfg.policy_ema
+            )
+        if cfg.clip is not None or cfg.max_norm is not None:
+            for name, optimizer in self.optimizers.items():
+                if name in self.networks:
+                    hook = optimizer.register_step_post_hook(
+                        lambda _o, _a, _k, net=self.networks[name]: self._constrain(net)
+                    )
+                    self.constraint_handles.append(hook)
+
+    def _constrain(self, net: nn.Module) -> None:
+        if self.config.clip is not None:
+            rw.clamp_(net, -self.config.clip, self.config.clip)
+        if self.config.max_norm is not None:
+            rw.max_norm_(_constraint_tensors(net), self.config.max_norm)
+
+    @property
+    def policy_network(self) -> nn.Module:
+        return self.networks[self.policy_name]
+
+    @property
+    def drift_pairs(self) -> tuple[dict[str, nn.Module], dict[str, nn.Module]]:
+        """(networks to watch, their targets) for :class:`rlweights.drift.DriftMonitor`."""
+        watched = {name: self.networks[name] for name in self.optimizers if name in self.networks}
+        targets = {name: self.networks[f"{name}_target"] for name in self.online_names}
+        return watched, targets
+
+    def routines(self) -> dict[str, Any]:
+        found = {"target_update": self.target_update}
+        if self.policy_ema is not None:
+            found["policy_ema"] = self.policy_ema
+        return found
+
+    def weights_state(self) -> dict[str, dict[str, Tensor]]:
+        return {name: net.state_dict() for name, net in self.networks.items()}
+
+    def load_weights(self, state: dict[str, dict[str, Tensor]]) -> None:
+        """Copy saved weights in place (flat views and Parameter objects stay as they are)."""
+        missing = sorted(set(self.networks) - set(state))
+        if missing:
+            raise ValueError(f"checkpoint has no weights for {', '.join(missing)}")
+        for name, net in self.networks.items():
+            net.load_state_dict(state[name])
+
+    def training_state(self) -> dict[str, Any]:
+        """Everything besides the weights that a resumed run needs."""
+        state = {
+            "optimizers": {name: opt.state_dict() for name, opt in self.optimizers.items()},
+            "routines": {name: r.state_dict() for name, r in self.routines().items()},
+            "gradient_updates": self.gradient_updates,
         }
+        state.update(self._extra_state())
+        return state
+
+    def load_training_state(self, state: dict[str, Any]) -> None:
+        for name, opt in self.optimizers.items():
+            opt.load_state_dict(state["optimizers"][name])
+        for name, routine in self.routines().items():
+            routine.load_state_dict(state["routines"][name])
+        self.gradient_updates = state["gradient_updates"]
+        self._load_extra_state(state)
+
+    def _extra_state(self) -> dict[str, Any]:
+        return {}
+
+    def _load_extra_state(self, state: dict[str, Any]) -> None:
+        pass
+
+    def after_policy_step(self) -> None:
+        """Advance the policy EMA after each optimizer step of the policy."""
+        if self.policy_ema is not None:
+            self.policy_ema.step()
+
+    def on_env_step(self) -> None:
+        """Called once per vectorised environment step (DQN steps its target routine here)."""
+
+    # Interface of the subclasses.
+    def act(self, obs: Tensor, steps: int) -> Tensor:  # exploring actions
+        raise NotImplementedError
+
+    def policy(self, obs: Tensor, network: nn.Module | None = None) -> Tensor:
+        raise NotImplementedError
+
+    def update(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
+        raise NotImplementedError

@@ -80,17 +80,22 @@ def _sac_run(drift: bool, steps: int, every: int, seed: int) -> tuple[float, flo
 
 
 def _native_run(drift: bool, steps: int, every: int, seed: int) -> tuple[float, float]:
-    """The native SAC agent with TensorBoard logging: (wall seconds, seconds in drift)."""
+    """The native SAC agent with TensorBoard logging: (training seconds, seconds in drift)."""
     import tempfile
 
-    from agents.sac import SACConfig, train
+    from agents.train import make_config, train
 
     with tempfile.TemporaryDirectory() as logdir:
-        config = SACConfig(
-            total_steps=steps, seed=seed, logdir=logdir, drift_every=every if drift else 0
+        config = make_config(
+            "sac",
+            total_steps=steps,
+            seed=seed,
+            drift_every=every if drift else 0,
+            eval_every=0,
+            eval_episodes=1,
         )
-        _, summary = train(config)
-    return summary["wall_seconds"], summary["drift_seconds"]
+        _, summary = train(config, logdir)
+    return summary["train_seconds"], summary["drift_seconds"]
 
 
 def _overhead(run_one, rounds: int, steps: int, every: int) -> dict:

@@ -4,36 +4,70 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Callable
+from typing import NoReturn
 
 from rlweights import __version__, bench, bench_drift, bench_sb3
 
 __all__ = ["build_parser", "main"]
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="rlweights",
-        description=(
-            "Fast, validated in-place weight operations for deep RL: Polyak/hard target "
-            "updates, averaging, clipping, an SB3 plug-in and weight drift in TensorBoard. "
-            "'rlweights COMMAND --help' explains each command."
+class _Parser(argparse.ArgumentParser):
+    """Usage errors in one line (what was wrong, and where to read more), exit code 2."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see '{self.prog} --help')\n")
+
+
+def _commands() -> list[tuple[str, str, str | None, Callable, Callable]]:
+    """(name, summary, description, add_arguments, handler) of every subcommand."""
+    from agents import cli as agents_cli
+
+    found = [
+        (
+            "train",
+            "train a native DQN/SAC/TD3 agent (or SB3's, with --impl sb3) on a Gymnasium env",
+            agents_cli.TRAIN_DESCRIPTION,
+            agents_cli.add_train_arguments,
+            agents_cli.train_main,
         ),
-    )
-    parser.add_argument("--version", action="version", version=f"rlweights {__version__}")
-    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+        (
+            "evaluate",
+            "evaluate a checkpoint written by 'rlweights train'",
+            "Run deterministic episodes with a saved agent and print the mean return.",
+            agents_cli.add_evaluate_arguments,
+            agents_cli.evaluate_main,
+        ),
+    ]
     for name, module, summary in (
         ("bench", bench, "benchmark Polyak target updates: SB3, CleanRL, foreach, rlweights"),
         ("bench-sb3", bench_sb3, "benchmark SB3's target-update call site and SAC training"),
         ("bench-drift", bench_drift, "benchmark drift measurements, alone and inside SB3 SAC"),
     ):
+        found.append((name, summary, module.__doc__, module.add_arguments, module.main_from_args))
+    return found
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(
+        prog="rlweights",
+        description=(
+            "Fast, validated in-place weight operations for deep RL: Polyak/hard target "
+            "updates, averaging, clipping, native DQN/SAC/TD3 agents, an SB3 plug-in and "
+            "weight drift in TensorBoard. 'rlweights COMMAND --help' explains each command."
+        ),
+    )
+    parser.add_argument("--version", action="version", version=f"rlweights {__version__}")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, summary, description, add_arguments, handler in _commands():
         sub = commands.add_parser(
             name,
             help=summary,
-            description=module.__doc__,
+            description=description,
             formatter_class=argparse.RawDescriptionHelpFormatter,
         )
-        module.add_arguments(sub)
-        sub.set_defaults(handler=module.main_from_args)
+        add_arguments(sub)
+        sub.set_defaults(handler=handler)
     return parser
 
 

@@ -1,0 +1,117 @@
+"""Deep Q-Network (discrete actions) built on rlweights.
+
+As in SB3's DQN: epsilon-greedy exploration with a linear schedule, Huber loss, gradient-norm
+clipping, and the target network updated by an rlweights routine at every environment step
+(``hard:EVERY`` counts environment steps, SB3's ``target_update_interval``; ``polyak:TAU``
+lerps at every environment step, as SB3 with ``target_update_interval=1`` and CleanRL do).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+import gymnasium as gym
+import numpy as np
+import torch
+from torch import Tensor, nn
+from torch.nn import functional as F
+
+from agents.common import AgentConfig, OffPolicyAgent, adam, check_flat_observations, mlp
+
+__all__ = ["DQN", "DQNConfig"]
+
+
+@dataclass
+class DQNConfig(AgentConfig):
+    """Defaults: rl-baselines3-zoo's DQN hyperparameters for CartPole-v1 (128 gradient steps
+    every 256 environment steps, a hard target copy every 10 environment steps, epsilon from
+    1 to 0.04 over the first 16 % of training) and SB3's Huber loss and gradient clipping."""
+
+    algo: ClassVar[str] = "dqn"
+    env_id: str = "CartPole-v1"
+    total_steps: int = 50_000
+    buffer_size: int = 100_000
+    batch_size: int = 64
+    learning_starts: int = 1000
+    learning_rate: float = 2.3e-3
+    train_freq: int = 256
+    gradient_steps: int = 128
+    target_update: str = "hard:10"
+    exploration_fraction: float = 0.16
+    exploration_initial_eps: float = 1.0
+    exploration_final_eps: float = 0.04
+    max_grad_norm: float = 10.0
+
+    def _rules(self) -> dict[str, bool]:
+        return {
+            **super()._rules(),
+            "exploration_fraction": 0.0 <= self.exploration_fraction <= 1.0,
+            "exploration_initial_eps": 0.0 <= self.exploration_initial_eps <= 1.0,
+            "exploration_final_eps": 0.0 <= self.exploration_final_eps <= 1.0,
+            "max_grad_norm": self.max_grad_norm > 0.0,
+        }
+
+
+class DQN(OffPolicyAgent):
+    """Network ``q`` (+ ``q_target``), its optimizer and the rlweights routines."""
+
+    @staticmethod
+    def check_spaces(env_id: str, observation_space: gym.Space, action_space: gym.Space) -> None:
+        check_flat_observations(env_id, observation_space)
+        if not isinstance(action_space, gym.spaces.Discrete):
+            raise ValueError(
+                f"DQN needs discrete actions, but {env_id} has {action_space}; "
+                "use --algo sac or --algo td3 for continuous actions"
+            )
+
+    def __init__(self, config: DQNConfig, observation_space: gym.Space, action_space: gym.Space):
+        self.check_spaces(config.env_id, observation_space, action_space)
+        super().__init__(config)
+        obs_dim = int(np.prod(observation_space.shape))
+        self.n_actions = int(action_space.n)
+        self.networks["q"] = mlp([obs_dim, *config.hidden, self.n_actions]).to(self.device)
+        self.optimizers["q"] = adam(self.networks["q"].parameters(), config.learning_rate)
+        self._setup_routines(("q",), "q", per_env_step=True)
+
+    @property
+    def q(self) -> nn.Module:
+        return self.networks["q"]
+
+    def epsilon(self, steps: int) -> float:
+        """SB3's linear schedule: from the initial to the final value over the first
+        ``exploration_fraction`` of ``total_steps``, then constant."""
+        cfg = self.config
+        progress = steps / (cfg.exploration_fraction * cfg.total_steps or 1)
+        start, end = cfg.exploration_initial_eps, cfg.exploration_final_eps
+        return end if progress >= 1.0 else start + progress * (end - start)
+
+    @torch.no_grad()
+    def act(self, obs: Tensor, steps: int = 0) -> Tensor:
+        greedy = self.q(obs).argmax(-1)
+        explore = torch.rand(len(obs), device=obs.device) < self.epsilon(steps)
+        random = torch.randint(self.n_actions, (len(obs),), device=obs.device)
+        return torch.where(explore, random, greedy)
+
+    @torch.no_grad()
+    def policy(self, obs: Tensor, network: nn.Module | None = None) -> Tensor:
+        return (network or self.q)(obs).argmax(-1)
+
+    def update(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
+        cfg = self.config
+        with torch.no_grad():
+            next_q = self.networks["q_target"](batch["next_obs"]).max(-1)[0]
+            target = batch["rewards"] + cfg.gamma * (1 - batch["dones"]) * next_q
+        q = self.q(batch["obs"]).gather(-1, batch["actions"].long().unsqueeze(-1)).squeeze(-1)
+        loss = F.smooth_l1_loss(q, target)
+        optimizer = self.optimizers["q"]
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        nn.utils.clip_grad_norm_(self.q.parameters(), cfg.max_grad_norm, foreach=True)
+        optimizer.step()
+        self.after_policy_step()
+        self.gradient_updates += 1
+        return {"loss": loss}
+
+    def on_env_step(self) -> None:
+        self.target_update.step()

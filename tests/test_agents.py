@@ -1,0 +1,286 @@
+"""The native agents' pieces against independent references: networks, losses, schedules,
+target updates and policy EMA through rlweights, constraints, replay buffer, RNG state."""
+
+from __future__ import annotations
+
+import gymnasium as gym
+import pytest
+import torch
+from torch.distributions import Normal, TransformedDistribution
+from torch.distributions.transforms import AffineTransform, TanhTransform
+from torch.testing import assert_close
+
+from agents.common import ReplayBuffer, parse_target_update, rng_state, set_rng_state
+from agents.dqn import DQN, DQNConfig
+from agents.sac import SAC, Actor, SACConfig, TwinQ
+from agents.td3 import TD3, TD3Config
+
+
+def test_twin_q_equals_two_separate_mlps():
+    net = TwinQ(5, (7, 6)).double()
+    x = torch.randn(4, 5, dtype=torch.float64)
+    got = net(x)
+    for i in range(2):
+        h = x
+        for j, (w, b) in enumerate(zip(net.weights, net.biases, strict=True)):
+            h = h @ w[i] + b[i]
+            if j < len(net.weights) - 1:
+                h = torch.relu(h)
+        assert_close(got[i], h.squeeze(-1))
+
+
+def test_actor_log_prob_matches_torch_distributions():
+    torch.manual_seed(0)
+    actor = Actor(3, 2, (16,), low=[-2.0, -1.0], high=[2.0, 3.0]).double()
+    obs = torch.randn(64, 3, dtype=torch.float64)
+    torch.manual_seed(1)
+    action, log_prob = actor(obs)
+    h = actor.trunk(obs)
+    mean, log_std = actor.mean(h), actor.log_std(h).clamp(-5, 2)
+    dist = TransformedDistribution(
+        Normal(mean, log_std.exp()),
+        [TanhTransform(cache_size=1), AffineTransform(actor.bias, actor.scale)],
+    )
+    want = dist.log_prob(action).sum(-1)
+    assert_close(log_prob, want, rtol=1e-6, atol=1e-6)
+    assert (action >= actor.bias - actor.scale).all() and (action <= actor.bias + actor.scale).all()
+
+
+def test_update_moves_the_target_by_tau_through_rlweights():
+    env = gym.make("Pendulum-v1")
+    config = SACConfig(hidden=(16, 16), target_update="polyak:0.25")
+    agent = SAC(config, env.observation_space, env.action_space)
+    assert agent.critic_target.training is False
+    buffer = ReplayBuffer(100, (3,), (1,))
+    buffer.add(
+        torch.randn(50, 3),
+        torch.rand(50, 1) * 4 - 2,
+        torch.randn(50),
+        torch.randn(50, 3),
+        torch.zeros(50),
+    )
+    before = [p.detach().double().clone() for p in agent.critic_target.parameters()]
+    agent.update(buffer.sample(32))
+    after = [p.detach().double() for p in agent.critic_target.parameters()]
+    online = [p.detach().double() for p in agent.critic.parameters()]
+    for b, a, o in zip(before, after, online, strict=True):
+        assert_close(a, b + 0.25 * (o - b))
+    assert agent.target_update.updates == 1
+    assert rw_flat(agent)
+
+
+def rw_flat(agent) -> bool:
+    from rlweights import ops
+
+    return ops._pair_plan(agent.critic_target, agent.critic, "t").flat
+
+
+def pendulum():
+    env = gym.make("Pendulum-v1")
+    return env.observation_space, env.action_space
+
+
+def filled_buffer(n=64, obs_dim=3, discrete=None, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    if discrete:
+        buffer = ReplayBuffer(n, (obs_dim,), (), action_dtype=torch.int64, seed=seed)
+        actions = torch.randint(discrete, (n,), generator=g)
+    else:
+        buffer = ReplayBuffer(n, (obs_dim,), (1,), seed=seed)
+        actions = torch.rand(n, 1, generator=g) * 4 - 2
+    buffer.add(
+        torch.randn(n, obs_dim, generator=g),
+        actions,
+        torch.randn(n, generator=g),
+        torch.randn(n, obs_dim, generator=g),
+        (torch.rand(n, generator=g) < 0.1).float(),
+    )
+    return buffer
+
+
+def doubles(module):
+    return [p.detach().double().clone() for p in module.parameters()]
+
+
+def test_detached_critic_weights_pass_gradients_to_the_input_only():
+    net = TwinQ(4, (8,))
+    x1 = torch.randn(5, 4, requires_grad=True)
+    x2 = x1.detach().clone().requires_grad_(True)
+    net(x1).min(0)[0].sum().backward()
+    weight_grads = [p.grad.clone() for p in net.parameters()]
+    net.zero_grad(set_to_none=True)
+    net(x2, detach_weights=True).min(0)[0].sum().backward()
+    assert all(p.grad is None for p in net.parameters())
+    assert_close(x2.grad, x1.grad)
+    assert all(g.abs().sum() > 0 for g in weight_grads)
+
+
+def test_sac_policy_ema_follows_the_actor_by_tau():
+    agent = SAC(SACConfig(hidden=(16, 16), policy_ema=0.3), *pendulum())
+    ema = agent.networks["actor_ema"]
+    before = doubles(ema)
+    agent.update(filled_buffer().sample(32))
+    for b, e, a in zip(before, doubles(ema), doubles(agent.actor), strict=True):
+        assert_close(e, b + 0.3 * (a - b))
+    assert agent.policy_ema.updates == 1
+    assert not any(p.requires_grad for p in ema.parameters())
+
+
+def test_td3_updates_actor_and_targets_every_policy_delay_steps():
+    agent = TD3(TD3Config(hidden=(16, 16), target_update="polyak:0.2", policy_delay=2), *pendulum())
+    batch = filled_buffer().sample(32)
+    actor_before = doubles(agent.actor)
+    targets = [agent.networks["actor_target"], agent.networks["critic_target"]]
+    onlines = [agent.actor, agent.critic]
+    t0 = [doubles(t) for t in targets]
+    losses = agent.update(batch)
+    assert "actor_loss" not in losses
+    assert all(torch.equal(a, b) for a, b in zip(actor_before, doubles(agent.actor), strict=True))
+    assert all(
+        torch.equal(a, b)
+        for t, ref in zip(targets, t0, strict=True)
+        for a, b in zip(doubles(t), ref, strict=True)
+    )
+    losses = agent.update(batch)
+    assert "actor_loss" in losses
+    assert agent.target_update.updates == 1
+    for target, online, before in zip(targets, onlines, t0, strict=True):
+        for b, t, o in zip(before, doubles(target), doubles(online), strict=True):
+            assert_close(t, b + 0.2 * (o - b))
+
+
+def test_td3_actions_stay_within_the_bounds():
+    agent = TD3(TD3Config(hidden=(8,), exploration_noise=5.0), *pendulum())
+    actions = agent.act(torch.randn(1000, 3) * 10)
+    assert actions.min() >= -2.0 and actions.max() <= 2.0
+    assert (actions.abs() == 2.0).any()  # huge noise is clipped, not wrapped
+
+
+def test_dqn_epsilon_matches_sb3_linear_schedule():
+    from stable_baselines3.common.utils import LinearSchedule
+
+    cfg = DQNConfig(total_steps=1000, exploration_fraction=0.2, exploration_final_eps=0.05)
+    agent = DQN(cfg, *cartpole())
+    sb3 = LinearSchedule(1.0, 0.05, 0.2)
+    for steps in (0, 1, 50, 100, 199, 200, 201, 999):
+        assert agent.epsilon(steps) == pytest.approx(sb3(1 - steps / 1000))
+
+
+def cartpole():
+    env = gym.make("CartPole-v1")
+    return env.observation_space, env.action_space
+
+
+def test_dqn_loss_is_the_huber_td_error_of_a_float64_reference():
+    cfg = DQNConfig(hidden=(16,), gamma=0.9)
+    agent = DQN(cfg, *cartpole())
+    batch = filled_buffer(obs_dim=4, discrete=2).sample(32)
+    online = [p.detach().double() for p in agent.q.parameters()]
+    target = [p.detach().double() for p in agent.networks["q_target"].parameters()]
+
+    def q(params, x):
+        w1, b1, w2, b2 = params
+        return torch.relu(x.double() @ w1.T + b1) @ w2.T + b2
+
+    y = (
+        batch["rewards"].double()
+        + 0.9 * (1 - batch["dones"].double()) * q(target, batch["next_obs"]).max(1)[0]
+    )
+    pred = q(online, batch["obs"]).gather(1, batch["actions"].unsqueeze(1)).squeeze(1)
+    d = (pred - y).abs()
+    want = torch.where(d < 1, 0.5 * d**2, d - 0.5).mean()
+    loss = agent.update(batch)["loss"]
+    assert_close(loss.double(), want, rtol=1e-5, atol=1e-6)
+
+
+def test_dqn_hard_target_update_counts_environment_steps():
+    agent = DQN(DQNConfig(hidden=(8,), target_update="hard:10", num_envs=2), *cartpole())
+    target = agent.networks["q_target"]
+    with torch.no_grad():
+        for p in agent.q.parameters():
+            p.add_(1.0)
+    for _ in range(4):  # 8 environment steps with 2 environments
+        agent.on_env_step()
+    assert not torch.equal(target[0].weight, agent.q[0].weight)
+    agent.on_env_step()  # 10 environment steps
+    assert all(
+        torch.equal(a, b) for a, b in zip(target.parameters(), agent.q.parameters(), strict=True)
+    )
+    assert agent.target_update.updates == 1
+
+
+def test_clip_and_max_norm_hold_after_every_optimizer_step():
+    agent = SAC(SACConfig(hidden=(16, 16), clip=0.05, max_norm=0.2), *pendulum())
+    agent.update(filled_buffer().sample(32))
+    for name in ("actor", "critic"):
+        params = list(agent.networks[name].parameters())
+        assert all(p.abs().max() <= 0.05 for p in params)
+        assert any((p.abs() == 0.05).any() for p in params)
+    for layer in agent.actor.modules():
+        if isinstance(layer, torch.nn.Linear):
+            assert (torch.linalg.vector_norm(layer.weight.double(), dim=1) <= 0.2 + 1e-6).all()
+    for w in agent.critic.weights:  # (networks, inputs, outputs): a unit is a column
+        assert (torch.linalg.vector_norm(w.double(), dim=1) <= 0.2 + 1e-6).all()
+    assert_close(agent.actor.scale, torch.tensor([2.0]))  # buffers are not weights
+
+
+def test_replay_buffer_state_round_trip():
+    buffer = filled_buffer(n=10)
+    buffer.add(torch.ones(3, 3), torch.ones(3, 1), torch.ones(3), torch.ones(3, 3), torch.ones(3))
+    copy = ReplayBuffer(10, (3,), (1,))
+    copy.load_state_dict(buffer.state_dict())
+    assert copy.size == buffer.size and copy.position == buffer.position == 3
+    for name in ReplayBuffer.FIELDS:
+        assert torch.equal(getattr(copy, name), getattr(buffer, name))
+    for a, b in zip(copy.sample(8).values(), buffer.sample(8).values(), strict=True):
+        assert torch.equal(a, b)
+    with pytest.raises(ValueError, match="more than this buffer's capacity 4"):
+        ReplayBuffer(4, (3,), (1,)).load_state_dict(buffer.state_dict())
+
+
+def test_rng_state_round_trip():
+    import random
+
+    import numpy as np
+
+    state = rng_state()
+    first = (torch.rand(3), np.random.rand(3), random.random())
+    set_rng_state(state)
+    again = (torch.rand(3), np.random.rand(3), random.random())
+    assert torch.equal(first[0], again[0])
+    assert (first[1] == again[1]).all() and first[2] == again[2]
+
+
+@pytest.mark.parametrize(
+    "spec", ["polyak:1.5", "polyak:-0.1", "hard:0", "hard:2.5", "soft:0.1", "polyak", ""]
+)
+def test_bad_target_update_specs(spec):
+    with pytest.raises(ValueError, match="'polyak:TAU' with TAU in \\[0, 1\\] or 'hard:EVERY'"):
+        parse_target_update(spec)
+
+
+def test_good_target_update_specs():
+    assert parse_target_update("polyak:0.005") == ("polyak", 0.005)
+    assert parse_target_update("hard:250") == ("hard", 250)
+
+
+def test_bad_configs_and_wrong_spaces():
+    with pytest.raises(ValueError, match=r"impossible values: batch_size=0, policy_ema=0\.0"):
+        SACConfig(batch_size=0, policy_ema=0.0)
+    with pytest.raises(ValueError, match=r"TD3Config: impossible values: policy_delay=0"):
+        TD3Config(policy_delay=0)
+    with pytest.raises(ValueError, match=r"exploration_final_eps=1\.5"):
+        DQNConfig(exploration_final_eps=1.5)
+    with pytest.raises(ValueError, match="SAC needs continuous"):
+        SAC(SACConfig(env_id="CartPole-v1"), *cartpole())
+    with pytest.raises(ValueError, match="TD3 needs continuous"):
+        TD3(TD3Config(env_id="CartPole-v1"), *cartpole())
+    with pytest.raises(ValueError, match=r"DQN needs discrete actions.*use --algo sac"):
+        DQN(DQNConfig(env_id="Pendulum-v1"), *pendulum())
+    image = gym.spaces.Box(0, 255, (8, 8, 3))
+    with pytest.raises(ValueError, match="vector observations"):
+        DQN(DQNConfig(), image, gym.spaces.Discrete(2))
+    with pytest.raises(ValueError, match="capacity must be >= 1"):
+        ReplayBuffer(0, (3,), (1,))
+    with pytest.raises(ValueError, match="the buffer is empty"):
+        ReplayBuffer(4, (3,), (1,)).sample(2)
