@@ -1,0 +1,390 @@
+"""The training loop, checkpoints, resume and the ``rlweights train`` / ``evaluate`` commands,
+with tiny budgets (the learning goals are in test_learning.py, marked slow)."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from agents.train import load_checkpoint, make_config, train
+from rlweights.cli import main
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = {"hidden": (16, 16), "batch_size": 32, "learning_starts": 50, "eval_episodes": 2}
+TINY_DQN = TINY | {"train_freq": 4, "gradient_steps": 2}
+TINY_FLAGS = ["--hidden", "16,16", "--batch-size", "32", "--learning-starts", "50"]
+TINY_FLAGS += ["--eval-episodes", "2", "--no-progress"]
+
+
+def tiny(algo: str, **overrides):
+    return make_config(algo, **((TINY_DQN if algo == "dqn" else TINY) | overrides))
+
+
+def weights(agent) -> dict[str, torch.Tensor]:
+    return {
+        f"{name}.{key}": value
+        for name, state in agent.weights_state().items()
+        for key, value in state.items()
+    }
+
+
+@pytest.mark.parametrize("algo", ["dqn", "sac", "td3"])
+def test_same_seed_same_run(algo):
+    a, summary = train(tiny(algo, total_steps=150, seed=3))
+    b, _ = train(tiny(algo, total_steps=150, seed=3))
+    c, _ = train(tiny(algo, total_steps=150, seed=4))
+    wa, wb, wc = weights(a), weights(b), weights(c)
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+    assert not all(torch.equal(wa[k], wc[k]) for k in wa)
+    assert summary["steps"] == 150 and summary["gradient_updates"] > 0
+    assert summary["eval_episodes"] == 2
+
+
+def test_vector_envs_count_steps_over_all_environments():
+    _, summary = train(tiny("sac", total_steps=400, num_envs=2))
+    assert summary["steps"] == 400 and summary["episodes"] == 2  # 200 steps in each env
+    assert summary["gradient_updates"] == (400 - 50) // 2
+
+
+def test_run_directory_events_checkpoint_and_summary(tmp_path):
+    config = tiny("sac", total_steps=400, drift_every=100, eval_every=200, policy_ema=0.05)
+    agent, summary = train(config, tmp_path)
+    events = EventAccumulator(str(tmp_path), size_guidance={"scalars": 0})
+    events.Reload()
+    scalars = events.Tags()["scalars"]
+    for tag in (
+        "charts/episodic_return",
+        "losses/critic_loss",
+        "eval/return",
+        "eval/ema_return",
+        "drift/critic/target_distance",
+        "drift/actor/layers/mean.weight/update_ratio",
+    ):
+        assert tag in scalars, tag
+    assert [e.step for e in events.Scalars("drift/critic/target_distance")] == [100, 200, 300, 400]
+    assert [e.step for e in events.Scalars("eval/return")] == [200, 400]
+    first = events.Scalars("charts/episodic_return")[0]
+    assert first.step == 200  # logged at the environment step that ended the episode
+    saved = json.loads((tmp_path / "summary.json").read_text())
+    assert saved == pytest.approx(summary)
+    for key in ("final_eval_return", "eval_episodes", "steps", "steps_per_second", "wall_seconds"):
+        assert key in saved
+    assert events.Scalars("eval/return")[-1].value == pytest.approx(saved["final_eval_return"])
+    state = torch.load(tmp_path / "model.pt", weights_only=True)
+    assert state["format"] == "rlweights-agent" and state["steps"] == 400
+    for name, net in agent.networks.items():
+        for key, value in net.state_dict().items():
+            assert torch.equal(state["weights"][name][key], value)
+    assert not list(tmp_path.glob("*.tmp"))  # atomic writes leave no temporaries
+
+
+def test_ctrl_c_checkpoints_and_resume_loses_nothing(tmp_path):
+    """Interrupt at step 250, then resume up to step 350 (learning starts at 400, so the
+    resumed run changes no weight): weights, replay transitions and episodes all survive."""
+    config = tiny("td3", total_steps=500, learning_starts=400, eval_every=0, policy_ema=0.1)
+
+    def interrupt(steps, info):
+        if steps == 250:
+            os.kill(os.getpid(), signal.SIGINT)
+
+    with pytest.raises(KeyboardInterrupt):
+        train(config, tmp_path, progress=interrupt)
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handler restored
+    saved = load_checkpoint(tmp_path)
+    assert saved["steps"] == 250  # stopped before the next step
+    assert not (tmp_path / "summary.json").exists()
+    agent, summary = train(dataclasses.replace(config, total_steps=350), tmp_path, resume=True)
+    assert summary["steps"] == 350
+    assert summary["episodes"] == 1  # the episode that ended before the interruption is kept
+    for name, state in saved["weights"].items():
+        for key, value in state.items():
+            assert torch.equal(agent.networks[name].state_dict()[key], value), f"{name}.{key}"
+    final = load_checkpoint(tmp_path)
+    assert final["training"]["buffer"]["size"] == 350
+    assert torch.equal(final["training"]["buffer"]["obs"][:250], saved["training"]["buffer"]["obs"])
+
+
+def test_resume_restores_optimizers_routines_and_counters(tmp_path):
+    config = tiny("sac", total_steps=200, eval_every=0, policy_ema=0.2)
+    agent, _ = train(config, tmp_path)
+    saved = load_checkpoint(tmp_path)
+    fresh = sys.modules["agents.train"].build_agent(config, _envs(config))
+    fresh.load_weights(saved["weights"])
+    fresh.load_training_state(saved["training"]["agent"])
+    for name, opt in agent.optimizers.items():
+        a, b = opt.state_dict(), fresh.optimizers[name].state_dict()
+        for key in a["state"]:
+            for field, value in a["state"][key].items():
+                assert torch.equal(torch.as_tensor(value), torch.as_tensor(b["state"][key][field]))
+    assert fresh.target_update.state_dict() == agent.target_update.state_dict()
+    assert fresh.policy_ema.updates == agent.policy_ema.updates == 150
+    assert fresh.gradient_updates == agent.gradient_updates
+    assert torch.equal(fresh.log_alpha, agent.log_alpha)
+
+
+def _envs(config):
+    from agents.train import make_envs
+
+    return make_envs(config.env_id, 1)
+
+
+@pytest.mark.parametrize(
+    ("algo", "flags"),
+    [
+        ("sac", ["--policy-ema", "0.05", "--clip", "0.5", "--num-envs", "2"]),
+        ("sac", ["--target-update", "hard:20", "--max-norm", "2"]),
+        ("td3", ["--policy-ema", "0.1", "--target-update", "hard:3", "--clip", "1"]),
+        ("td3", ["--max-norm", "1.5", "--num-envs", "2", "--drift-every", "50"]),
+        ("dqn", ["--policy-ema", "0.2", "--target-update", "polyak:0.1", "--max-norm", "1"]),
+        ("dqn", ["--num-envs", "2", "--clip", "0.3", "--target-update", "hard:8"]),
+    ],
+)
+def test_train_command_flag_combinations(tmp_path, capsys, algo, flags):
+    dqn = ["--train-freq", "4", "--gradient-steps", "2"] if algo == "dqn" else []
+    args = ["train", "--algo", algo, "--steps", "200", "--eval-every", "100", *TINY_FLAGS]
+    code = main([*args, *dqn, *flags, "--logdir", str(tmp_path), "--run-name", "r"])
+    assert code == 0
+    run = tmp_path / "r"
+    summary = json.loads((run / "summary.json").read_text())
+    config = json.loads((run / "config.json").read_text())
+    assert summary["steps"] == 200 and config["algo"] == algo and config["impl"] == "native"
+    saved = load_checkpoint(run)
+    if "--clip" in flags:
+        bound = float(flags[flags.index("--clip") + 1])
+        online = [n for n in saved["weights"] if n in ("actor", "critic", "q")]
+        for name in online:
+            for key, value in saved["weights"][name].items():
+                if key not in ("scale", "bias"):  # the actors' action scaling buffers
+                    assert value.abs().max() <= bound, f"{name}.{key}"
+    if "--policy-ema" in flags:
+        assert "final_ema_eval_return" in summary
+        out = capsys.readouterr().out
+        assert "policy EMA" in out
+        assert main(["evaluate", str(run), "--episodes", "2", "--ema"]) == 0
+        capsys.readouterr()
+    capsys.readouterr()
+    assert main(["evaluate", str(run / "model.pt"), "--episodes", "3", "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["episodes"] == 3 and len(result["returns"]) == 3
+
+
+def test_evaluate_matches_the_final_evaluation_of_the_run(tmp_path, capsys):
+    args = ["train", "--algo", "dqn", "--steps", "200", "--train-freq", "4", *TINY_FLAGS]
+    assert main([*args, "--logdir", str(tmp_path), "--run-name", "r"]) == 0
+    summary = json.loads((tmp_path / "r" / "summary.json").read_text())
+    capsys.readouterr()
+    seed = 1_000_000  # the training command evaluates with seed + 1e6
+    assert main(["evaluate", str(tmp_path / "r"), "--episodes", "2", "--seed", str(seed)]) == 0
+    assert f"mean return {summary['final_eval_return']:.1f}" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("algo", ["dqn", "sac", "td3"])
+def test_impl_sb3_trains_evaluates_and_resumes(tmp_path, capsys, algo):
+    dqn = ["--train-freq", "4", "--gradient-steps", "2"] if algo == "dqn" else []
+    args = ["train", "--impl", "sb3", "--algo", algo, "--steps", "160", *TINY_FLAGS, *dqn]
+    extra = ["--policy-ema", "0.1", "--clip", "1.0", "--eval-every", "100", "--drift-every", "50"]
+    assert main([*args, *extra, "--logdir", str(tmp_path), "--run-name", "r"]) == 0
+    run = tmp_path / "r"
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["impl"] == "sb3" and summary["steps"] == 160
+    assert "final_ema_eval_return" in summary
+    events = EventAccumulator(str(run), size_guidance={"scalars": 0})
+    events.Reload()
+    assert {"eval/return", "eval/ema_return"} <= set(events.Tags()["scalars"])
+    assert any(tag.startswith("drift/") for tag in events.Tags()["scalars"])
+    assert main(["evaluate", str(run), "--episodes", "2"]) == 0
+    saved = load_checkpoint(run)
+    assert main(["train", "--resume", str(run), "--steps", "200", "--no-progress"]) == 0
+    resumed = load_checkpoint(run)
+    assert resumed["steps"] == 200
+    n = len(saved["training"]["buffer"]["observations"])
+    assert torch.equal(
+        resumed["training"]["buffer"]["observations"][:n],
+        saved["training"]["buffer"]["observations"],
+    )
+
+
+def test_impl_sb3_hard_target_update_every_k_gradient_steps():
+    from agents.sb3_train import build_sb3_model
+
+    config = tiny("sac", total_steps=200, learning_starts=100, target_update="hard:3")
+    model, attachment = build_sb3_model(config)
+    assert model.tau == 1.0
+    model.learn(106)  # gradient steps after steps 101..106: six, two copies
+    assert model._n_updates == 6
+    pairs = zip(model.critic.parameters(), model.critic_target.parameters(), strict=True)
+    assert all(torch.equal(a, b) for a, b in pairs)
+    model.learn(2, reset_num_timesteps=False)  # 8 gradient steps: the target lags again
+    pairs = zip(model.critic.parameters(), model.critic_target.parameters(), strict=True)
+    assert not all(torch.equal(a, b) for a, b in pairs)
+    attachment.detach()
+
+
+def _errors(capsys) -> list[str]:
+    return capsys.readouterr().err.strip().splitlines()
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--env", "NoSuchEnv-v0"], "environment 'NoSuchEnv-v0'"),
+        (["--algo", "dqn", "--env", "Pendulum-v1"], "DQN needs discrete actions"),
+        (["--algo", "sac", "--env", "CartPole-v1"], "SAC needs continuous"),
+        (["--algo", "td3", "--env", "CartPole-v1"], "TD3 needs continuous"),
+        (["--steps", "0"], "impossible values: total_steps=0"),
+        (["--policy-ema", "1.5"], "policy_ema=1.5"),
+        (["--clip", "-1"], "clip=-1.0"),
+        (["--max-norm", "0"], "max_norm=0.0"),
+        (["--gamma", "2"], "gamma=2.0"),
+        (["--eval-episodes", "0"], "eval_episodes=0"),
+        (["--target-update", "polyak:2"], "'polyak:TAU' with TAU in [0, 1]"),
+        (["--target-update", "hard:0"], "'hard:EVERY' with an integer EVERY >= 1"),
+        (["--hidden", "0,4"], "hidden=(0, 4)"),
+        *([] if torch.cuda.is_available() else [(["--device", "cuda"], "no CUDA device")]),
+    ],
+)
+def test_bad_train_input_is_one_line_exit_2_and_writes_nothing(tmp_path, capsys, args, message):
+    code = main(["train", *args, "--logdir", str(tmp_path / "runs")])
+    assert code == 2
+    (line,) = _errors(capsys)
+    assert line.startswith("rlweights train: error: ") and message in line
+    assert not (tmp_path / "runs").exists()
+
+
+def test_unwritable_or_occupied_logdir(tmp_path, capsys):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    assert main(["train", "--logdir", str(blocker)]) == 2
+    assert "exists and is not a directory" in _errors(capsys)[0]
+    readonly = tmp_path / "ro"
+    readonly.mkdir()
+    readonly.chmod(0o500)
+    try:
+        if os.access(readonly, os.W_OK):
+            pytest.skip("running as a user who can write anywhere")
+        assert main(["train", "--logdir", str(readonly / "runs")]) == 2
+        assert "not writable" in _errors(capsys)[0]
+    finally:
+        readonly.chmod(0o700)
+    (tmp_path / "runs" / "taken").mkdir(parents=True)
+    assert main(["train", "--logdir", str(tmp_path / "runs"), "--run-name", "taken"]) == 2
+    assert "already exists: continue it with --resume" in _errors(capsys)[0]
+
+
+def test_unwritable_logdir_as_root_is_still_refused(tmp_path, capsys):
+    """Root may write anywhere; a path under a regular file is unwritable for everyone."""
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    assert main(["train", "--logdir", str(blocker / "runs")]) == 2
+    assert "not writable" in _errors(capsys)[0]
+    assert blocker.read_text() == "x"
+
+
+def test_bad_checkpoints_are_refused_in_one_line(tmp_path, capsys):
+    torch.save({"weight": torch.zeros(3)}, tmp_path / "foreign.pt")
+    (tmp_path / "corrupt.pt").write_bytes(b"PK\x03\x04 not really a zip")
+    cases = {
+        "foreign.pt": "not an rlweights training checkpoint",
+        "corrupt.pt": "is not a readable checkpoint",
+        "missing.pt": "no checkpoint at",
+    }
+    for name, message in cases.items():
+        assert main(["evaluate", str(tmp_path / name)]) == 2
+        (line,) = _errors(capsys)
+        assert line.startswith("rlweights evaluate: error: ") and message in line
+        run = tmp_path / f"run-{name}"  # --resume takes the run directory
+        run.mkdir()
+        if (tmp_path / name).exists():
+            (run / "model.pt").write_bytes((tmp_path / name).read_bytes())
+        assert main(["train", "--resume", str(run)]) == 2
+        (line,) = _errors(capsys)
+        assert line.startswith("rlweights train: error: ") and message in line
+        assert sorted(p.name for p in run.iterdir()) == (
+            ["model.pt"] if name != "missing.pt" else []
+        )
+
+
+class _Exploit:
+    """Unpickling this would create a marker file: a checkpoint must never run code."""
+
+    marker = ""
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def test_a_checkpoint_that_would_run_code_is_refused_and_does_not_run(tmp_path, capsys):
+    marker = tmp_path / "pwned"
+    exploit = _Exploit()
+    exploit.marker = str(marker)
+    torch.save({"format": "rlweights-agent", "version": 1, "x": exploit}, tmp_path / "evil.pt")
+    assert main(["evaluate", str(tmp_path / "evil.pt")]) == 2
+    assert "is not a readable checkpoint (Weights only load failed)" in _errors(capsys)[0]
+    assert not marker.exists()
+
+
+def test_resume_refuses_other_settings_and_finished_runs(tmp_path, capsys):
+    args = ["train", "--steps", "60", *TINY_FLAGS, "--logdir", str(tmp_path), "--run-name", "r"]
+    assert main(args) == 0
+    capsys.readouterr()
+    assert main(["train", "--resume", str(tmp_path / "r"), "--algo", "td3"]) == 2
+    assert "only --steps, --device and --no-progress" in _errors(capsys)[0]
+    assert main(["train", "--resume", str(tmp_path / "r")]) == 2
+    assert "is at step 60 of 60: pass --steps N with N > 60" in _errors(capsys)[0]
+    assert main(["evaluate", str(tmp_path / "r"), "--ema"]) == 2
+    assert "trained without --policy-ema" in _errors(capsys)[0]
+
+
+def test_real_process_exit_codes_and_no_traceback(tmp_path):
+    def run(*args):
+        return subprocess.run(
+            [sys.executable, "-m", "rlweights", *args],
+            capture_output=True,
+            text=True,
+            cwd=tmp_path,
+            timeout=120,
+        )
+
+    bad = run("train", "--algo", "dqn", "--env", "Pendulum-v1")
+    assert bad.returncode == 2 and "Traceback" not in bad.stderr
+    assert len(bad.stderr.strip().splitlines()) == 1
+    usage = run("train", "--steps", "many")
+    assert usage.returncode == 2 and usage.stderr.count("\n") == 1
+    assert "argument --steps: invalid int value: 'many'" in usage.stderr
+    assert not (tmp_path / "runs").exists()
+
+
+def test_train_script_and_help(tmp_path):
+    script = ROOT / "scripts" / "train.py"
+    help_text = subprocess.run(
+        [sys.executable, str(script), "--help"], capture_output=True, text=True, timeout=120
+    )
+    assert help_text.returncode == 0
+    for flag in ("--algo", "--target-update", "--policy-ema", "--resume", "--impl", "--max-norm"):
+        assert flag in help_text.stdout
+    done = subprocess.run(
+        [sys.executable, str(script), "--steps", "60", *TINY_FLAGS, "--logdir", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr
+    (run,) = tmp_path.iterdir()
+    assert run.name.startswith("sac-Pendulum-v1-s0-")
+    assert (run / "summary.json").is_file()
+
+
+def test_progress_bar_shows_rate_and_return(tmp_path, capsys):
+    args = ["train", "--steps", "250", "--hidden", "16,16", "--learning-starts", "50"]
+    assert main([*args, "--eval-episodes", "1", "--logdir", str(tmp_path)]) == 0
+    err = capsys.readouterr().err
+    assert "step/s" in err and "return=" in err and "250/250" in err
