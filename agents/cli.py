@@ -21,8 +21,8 @@ from agents.train import (
     evaluate,
     load_checkpoint,
     make_config,
-    write_json,
 )
+from rlweights.files import write_json
 
 TRAIN_DESCRIPTION = """\
 Train a native DQN, SAC or TD3 agent (or, with --impl sb3, the SB3 algorithm of the same name

@@ -34,8 +34,8 @@ from agents.train import (
     evaluate,
     load_checkpoint,
     save_checkpoint,
-    write_json,
 )
+from rlweights.files import write_json
 
 __all__ = ["build_sb3_model", "check_supported", "load_sb3_policy", "train_sb3"]
 

@@ -9,10 +9,7 @@ counters and RNG states.
 
 from __future__ import annotations
 
-import json
-import os
 import signal
-import tempfile
 import threading
 import time
 from collections.abc import Callable
@@ -23,11 +20,18 @@ import gymnasium as gym
 import numpy as np
 import torch
 
-from agents.common import AgentConfig, OffPolicyAgent, ReplayBuffer, rng_state, seed_everything
-from agents.common import set_rng_state as _set_rng_state
+from agents.common import (
+    AgentConfig,
+    OffPolicyAgent,
+    ReplayBuffer,
+    rng_state,
+    seed_everything,
+    set_rng_state,
+)
 from agents.dqn import DQN, DQNConfig
 from agents.sac import SAC, SACConfig
 from agents.td3 import TD3, TD3Config
+from rlweights.files import atomic_write, write_json
 
 __all__ = [
     "ALGOS",
@@ -40,7 +44,6 @@ __all__ = [
     "make_config",
     "make_envs",
     "train",
-    "write_json",
 ]
 
 ALGOS: dict[str, tuple[type[AgentConfig], type[OffPolicyAgent]]] = {
@@ -136,28 +139,9 @@ def evaluate(
     return returns
 
 
-def _atomic_write(path: Path, write: Callable[[Any], None], mode: str = "wb") -> None:
-    """Write through a temporary file in the same directory, then rename it into place: a
-    reader (or a crash) never sees a half-written file."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, mode) as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def write_json(path: Path, data: dict[str, Any]) -> None:
-    _atomic_write(path, lambda f: f.write(json.dumps(data, indent=2) + "\n"), mode="w")
-
-
 def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
     payload = {"format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION, **state}
-    _atomic_write(path, lambda f: torch.save(payload, f))
+    atomic_write(path, lambda f: torch.save(payload, f))
 
 
 def load_checkpoint(path: str | Path) -> dict[str, Any]:
@@ -259,7 +243,7 @@ def train(
         training = saved["training"]
         agent.load_training_state(training["agent"])
         buffer.load_state_dict(training["buffer"])
-        _set_rng_state(training["rng"])
+        set_rng_state(training["rng"])
         action_space.np_random.bit_generator.state = training["action_space_rng"]
         steps, episodes = saved["steps"], list(training["episodes"])
         wall_before = training["wall_seconds"]

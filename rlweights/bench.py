@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import json
 import platform
 import statistics
 import time
@@ -22,8 +21,9 @@ import torch
 from torch import nn
 
 import rlweights as rw
+from rlweights.files import write_json
 
-__all__ = ["MODELS", "markdown", "run", "write_json"]
+__all__ = ["MODELS", "markdown", "run"]
 
 TAU = 0.005
 SB3 = "SB3 polyak_update"
@@ -355,11 +355,3 @@ def main_from_args(args: argparse.Namespace) -> int:
         write_json(args.json, result)
         print(f"wrote {args.json}")
     return 0
-
-
-def write_json(path: Path, result: dict) -> None:
-    """Write ``result`` atomically (a temporary file renamed into place)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(result, indent=2))
-    tmp.replace(path)

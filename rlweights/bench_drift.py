@@ -15,8 +15,9 @@ from pathlib import Path
 import torch
 
 import rlweights as rw
-from rlweights.bench import mlp_16m, sac_critic, write_json
+from rlweights.bench import mlp_16m, sac_critic
 from rlweights.drift import DriftMonitor
+from rlweights.files import write_json
 
 __all__ = ["add_arguments", "main_from_args", "run"]
 

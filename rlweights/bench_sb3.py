@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from rlweights.bench import write_json
+from rlweights.files import write_json
 
 __all__ = ["add_arguments", "main_from_args", "run"]
 
