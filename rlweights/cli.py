@@ -21,6 +21,7 @@ class _Parser(argparse.ArgumentParser):
 
 def _commands() -> list[tuple[str, str, str | None, Callable, Callable]]:
     """(name, summary, description, add_arguments, handler) of every subcommand."""
+    from agents import bench_train
     from agents import cli as agents_cli
 
     found = [
@@ -43,6 +44,7 @@ def _commands() -> list[tuple[str, str, str | None, Callable, Callable]]:
         ("bench", bench, "benchmark Polyak target updates: SB3, CleanRL, foreach, rlweights"),
         ("bench-sb3", bench_sb3, "benchmark SB3's target-update call site and SAC training"),
         ("bench-drift", bench_drift, "benchmark drift measurements, alone and inside SB3 SAC"),
+        ("bench-train", bench_train, "benchmark native agents' steps/s against SB3's"),
     ):
         found.append((name, summary, module.__doc__, module.add_arguments, module.main_from_args))
     return found

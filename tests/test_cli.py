@@ -19,15 +19,17 @@ def _run(*args: str) -> subprocess.CompletedProcess:
 
 
 @pytest.mark.parametrize(
-    "args", [["--help"], ["bench", "--help"], ["bench-sb3", "--help"], ["bench-drift", "--help"]]
+    "command", ["", "train", "evaluate", "bench", "bench-sb3", "bench-drift", "bench-train"]
 )
-def test_help(args):
+def test_help(command):
+    args = [command, "--help"] if command else ["--help"]
     cmd = [str(EXE)] if EXE.exists() else [sys.executable, "-m", "rlweights"]
     done = _run(*cmd, *args)
     assert done.returncode == 0, done.stderr
     assert "usage: rlweights" in done.stdout
-    if args == ["--help"]:
-        assert "bench" in done.stdout
+    if not command:
+        for sub in ("train", "evaluate", "bench", "bench-sb3", "bench-drift", "bench-train"):
+            assert sub in done.stdout
 
 
 def test_bench_script_smoke(tmp_path):
@@ -114,3 +116,20 @@ def test_bench_drift_script_smoke(tmp_path):
     assert 0 < result["sac"]["measure_share"] < 1
     assert 0 < result["native_sac"]["measure_share"] < 1
     assert "DriftMonitor.measure" in done.stdout
+
+
+def test_bench_train_smoke(tmp_path):
+    out = tmp_path / "bench-train.json"
+    done = _run(
+        sys.executable,
+        "scripts/bench_train.py",
+        *("--algos", "sac", "--rounds", "1", "--steps", "200", "--json", str(out)),
+    )
+    assert done.returncode == 0, done.stderr
+    result = json.loads(out.read_text())
+    sac = result["algos"]["sac"]
+    assert sac["steps"] == 200 and sac["hidden"] == [256, 256]
+    assert sac["speedup"] == pytest.approx(
+        sac["steps_per_second"]["native"] / sac["steps_per_second"]["sb3"]
+    )
+    assert "| SAC | Pendulum-v1 | 256-256 | 256 | 200 |" in done.stdout
