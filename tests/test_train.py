@@ -13,7 +13,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from agents.train import load_checkpoint, make_config, train
 from rlweights.cli import main
@@ -49,6 +48,17 @@ def test_same_seed_same_run(algo):
     assert summary["eval_episodes"] == 2
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA")
+@pytest.mark.parametrize("algo", ["dqn", "sac", "td3"])
+def test_native_agents_train_on_cuda(tmp_path, algo):
+    agent, summary = train(tiny(algo, total_steps=300, device="cuda", policy_ema=0.1), tmp_path)
+    assert summary["steps"] == 300 and summary["gradient_updates"] > 0
+    for net in agent.networks.values():
+        assert all(p.is_cuda for p in net.parameters())
+    assert load_checkpoint(tmp_path)["steps"] == 300  # saved from CUDA, loaded on the CPU
+
+
 def test_vector_envs_count_steps_over_all_environments():
     _, summary = train(tiny("sac", total_steps=400, num_envs=2))
     assert summary["steps"] == 400 and summary["episodes"] == 2  # 200 steps in each env
@@ -56,6 +66,8 @@ def test_vector_envs_count_steps_over_all_environments():
 
 
 def test_run_directory_events_checkpoint_and_summary(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
     config = tiny("sac", total_steps=400, drift_every=100, eval_every=200, policy_ema=0.05)
     agent, summary = train(config, tmp_path)
     events = EventAccumulator(str(tmp_path), size_guidance={"scalars": 0})
@@ -189,6 +201,8 @@ def test_evaluate_matches_the_final_evaluation_of_the_run(tmp_path, capsys):
 
 @pytest.mark.parametrize("algo", ["dqn", "sac", "td3"])
 def test_impl_sb3_trains_evaluates_and_resumes(tmp_path, capsys, algo):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
     dqn = ["--train-freq", "4", "--gradient-steps", "2"] if algo == "dqn" else []
     args = ["train", "--impl", "sb3", "--algo", algo, "--steps", "160", *TINY_FLAGS, *dqn]
     extra = ["--policy-ema", "0.1", "--clip", "1.0", "--eval-every", "100", "--drift-every", "50"]
