@@ -204,22 +204,17 @@ class _Progress:
 
             self.bar = tqdm(total=total, initial=initial, unit="step", dynamic_ncols=True)
         self.shown = initial
-        self.last_postfix = 0.0
+        self.postfix: dict[str, str] = {}
 
     def __call__(self, steps: int, info: dict[str, float]) -> None:
         if self.bar is None:
             return
+        postfix = {key: f"{info[key]:.1f}" for key in ("return", "eval") if key in info}
+        if postfix != self.postfix:  # a new episode or evaluation: a few times per 1000 steps
+            self.postfix = postfix
+            self.bar.set_postfix(postfix, refresh=False)
         self.bar.update(steps - self.shown)
         self.shown = steps
-        now = time.monotonic()
-        if now - self.last_postfix > 1.0:
-            self.last_postfix = now
-            shown = {}
-            if "return" in info:
-                shown["return"] = f"{info['return']:.1f}"
-            if "eval" in info:
-                shown["eval"] = f"{info['eval']:.1f}"
-            self.bar.set_postfix(shown, refresh=False)
 
     def close(self) -> None:
         if self.bar is not None:
