@@ -22,11 +22,12 @@ extra read of the sources plus a ``torch.where`` pass: about 2-3x the cost of th
 
 from __future__ import annotations
 
+import functools
 import weakref
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Literal, ParamSpec, TypeVar
 
 import torch
 from torch import Tensor
@@ -266,10 +267,29 @@ class _no_grad:
 
 
 _NULL = nullcontext()
+_P = ParamSpec("_P")
+_R = TypeVar("_R")
 
-# Inside torch.compile the ops run eagerly (a graph break): their checks are Python-level
-# bookkeeping that must not be traced, and the writes are single kernels anyway.
-_eager = torch.compiler.disable
+
+def _eager(fn: Callable[_P, _R]) -> Callable[_P, _R]:
+    """Inside torch.compile, run ``fn`` eagerly (a graph break): the ops' checks are Python
+    bookkeeping that must not be traced, and their writes are single kernels anyway.
+
+    ``torch.compiler.disable`` is applied lazily, at the first call under compilation:
+    applying it at import would import torch._dynamo (seconds) in every process, also in
+    those that never compile, and its wrapper costs microseconds on every eager call.
+    """
+    disabled: list[Callable[_P, _R]] = []
+
+    @functools.wraps(fn)
+    def wrapper(*args: _P.args, **kwargs: _P.kwargs) -> _R:
+        if is_compiling():
+            if not disabled:
+                disabled.append(torch.compiler.disable(fn))
+            return disabled[0](*args, **kwargs)
+        return fn(*args, **kwargs)
+
+    return wrapper
 
 
 def _grad_off(plan: _Plan) -> AbstractContextManager[None]:

@@ -36,3 +36,25 @@ def test_compiled_step_with_polyak_matches_eager():
     for name, t in t0.items():
         once = t + 0.5 * (s[name] - t)
         assert_close(named(target)[name], once + 0.25 * (s[name] - once))
+
+
+def test_compiled_step_with_copy_clamp_and_average_matches_eager():
+    torch._dynamo.reset()
+    a, b = NETS["mlp"](0), NETS["mlp"](1)
+    soup = NETS["mlp"](2)
+    x = torch.randn(4, 5)
+
+    def step(a, b, soup):
+        rw.average_(soup, [a, b])
+        rw.clamp_(soup, -0.1, 0.1)
+        value = soup(x).sum()
+        rw.copy_(a, soup)
+        return value
+
+    want_soup = {k: ((named(a)[k] + named(b)[k]) / 2).clamp(-0.1, 0.1) for k in named(a)}
+    got = torch.compile(step)(a, b, soup)
+    for name, t in want_soup.items():
+        assert_close(named(soup)[name], t)
+        assert_close(named(a)[name], t)
+    floats = {k: v.float() for k, v in want_soup.items()}
+    assert_close(got, torch.func.functional_call(soup, floats, (x,)).sum())
