@@ -187,14 +187,21 @@ class SAC(OffPolicyAgent):
         self.optimizers["actor"].step()
         self.after_policy_step()
 
-        alpha_loss = -(self.log_alpha * (log_prob.detach() + self.target_entropy)).mean()
-        self.optimizers["alpha"].zero_grad(set_to_none=True)
-        alpha_loss.backward()
+        # The temperature's loss is -(log_alpha * (log_prob + target_entropy)).mean(); its
+        # gradient is written directly (a scalar: no autograd pass needed), then Adam steps.
+        with torch.no_grad():
+            self.log_alpha.grad = -(log_prob + self.target_entropy).mean().reshape(1)
         self.optimizers["alpha"].step()
 
         self.target_update.step()
         self.gradient_updates += 1
-        return {"critic_loss": critic_loss, "actor_loss": actor_loss, "alpha": alpha}
+        entropy = -log_prob.detach().mean()
+        return {
+            "critic_loss": critic_loss,
+            "actor_loss": actor_loss,
+            "alpha": alpha,
+            "entropy": entropy,
+        }
 
     def _extra_state(self) -> dict:
         return {"log_alpha": self.log_alpha.detach().clone()}

@@ -284,3 +284,16 @@ def test_bad_configs_and_wrong_spaces():
         ReplayBuffer(0, (3,), (1,))
     with pytest.raises(ValueError, match="the buffer is empty"):
         ReplayBuffer(4, (3,), (1,)).sample(2)
+
+
+def test_sac_temperature_gradient_is_that_of_its_loss():
+    """The update writes the gradient of SB3's ent_coef_loss,
+    -(log_alpha * (log_prob + target_entropy)).mean(), directly: compare with autograd."""
+    agent = SAC(SACConfig(hidden=(16, 16)), *pendulum())
+    before = agent.log_alpha.detach().clone()
+    out = agent.update(filled_buffer().sample(32))
+    log_alpha = before.clone().requires_grad_(True)
+    log_prob_mean = -out["entropy"]  # the loss is linear in log_prob: its mean suffices
+    (-(log_alpha * (log_prob_mean + agent.target_entropy))).mean().backward()
+    assert_close(agent.log_alpha.grad, log_alpha.grad)
+    assert not torch.equal(agent.log_alpha.detach(), before)  # and Adam stepped
