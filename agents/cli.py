@@ -255,10 +255,6 @@ def _prepare_train(args: argparse.Namespace) -> tuple[Any, Path, str, int]:
     )
     _check_env(config.algo, config.env_id)
     impl = args.impl or "native"
-    if impl == "sb3":
-        from agents.sb3_train import check_supported
-
-        check_supported(config)
     stamp = time.strftime("%Y%m%d-%H%M%S")
     suffix = "-sb3" if impl == "sb3" else ""
     name = args.run_name or f"{config.algo}-{config.env_id}-s{config.seed}{suffix}-{stamp}"

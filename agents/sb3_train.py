@@ -37,13 +37,7 @@ from agents.train import (
 )
 from rlweights.files import write_json
 
-__all__ = ["build_sb3_model", "check_supported", "load_sb3_policy", "train_sb3"]
-
-
-def check_supported(config: AgentConfig) -> None:
-    """Everything the native command accepts maps onto SB3; nothing to refuse so far, but the
-    import is checked here so that a missing SB3 fails before any file is written."""
-    import stable_baselines3  # noqa: F401
+__all__ = ["build_sb3_model", "load_sb3_policy", "train_sb3"]
 
 
 def _kwargs(config: AgentConfig) -> dict[str, Any]:
