@@ -283,6 +283,22 @@ class OffPolicyAgent:
     implements ``act``, ``policy`` (deterministic actions for evaluation) and ``update``.
     """
 
+    name: ClassVar[str] = ""
+    # The action space the agent takes: (type, words for it, what to use otherwise).
+    actions: ClassVar[tuple[type[gym.Space], str, str]] = (gym.Space, "", "")
+
+    @classmethod
+    def check_spaces(
+        cls, env_id: str, observation_space: gym.Space, action_space: gym.Space
+    ) -> None:
+        """Raise ``ValueError`` naming the environment if the agent cannot act in it."""
+        check_flat_observations(env_id, observation_space)
+        kind, words, instead = cls.actions
+        if not isinstance(action_space, kind):
+            raise ValueError(
+                f"{cls.name} needs {words} actions, but {env_id} has {action_space}; {instead}"
+            )
+
     def __init__(self, config: AgentConfig):
         self.config = config
         self.device = torch.device(config.device)

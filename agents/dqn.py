@@ -17,7 +17,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from agents.common import AgentConfig, OffPolicyAgent, adam, check_flat_observations, mlp
+from agents.common import AgentConfig, OffPolicyAgent, adam, mlp
 
 __all__ = ["DQN", "DQNConfig"]
 
@@ -56,14 +56,12 @@ class DQNConfig(AgentConfig):
 class DQN(OffPolicyAgent):
     """Network ``q`` (+ ``q_target``), its optimizer and the rlweights routines."""
 
-    @staticmethod
-    def check_spaces(env_id: str, observation_space: gym.Space, action_space: gym.Space) -> None:
-        check_flat_observations(env_id, observation_space)
-        if not isinstance(action_space, gym.spaces.Discrete):
-            raise ValueError(
-                f"DQN needs discrete actions, but {env_id} has {action_space}; "
-                "use --algo sac or --algo td3 for continuous actions"
-            )
+    name = "DQN"
+    actions = (
+        gym.spaces.Discrete,
+        "discrete",
+        "use --algo sac or --algo td3 for continuous actions",
+    )
 
     def __init__(self, config: DQNConfig, observation_space: gym.Space, action_space: gym.Space):
         self.check_spaces(config.env_id, observation_space, action_space)

@@ -20,9 +20,9 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from agents.common import AgentConfig, OffPolicyAgent, adam, check_flat_observations, mlp
+from agents.common import AgentConfig, OffPolicyAgent, adam, mlp
 
-__all__ = ["SAC", "Actor", "SACConfig", "TwinQ"]
+__all__ = ["SAC", "Actor", "ContinuousAgent", "SACConfig", "TwinQ"]
 
 LOG_STD_MIN, LOG_STD_MAX = -5.0, 2.0
 
@@ -109,29 +109,27 @@ class TwinQ(nn.Module):
         return [w[i].t() for w in self.weights for i in range(len(w))]
 
 
-def check_box(algo: str, env_id: str, action_space: gym.Space) -> None:
-    if not isinstance(action_space, gym.spaces.Box):
-        raise ValueError(
-            f"{algo} needs continuous (Box) actions, but {env_id} has {action_space}; "
-            "use --algo dqn for discrete actions"
-        )
+class ContinuousAgent(OffPolicyAgent):
+    """The part SAC and TD3 share: Box actions, the sizes of observations and actions."""
+
+    actions = (gym.spaces.Box, "continuous (Box)", "use --algo dqn for discrete actions")
+
+    def __init__(self, config: AgentConfig, observation_space: gym.Space, action_space: gym.Space):
+        self.check_spaces(config.env_id, observation_space, action_space)
+        super().__init__(config)
+        self.obs_dim = int(np.prod(observation_space.shape))
+        self.act_dim = int(np.prod(action_space.shape))
 
 
-class SAC(OffPolicyAgent):
+class SAC(ContinuousAgent):
     """Networks ``actor``, ``critic`` (+ ``critic_target``), the entropy temperature, the
     optimizers and the rlweights routines."""
 
-    @staticmethod
-    def check_spaces(env_id: str, observation_space: gym.Space, action_space: gym.Space) -> None:
-        check_flat_observations(env_id, observation_space)
-        check_box("SAC", env_id, action_space)
+    name = "SAC"
 
     def __init__(self, config: SACConfig, observation_space: gym.Space, action_space: gym.Space):
-        self.check_spaces(config.env_id, observation_space, action_space)
-        super().__init__(config)
-        obs_dim = int(np.prod(observation_space.shape))
-        act_dim = int(np.prod(action_space.shape))
-        hidden = config.hidden
+        super().__init__(config, observation_space, action_space)
+        obs_dim, act_dim, hidden = self.obs_dim, self.act_dim, config.hidden
         actor = Actor(obs_dim, act_dim, hidden, action_space.low, action_space.high)
         self.networks["actor"] = actor.to(self.device)
         self.networks["critic"] = TwinQ(obs_dim + act_dim, hidden).to(self.device)

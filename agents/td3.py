@@ -12,13 +12,12 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 import gymnasium as gym
-import numpy as np
 import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from agents.common import AgentConfig, OffPolicyAgent, adam, check_flat_observations, mlp
-from agents.sac import TwinQ, check_box
+from agents.common import AgentConfig, adam, mlp
+from agents.sac import ContinuousAgent, TwinQ
 
 __all__ = ["TD3", "DeterministicActor", "TD3Config"]
 
@@ -66,27 +65,21 @@ class DeterministicActor(nn.Module):
         return torch.tanh(self.net(obs)) * self.scale + self.bias
 
 
-class TD3(OffPolicyAgent):
+class TD3(ContinuousAgent):
     """Networks ``actor``, ``critic`` and their targets, optimizers and rlweights routines.
 
     The target routine steps after every delayed actor update (SB3's update point), so
     ``hard:EVERY`` copies every EVERY actor updates."""
 
-    @staticmethod
-    def check_spaces(env_id: str, observation_space: gym.Space, action_space: gym.Space) -> None:
-        check_flat_observations(env_id, observation_space)
-        check_box("TD3", env_id, action_space)
+    name = "TD3"
 
     def __init__(self, config: TD3Config, observation_space: gym.Space, action_space: gym.Space):
-        self.check_spaces(config.env_id, observation_space, action_space)
-        super().__init__(config)
-        obs_dim = int(np.prod(observation_space.shape))
-        act_dim = int(np.prod(action_space.shape))
+        super().__init__(config, observation_space, action_space)
         actor = DeterministicActor(
-            obs_dim, act_dim, config.hidden, action_space.low, action_space.high
+            self.obs_dim, self.act_dim, config.hidden, action_space.low, action_space.high
         )
         self.networks["actor"] = actor.to(self.device)
-        self.networks["critic"] = TwinQ(obs_dim + act_dim, config.hidden).to(self.device)
+        self.networks["critic"] = TwinQ(self.obs_dim + self.act_dim, config.hidden).to(self.device)
         lr = config.learning_rate
         self.optimizers["actor"] = adam(self.networks["actor"].parameters(), lr)
         self.optimizers["critic"] = adam(self.networks["critic"].parameters(), lr)
