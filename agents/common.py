@@ -228,12 +228,16 @@ class ReplayBuffer:
         that bootstrapping stops exactly where the episode really ended.
         """
         n = len(rewards)
-        idx = (torch.arange(n, device=self.device) + self.position) % self.capacity
+        start = self.position
+        # A slice while the rows fit before the end of the ring (cheaper than indexing).
+        rows = slice(start, start + n) if start + n <= self.capacity else None
+        if rows is None:
+            rows = (torch.arange(n, device=self.device) + start) % self.capacity
         for name, value in zip(
             self.FIELDS, (obs, actions, rewards, next_obs, terminated), strict=True
         ):
             store: Tensor = getattr(self, name)
-            store[idx] = torch.as_tensor(np.asarray(value), device=self.device).to(store.dtype)
+            store[rows] = torch.as_tensor(np.asarray(value), device=self.device).to(store.dtype)
         self.position = (self.position + n) % self.capacity
         self.size = min(self.size + n, self.capacity)
 

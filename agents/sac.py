@@ -64,9 +64,8 @@ class Actor(nn.Module):
                 len(obs), device=obs.device
             )
         log_std = self.log_std(h).clamp(LOG_STD_MIN, LOG_STD_MAX)
-        std = log_std.exp()
         noise = torch.randn_like(mean)
-        pre = mean + std * noise
+        pre = mean + log_std.exp() * noise
         squashed = torch.tanh(pre)
         log_prob = (-0.5 * noise.square() - log_std - 0.5 * math.log(2 * math.pi)).sum(-1)
         # Change of variables for tanh and the affine scaling (numerically stable form).
@@ -155,7 +154,11 @@ class SAC(ContinuousAgent):
 
     @torch.no_grad()
     def act(self, obs: Tensor, steps: int = 0) -> Tensor:
-        return self.actor(obs)[0]
+        actor = self.actor  # a sample without its log-probability (not needed to act)
+        h = actor.trunk(obs)
+        log_std = actor.log_std(h).clamp(LOG_STD_MIN, LOG_STD_MAX)
+        pre = torch.addcmul(actor.mean(h), log_std.exp(), torch.randn_like(log_std))
+        return torch.tanh(pre) * actor.scale + actor.bias
 
     @torch.no_grad()
     def policy(self, obs: Tensor, network: nn.Module | None = None) -> Tensor:

@@ -297,3 +297,25 @@ def test_sac_temperature_gradient_is_that_of_its_loss():
     (-(log_alpha * (log_prob_mean + agent.target_entropy))).mean().backward()
     assert_close(agent.log_alpha.grad, log_alpha.grad)
     assert not torch.equal(agent.log_alpha.detach(), before)  # and Adam stepped
+
+
+def test_sac_exploration_samples_follow_the_actor_distribution():
+    """act() draws from the same tanh-Gaussian as the actor's forward (it skips only the
+    log-probability): same noise, same actions."""
+    agent = SAC(SACConfig(hidden=(16, 16)), *pendulum())
+    obs = torch.randn(64, 3)
+    torch.manual_seed(3)
+    acted = agent.act(obs)
+    torch.manual_seed(3)
+    with torch.no_grad():
+        sampled, _ = agent.actor(obs)
+    assert_close(acted, sampled)
+
+
+def test_replay_buffer_wraps_around_in_order():
+    buffer = ReplayBuffer(5, (1,), ())
+    for start in (0, 3, 6):  # 3 rows at a time: the second and third batches wrap
+        rows = torch.arange(start, start + 3, dtype=torch.float32)
+        buffer.add(rows[:, None], rows, rows, rows[:, None], torch.zeros(3))
+    assert buffer.size == 5 and buffer.position == 4
+    assert buffer.rewards.tolist() == [5.0, 6.0, 7.0, 8.0, 4.0]
