@@ -280,10 +280,12 @@ def train_main(args: argparse.Namespace) -> int:
             from agents.train import train
 
             summary = train(config, run_dir, resume=initial > 0, progress=progress)[1]
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as stop:
         progress.close()
+        # The loop's own stop says where it checkpointed; a second Ctrl-C stops at once.
+        saved = f"checkpoint of {stop.args[0]}" if stop.args else "the last checkpoint"
         print(
-            f"rlweights train: interrupted; checkpoint saved in {run_dir}/model.pt. "
+            f"rlweights train: interrupted; {saved} is in {run_dir}/model.pt. "
             f"Continue with: rlweights train --resume {run_dir}",
             file=sys.stderr,
         )

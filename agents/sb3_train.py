@@ -288,7 +288,7 @@ def train_sb3(
         )
         if stop.requested:
             checkpoint()
-            raise KeyboardInterrupt(f"stopped at step {model.num_timesteps}")
+            raise KeyboardInterrupt(f"step {model.num_timesteps}")
     train_seconds = time.perf_counter() - start - aside[0]
     results = run_eval(model.num_timesteps)
     checkpoint()

@@ -316,7 +316,7 @@ def train(
                 envs.close()
                 if writer is not None:
                     writer.close()
-                raise KeyboardInterrupt(f"stopped at step {steps}")
+                raise KeyboardInterrupt(f"step {steps}")
             if steps < cfg.learning_starts:
                 actions = np.stack([action_space.sample() for _ in range(cfg.num_envs)])
             else:

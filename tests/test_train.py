@@ -9,6 +9,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -402,3 +403,27 @@ def test_progress_bar_shows_rate_and_return(tmp_path, capsys):
     assert main([*args, "--eval-episodes", "1", "--logdir", str(tmp_path)]) == 0
     err = capsys.readouterr().err
     assert "step/s" in err and "return=" in err and "250/250" in err
+
+
+def test_ctrl_c_on_the_command_checkpoints_and_resume_finishes(tmp_path):
+    run = tmp_path / "r"
+    cmd = [sys.executable, "-m", "rlweights", "train", "--steps", "100000", *TINY_FLAGS]
+    proc = subprocess.Popen(
+        [*cmd, "--logdir", str(tmp_path), "--run-name", "r"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert proc.stdout.readline().startswith("rlweights train: native sac")
+        time.sleep(3)  # well inside the training loop
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    assert proc.returncode == 130
+    assert "interrupted; checkpoint of step" in err and "Traceback" not in err
+    steps = load_checkpoint(run)["steps"]
+    assert 0 < steps < 100_000
+    assert main(["train", "--resume", str(run), "--steps", str(steps + 50), "--no-progress"]) == 0
+    assert json.loads((run / "summary.json").read_text())["steps"] == steps + 50
