@@ -119,6 +119,14 @@ class ContinuousAgent(OffPolicyAgent):
         self.obs_dim = int(np.prod(observation_space.shape))
         self.act_dim = int(np.prod(action_space.shape))
 
+    @property
+    def actor(self) -> nn.Module:
+        return self.networks["actor"]
+
+    @property
+    def critic(self) -> TwinQ:
+        return self.networks["critic"]
+
 
 class SAC(ContinuousAgent):
     """Networks ``actor``, ``critic`` (+ ``critic_target``), the entropy temperature, the
@@ -139,14 +147,6 @@ class SAC(ContinuousAgent):
         self.optimizers["critic"] = adam(self.networks["critic"].parameters(), lr)
         self.optimizers["alpha"] = adam([self.log_alpha], lr)
         self._setup_routines(("critic",), "actor")
-
-    @property
-    def actor(self) -> Actor:
-        return self.networks["actor"]
-
-    @property
-    def critic(self) -> TwinQ:
-        return self.networks["critic"]
 
     @property
     def critic_target(self) -> TwinQ:

@@ -85,14 +85,6 @@ class TD3(ContinuousAgent):
         self.optimizers["critic"] = adam(self.networks["critic"].parameters(), lr)
         self._setup_routines(("actor", "critic"), "actor")
 
-    @property
-    def actor(self) -> DeterministicActor:
-        return self.networks["actor"]
-
-    @property
-    def critic(self) -> TwinQ:
-        return self.networks["critic"]
-
     @torch.no_grad()
     def act(self, obs: Tensor, steps: int = 0) -> Tensor:
         action = self.actor(obs)

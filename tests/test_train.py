@@ -280,19 +280,20 @@ def test_unwritable_or_occupied_logdir(tmp_path, capsys):
     blocker.write_text("x")
     assert main(["train", "--logdir", str(blocker)]) == 2
     assert "exists and is not a directory" in _errors(capsys)[0]
+    (tmp_path / "runs" / "taken").mkdir(parents=True)
+    assert main(["train", "--logdir", str(tmp_path / "runs"), "--run-name", "taken"]) == 2
+    assert "already exists: continue it with --resume" in _errors(capsys)[0]
+    assert list((tmp_path / "runs" / "taken").iterdir()) == []
     readonly = tmp_path / "ro"
     readonly.mkdir()
     readonly.chmod(0o500)
     try:
         if os.access(readonly, os.W_OK):
-            pytest.skip("running as a user who can write anywhere")
+            pytest.skip("running as a user who can write anywhere (see the next test)")
         assert main(["train", "--logdir", str(readonly / "runs")]) == 2
         assert "not writable" in _errors(capsys)[0]
     finally:
         readonly.chmod(0o700)
-    (tmp_path / "runs" / "taken").mkdir(parents=True)
-    assert main(["train", "--logdir", str(tmp_path / "runs"), "--run-name", "taken"]) == 2
-    assert "already exists: continue it with --resume" in _errors(capsys)[0]
 
 
 def test_unwritable_logdir_as_root_is_still_refused(tmp_path, capsys):
