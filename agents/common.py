@@ -357,10 +357,8 @@ class OffPolicyAgent:
         if cfg.clip is not None or cfg.max_norm is not None:
             for name, optimizer in self.optimizers.items():
                 if name in self.networks:
-                    hook = optimizer.register_step_post_hook(
-                        lambda _o, _a, _k, net=self.networks[name]: self._constrain(net)
-                    )
-                    self.constraint_handles.append(hook)
+                    handle = rw.constrain(optimizer, self.networks[name], self._constrain)
+                    self.constraint_handles.append(handle)
 
     def _constrain(self, net: nn.Module) -> None:
         if self.config.clip is not None:

@@ -6,6 +6,8 @@ name), a sequence of tensors (matched by position), a ``state_dict`` or the hand
 ``target <- target + tau * (source - target)`` (TorchRL's eps / torch's decay = 1 - tau).
 """
 
+from rlweights import constraints
+from rlweights.constraints import constrain, reset_optimizer_state_
 from rlweights.flat import FlatLayoutWarning, FlatWeights, flatten_
 from rlweights.ops import average_, clamp_, copy_, distance, distances, max_norm_, polyak_
 from rlweights.targets import HardUpdate, PolyakUpdate, make_target
@@ -23,6 +25,8 @@ __all__ = [
     "__version__",
     "average_",
     "clamp_",
+    "constrain",
+    "constraints",
     "copy_",
     "distance",
     "distances",
@@ -30,4 +34,5 @@ __all__ = [
     "make_target",
     "max_norm_",
     "polyak_",
+    "reset_optimizer_state_",
 ]

@@ -410,10 +410,7 @@ class WeightConstraintCallback(_callback_base()):  # type: ignore[misc]
 
     def _on_training_start(self) -> None:
         for module, optimizer in _constraint_targets(self.model, self.modules):
-            hook = optimizer.register_step_post_hook(
-                lambda _opt, _args, _kwargs, m=module: self._constrain(m)
-            )
-            self._handles.append(hook)
+            self._handles.append(rw.constrain(optimizer, module, self._constrain))
 
     def _on_step(self) -> bool:
         return True

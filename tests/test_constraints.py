@@ -1,0 +1,154 @@
+"""Weight constraints after optimizer steps and the reset of optimizer state (issue 6),
+against float64 references."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from conftest import mlp
+from torch import nn
+from torch.testing import assert_close
+
+import rlweights as rw
+from rlweights.constraints import Clamp, InitClip, MaxNorm, NonNeg, UnitNorm
+
+
+def big_mlp(seed=0):
+    net = mlp(seed)
+    with torch.no_grad():
+        for p in net.parameters():
+            p.mul_(20.0)
+    return net
+
+
+def reference(net, fn):
+    return {n: fn(n, p.detach().double().clone()) for n, p in net.named_parameters()}
+
+
+def check(net, want):
+    for name, p in net.named_parameters():
+        assert_close(p.detach().double(), want[name], rtol=1e-6, atol=1e-6)
+
+
+def test_clamp_nonneg_maxnorm_unitnorm_match_float64_references():
+    net = big_mlp()
+    want = reference(net, lambda n, w: w.clamp(-0.5, 0.25))
+    Clamp(-0.5, 0.25)(net)
+    check(net, want)
+
+    net = big_mlp()
+    want = reference(net, lambda n, w: w.clamp(min=0.0))
+    NonNeg()(net)
+    check(net, want)
+
+    def max_norm(n, w):
+        if w.dim() < 2:
+            return w
+        norms = w.norm(dim=1, keepdim=True)
+        return torch.where(norms > 2.0, w * (2.0 / norms), w)
+
+    net = big_mlp()
+    want = reference(net, max_norm)
+    MaxNorm(2.0)(net)
+    check(net, want)
+
+    def unit(n, w):
+        return w if w.dim() < 2 else w / w.norm(dim=1, keepdim=True)
+
+    net = big_mlp()
+    with torch.no_grad():
+        net[0].weight[3].zero_()  # a dead unit stays zero
+    want = reference(net, unit)
+    want["0.weight"][3] = 0.0
+    UnitNorm()(net)
+    check(net, want)
+
+
+def test_init_clip_uses_the_default_initialisation_bound_times_kappa():
+    net = nn.Sequential(nn.Linear(16, 8), nn.LayerNorm(8), nn.Conv1d(8, 4, 3))
+    bounds = InitClip.default_bounds(net)
+    assert bounds == {
+        "0.weight": 1 / math.sqrt(16),
+        "0.bias": 1 / math.sqrt(16),
+        "2.weight": 1 / math.sqrt(8 * 3),
+        "2.bias": 1 / math.sqrt(8 * 3),
+    }
+    # A fresh default initialisation lies within the bounds (kappa = 1 changes nothing).
+    before = {n: p.detach().clone() for n, p in net.named_parameters()}
+    InitClip(1.0)(net)
+    assert all(torch.equal(p, before[n]) for n, p in net.named_parameters())
+    with torch.no_grad():
+        for p in net.parameters():
+            p.mul_(10.0)
+    want = reference(net, lambda n, w: w.clamp(-2 * bounds[n], 2 * bounds[n]) if n in bounds else w)
+    InitClip(2.0)(net)
+    check(net, want)
+    assert torch.equal(net[1].weight, torch.full((8,), 10.0))  # LayerNorm left alone
+
+
+def test_constrain_runs_after_every_step_and_is_removable():
+    net = mlp(0)
+    opt = torch.optim.SGD(net.parameters(), lr=10.0)
+    handle = rw.constrain(opt, net, Clamp(-0.1, 0.1))
+    x = torch.randn(8, 5)
+    for _ in range(3):
+        opt.zero_grad()
+        net(x).pow(2).sum().backward()
+        opt.step()
+        assert all(p.abs().max() <= 0.1 for p in net.parameters())
+    handle.remove()
+    opt.zero_grad()
+    net(x).pow(2).sum().mul(100).backward()
+    opt.step()
+    assert any(p.abs().max() > 0.1 for p in net.parameters())
+
+
+def test_constrain_refuses_weights_the_optimizer_does_not_train():
+    net, other = mlp(0), mlp(1)
+    opt = torch.optim.SGD(net.parameters(), lr=0.1)
+    with pytest.raises(ValueError, match="trains none of these weights"):
+        rw.constrain(opt, other, Clamp(-1, 1))
+    with pytest.raises(TypeError, match="must be callable"):
+        rw.constrain(opt, net, 3.0)
+
+
+def test_reset_optimizer_state_resets_exactly_those_parameters():
+    net = mlp(0)
+    opt = torch.optim.Adam(net.parameters(), lr=1e-2)
+    x = torch.randn(8, 5)
+    for _ in range(3):
+        opt.zero_grad()
+        net(x).pow(2).sum().backward()
+        opt.step()
+    kept = {n: {k: v.clone() for k, v in opt.state[p].items()} for n, p in net.named_parameters()}
+    assert rw.reset_optimizer_state_(opt, net[0]) == 2  # weight and bias of the first layer
+    assert net[0].weight not in opt.state and net[0].bias not in opt.state
+    for name, p in net.named_parameters():
+        if not name.startswith("0."):
+            assert all(torch.equal(opt.state[p][k], v) for k, v in kept[name].items())
+    # The next step treats them as new: Adam's first step moves each weight by lr * sign(g).
+    before = net[0].weight.detach().clone()
+    opt.zero_grad()
+    net(x).pow(2).sum().backward()
+    grad = net[0].weight.grad.clone()
+    opt.step()
+    moved = before - net[0].weight.detach()
+    assert_close(moved, 1e-2 * grad.sign(), rtol=1e-4, atol=1e-7)
+    with pytest.raises(ValueError, match="trains none of these weights"):
+        rw.reset_optimizer_state_(opt, mlp(1))
+
+
+@pytest.mark.parametrize(
+    ("make", "message"),
+    [
+        (lambda: Clamp(1.0, -1.0), "min"),
+        (lambda: MaxNorm(-1.0), "max_norm"),
+        (lambda: InitClip(0.0), "kappa must be a number > 0"),
+        (lambda: InitClip(float("nan")), "kappa"),
+    ],
+)
+def test_bad_constraint_values(make, message):
+    with pytest.raises(ValueError, match=message):
+        make()
