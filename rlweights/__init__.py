@@ -7,6 +7,7 @@ name), a sequence of tensors (matched by position), a ``state_dict`` or the hand
 """
 
 from rlweights import constraints
+from rlweights.averaging import EMA, SWA
 from rlweights.constraints import constrain, reset_optimizer_state_
 from rlweights.flat import FlatLayoutWarning, FlatWeights, flatten_
 from rlweights.ops import average_, clamp_, copy_, distance, distances, max_norm_, polyak_
@@ -16,6 +17,8 @@ from rlweights.weights import NonFiniteError, WeightMismatchError
 __version__ = "0.1.0"
 
 __all__ = [
+    "EMA",
+    "SWA",
     "FlatLayoutWarning",
     "FlatWeights",
     "HardUpdate",
