@@ -139,6 +139,25 @@ def _competitors(build: Callable[[], nn.Module], device: torch.device) -> list[_
     out.append(
         _Competitor("AveragedModel EMA", lambda e=ema, o=online: e.update_parameters(o), lerp_bytes)
     )
+    try:
+        from ema_pytorch import EMA as EmaPytorch
+
+        online, _ = _pair(build, device)
+        # Its fastest setting, updating at every call (its defaults: every 10th, per tensor).
+        other = EmaPytorch(
+            online,
+            beta=1 - TAU,
+            update_after_step=0,
+            update_every=1,
+            use_foreach=True,
+            include_online_model=False,
+        )
+        other.update()  # the first call copies; later ones average
+        out.append(_Competitor("ema-pytorch EMA (foreach)", other.update, lerp_bytes))
+    except ImportError:
+        pass
+    online, _ = _pair(build, device)
+    out.append(_Competitor("rw.EMA", rw.EMA(online, tau=TAU).update, lerp_bytes))
 
     online, target = _pair(build, device)
     out.append(
