@@ -7,7 +7,7 @@ import sys
 from collections.abc import Callable
 from typing import NoReturn
 
-from rlweights import __version__, bench, bench_drift, bench_sb3
+from rlweights import __version__, bench, bench_drift, bench_sb3, soup
 
 __all__ = ["build_parser", "main"]
 
@@ -41,6 +41,7 @@ def _commands() -> list[tuple[str, str, str | None, Callable, Callable]]:
         ),
     ]
     for name, module, summary in (
+        ("average", soup, "weighted average of checkpoints of one architecture (model soup)"),
         ("bench", bench, "benchmark Polyak target updates: SB3, CleanRL, foreach, rlweights"),
         ("bench-sb3", bench_sb3, "benchmark SB3's target-update call site and SAC training"),
         ("bench-drift", bench_drift, "benchmark drift measurements, alone and inside SB3 SAC"),

@@ -19,7 +19,8 @@ def _run(*args: str) -> subprocess.CompletedProcess:
 
 
 @pytest.mark.parametrize(
-    "command", ["", "train", "evaluate", "bench", "bench-sb3", "bench-drift", "bench-train"]
+    "command",
+    ["", "train", "evaluate", "average", "bench", "bench-sb3", "bench-drift", "bench-train"],
 )
 def test_help(command):
     args = [command, "--help"] if command else ["--help"]

@@ -1,0 +1,114 @@
+"""``rlweights average`` (issue 6): plain state_dicts, training checkpoints, SB3 zips, and
+every refusal (exit 2, no output file, no code run)."""
+
+from __future__ import annotations
+
+import torch
+from conftest import cnn_bn, mlp
+from torch.testing import assert_close
+
+from rlweights.cli import main
+
+
+def save(tmp_path, name, state):
+    path = tmp_path / name
+    torch.save(state, path)
+    return path
+
+
+def test_weighted_average_of_state_dicts_matches_float64(tmp_path, capsys):
+    nets = [cnn_bn(i) for i in range(3)]
+    paths = [save(tmp_path, f"{i}.pt", n.state_dict()) for i, n in enumerate(nets)]
+    out = tmp_path / "soup.pt"
+    assert main(["average", *map(str, paths), "--out", str(out), "--weights", "1", "2", "1"]) == 0
+    got = torch.load(out, weights_only=True)
+    for key, value in nets[0].state_dict().items():
+        if value.is_floating_point():
+            want = (
+                sum(w * n.state_dict()[key].double() for w, n in zip((1, 2, 1), nets, strict=True))
+                / 4
+            )
+            assert_close(got[key].double(), want, rtol=1e-6, atol=1e-7)
+        else:  # num_batches_tracked: copied from the first
+            assert torch.equal(got[key], value)
+    assert "wrote the average of 3 state_dict checkpoints" in capsys.readouterr().out
+
+
+def test_average_of_training_checkpoints_evaluates(tmp_path, capsys):
+    from agents.train import make_config, train
+
+    runs = []
+    for seed in (0, 1):
+        config = make_config(
+            "dqn",
+            total_steps=120,
+            learning_starts=20,
+            hidden=(8,),
+            train_freq=4,
+            gradient_steps=1,
+            eval_episodes=1,
+            seed=seed,
+        )
+        train(config, tmp_path / f"r{seed}")
+        runs.append(tmp_path / f"r{seed}" / "model.pt")
+    out = tmp_path / "soup" / "model.pt"
+    assert main(["average", *map(str, runs), "--out", str(out)]) == 0
+    soup = torch.load(out, weights_only=True)
+    a, b = (torch.load(r, weights_only=True)["weights"] for r in runs)
+    for net in a:
+        for key in a[net]:
+            assert_close(soup["weights"][net][key], (a[net][key] + b[net][key]) / 2)
+    assert "training" not in soup and soup["averaged_from"] == [str(r) for r in runs]
+    capsys.readouterr()
+    assert main(["evaluate", str(out), "--episodes", "1"]) == 0
+
+
+def test_average_of_sb3_models_loads_in_sb3(tmp_path):
+    from stable_baselines3 import DQN
+
+    paths = []
+    for seed in (0, 1):
+        model = DQN("MlpPolicy", "CartPole-v1", policy_kwargs={"net_arch": [8]}, seed=seed)
+        model.save(tmp_path / f"m{seed}.zip")
+        paths.append(tmp_path / f"m{seed}.zip")
+    out = tmp_path / "soup.zip"
+    assert main(["average", *map(str, paths), "--out", str(out)]) == 0
+    soup = DQN.load(out)
+    m0, m1 = DQN.load(paths[0]), DQN.load(paths[1])
+    for key, value in soup.policy.state_dict().items():
+        assert_close(value, (m0.policy.state_dict()[key] + m1.policy.state_dict()[key]) / 2)
+
+
+class _Exploit:
+    marker = ""
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def test_refusals_exit_2_and_write_nothing(tmp_path, capsys):
+    a = save(tmp_path, "a.pt", mlp(0).state_dict())
+    b = save(tmp_path, "b.pt", mlp(1).state_dict())
+    other = save(tmp_path, "other.pt", cnn_bn(0).state_dict())
+    exploit = _Exploit()
+    exploit.marker = str(tmp_path / "pwned")
+    evil = save(tmp_path, "evil.pt", {"w": exploit})
+    corrupt = tmp_path / "corrupt.pt"
+    corrupt.write_bytes(b"not a checkpoint")
+    out = tmp_path / "out.pt"
+    cases = [
+        ([a, other], [], "do not fit together"),
+        ([a, b], ["--weights", "1"], "1 weights for 2 checkpoints"),
+        ([a, b], ["--weights", "1", "-1"], "weight"),
+        ([a], [], "at least two checkpoints"),
+        ([a, evil], [], "not a readable checkpoint (Weights only load failed)"),
+        ([a, corrupt], [], "not a readable checkpoint"),
+        ([a, tmp_path / "missing.pt"], [], "no file at"),
+    ]
+    for files, extra, message in cases:
+        code = main(["average", *map(str, files), "--out", str(out), *extra])
+        err = capsys.readouterr().err.strip().splitlines()
+        assert code == 2 and len(err) == 1, (files, err)
+        assert err[0].startswith("rlweights average: error: ") and message in err[0], err
+        assert not out.exists()
+    assert not (tmp_path / "pwned").exists()
