@@ -42,7 +42,7 @@ def _commands() -> list[tuple[str, str, str | None, Callable, Callable]]:
     ]
     for name, module, summary in (
         ("average", soup, "weighted average of checkpoints of one architecture (model soup)"),
-        ("bench", bench, "benchmark Polyak target updates: SB3, CleanRL, foreach, rlweights"),
+        ("bench", bench, "benchmark target updates and EMAs: SB3, CleanRL, torch, rlweights"),
         ("bench-sb3", bench_sb3, "benchmark SB3's target-update call site and SAC training"),
         ("bench-drift", bench_drift, "benchmark drift measurements, alone and inside SB3 SAC"),
         ("bench-train", bench_train, "benchmark native agents' steps/s against SB3's"),
