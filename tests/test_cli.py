@@ -57,6 +57,8 @@ def test_bench_script_smoke(tmp_path):
         "CleanRL inline loop",
         "torch._foreach_lerp_",
         "AveragedModel EMA",
+        "ema-pytorch EMA (foreach)",
+        "rw.EMA",
         "rw.polyak_ (plain modules)",
         "rw.polyak_ (make_target)",
         "one flat lerp_, unchecked",
