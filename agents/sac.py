@@ -127,6 +127,16 @@ class ContinuousAgent(OffPolicyAgent):
     def critic(self) -> TwinQ:
         return self.networks["critic"]
 
+    def critic_step(self, batch: dict[str, Tensor], target: Tensor) -> Tensor:
+        """One optimizer step of the twin critic toward the TD ``target``; the loss, the mean
+        over both networks' squared errors (SB3's 0.5 * (mse_1 + mse_2))."""
+        q = self.critic(torch.cat([batch["obs"], batch["actions"]], -1))
+        loss = F.mse_loss(q, target.expand_as(q))
+        self.optimizers["critic"].zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimizers["critic"].step()
+        return loss
+
 
 class SAC(ContinuousAgent):
     """Networks ``actor``, ``critic`` (+ ``critic_target``), the entropy temperature, the
@@ -173,12 +183,7 @@ class SAC(ContinuousAgent):
             next_q = self.critic_target(torch.cat([batch["next_obs"], next_actions], -1)).min(0)[0]
             soft = next_q - alpha * next_log_prob
             target = batch["rewards"] + cfg.gamma * (1 - batch["dones"]) * soft
-        q = self.critic(torch.cat([batch["obs"], batch["actions"]], -1))
-        # SB3's 0.5 * (mse_1 + mse_2) is the mean over both networks' squared errors.
-        critic_loss = F.mse_loss(q, target.expand_as(q))
-        self.optimizers["critic"].zero_grad(set_to_none=True)
-        critic_loss.backward()
-        self.optimizers["critic"].step()
+        critic_loss = self.critic_step(batch, target)
 
         actions, log_prob = self.actor(batch["obs"])
         q_pi = self.critic(torch.cat([batch["obs"], actions], -1), detach_weights=True).min(0)[0]

@@ -14,7 +14,6 @@ from typing import ClassVar
 import gymnasium as gym
 import torch
 from torch import Tensor, nn
-from torch.nn import functional as F
 
 from agents.common import AgentConfig, adam, mlp
 from agents.sac import ContinuousAgent, TwinQ
@@ -90,7 +89,7 @@ class TD3(ContinuousAgent):
         action = self.actor(obs)
         scale, bias = self.actor.scale, self.actor.bias
         noisy = action + torch.randn_like(action) * self.config.exploration_noise * scale
-        return torch.max(torch.min(noisy, bias + scale), bias - scale)
+        return noisy.clamp(bias - scale, bias + scale)
 
     @torch.no_grad()
     def policy(self, obs: Tensor, network: nn.Module | None = None) -> Tensor:
@@ -107,16 +106,10 @@ class TD3(ContinuousAgent):
                 -cfg.target_noise_clip, cfg.target_noise_clip
             )
             # SB3 adds the noise in the [-1, 1] action scale before clipping to the bounds.
-            next_actions = torch.max(
-                torch.min(next_actions + noise * scale, bias + scale), bias - scale
-            )
+            next_actions = (next_actions + noise * scale).clamp(bias - scale, bias + scale)
             next_q = critic_target(torch.cat([batch["next_obs"], next_actions], -1)).min(0)[0]
             target = batch["rewards"] + cfg.gamma * (1 - batch["dones"]) * next_q
-        q = self.critic(torch.cat([batch["obs"], batch["actions"]], -1))
-        critic_loss = F.mse_loss(q, target.expand_as(q))
-        self.optimizers["critic"].zero_grad(set_to_none=True)
-        critic_loss.backward()
-        self.optimizers["critic"].step()
+        critic_loss = self.critic_step(batch, target)
         self.gradient_updates += 1
         losses = {"critic_loss": critic_loss}
         if self.gradient_updates % cfg.policy_delay == 0:
