@@ -19,7 +19,8 @@ from torch import Tensor, nn
 from torch.optim import Optimizer
 from torch.utils.hooks import RemovableHandle
 
-from rlweights.ops import clamp_, max_norm_
+from rlweights.flat import FlatWeights, layout_of
+from rlweights.ops import _bump, clamp_, max_norm_
 from rlweights.weights import Weights, check_bound, entries
 
 __all__ = [
@@ -106,6 +107,10 @@ class InitClip(Constraint):
     Reinforcement Learning": every weight stays within ``kappa`` times the bound of its
     layer's initialisation distribution.
 
+    On a flattened module (``rw.flatten_``) the clip is one ``clamp_`` per flat buffer
+    against per-element limits built on first use (two extra buffers of the weights' size);
+    otherwise one ``clamp_`` per bounded parameter.
+
     The bound is that of PyTorch's default initialisation of ``nn.Linear`` / ``nn.ConvNd``
     (uniform in ``[-1/sqrt(fan_in), 1/sqrt(fan_in)]``, for the weight and its bias), computed
     per tensor from the shapes when the constraint is first applied to a module. Other 1-D
@@ -119,6 +124,7 @@ class InitClip(Constraint):
             raise ValueError(f"InitClip: kappa must be a number > 0, got {kappa!r}")
         self.kappa = float(kappa)
         self._bounds = dict(bounds) if bounds is not None else None
+        self._limits: tuple[FlatWeights, list[tuple[Tensor, Tensor, Tensor]]] | None = None
 
     @staticmethod
     def default_bounds(module: nn.Module) -> dict[str, float]:
@@ -146,10 +152,39 @@ class InitClip(Constraint):
         missing = sorted(set(self._bounds) - set(params))
         if missing:
             raise ValueError(f"InitClip: the module has no parameter {', '.join(missing)}")
+        layout = layout_of(weights)
+        if layout is not None and set(self._bounds) <= set(_flat_names(layout)):
+            self._clip_flat(layout)
+            return
         with torch.no_grad():
             for name, bound in self._bounds.items():
                 limit = self.kappa * bound
                 params[name].clamp_(-limit, limit)
+
+    def _clip_flat(self, layout: FlatWeights) -> None:
+        """One ``clamp_`` per flat buffer, against per-element limits built once per layout
+        (two buffers of the weights' size; unbounded parameters get infinite limits)."""
+        if self._limits is None or self._limits[0] is not layout:
+            limits = []
+            for group in layout.groups:
+                if group.role != "weight":
+                    continue
+                hi = torch.full_like(group.flat, math.inf)
+                offset = 0
+                for name, view in zip(group.names, group.views, strict=True):
+                    if name in self._bounds:
+                        hi[offset : offset + view.numel()] = self.kappa * self._bounds[name]
+                    offset += view.numel()
+                limits.append((group.flat, -hi, hi))
+            self._limits = (layout, limits)
+        with torch.no_grad():
+            for flat, lo, hi in self._limits[1]:
+                flat.clamp_(lo, hi)
+        _bump(layout.weight_views)
+
+
+def _flat_names(layout: FlatWeights) -> list[str]:
+    return [name for g in layout.groups if g.role == "weight" for name in g.names]
 
 
 def _check_trained(optimizer: Optimizer, tensors: list[Tensor], op: str) -> None:

@@ -10,6 +10,7 @@ import torch
 from conftest import mlp
 from torch import nn
 from torch.testing import assert_close
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import rlweights as rw
 from rlweights.constraints import Clamp, InitClip, MaxNorm, NonNeg, UnitNorm
@@ -86,6 +87,54 @@ def test_init_clip_uses_the_default_initialisation_bound_times_kappa():
     InitClip(2.0)(net)
     check(net, want)
     assert torch.equal(net[1].weight, torch.full((8,), 10.0))  # LayerNorm left alone
+
+
+class CountOps(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.ops = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops.append(func.overloadpacket.__name__)
+        return func(*args, **(kwargs or {}))
+
+
+def test_init_clip_on_flat_storage_is_one_clamp_and_matches_the_per_tensor_clip():
+    nets = [nn.Sequential(nn.Linear(16, 8), nn.LayerNorm(8), nn.Linear(8, 4)) for _ in range(2)]
+    nets[1].load_state_dict(nets[0].state_dict())
+    with torch.no_grad():
+        for net in nets:
+            for p in net.parameters():
+                p.mul_(10.0)
+    bounds = InitClip.default_bounds(nets[0])
+    want = reference(
+        nets[0], lambda n, w: w.clamp(-3 * bounds[n], 3 * bounds[n]) if n in bounds else w
+    )
+    layout = rw.flatten_(nets[1])
+    clip = InitClip(3.0)
+    InitClip(3.0)(nets[0])  # per tensor
+    with CountOps() as counted:
+        clip(nets[1])  # flat: limits built once, then one clamp
+    check(nets[0], want)
+    check(nets[1], want)
+    with CountOps() as counted:
+        clip(nets[1])
+    assert counted.ops.count("clamp_") == len(layout.weight_flats) == 1
+    assert "clamp_min_" not in counted.ops and "clamp_max_" not in counted.ops
+    # Autograd sees the flat write: clipping between a forward and its backward raises.
+    loss = nets[1](torch.ones(2, 16)).sum()
+    clip(nets[1])
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        loss.backward()
+    # A broken layout (the module was cast) falls back to the per-tensor clip, still right.
+    net = nets[1].double()
+    with torch.no_grad():
+        for p in net.parameters():
+            p.mul_(10.0)
+    want = reference(net, lambda n, w: w.clamp(-3 * bounds[n], 3 * bounds[n]) if n in bounds else w)
+    with pytest.warns(rw.FlatLayoutWarning):
+        clip(net)
+    check(net, want)
 
 
 def test_constrain_runs_after_every_step_and_is_removable():
