@@ -6,7 +6,7 @@ name), a sequence of tensors (matched by position), a ``state_dict`` or the hand
 ``target <- target + tau * (source - target)`` (TorchRL's eps / torch's decay = 1 - tau).
 """
 
-from rlweights import constraints
+from rlweights import constraints, distributed
 from rlweights.averaging import EMA, SWA
 from rlweights.constraints import constrain, reset_optimizer_state_
 from rlweights.flat import FlatLayoutWarning, FlatWeights, flatten_
@@ -32,6 +32,7 @@ __all__ = [
     "constraints",
     "copy_",
     "distance",
+    "distributed",
     "distances",
     "flatten_",
     "make_target",

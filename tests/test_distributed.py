@@ -1,0 +1,204 @@
+"""Averaging across processes (issue 6): two real processes with gloo on 127.0.0.1, results
+checked against the float64 mean of the ranks' weights computed here."""
+
+from __future__ import annotations
+
+import multiprocessing
+import socket
+import time
+import traceback
+from datetime import timedelta
+
+import pytest
+import torch
+import torch.distributed as dist
+from conftest import cnn_bn, mlp
+from torch.testing import assert_close
+
+import rlweights as rw
+from rlweights.distributed import PeerError, PeriodicAverager, all_average_, broadcast_
+
+WORLD = 2
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch(worker, tmp_path, timeout=120.0, **kwargs):
+    """Run ``worker(rank, out_dir, **kwargs)`` in WORLD spawned processes that joined one gloo
+    group; returns the exit codes. Each worker saves what it saw under ``tmp_path``."""
+    port = free_port()
+    ctx = multiprocessing.get_context("spawn")
+    procs = [
+        ctx.Process(target=_entry, args=(worker, rank, port, str(tmp_path), kwargs))
+        for rank in range(WORLD)
+    ]
+    for p in procs:
+        p.start()
+    deadline = time.monotonic() + timeout
+    for p in procs:
+        p.join(max(deadline - time.monotonic(), 1.0))
+    hung = [p for p in procs if p.is_alive()]
+    for p in hung:
+        p.kill()
+    assert not hung, "a process hung"
+    return [p.exitcode for p in procs]
+
+
+def _entry(worker, rank, port, out, kwargs):
+    torch.set_num_threads(1)
+    dist.init_process_group(
+        "gloo",
+        init_method=f"tcp://127.0.0.1:{port}",
+        rank=rank,
+        world_size=WORLD,
+        timeout=timedelta(seconds=kwargs.pop("timeout_s", 60)),
+    )
+    try:
+        worker(rank, out, **kwargs)
+    except BaseException:
+        with open(f"{out}/error{rank}.txt", "w") as f:
+            f.write(traceback.format_exc())
+        raise
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def averaging_worker(rank, out):
+    results = {}
+    # A flat network: one all_reduce per flat buffer (weights and BatchNorm statistics).
+    net = cnn_bn(seed=rank)
+    rw.flatten_(net)
+    all_average_(net)
+    results["flat"] = {k: v.clone() for k, v in net.state_dict().items()}
+    # Not flat: through concatenation; buffers="skip" leaves the running statistics.
+    net = cnn_bn(seed=rank)
+    all_average_(net, buffers="skip")
+    results["tensors_skip"] = {k: v.clone() for k, v in net.state_dict().items()}
+    # A list of tensors, float64.
+    torch.manual_seed(rank)
+    tensors = [torch.randn(3, 4, dtype=torch.float64), torch.randn(7, dtype=torch.float64)]
+    all_average_(tensors)
+    results["list"] = [t.clone() for t in tensors]
+    # broadcast_ from rank 1, then the periodic averager every 3 steps.
+    net = mlp(seed=rank)
+    rw.flatten_(net)
+    broadcast_(net, src=1)
+    results["broadcast"] = {k: v.clone() for k, v in net.state_dict().items()}
+    net = mlp(seed=10 + rank)
+    averager = PeriodicAverager(net, every=3)
+    did = [averager.step() for _ in range(4)]
+    results["periodic"] = (did, averager.state_dict(), repr(averager))
+    results["periodic_weights"] = {k: v.clone() for k, v in net.state_dict().items()}
+    # Autograd sees the write into the flat buffer (versions bumped).
+    net = mlp(seed=rank)
+    rw.flatten_(net)
+    loss = net(torch.ones(1, 5)).sum()
+    all_average_(net)
+    try:
+        loss.backward()
+        results["autograd"] = "no error"
+    except RuntimeError as exc:
+        results["autograd"] = str(exc)
+    # Mismatched architectures: every process gets the error, none hangs.
+    net = mlp() if rank == 0 else cnn_bn()
+    try:
+        all_average_(net)
+        results["mismatch"] = "no error"
+    except rw.WeightMismatchError as exc:
+        results["mismatch"] = str(exc)
+    torch.save(results, f"{out}/rank{rank}.pt")
+
+
+def reference_mean(make, seeds):
+    nets = [make(seed=s) for s in seeds]
+    return {
+        name: torch.stack([n.state_dict()[name].double() for n in nets]).mean(0)
+        for name in nets[0].state_dict()
+    }
+
+
+def test_all_average_broadcast_and_periodic_averager_across_two_processes(tmp_path):
+    codes = launch(averaging_worker, tmp_path)
+    errors = [p.read_text() for p in tmp_path.glob("error*.txt")]
+    assert codes == [0, 0], errors
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
+
+    want = reference_mean(cnn_bn, range(WORLD))
+    for r in ranks:
+        for name, value in r["flat"].items():
+            if value.is_floating_point():
+                assert_close(value.double(), want[name], rtol=1e-6, atol=1e-7)
+        # num_batches_tracked (integer) is each process's own.
+        assert r["flat"]["1.num_batches_tracked"] == 1
+    for rank, r in enumerate(ranks):
+        own = cnn_bn(seed=rank).state_dict()
+        for name, value in r["tensors_skip"].items():
+            if "running" in name:
+                assert torch.equal(value, own[name])
+            elif value.is_floating_point():
+                assert_close(value.double(), want[name], rtol=1e-6, atol=1e-7)
+
+    torch.manual_seed(0)
+    a = [torch.randn(3, 4, dtype=torch.float64), torch.randn(7, dtype=torch.float64)]
+    torch.manual_seed(1)
+    b = [torch.randn(3, 4, dtype=torch.float64), torch.randn(7, dtype=torch.float64)]
+    for r in ranks:
+        for got, x, y in zip(r["list"], a, b, strict=True):
+            assert_close(got, (x + y) / 2)
+
+    source = mlp(seed=1).state_dict()
+    for r in ranks:
+        assert all(torch.equal(r["broadcast"][k], source[k]) for k in source)
+
+    want = reference_mean(mlp, [10, 11])
+    for r in ranks:
+        did, state, text = r["periodic"]
+        assert did == [False, False, True, False]
+        assert state == {"calls": 4, "updates": 1, "every": 3}
+        assert "processes=2" in text
+        for name, value in r["periodic_weights"].items():
+            assert_close(value.double(), want[name], rtol=1e-6, atol=1e-7)
+        assert "modified by an inplace operation" in r["autograd"]
+        assert "different weight sets" in r["mismatch"]
+        assert "rank 1 has" in r["mismatch"]
+
+
+def dying_peer_worker(rank, out):
+    net = mlp(seed=rank)
+    rw.flatten_(net)
+    all_average_(net)  # both alive: works
+    if rank == 1:
+        import os
+
+        os._exit(0)  # dies without a word
+    start = time.monotonic()
+    try:
+        all_average_(net)
+        message = "no error"
+    except PeerError as exc:
+        message = str(exc)
+    torch.save({"message": message, "seconds": time.monotonic() - start}, f"{out}/peer.pt")
+
+
+def test_a_peer_that_dies_gives_a_clear_error_not_a_hang(tmp_path):
+    launch(dying_peer_worker, tmp_path, timeout=90.0, timeout_s=20)
+    seen = torch.load(tmp_path / "peer.pt", weights_only=True)
+    assert "a peer process died or did not answer" in seen["message"], seen
+    assert seen["seconds"] < 40
+
+
+def test_errors_without_a_process_group_and_for_bad_arguments():
+    net = mlp()
+    with pytest.raises(RuntimeError, match=r"torch\.distributed is not initialised"):
+        all_average_(net)
+    with pytest.raises(ValueError, match="every must be an int >= 1"):
+        PeriodicAverager(net, every=0)
+    with pytest.raises(ValueError, match="buffers must be 'average' or 'skip'"):
+        PeriodicAverager(net, every=1, buffers="copy")
+    with pytest.raises(TypeError):
+        PeriodicAverager(3.0, every=1)
