@@ -14,6 +14,7 @@ import gymnasium as gym
 import numpy as np
 import torch
 
+from agents.parallel import launched_ranks
 from agents.train import (
     ALGOS,
     CheckpointError,
@@ -22,6 +23,7 @@ from agents.train import (
     load_checkpoint,
     make_config,
 )
+from rlweights.distributed import PeerError
 from rlweights.files import write_json
 
 TRAIN_DESCRIPTION = """\
@@ -43,6 +45,13 @@ every gradient step, TD3 after every delayed actor update (EVERY counts those), 
 every environment step (EVERY counts environment steps, SB3's target_update_interval).
 
 Hyperparameter flags default to the algorithm's (zoo) values for the chosen environment.
+
+Parallel learners: torchrun --nproc_per_node=N -m rlweights train ... --average-every K
+starts N learners with their own environment seeds and replay buffers, all from rank 0's
+networks; every K environment steps each replaces its networks by the mean over the
+learners (one all_reduce per flat buffer: gloo on CPU, NCCL on CUDA). Rank 0 evaluates,
+logs (distributed/distance_to_average: how far its weights moved at each averaging) and
+checkpoints. A learner that dies makes the others stop with an error after --peer-timeout.
 """
 
 __all__ = [
@@ -91,6 +100,21 @@ HYPERPARAMETERS: list[tuple[str, str, Any, str, str]] = [
     ("--gamma", "gamma", float, "GAMMA", "discount factor"),
     ("--train-freq", "train_freq", int, "N", "env steps between training phases"),
     ("--gradient-steps", "gradient_steps", int, "N", "gradient steps per training phase"),
+    (
+        "--average-every",
+        "average_every",
+        int,
+        "K",
+        "under torchrun --nproc_per_node=N: the N learners average all their networks every K "
+        "env steps (rank 0 evaluates, logs and checkpoints)",
+    ),
+    (
+        "--peer-timeout",
+        "peer_timeout",
+        int,
+        "SECONDS",
+        "with --average-every: how long a learner waits for the others before it stops (300)",
+    ),
 ]
 
 
@@ -226,9 +250,35 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
     return {field: getattr(args, field) for field in fields}
 
 
+def _rank() -> int:
+    return int(os.environ.get("RANK", "0"))
+
+
+def _check_parallel(config: Any, impl: str) -> None:
+    processes = launched_ranks()
+    if config.average_every and impl == "sb3":
+        raise UsageError("--average-every is for the native agents, not --impl sb3")
+    if config.average_every and processes < 2:
+        raise UsageError(
+            "--average-every needs several learners: launch with torchrun --nproc_per_node=N "
+            "-m rlweights train ... --average-every K"
+        )
+    if processes > 1 and not config.average_every:
+        raise UsageError(
+            f"launched as {processes} processes: pass --average-every K so that the learners "
+            "average their weights (otherwise each would train alone)"
+        )
+
+
 def _prepare_train(args: argparse.Namespace) -> tuple[Any, Path, str, int]:
-    """Check every input and create the run directory: (config, run_dir, impl, start step)."""
+    """Check every input and create the run directory: (config, run_dir, impl, start step).
+    Under torchrun only rank 0 creates it."""
     device = _device(args.device)
+    if args.resume and launched_ranks() > 1:
+        raise UsageError(
+            "--resume of parallel learners is not supported (the checkpoint holds rank 0's "
+            "learner only); evaluate or average it, or start a new run"
+        )
     if args.resume:
         given = [k for k, v in _overrides(args).items() if v is not None and k != "total_steps"]
         others = (args.algo, args.env, args.run_name, args.seed, args.impl)
@@ -255,9 +305,12 @@ def _prepare_train(args: argparse.Namespace) -> tuple[Any, Path, str, int]:
     )
     _check_env(config.algo, config.env_id)
     impl = args.impl or "native"
+    _check_parallel(config, impl)
     stamp = time.strftime("%Y%m%d-%H%M%S")
     suffix = "-sb3" if impl == "sb3" else ""
     name = args.run_name or f"{config.algo}-{config.env_id}-s{config.seed}{suffix}-{stamp}"
+    if _rank() != 0:  # the other learners write nothing
+        return config, Path(args.logdir) / name, impl, 0
     run_dir = _prepare_run_dir(args.logdir, name)
     run_dir.mkdir()
     write_json(run_dir / "config.json", {"impl": impl, **config.to_dict()})
@@ -269,8 +322,14 @@ def train_main(args: argparse.Namespace) -> int:
     if isinstance(prepared, int):
         return prepared
     config, run_dir, impl, initial = prepared
-    progress = _Progress(config.total_steps, initial, enabled=not args.no_progress)
-    print(f"rlweights train: {impl} {config.algo} on {config.env_id} -> {run_dir}", flush=True)
+    lead = _rank() == 0
+    progress = _Progress(config.total_steps, initial, enabled=lead and not args.no_progress)
+    if lead:
+        learners = f" ({launched_ranks()} learners)" if config.average_every else ""
+        print(
+            f"rlweights train: {impl} {config.algo} on {config.env_id}{learners} -> {run_dir}",
+            flush=True,
+        )
     try:
         if impl == "sb3":
             from agents.sb3_train import train_sb3
@@ -282,6 +341,8 @@ def train_main(args: argparse.Namespace) -> int:
             summary = train(config, run_dir, resume=initial > 0, progress=progress)[1]
     except KeyboardInterrupt as stop:
         progress.close()
+        if not lead:
+            return 130
         # The loop's own stop says where it checkpointed; a second Ctrl-C stops at once.
         saved = f"checkpoint of {stop.args[0]}" if stop.args else "the last checkpoint"
         print(
@@ -290,7 +351,13 @@ def train_main(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return 130
+    except PeerError as exc:
+        progress.close()
+        print(f"rlweights train: error: {exc}", file=sys.stderr)
+        return 1
     progress.close()
+    if not lead:
+        return 0
     ema = summary.get("final_ema_eval_return")
     print(
         f"final eval return {summary['final_eval_return']:.1f} +- {summary['final_eval_std']:.1f}"

@@ -125,6 +125,8 @@ class AgentConfig:
     drift_every: int = 1000  # 0 disables drift logging
     eval_every: int = 5000  # 0: evaluate only at the end
     eval_episodes: int = 10
+    average_every: int = 0  # >0: torchrun learners average their weights every N env steps
+    peer_timeout: int = 300  # seconds a learner waits for the others before it gives up
 
     def __post_init__(self) -> None:
         self.hidden = tuple(self.hidden)
@@ -150,6 +152,8 @@ class AgentConfig:
             "drift_every": self.drift_every >= 0,
             "eval_every": self.eval_every >= 0,
             "eval_episodes": self.eval_episodes >= 1,
+            "average_every": self.average_every >= 0,
+            "peer_timeout": self.peer_timeout >= 1,
         }
 
     def checks(self) -> None:
@@ -322,9 +326,12 @@ class OffPolicyAgent:
         in SB3 and CleanRL), so ``hard:EVERY`` counts environment steps summed over the
         ``num_envs`` environments."""
         cfg = self.config
+        # Every module flattened as one unit (one buffer per dtype), in a fixed order.
+        self.flat_units: list[nn.Module] = []
         for name, net in self.networks.items():
             if name not in online:  # the online networks are flattened by make_target
                 rw.flatten_(net)
+                self.flat_units.append(net)
         if len(online) == 1:
             source = self.networks[online[0]]
             target = rw.make_target(source)
@@ -334,6 +341,7 @@ class OffPolicyAgent:
             target = rw.make_target(source)
             for name in online:
                 self.networks[f"{name}_target"] = target[name]
+        self.flat_units += [source, target]
         kind, value = parse_target_update(cfg.target_update)
         if kind == "polyak":
             self.target_update: rw.PolyakUpdate | rw.HardUpdate = rw.PolyakUpdate(
@@ -351,6 +359,7 @@ class OffPolicyAgent:
             ema = copy.deepcopy(net)
             rw.flatten_(ema)
             self.networks[f"{policy}_ema"] = ema.requires_grad_(False).eval()
+            self.flat_units.append(ema)
             self.policy_ema = rw.PolyakUpdate(
                 net, self.networks[f"{policy}_ema"], tau=cfg.policy_ema
             )
@@ -411,6 +420,10 @@ class OffPolicyAgent:
             routine.load_state_dict(state["routines"][name])
         self.gradient_updates = state["gradient_updates"]
         self._load_extra_state(state)
+
+    def averaged_tensors(self) -> list[Tensor]:
+        """Trained tensors outside the networks that parallel learners average too."""
+        return []
 
     def _extra_state(self) -> dict[str, Any]:
         return {}

@@ -209,6 +209,9 @@ class SAC(ContinuousAgent):
             "entropy": entropy,
         }
 
+    def averaged_tensors(self) -> list[torch.Tensor]:
+        return [self.log_alpha]
+
     def _extra_state(self) -> dict:
         return {"log_alpha": self.log_alpha.detach().clone()}
 

@@ -14,7 +14,7 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import gymnasium as gym
 import numpy as np
@@ -32,6 +32,9 @@ from agents.dqn import DQN, DQNConfig
 from agents.sac import SAC, SACConfig
 from agents.td3 import TD3, TD3Config
 from rlweights.files import atomic_write, write_json
+
+if TYPE_CHECKING:
+    from agents.parallel import Learners
 
 __all__ = [
     "ALGOS",
@@ -217,23 +220,55 @@ def train(
     routines, replay buffer, counters, RNG); the environments restart their episodes.
     ``progress(steps, info)`` is called after every environment step. Ctrl-C stops at the
     next step, writes the checkpoint and raises ``KeyboardInterrupt``.
+
+    With ``config.average_every > 0`` (under torchrun, see :mod:`agents.parallel`) this
+    process is one of several learners that average their weights every ``average_every``
+    environment steps; only rank 0 evaluates and writes to ``run_dir``, and only rank 0's
+    summary has the evaluation results.
     """
+    if not config.average_every:
+        return _train(config, run_dir, resume, progress, None)
+    if resume:
+        raise ValueError(
+            "resuming a run of parallel learners is not supported: its checkpoint holds rank "
+            "0's learner only; evaluate or average it, or start a new run"
+        )
+    from agents.parallel import Learners
+
+    learners = Learners(config)
+    try:
+        return _train(config, run_dir if learners.rank == 0 else None, False, progress, learners)
+    finally:
+        learners.close()
+
+
+def _train(
+    config: AgentConfig,
+    run_dir: str | Path | None,
+    resume: bool,
+    progress: Callable[[int, dict[str, float]], None] | None,
+    learners: Learners | None,
+) -> tuple[OffPolicyAgent, dict[str, Any]]:
     cfg = config
     run_dir = Path(run_dir) if run_dir is not None else None
     device = torch.device(cfg.device)
-    seed_everything(cfg.seed)
+    rank0 = learners is None or learners.rank == 0
+    seed = cfg.seed if learners is None else learners.seed(cfg)
+    seed_everything(seed)
     envs = make_envs(cfg.env_id, cfg.num_envs)
     agent = build_agent(cfg, envs)
+    if learners is not None:
+        learners.start(agent)
     buffer = ReplayBuffer(
         min(cfg.buffer_size, cfg.total_steps),
         envs.single_observation_space.shape,
         envs.single_action_space.shape,
         device,
         action_dtype=torch.int64 if cfg.algo == "dqn" else torch.float32,
-        seed=cfg.seed,
+        seed=seed,
     )
     action_space = envs.single_action_space
-    action_space.seed(cfg.seed)
+    action_space.seed(seed)
     steps, episodes, wall_before = 0, [], 0.0
     if resume:
         if run_dir is None:
@@ -308,7 +343,7 @@ def train(
     info: dict[str, float] = {}
     losses: dict[str, torch.Tensor] = {}
     # Episodes restart on resume; a fresh, deterministic seed per resume point.
-    obs, _ = envs.reset(seed=cfg.seed + steps)
+    obs, _ = envs.reset(seed=seed + steps)
     with _GracefulStop() as stop:
         while steps < cfg.total_steps:
             if stop.requested:
@@ -348,11 +383,15 @@ def train(
                 if writer is not None and _crossed(previous, steps, max(cfg.train_freq, 100)):
                     for name, value in losses.items():
                         writer.add_scalar(f"losses/{name}", value.item(), steps)
+            if learners is not None and _crossed(previous, steps, cfg.average_every):
+                moved = learners.average()
+                if writer is not None and moved is not None:
+                    writer.add_scalar("distributed/distance_to_average", moved.item(), steps)
             if drift is not None and _crossed(previous, steps, cfg.drift_every):
                 tick = time.perf_counter()
                 drift.log(steps)
                 drift_seconds += time.perf_counter() - tick
-            if _crossed(previous, steps, cfg.eval_every) and steps < cfg.total_steps:
+            if rank0 and _crossed(previous, steps, cfg.eval_every) and steps < cfg.total_steps:
                 tick = time.perf_counter()
                 results = run_eval(steps)
                 info["eval"] = float(results["return"].mean())
@@ -363,6 +402,9 @@ def train(
                 info["steps_per_second"] = session_steps / max(elapsed, 1e-9)
                 progress(steps, info)
     train_seconds = time.perf_counter() - session_start - aside
+    if not rank0:
+        envs.close()
+        return agent, {"rank": learners.rank, "steps": steps, "averages": learners.averages}
     results = run_eval(steps)
     envs.close()
     wall = wall_before + time.perf_counter() - session_start
@@ -384,6 +426,8 @@ def train(
         "gradient_updates": agent.gradient_updates,
         "target_updates": agent.target_update.updates,
     }
+    if learners is not None:
+        summary.update(processes=learners.world, averages=learners.averages)
     if "ema_return" in results:
         summary["final_ema_eval_return"] = float(results["ema_return"].mean())
     if run_dir is not None:

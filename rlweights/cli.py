@@ -7,7 +7,7 @@ import sys
 from collections.abc import Callable
 from typing import NoReturn
 
-from rlweights import __version__, bench, bench_drift, bench_sb3, soup
+from rlweights import __version__, bench, bench_distributed, bench_drift, bench_sb3, soup
 
 __all__ = ["build_parser", "main"]
 
@@ -46,6 +46,11 @@ def _commands() -> list[tuple[str, str, str | None, Callable, Callable]]:
         ("bench-sb3", bench_sb3, "benchmark SB3's target-update call site and SAC training"),
         ("bench-drift", bench_drift, "benchmark drift measurements, alone and inside SB3 SAC"),
         ("bench-train", bench_train, "benchmark native agents' steps/s against SB3's"),
+        (
+            "bench-distributed",
+            bench_distributed,
+            "benchmark averaging across processes against torch's average_parameters",
+        ),
     ):
         found.append((name, summary, module.__doc__, module.add_arguments, module.main_from_args))
     return found

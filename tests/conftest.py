@@ -2,8 +2,15 @@
 
 from __future__ import annotations
 
+import multiprocessing
+import socket
+import time
+import traceback
+from datetime import timedelta
+
 import pytest
 import torch
+import torch.distributed as dist
 from torch import nn
 
 CUDA = torch.cuda.is_available()
@@ -124,3 +131,54 @@ def logged_drift_run(logdir, steps, histograms=False, config=None):
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(1234)
+
+
+# Several processes joined by gloo on 127.0.0.1 (the distributed tests).
+WORLD = 2
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch(worker, tmp_path, timeout=120.0, **kwargs):
+    """Run ``worker(rank, out_dir, **kwargs)`` in WORLD spawned processes that joined one gloo
+    group; returns the exit codes. Each worker saves what it saw under ``tmp_path``."""
+    port = free_port()
+    ctx = multiprocessing.get_context("spawn")
+    procs = [
+        ctx.Process(target=_entry, args=(worker, rank, port, str(tmp_path), kwargs))
+        for rank in range(WORLD)
+    ]
+    for p in procs:
+        p.start()
+    deadline = time.monotonic() + timeout
+    for p in procs:
+        p.join(max(deadline - time.monotonic(), 1.0))
+    hung = [p for p in procs if p.is_alive()]
+    for p in hung:
+        p.kill()
+    assert not hung, "a process hung"
+    return [p.exitcode for p in procs]
+
+
+def _entry(worker, rank, port, out, kwargs):
+    torch.set_num_threads(1)
+    dist.init_process_group(
+        "gloo",
+        init_method=f"tcp://127.0.0.1:{port}",
+        rank=rank,
+        world_size=WORLD,
+        timeout=timedelta(seconds=kwargs.pop("timeout_s", 60)),
+    )
+    try:
+        worker(rank, out, **kwargs)
+    except BaseException:
+        with open(f"{out}/error{rank}.txt", "w") as f:
+            f.write(traceback.format_exc())
+        raise
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
