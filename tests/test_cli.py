@@ -20,7 +20,17 @@ def _run(*args: str) -> subprocess.CompletedProcess:
 
 @pytest.mark.parametrize(
     "command",
-    ["", "train", "evaluate", "average", "bench", "bench-sb3", "bench-drift", "bench-train"],
+    [
+        "",
+        "train",
+        "evaluate",
+        "average",
+        "bench",
+        "bench-sb3",
+        "bench-drift",
+        "bench-train",
+        "bench-distributed",
+    ],
 )
 def test_help(command):
     args = [command, "--help"] if command else ["--help"]
@@ -29,7 +39,7 @@ def test_help(command):
     assert done.returncode == 0, done.stderr
     assert "usage: rlweights" in done.stdout
     if not command:
-        for sub in ("train", "evaluate", "bench", "bench-sb3", "bench-drift", "bench-train"):
+        for sub in ("train", "evaluate", "average", "bench-train", "bench-distributed"):
             assert sub in done.stdout
 
 
@@ -136,3 +146,18 @@ def test_bench_train_smoke(tmp_path):
         sac["steps_per_second"]["native"] / sac["steps_per_second"]["sb3"]
     )
     assert "| SAC | Pendulum-v1 | 256-256 | 256 | 200 |" in done.stdout
+
+
+def test_bench_distributed_smoke(tmp_path):
+    out = tmp_path / "bench-distributed.json"
+    done = _run(
+        sys.executable,
+        "scripts/bench_distributed.py",
+        *("--models", "sac_critic", "--rounds", "2", "--json", str(out)),
+    )
+    assert done.returncode == 0, done.stderr
+    row = json.loads(out.read_text())["models"]["sac_critic"]
+    assert row["params"] == 144_386
+    assert row["speedup"]["torch average_parameters"] == 1.0
+    assert all(us > 0 for us in row["us"].values()) and len(row["us"]) == 4
+    assert "| rw.all_average_ (flat module) |" in done.stdout
