@@ -268,6 +268,11 @@ class PeriodicAverager:
         return {"calls": self.calls, "updates": self.updates, "every": self.every}
 
     def load_state_dict(self, state: dict[str, int]) -> None:
+        if state["every"] != self.every:
+            raise ValueError(
+                f"PeriodicAverager: the saved state averaged every {state['every']} steps, this "
+                f"one every {self.every}; build it with every={state['every']}"
+            )
         self.calls, self.updates = int(state["calls"]), int(state["updates"])
 
     def __repr__(self) -> str:

@@ -148,3 +148,13 @@ def test_errors_without_a_process_group_and_for_bad_arguments():
         PeriodicAverager(net, every=1, buffers="copy")
     with pytest.raises(TypeError):
         PeriodicAverager(3.0, every=1)
+
+
+def test_periodic_averager_state_dict_round_trip():
+    averager = PeriodicAverager(mlp(), every=3)
+    averager.load_state_dict({"calls": 7, "updates": 2, "every": 3})
+    again = PeriodicAverager(mlp(), every=3)
+    again.load_state_dict(averager.state_dict())
+    assert again.state_dict() == {"calls": 7, "updates": 2, "every": 3}
+    with pytest.raises(ValueError, match="averaged every 3 steps, this one every 5"):
+        PeriodicAverager(mlp(), every=5).load_state_dict(averager.state_dict())
