@@ -3,7 +3,6 @@ buffer of torch tensors, and the rlweights routines (target update, policy EMA, 
 
 from __future__ import annotations
 
-import copy
 import itertools
 import random
 from collections.abc import Iterable
@@ -351,18 +350,13 @@ class OffPolicyAgent:
             every = max(int(value) // cfg.num_envs, 1) if per_env_step else int(value)
             self.target_update = rw.HardUpdate(source, target, every=every)
         self.online_names, self.policy_name = online, policy
-        self.policy_ema: rw.PolyakUpdate | None = None
+        self.policy_ema: rw.EMA | None = None
         if cfg.policy_ema is not None:
-            net = self.networks[policy]
-            # Not rw.make_target(net): that would re-flatten ``net`` out of the buffer it may
-            # share with another online network (TD3's actor and critic).
-            ema = copy.deepcopy(net)
-            rw.flatten_(ema)
-            self.networks[f"{policy}_ema"] = ema.requires_grad_(False).eval()
-            self.flat_units.append(ema)
-            self.policy_ema = rw.PolyakUpdate(
-                net, self.networks[f"{policy}_ema"], tau=cfg.policy_ema
-            )
+            # make_target inside leaves a policy that shares a flat buffer with another
+            # online network (TD3's actor and critic) where it is.
+            self.policy_ema = rw.EMA(self.networks[policy], tau=cfg.policy_ema)
+            self.networks[f"{policy}_ema"] = self.policy_ema.averaged
+            self.flat_units.append(self.policy_ema.averaged)
         if cfg.clip is not None or cfg.max_norm is not None:
             for name, optimizer in self.optimizers.items():
                 if name in self.networks:
@@ -434,7 +428,7 @@ class OffPolicyAgent:
     def after_policy_step(self) -> None:
         """Advance the policy EMA after each optimizer step of the policy."""
         if self.policy_ema is not None:
-            self.policy_ema.step()
+            self.policy_ema.update()
 
     def on_env_step(self) -> None:
         """Called once per vectorised environment step (DQN steps its target routine here)."""

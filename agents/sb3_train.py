@@ -187,14 +187,12 @@ def train_sb3(
     model, attachment = build_sb3_model(config)
     model.set_logger(configure(str(run_dir), ["tensorboard"]))
     algo = config.algo
-    ema = ema_routine = None
+    ema = ema_average = None
     if config.policy_ema is not None:
-        net = _policy_network(model, algo)
-        ema = copy.deepcopy(net).requires_grad_(False).eval()
-        rw.flatten_(ema)
-        ema_routine = rw.PolyakUpdate(net, ema, tau=config.policy_ema)
+        ema_average = rw.EMA(_policy_network(model, algo), tau=config.policy_ema)
+        ema = ema_average.averaged
         hook = _policy_optimizer(model, algo).register_step_post_hook(
-            lambda _o, _a, _k: ema_routine.step()
+            lambda _o, _a, _k: ema_average.update()
         )
     episodes_before: list[float] = []
     wall_before = 0.0
@@ -205,9 +203,8 @@ def train_sb3(
         with torch.no_grad():
             for name, value in training["variables"].items():
                 getattr(model, name).copy_(value)
-        if ema is not None:
-            ema.load_state_dict(saved["weights"]["policy_ema"])
-            ema_routine.load_state_dict(training["policy_ema"])
+        if ema_average is not None:
+            ema_average.load_state_dict(training["policy_ema"])
         _load_buffer_state(model.replay_buffer, training["buffer"])
         model.num_timesteps = saved["steps"]
         model._n_updates = training["n_updates"]
@@ -254,8 +251,8 @@ def train_sb3(
             "episodes": episodes(),
             "wall_seconds": wall_before + time.perf_counter() - start,
         }
-        if ema_routine is not None:
-            training["policy_ema"] = ema_routine.state_dict()
+        if ema_average is not None:
+            training["policy_ema"] = ema_average.state_dict()
         state = {
             "algo": algo,
             "impl": "sb3",

@@ -44,7 +44,14 @@ from rlweights.weights import (
     module_entries,
 )
 
-__all__ = ["FlatGroup", "FlatLayoutWarning", "FlatWeights", "flatten_", "layout_of"]
+__all__ = [
+    "FlatGroup",
+    "FlatLayoutWarning",
+    "FlatWeights",
+    "flatten_",
+    "layout_of",
+    "lives_in_other_layout",
+]
 
 Role = Literal["weight", "buffer"]
 
@@ -175,6 +182,24 @@ def layout_of(weights: object) -> FlatWeights | None:
             stacklevel=3,
         )
     return None
+
+
+def lives_in_other_layout(module: nn.Module) -> bool:
+    """True if some tensor of ``module`` is a view of a flat buffer that was made for another
+    module whose layout is intact: a submodule flattened on its own, or ``module`` being part
+    of a larger flattened network. Flattening ``module`` would break that layout."""
+    own = _LAYOUTS.get(module)
+    if own is not None and own.intact:
+        return False
+    buffers = {
+        g.flat.untyped_storage().data_ptr()
+        for other, layout in list(_LAYOUTS.items())
+        if other is not module and layout.intact
+        for g in layout.groups
+    }
+    if not buffers:
+        return False
+    return any(e.tensor.untyped_storage().data_ptr() in buffers for e in module_entries(module))
 
 
 def flatten_(module: nn.Module) -> FlatWeights:

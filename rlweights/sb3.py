@@ -580,9 +580,9 @@ class PolicyAveragingCallback(_callback_base()):  # type: ignore[misc]
     ``eval/averaged_std_reward``; ``evaluations`` keeps ``(timesteps, online mean, averaged
     mean)``. ``rlweights/averaged_updates`` is recorded at each rollout end.
 
-    With :func:`attach` on the same model: the average flattens the whole policy, which
-    breaks the flat layouts ``attach`` made for the target pairs; training stays exact, but
-    the target updates take the per-tensor path (with one ``FlatLayoutWarning``).
+    With :func:`attach` on the same model, the flat layouts ``attach`` made for the target
+    pairs are kept (the policy is then not flattened as a whole, and the average is updated
+    on the grouped ``torch._foreach_*`` path); attach before ``learn``.
 
     >>> averaging = PolicyAveragingCallback("ema", tau=0.005, eval_env="Pendulum-v1")
     >>> model.learn(50_000, callback=averaging)
@@ -657,7 +657,8 @@ class PolicyAveragingCallback(_callback_base()):  # type: ignore[misc]
             for attr, value in list(vars(module).items()):
                 if isinstance(value, Optimizer):
                     setattr(module, attr, None)
-        # make_target flattened the online policy: refresh SB3's cached BatchNorm lists.
+        # make_target may have flattened the online policy: refresh SB3's cached BatchNorm
+        # lists.
         try:
             _, _, pair_attrs, bn_attrs = _algorithm(self.model)
         except ValueError:  # no target networks, so no cached lists

@@ -8,7 +8,7 @@ from typing import Any
 
 from torch import Tensor, nn
 
-from rlweights.flat import flatten_
+from rlweights.flat import flatten_, lives_in_other_layout
 from rlweights.ops import BufferPolicy, NonFinite, _pair_plan, copy_, polyak_
 from rlweights.weights import Weights, check_choice, check_fraction
 
@@ -21,10 +21,17 @@ def make_target(module: nn.Module) -> nn.Module:
     The copy has ``requires_grad=False`` everywhere and is in eval mode. Both ``module`` (in
     place, Parameter objects kept) and the copy are flattened with the same layout, so every
     target update between them takes the fast path: one kernel per flat buffer.
+
+    Except when ``module``'s tensors already live in flat buffers made for other modules (a
+    submodule flattened on its own, e.g. by ``rlweights.sb3.attach``, or ``module`` being
+    part of a larger flattened network, like TD3's actor in one buffer with its critic):
+    then ``module`` is left as it is, so those layouts stay intact, only the copy is
+    flattened, and updates between the two take the grouped ``torch._foreach_*`` path.
     """
     if not isinstance(module, nn.Module):
         raise TypeError(f"make_target takes an nn.Module, got {type(module).__name__}")
-    flatten_(module)
+    if not lives_in_other_layout(module):
+        flatten_(module)
     target = copy.deepcopy(module)  # deepcopy keeps no views: flatten the copy again
     flatten_(target)
     target.requires_grad_(False)

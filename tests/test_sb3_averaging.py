@@ -16,6 +16,7 @@ from torch import nn
 from torch.testing import assert_close
 
 from rlweights import sb3 as rsb3
+from rlweights.flat import layout_of
 
 Callback = rsb3.PolicyAveragingCallback
 
@@ -129,11 +130,12 @@ class BatchNormExtractor(BaseFeaturesExtractor):
         return self.net(obs)
 
 
-@pytest.mark.filterwarnings("ignore::rlweights.FlatLayoutWarning")
 @pytest.mark.parametrize("attached", [False, True], ids=["plain", "with-attach"])
 def test_training_is_bit_identical_with_the_callback(attached):
     """Flattening the policy for the average must not change training, including SB3's copy
-    of BatchNorm statistics into the target critic (from lists cached before flattening)."""
+    of BatchNorm statistics into the target critic (from lists cached before flattening).
+    With attach, the average leaves attach's flat layouts intact (FlatLayoutWarning is an
+    error in this test suite)."""
     kwargs = {
         "policy_kwargs": {"net_arch": [16, 16], "features_extractor_class": BatchNormExtractor}
     }
@@ -144,6 +146,9 @@ def test_training_is_bit_identical_with_the_callback(attached):
         rsb3.attach(model)
     callback = Callback("ema", 0.05)
     model.learn(150, callback=callback)
+    if attached:
+        assert layout_of(model.critic) is not None
+        assert layout_of(model.critic_target) is not None
     rsb3.detach(model)
     _assert_equal_states(plain.policy.state_dict(), model.policy.state_dict())
     bn = model.critic_target.features_extractor.net[1]

@@ -26,6 +26,36 @@ def test_make_target_is_a_frozen_flat_copy():
     assert ops._pair_plan(target, online, "t").flat  # the pair takes the fast path
 
 
+def test_make_target_keeps_layouts_made_for_other_modules():
+    import warnings
+
+    from torch import nn
+
+    # A submodule flattened on its own (as rlweights.sb3.attach does), then the whole.
+    policy = nn.ModuleDict({"actor": NETS["mlp"](0), "critic": NETS["mlp"](1)})
+    actor_layout = rw.flatten_(policy["actor"])
+    # A module that is part of a larger flattened network (TD3's actor and critic).
+    shared = nn.ModuleDict({"actor": NETS["mlp"](2), "critic": NETS["mlp"](3)})
+    shared_layout = rw.flatten_(shared)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", rw.FlatLayoutWarning)
+        for module, layout in ((policy, actor_layout), (shared["actor"], shared_layout)):
+            want = {n: t.detach().double().clone() for n, t in module.state_dict().items()}
+            target = rw.make_target(module)
+            assert rw.flat.layout_of(target) is not None  # the copy is flat
+            assert layout.intact and rw.flat.layout_of(layout) is layout
+            with torch.no_grad():
+                for p in module.parameters():
+                    p.add_(1.0)
+            rw.polyak_(target, module, 0.25)
+            for name, t in target.state_dict().items():
+                assert_close(t.double(), want[name] + 0.25, rtol=1e-6, atol=1e-6)
+    # A module of its own is flattened as before (the fast path).
+    lone = NETS["mlp"](4)
+    rw.make_target(lone)
+    assert rw.flat.layout_of(lone) is not None
+
+
 def _gradient_step(net, opt):
     net.train()
     opt.zero_grad()
