@@ -323,13 +323,13 @@ def train_main(args: argparse.Namespace) -> int:
         return prepared
     config, run_dir, impl, initial = prepared
     lead = _rank() == 0
-    progress = _Progress(config.total_steps, initial, enabled=lead and not args.no_progress)
     if lead:
         learners = f" ({launched_ranks()} learners)" if config.average_every else ""
         print(
             f"rlweights train: {impl} {config.algo} on {config.env_id}{learners} -> {run_dir}",
             flush=True,
         )
+    progress = _Progress(config.total_steps, initial, enabled=lead and not args.no_progress)
     try:
         if impl == "sb3":
             from agents.sb3_train import train_sb3
@@ -363,7 +363,13 @@ def train_main(args: argparse.Namespace) -> int:
         f"final eval return {summary['final_eval_return']:.1f} +- {summary['final_eval_std']:.1f}"
         f" over {summary['eval_episodes']} episodes"
         + (f" (policy EMA: {ema:.1f})" if ema is not None else "")
-        + f"; {summary['steps']} steps at {summary['steps_per_second']:.0f} steps/s; "
+        + f"; {summary['steps']} steps at {summary['steps_per_second']:.0f} steps/s"
+        + (
+            f" per learner, {summary['processes']} learners averaged {summary['averages']} times"
+            if "processes" in summary
+            else ""
+        )
+        + "; "
         f"TensorBoard: tensorboard --logdir {run_dir.parent}"
     )
     return 0

@@ -143,6 +143,7 @@ def test_torchrun_trains_parallel_learners_from_the_command(tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout.count("rlweights train: native dqn on CartPole-v1 (2 learners)") == 1
     assert done.stdout.count("final eval return") == 1
+    assert "per learner, 2 learners averaged 2 times" in done.stdout
     assert [p.name for p in tmp_path.iterdir()] == ["r"]
     summary = (tmp_path / "r" / "summary.json").read_text()
     assert '"processes": 2' in summary and '"averages": 2' in summary
