@@ -10,9 +10,8 @@ from stable_baselines3 import DQN, PPO, SAC, TD3
 from stable_baselines3.common.callbacks import BaseCallback, CallbackList
 from stable_baselines3.common.evaluation import evaluate_policy
 from stable_baselines3.common.monitor import Monitor
-from stable_baselines3.common.torch_layers import BaseFeaturesExtractor
 from stable_baselines3.common.vec_env import DummyVecEnv
-from torch import nn
+from test_sb3 import BatchNormExtractor
 from torch.testing import assert_close
 
 from rlweights import sb3 as rsb3
@@ -118,16 +117,6 @@ def test_swa_is_the_mean_of_the_snapshots_after_start():
     want = {k: sum(s[k] for s in kept) / len(kept) for k in kept[0]}
     _assert_close_to(callback.averaged, want)
     assert callback.averager.updates == len(kept)
-
-
-class BatchNormExtractor(BaseFeaturesExtractor):
-    def __init__(self, observation_space: gym.Space):
-        super().__init__(observation_space, features_dim=8)
-        n = observation_space.shape[0]
-        self.net = nn.Sequential(nn.Linear(n, 8), nn.BatchNorm1d(8), nn.ReLU())
-
-    def forward(self, obs: torch.Tensor) -> torch.Tensor:
-        return self.net(obs)
 
 
 @pytest.mark.parametrize("attached", [False, True], ids=["plain", "with-attach"])
