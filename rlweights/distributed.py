@@ -35,7 +35,7 @@ partially averaged.
 from __future__ import annotations
 
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any, Literal
 
 import torch
@@ -74,57 +74,42 @@ def _require_group(op: str, group: Any) -> int:
     return dist.get_world_size(group)
 
 
-def _tensors(weights: Weights, buffers: BufferMode, op: str) -> tuple[list[Tensor], list[Tensor]]:
-    """(the tensors to reduce, the flat views whose autograd versions to bump afterwards).
+def _members(
+    weights: Weights, buffers: BufferMode, op: str
+) -> tuple[list[Tensor], list[Tensor], _Signature]:
+    """(the tensors to reduce, the flat views whose autograd versions to bump afterwards,
+    the signature every process must agree on).
 
-    Flat layouts give their buffers; otherwise the floating tensors, one by one."""
+    Flat layouts give their buffers; otherwise the floating tensors, one by one. The
+    signature lists (name, dtype, shape) of every tensor averaged in reduction order, and
+    whether they are reduced as flat buffers or as tensors; cached per layout."""
     if buffers not in ("average", "skip"):
         raise ValueError(f"{op}: buffers must be 'average' or 'skip', got {buffers!r}")
     layout = layout_of(weights)
     if layout is not None:
         roles = ("weight", "buffer") if buffers == "average" else ("weight",)
         groups = [g for role in roles for g in layout.groups if g.role == role]
-        return [g.flat for g in groups], [v for g in groups for v in g.views]
+        views = [v for g in groups for v in g.views]
+        cached = _LAYOUT_SIGNATURES.get(layout)
+        if cached is None or cached[0] != buffers:
+            names = [name for g in groups for name in g.names]
+            cached = (buffers, _signed(zip(names, views, strict=True), "flat"))
+            _LAYOUT_SIGNATURES[layout] = cached
+        return [g.flat for g in groups], views, cached[1]
     found, _ = entries(weights, op)
-    return [
-        e.tensor
+    members = [
+        (e.name, e.tensor)
         for e in found
         if is_float(e.tensor) and (e.kind != "buffer" or buffers == "average")
-    ], []
+    ]
+    return [t for _, t in members], [], _signed(members, "tensors")
 
 
-def _signature(weights: Weights, buffers: BufferMode, op: str) -> _Signature:
-    """(name, dtype, shape) of every tensor averaged, in reduction order, and how they are
-    reduced (flat buffers or tensors): what every process must agree on. Cached per layout."""
-    layout = layout_of(weights)
-    if layout is not None:
-        cached = _LAYOUT_SIGNATURES.get(layout)
-        if cached is not None and cached[0] == buffers:
-            return cached[1]
-        roles = ("weight", "buffer") if buffers == "average" else ("weight",)
-        members = [
-            (name, view)
-            for role in roles
-            for g in layout.groups
-            if g.role == role
-            for name, view in zip(g.names, g.views, strict=True)
-        ]
-        kind = "flat"
-    else:
-        found, _ = entries(weights, op)
-        members = [
-            (e.name, e.tensor)
-            for e in found
-            if is_float(e.tensor) and (e.kind != "buffer" or buffers == "average")
-        ]
-        kind = "tensors"
-    sig = tuple(
+def _signed(members: Iterable[tuple[str, Tensor]], kind: str) -> _Signature:
+    return tuple(
         (f"{name} ({kind})", str(t.dtype).removeprefix("torch."), tuple(t.shape))
         for name, t in members
     )
-    if layout is not None:
-        _LAYOUT_SIGNATURES[layout] = (buffers, sig)
-    return sig
 
 
 def _describe(mine: _Signature, theirs: _Signature) -> str:
@@ -161,9 +146,7 @@ def _check_peers(weights: Weights, sig: _Signature, group: Any, op: str) -> None
 def _collective(op: str, call: Callable[[], Any]) -> Any:
     try:
         return call()
-    except WeightMismatchError:
-        raise
-    except (RuntimeError, ValueError) as exc:  # DistBackendError, gloo/NCCL errors
+    except RuntimeError as exc:  # DistBackendError and the backends' other errors
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         rank = dist.get_rank() if dist.is_initialized() else "?"
         raise PeerError(
@@ -197,8 +180,8 @@ def all_average_(weights: Weights, group: Any = None, *, buffers: BufferMode = "
     """
     op = "all_average_"
     world = _require_group(op, group)
-    tensors, bump = _tensors(weights, buffers, op)
-    _check_peers(weights, _signature(weights, buffers, op), group, op)
+    tensors, bump, signature = _members(weights, buffers, op)
+    _check_peers(weights, signature, group, op)
     if world == 1 or not tensors:
         return
     with torch.no_grad():
@@ -226,8 +209,8 @@ def broadcast_(weights: Weights, src: int = 0, group: Any = None) -> None:
     world = _require_group(op, group)
     if isinstance(src, bool) or not isinstance(src, int) or not 0 <= src < world:
         raise ValueError(f"{op}: src must be a rank in [0, {world - 1}], got {src!r}")
-    tensors, bump = _tensors(weights, "average", op)
-    _check_peers(weights, _signature(weights, "average", op), group, op)
+    tensors, bump, signature = _members(weights, "average", op)
+    _check_peers(weights, signature, group, op)
     if world == 1:
         return
     with torch.no_grad():
@@ -250,7 +233,7 @@ class PeriodicAverager:
     ):
         if isinstance(every, bool) or not isinstance(every, int) or every < 1:
             raise ValueError(f"PeriodicAverager: every must be an int >= 1, got {every!r}")
-        _tensors(weights, buffers, "PeriodicAverager")  # validates the weight set and mode
+        _members(weights, buffers, "PeriodicAverager")  # validates the weight set and mode
         self.weights, self.every, self.group, self.buffers = weights, every, group, buffers
         self.calls = 0
         self.updates = 0
