@@ -20,6 +20,7 @@ import gymnasium as gym
 import numpy as np
 import torch
 
+import envs as _rlweights_envs  # noqa: F401  (registers the rlweights/ environments)
 from agents.common import (
     AgentConfig,
     OffPolicyAgent,
@@ -201,6 +202,9 @@ class _GracefulStop:
             signal.signal(signal.SIGINT, self._previous)
 
 
+Monitor = Callable[[int, OffPolicyAgent], dict[str, float]]
+
+
 def _crossed(previous: int, now: int, every: int) -> bool:
     return every > 0 and now // every > previous // every
 
@@ -211,6 +215,8 @@ def train(
     *,
     resume: bool = False,
     progress: Callable[[int, dict[str, float]], None] | None = None,
+    monitor: Monitor | None = None,
+    monitor_every: int = 1000,
 ) -> tuple[OffPolicyAgent, dict[str, Any]]:
     """Train a native agent; returns it and the run's summary.
 
@@ -220,14 +226,20 @@ def train(
     routines, replay buffer, counters, RNG); the environments restart their episodes.
     ``progress(steps, info)`` is called after every environment step. Ctrl-C stops at the
     next step, writes the checkpoint and raises ``KeyboardInterrupt``.
+    ``monitor(steps, agent)`` is called every ``monitor_every`` environment steps (and at the
+    end) and returns ``{tag: value}`` measurements, written to TensorBoard with the run's
+    other scalars (e.g. the error of a Q-function against known optimal values).
 
     With ``config.average_every > 0`` (under torchrun, see :mod:`agents.parallel`) this
     process is one of several learners that average their weights every ``average_every``
     environment steps; only rank 0 evaluates and writes to ``run_dir``, and only rank 0's
     summary has the evaluation results.
     """
+    if isinstance(monitor_every, bool) or not isinstance(monitor_every, int) or monitor_every < 1:
+        raise ValueError(f"train: monitor_every must be an int >= 1, got {monitor_every!r}")
+    watch = (monitor, monitor_every) if monitor is not None else None
     if not config.average_every:
-        return _train(config, run_dir, resume, progress, None)
+        return _train(config, run_dir, resume, progress, None, watch)
     if resume:
         raise ValueError(
             "resuming a run of parallel learners is not supported: its checkpoint holds rank "
@@ -237,7 +249,8 @@ def train(
 
     learners = Learners(config)
     try:
-        return _train(config, run_dir if learners.rank == 0 else None, False, progress, learners)
+        run_dir = run_dir if learners.rank == 0 else None
+        return _train(config, run_dir, False, progress, learners, watch)
     finally:
         learners.close()
 
@@ -248,6 +261,7 @@ def _train(
     resume: bool,
     progress: Callable[[int, dict[str, float]], None] | None,
     learners: Learners | None,
+    watch: tuple[Monitor, int] | None,
 ) -> tuple[OffPolicyAgent, dict[str, Any]]:
     cfg = config
     run_dir = Path(run_dir) if run_dir is not None else None
@@ -340,6 +354,11 @@ def _train(
             },
         )
 
+    def observe(at: int) -> None:
+        for tag, value in watch[0](at, agent).items():
+            if writer is not None:
+                writer.add_scalar(tag, value, at)
+
     info: dict[str, float] = {}
     losses: dict[str, torch.Tensor] = {}
     # Episodes restart on resume; a fresh, deterministic seed per resume point.
@@ -387,6 +406,8 @@ def _train(
                 moved = learners.average()
                 if writer is not None and moved is not None:
                     writer.add_scalar("distributed/distance_to_average", moved.item(), steps)
+            if watch is not None and _crossed(previous, steps, watch[1]):
+                observe(steps)
             if drift is not None and _crossed(previous, steps, cfg.drift_every):
                 tick = time.perf_counter()
                 drift.log(steps)
@@ -402,6 +423,8 @@ def _train(
                 info["steps_per_second"] = session_steps / max(elapsed, 1e-9)
                 progress(steps, info)
     train_seconds = time.perf_counter() - session_start - aside
+    if watch is not None and steps % watch[1]:  # the end, unless just observed
+        observe(steps)
     if not rank0:
         envs.close()
         return agent, {"rank": learners.rank, "steps": steps, "averages": learners.averages}

@@ -1,4 +1,31 @@
-"""Gymnasium environments of rlweights, registered as "rlweights/<Name>-v0".
+"""Gymnasium environments of rlweights, registered as ``rlweights/<Name>-v0`` on import.
 
-They arrive with their own issue; the package exists so that ``pip install -e .`` installs it.
+>>> import gymnasium as gym
+>>> import envs
+>>> env = gym.make("rlweights/Chain-v0", length=8, slip=0.2)
+
+``gym.make("envs:rlweights/Chain-v0")`` imports this package itself. The ``rlweights``
+command imports it, so ``rlweights train --env rlweights/Chain-v0`` works too.
+
+* ``rlweights/BairdCounterexample-v0`` (:class:`envs.baird.BairdCounterexample`): Baird's
+  counterexample, where off-policy semi-gradient TD with linear features diverges;
+* ``rlweights/Chain-v0`` (:class:`envs.chain.Chain`): a corridor with slip whose optimal
+  action values are known exactly (:meth:`envs.chain.Chain.optimal_q`).
 """
+
+from __future__ import annotations
+
+from gymnasium.envs.registration import register, registry
+
+__all__ = ["IDS"]
+
+IDS = ("rlweights/BairdCounterexample-v0", "rlweights/Chain-v0")
+
+_ENTRY_POINTS = {
+    "rlweights/BairdCounterexample-v0": ("envs.baird:BairdCounterexample", 1000),
+    "rlweights/Chain-v0": ("envs.chain:Chain", 100),
+}
+
+for _id, (_entry_point, _steps) in _ENTRY_POINTS.items():
+    if _id not in registry:  # importing twice (or reloading) registers once
+        register(id=_id, entry_point=_entry_point, max_episode_steps=_steps)

@@ -21,7 +21,7 @@ class _Parser(argparse.ArgumentParser):
 
 def _commands() -> list[tuple[str, str, str | None, Callable, Callable]]:
     """(name, summary, description, add_arguments, handler) of every subcommand."""
-    from agents import bench_train
+    from agents import bench_train, demo
     from agents import cli as agents_cli
 
     found = [
@@ -42,6 +42,7 @@ def _commands() -> list[tuple[str, str, str | None, Callable, Callable]]:
     ]
     for name, module, summary in (
         ("average", soup, "weighted average of checkpoints of one architecture (model soup)"),
+        ("demo", demo, "what target networks do: Baird's counterexample, DQN on a chain MDP"),
         ("bench", bench, "benchmark target updates and EMAs: SB3, CleanRL, torch, rlweights"),
         ("bench-sb3", bench_sb3, "benchmark SB3's target-update call site and SAC training"),
         ("bench-drift", bench_drift, "benchmark drift measurements, alone and inside SB3 SAC"),
