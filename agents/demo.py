@@ -12,8 +12,9 @@ predicted values over the seven states.
 ``rlweights demo chain``: the native DQN on ``rlweights/Chain-v0`` with several target-update
 routines; the error of its Q-function against the exact optimal values.
 
-Both write TensorBoard runs (one per routine), print a table, and with ``--png`` plot the
-curves (matplotlib, in the ``dev`` extra).
+Both write TensorBoard runs (one per routine and seed, under ``--logdir``, by default
+``runs/demo-DEMO-DATE-TIME``), print a table, and with ``--png`` plot the curves
+(matplotlib, in the ``dev`` extra).
 """
 
 from __future__ import annotations
@@ -32,7 +33,9 @@ from torch import nn
 
 import rlweights as rw
 from agents.common import parse_target_update
+from rlweights.drift import DriftMonitor
 from rlweights.files import atomic_write, write_json
+from rlweights.tensorboard import DriftLogger
 
 __all__ = [
     "BAIRD_ROUTINES",
@@ -88,6 +91,8 @@ def baird_td(
     Returns the curves (``steps``, ``weight_norm``, ``value_error``, ``target_distance``)
     sampled every ``log_every`` steps, and ``diverged_at`` (the first step whose weight norm
     exceeded :data:`DIVERGED_NORM`, or None). A run whose norm passes 1e12 stops there.
+    With ``writer``: rlweights' drift metrics of the weights (``drift/value/weight_norm``,
+    ``target_distance``, ``init_distance``, ``update_ratio``) and ``baird/value_error``.
     """
     from envs.baird import BairdCounterexample as Baird
 
@@ -99,6 +104,11 @@ def baird_td(
         online.weight.copy_(torch.as_tensor(Baird.INITIAL_WEIGHTS).view(1, 8))
     target, update = _routine(routine, online)
     w, w_target = online.weight.view(8), target.weight.view(8)
+    # Weight norm and distance to the target: rlweights' drift metrics (drift/value/...).
+    monitor = DriftMonitor(
+        {"value": online}, {"value": target} if target is not online else None, per_layer=False
+    )
+    drift = DriftLogger(writer, monitor) if writer is not None else None
     rng = np.random.default_rng(seed)
     _, info = env.reset(seed=seed)
     state = info["state"]
@@ -125,16 +135,17 @@ def baird_td(
             diverged_at = step
         stop = not norm <= _GIVE_UP_NORM
         if step % log_every == 0 or step == steps or stop:
-            values = {
-                "weight_norm": norm,
-                "value_error": float((features @ w).pow(2).mean().sqrt()),
-                "target_distance": float(rw.distance(online, target)),
-            }
+            if drift is not None:
+                measured = drift.log(step)
+            else:
+                measured = {tag: float(value) for tag, value in monitor.measure().items()}
+            value_error = float((features @ w).pow(2).mean().sqrt())
+            if writer is not None:
+                writer.add_scalar("baird/value_error", value_error, step)
             curves["steps"].append(step)
-            for key, value in values.items():
-                curves[key].append(value)
-                if writer is not None:
-                    writer.add_scalar(f"baird/{key}", value, step)
+            curves["weight_norm"].append(measured["drift/value/weight_norm"])
+            curves["value_error"].append(value_error)
+            curves["target_distance"].append(measured.get("drift/value/target_distance", 0.0))
         if stop:
             break
     env.close()
@@ -225,24 +236,35 @@ def _plot(path: Path, panels: Sequence[tuple[str, str, bool]], runs: list[dict],
             "rlweights demo: --png needs matplotlib (pip install matplotlib, or the dev extra)"
         ) from None
     fig, axes = plt.subplots(1, len(panels), figsize=(6.5 * len(panels), 4.6))
+    routines = list(dict.fromkeys(run["routine"] for run in runs))
+    colours = plt.get_cmap("tab10")
     for ax, (key, label, log) in zip(np.atleast_1d(axes), panels, strict=True):
-        for run in runs:
-            ax.plot(run["steps"], run[key], label=run["label"], linewidth=1.4)
+        labelled = set()
+        for run in runs:  # one colour per routine, one line per seed
+            routine = run["routine"]
+            ax.plot(
+                run["steps"],
+                run[key],
+                color=colours(routines.index(routine) % 10),
+                label=None if routine in labelled else _label(routine),
+                linewidth=1.3,
+                alpha=0.85,
+            )
+            labelled.add(routine)
         if log:
             ax.set_yscale("log")
         ax.set_xlabel("steps")
         ax.set_ylabel(label)
         ax.grid(alpha=0.3)
-    np.atleast_1d(axes)[0].legend(fontsize=8)
+    seeds = sorted({run["seed"] for run in runs})
+    np.atleast_1d(axes)[0].legend(fontsize=8, title=f"seeds {', '.join(map(str, seeds))}")
     fig.suptitle(title)
     fig.tight_layout()
     atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=110))
     plt.close(fig)
 
 
-def _writer(logdir: Path | None, name: str) -> Any:
-    if logdir is None:
-        return None
+def _writer(logdir: Path, name: str) -> Any:
     from torch.utils.tensorboard import SummaryWriter
 
     return SummaryWriter(str(logdir / name))
@@ -260,7 +282,7 @@ def run_baird(args: argparse.Namespace) -> dict[str, Any]:
             run = baird_td(routine, args.steps, seed, args.alpha, args.log_every, writer)
             if writer is not None:
                 writer.close()
-            runs.append(run | {"label": f"{_label(routine)} (seed {seed})"})
+            runs.append(run)
     return {"demo": "baird", "alpha": args.alpha, "runs": runs}
 
 
@@ -285,11 +307,11 @@ def run_chain(args: argparse.Namespace) -> dict[str, Any]:
     runs = []
     for routine in args.routines:
         for seed in args.seeds:
-            run_dir = args.logdir / f"{routine.replace(':', '-')}-s{seed}" if args.logdir else None
+            run_dir = args.logdir / f"{routine.replace(':', '-')}-s{seed}"
             tick = time.perf_counter()
             run = chain_dqn(routine, args.steps, seed, args.log_every, run_dir)
             run["seconds"] = time.perf_counter() - tick
-            runs.append(run | {"label": f"{_label(routine)} (seed {seed})"})
+            runs.append(run)
     return {"demo": "chain", "length": 10, "slip": 0.1, "runs": runs}
 
 
@@ -329,7 +351,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     demos = parser.add_subparsers(dest="demo", metavar="DEMO", required=True)
     common: list[tuple[tuple[str, ...], dict[str, Any]]] = [
         (("--seeds",), {"type": int, "nargs": "+", "default": [0], "help": "seeds (0)"}),
-        (("--logdir",), {"type": Path, "help": "TensorBoard runs here, one per routine"}),
+        (
+            ("--logdir",),
+            {
+                "type": Path,
+                "help": "TensorBoard runs here, one per routine and seed "
+                "(default: runs/demo-DEMO-DATE-TIME)",
+            },
+        ),
         (("--png",), {"type": Path, "help": "plot the curves into this PNG (matplotlib)"}),
         (("--json",), {"type": Path, "help": "also write the raw curves as JSON here"}),
     ]
@@ -370,6 +399,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def main_from_args(args: argparse.Namespace) -> int:
+    if args.logdir is None:
+        args.logdir = Path("runs") / f"demo-{args.demo}-{time.strftime('%Y%m%d-%H%M%S')}"
     if args.demo == "baird":
         if not (math.isfinite(args.alpha) and args.alpha > 0):
             raise SystemExit(f"rlweights demo baird: --alpha must be > 0, got {args.alpha}")
@@ -391,6 +422,5 @@ def main_from_args(args: argparse.Namespace) -> int:
     if args.json:
         write_json(args.json, result)
         print(f"wrote {args.json}")
-    if args.logdir:
-        print(f"TensorBoard: tensorboard --logdir {args.logdir}")
+    print(f"TensorBoard: tensorboard --logdir {args.logdir}")
     return 0
