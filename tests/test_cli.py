@@ -30,16 +30,19 @@ def _run(*args: str) -> subprocess.CompletedProcess:
         "bench-drift",
         "bench-train",
         "bench-distributed",
+        "demo",
+        "demo baird",
+        "demo chain",
     ],
 )
 def test_help(command):
-    args = [command, "--help"] if command else ["--help"]
+    args = [*command.split(), "--help"] if command else ["--help"]
     cmd = [str(EXE)] if EXE.exists() else [sys.executable, "-m", "rlweights"]
     done = _run(*cmd, *args)
     assert done.returncode == 0, done.stderr
     assert "usage: rlweights" in done.stdout
     if not command:
-        for sub in ("train", "evaluate", "average", "bench-train", "bench-distributed"):
+        for sub in ("train", "evaluate", "average", "demo", "bench-train", "bench-distributed"):
             assert sub in done.stdout
 
 
