@@ -293,8 +293,10 @@ def baird_table(result: dict[str, Any]) -> str:
         "|---|---:|---:|---:|---:|---:|---|",
     ]
     for run in result["runs"]:
-        at = run["diverged_at"]
-        outcome = f"diverges (norm > 1e3 at step {at})" if at else "stays bounded"
+        at, last = run["diverged_at"], run["steps"][-1]
+        outcome = f"diverges (norm > 1e3 at step {at}" if at else "stays bounded"
+        if at:
+            outcome += f"; > 1e12 at step {last}, stopped)" if last < run["total_steps"] else ")"
         lines.append(
             f"| {_label(run['routine'])} | {run['seed']} | {run['total_steps']} | "
             f"{run['weight_norm'][-1]:.3g} | {max(run['weight_norm']):.3g} | "
