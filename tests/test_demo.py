@@ -174,3 +174,13 @@ def test_demo_refuses_a_bad_routine_in_one_line(capsys):
     assert exit_info.value.code == 2
     (line,) = capsys.readouterr().err.strip().splitlines()
     assert "--routines" in line and "soft:2" in line
+
+
+def test_demo_chain_command_prints_the_q_error_table(tmp_path, capsys):
+    args = ["demo", "chain", "--steps", "600", "--routines", "none", "--log-every", "300"]
+    assert main([*args, "--logdir", str(tmp_path), "--json", str(tmp_path / "c.json")]) == 0
+    out = capsys.readouterr().out
+    assert "| no target network | 0 | 600 |" in out
+    (run,) = json.loads((tmp_path / "c.json").read_text())["runs"]
+    assert run["steps"] == [300, 600] and run["routine"] == "none"
+    assert (tmp_path / "none-s0" / "summary.json").exists()
