@@ -3,7 +3,7 @@ Introduction*, 2nd ed., example 11.1), as a Gymnasium environment."""
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 from gymnasium import Env, spaces
@@ -86,7 +86,7 @@ class BairdCounterexample(Env[np.ndarray, np.int64]):
     * v0: Initial version.
     """
 
-    metadata = {"render_modes": ["ansi"], "render_fps": 4}
+    metadata: ClassVar[dict[str, Any]] = {"render_modes": ["ansi"], "render_fps": 4}
 
     FEATURES = _features()
     INITIAL_WEIGHTS = np.array([1, 1, 1, 1, 1, 1, 10, 1], dtype=np.float64)

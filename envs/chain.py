@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 from gymnasium import Env, spaces
@@ -92,7 +92,7 @@ class Chain(Env[np.ndarray, np.int64]):
     * v0: Initial version.
     """
 
-    metadata = {"render_modes": ["ansi"], "render_fps": 4}
+    metadata: ClassVar[dict[str, Any]] = {"render_modes": ["ansi"], "render_fps": 4}
 
     def __init__(self, length: int = 10, slip: float = 0.1, render_mode: str | None = None):
         if isinstance(length, bool) or not isinstance(length, int) or length < 2:
