@@ -349,6 +349,13 @@ def _positive(text: str) -> int:
     return value
 
 
+def _step_size(text: str) -> float:
+    value = float(text)
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"must be a number > 0, got {text}")
+    return value
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     demos = parser.add_subparsers(dest="demo", metavar="DEMO", required=True)
     common: list[tuple[tuple[str, ...], dict[str, Any]]] = [
@@ -369,33 +376,27 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="TD(0) with linear features on Baird's counterexample, with and without targets",
         description=__doc__.split("\n\n")[1],
     )
-    baird.add_argument(
-        "--routines",
-        nargs="+",
-        type=_routine_spec,
-        default=list(BAIRD_ROUTINES),
-        metavar="SPEC",
-        help="none, hard:K or polyak:TAU (default: " + " ".join(BAIRD_ROUTINES) + ")",
-    )
     baird.add_argument("--steps", type=_positive, default=10_000, help="TD updates (10000)")
-    baird.add_argument("--alpha", type=float, default=0.01, help="step size (0.01, the book's)")
+    baird.add_argument(
+        "--alpha", type=_step_size, default=0.01, help="step size (0.01, the book's)"
+    )
     baird.add_argument("--log-every", type=_positive, default=100, help="curve points (100)")
     chain = demos.add_parser(
         "chain",
         help="DQN's Q-error against the exact Q* on rlweights/Chain-v0, per target update",
         description=__doc__.split("\n\n")[2],
     )
-    chain.add_argument(
-        "--routines",
-        nargs="+",
-        type=_routine_spec,
-        default=list(CHAIN_ROUTINES),
-        metavar="SPEC",
-        help="none, hard:K or polyak:TAU (default: " + " ".join(CHAIN_ROUTINES) + ")",
-    )
     chain.add_argument("--steps", type=_positive, default=20_000, help="env steps (20000)")
     chain.add_argument("--log-every", type=_positive, default=500, help="curve points (500)")
-    for sub in (baird, chain):
+    for sub, routines in ((baird, BAIRD_ROUTINES), (chain, CHAIN_ROUTINES)):
+        sub.add_argument(
+            "--routines",
+            nargs="+",
+            type=_routine_spec,
+            default=list(routines),
+            metavar="SPEC",
+            help="none, hard:K or polyak:TAU (default: " + " ".join(routines) + ")",
+        )
         for flags, options in common:
             sub.add_argument(*flags, **options)
 
@@ -404,8 +405,6 @@ def main_from_args(args: argparse.Namespace) -> int:
     if args.logdir is None:
         args.logdir = Path("runs") / f"demo-{args.demo}-{time.strftime('%Y%m%d-%H%M%S')}"
     if args.demo == "baird":
-        if not (math.isfinite(args.alpha) and args.alpha > 0):
-            raise SystemExit(f"rlweights demo baird: --alpha must be > 0, got {args.alpha}")
         result = run_baird(args)
         print(baird_table(result), end="")
         panels = [
