@@ -280,8 +280,7 @@ def run_baird(args: argparse.Namespace) -> dict[str, Any]:
         for seed in args.seeds:
             writer = _writer(args.logdir, f"{routine.replace(':', '-')}-s{seed}")
             run = baird_td(routine, args.steps, seed, args.alpha, args.log_every, writer)
-            if writer is not None:
-                writer.close()
+            writer.close()
             runs.append(run)
     return {"demo": "baird", "alpha": args.alpha, "runs": runs}
 
