@@ -72,7 +72,7 @@ class Learners:
 
     def average(self) -> Tensor | None:
         """Average every network across the learners. On rank 0, returns the L2 distance its
-        online networks moved (how far the learners had drifted apart), else None."""
+        weights (all networks) moved (how far the learners had drifted apart), else None."""
         before = None
         if self.rank == 0:
             before = [p.detach().clone() for unit in self._units for p in unit.parameters()]
