@@ -13,9 +13,8 @@ from typing import Any
 import gymnasium as gym
 import numpy as np
 import torch
-
-from agents.parallel import launched_ranks
-from agents.train import (
+from rlweights.agents.parallel import launched_ranks
+from rlweights.agents.train import (
     ALGOS,
     CheckpointError,
     config_from_checkpoint,
@@ -23,6 +22,7 @@ from agents.train import (
     load_checkpoint,
     make_config,
 )
+
 from rlweights.distributed import PeerError
 from rlweights.files import write_json
 
@@ -54,7 +54,10 @@ logs (distributed/distance_to_average: how far its weights moved at each averagi
 checkpoints. A learner that dies makes the others stop with an error after --peer-timeout.
 """
 
+EVALUATE_DESCRIPTION = "Run deterministic episodes with a saved agent and print the mean return."
+
 __all__ = [
+    "EVALUATE_DESCRIPTION",
     "TRAIN_DESCRIPTION",
     "UsageError",
     "add_evaluate_arguments",
@@ -332,11 +335,11 @@ def train_main(args: argparse.Namespace) -> int:
     progress = _Progress(config.total_steps, initial, enabled=lead and not args.no_progress)
     try:
         if impl == "sb3":
-            from agents.sb3_train import train_sb3
+            from rlweights.agents.sb3_train import train_sb3
 
             summary = train_sb3(config, run_dir, resume=initial > 0, progress=progress)
         else:
-            from agents.train import train
+            from rlweights.agents.train import train
 
             summary = train(config, run_dir, resume=initial > 0, progress=progress)[1]
     except KeyboardInterrupt as stop:
@@ -387,10 +390,10 @@ def _prepare_evaluate(args: argparse.Namespace) -> tuple[Any, Any, dict[str, Any
         raise CheckpointError(f"{args.checkpoint}: its config is unreadable ({exc})") from None
     _check_env(config.algo, config.env_id)
     if saved["impl"] == "sb3":
-        from agents.sb3_train import load_sb3_policy
+        from rlweights.agents.sb3_train import load_sb3_policy
 
         return config, load_sb3_policy(config, saved, ema=args.ema), saved
-    from agents.train import build_agent, make_envs
+    from rlweights.agents.train import build_agent, make_envs
 
     envs = make_envs(config.env_id, 1)
     agent = build_agent(config, envs)

@@ -29,10 +29,10 @@ from typing import Any
 import gymnasium as gym
 import numpy as np
 import torch
+from rlweights.agents.common import parse_target_update
 from torch import nn
 
 import rlweights as rw
-from agents.common import parse_target_update
 from rlweights.drift import DriftMonitor
 from rlweights.files import atomic_write, write_json
 from rlweights.tensorboard import DriftLogger
@@ -94,7 +94,7 @@ def baird_td(
     With ``writer``: rlweights' drift metrics of the weights (``drift/value/weight_norm``,
     ``target_distance``, ``init_distance``, ``update_ratio``) and ``baird/value_error``.
     """
-    from envs.baird import BairdCounterexample as Baird
+    from rlweights.envs.baird import BairdCounterexample as Baird
 
     env = gym.make("rlweights/BairdCounterexample-v0", max_episode_steps=None)
     features = torch.as_tensor(Baird.FEATURES, dtype=torch.float64)
@@ -182,7 +182,7 @@ def chain_dqn(
     i.e. ``polyak:1`` at every environment step, before every gradient step), returning the
     Q-error curves against :meth:`envs.chain.Chain.optimal_q`. ``overrides`` change the DQN
     settings below."""
-    from agents.train import make_config, train
+    from rlweights.agents.train import make_config, train
 
     env_id = "rlweights/Chain-v0"
     settings: dict[str, Any] = {

@@ -14,10 +14,9 @@ from typing import ClassVar
 import gymnasium as gym
 import numpy as np
 import torch
+from rlweights.agents.common import AgentConfig, OffPolicyAgent, adam, mlp
 from torch import Tensor, nn
 from torch.nn import functional as F
-
-from agents.common import AgentConfig, OffPolicyAgent, adam, mlp
 
 __all__ = ["DQN", "DQNConfig"]
 

@@ -24,17 +24,17 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch import nn
-
-import rlweights as rw
-from agents.common import AgentConfig, parse_target_update, rng_state, set_rng_state
-from agents.train import (
+from rlweights.agents.common import AgentConfig, parse_target_update, rng_state, set_rng_state
+from rlweights.agents.train import (
     EVAL_SEED_OFFSET,
     _GracefulStop,
     evaluate,
     load_checkpoint,
     save_checkpoint,
 )
+from torch import nn
+
+import rlweights as rw
 from rlweights.files import write_json
 
 __all__ = ["build_sb3_model", "load_sb3_policy", "train_sb3"]

@@ -13,10 +13,9 @@ from typing import ClassVar
 
 import gymnasium as gym
 import torch
+from rlweights.agents.common import AgentConfig, adam, mlp
+from rlweights.agents.sac import ContinuousAgent, TwinQ
 from torch import Tensor, nn
-
-from agents.common import AgentConfig, adam, mlp
-from agents.sac import ContinuousAgent, TwinQ
 
 __all__ = ["TD3", "DeterministicActor", "TD3Config"]
 

@@ -18,10 +18,9 @@ from typing import TYPE_CHECKING, Any
 
 import gymnasium as gym
 import numpy as np
+import rlweights.envs as _rlweights_envs  # noqa: F401  (registers the rlweights/ environments)
 import torch
-
-import envs as _rlweights_envs  # noqa: F401  (registers the rlweights/ environments)
-from agents.common import (
+from rlweights.agents.common import (
     AgentConfig,
     OffPolicyAgent,
     ReplayBuffer,
@@ -29,13 +28,14 @@ from agents.common import (
     seed_everything,
     set_rng_state,
 )
-from agents.dqn import DQN, DQNConfig
-from agents.sac import SAC, SACConfig
-from agents.td3 import TD3, TD3Config
+from rlweights.agents.dqn import DQN, DQNConfig
+from rlweights.agents.sac import SAC, SACConfig
+from rlweights.agents.td3 import TD3, TD3Config
+
 from rlweights.files import atomic_write, write_json
 
 if TYPE_CHECKING:
-    from agents.parallel import Learners
+    from rlweights.agents.parallel import Learners
 
 __all__ = [
     "ALGOS",
@@ -245,7 +245,7 @@ def train(
             "resuming a run of parallel learners is not supported: its checkpoint holds rank "
             "0's learner only; evaluate or average it, or start a new run"
         )
-    from agents.parallel import Learners
+    from rlweights.agents.parallel import Learners
 
     learners = Learners(config)
     try:

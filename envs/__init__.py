@@ -22,8 +22,8 @@ __all__ = ["IDS"]
 IDS = ("rlweights/BairdCounterexample-v0", "rlweights/Chain-v0")
 
 _ENTRY_POINTS = {
-    "rlweights/BairdCounterexample-v0": ("envs.baird:BairdCounterexample", 1000),
-    "rlweights/Chain-v0": ("envs.chain:Chain", 100),
+    "rlweights/BairdCounterexample-v0": ("rlweights.envs.baird:BairdCounterexample", 1000),
+    "rlweights/Chain-v0": ("rlweights.envs.chain:Chain", 100),
 }
 
 for _id, (_entry_point, _steps) in _ENTRY_POINTS.items():

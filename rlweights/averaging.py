@@ -23,9 +23,9 @@ from typing import Any
 
 from torch import nn
 
+from rlweights.checks import check_fraction
 from rlweights.ops import BufferPolicy
 from rlweights.targets import PolyakUpdate, make_target
-from rlweights.weights import check_fraction
 
 __all__ = ["EMA", "SWA"]
 

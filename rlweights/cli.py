@@ -1,15 +1,89 @@
-"""The ``rlweights`` command. Subcommands grow with the project; ``scripts/`` only call in here."""
+"""The ``rlweights`` command: the one table of subcommands. ``scripts/`` only call in here.
+
+Each subcommand lives in the module that implements it and is imported only when it runs, so
+``rlweights --help`` works with the core alone and a subcommand whose extra is missing says
+which extra to install (exit status 2).
+"""
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
-from collections.abc import Callable
 from typing import NoReturn
 
-from rlweights import __version__, bench, bench_distributed, bench_drift, bench_sb3, soup
+from rlweights import __version__
+from rlweights.extras import missing_extra
 
-__all__ = ["build_parser", "main"]
+__all__ = ["COMMANDS", "build_parser", "main"]
+
+# name -> (module, function adding the arguments, handler, description or None for the
+# module's docstring, one-line summary)
+COMMANDS: dict[str, tuple[str, str, str, str | None, str]] = {
+    "train": (
+        "rlweights.agents.cli",
+        "add_train_arguments",
+        "train_main",
+        "TRAIN_DESCRIPTION",
+        "train a native DQN/SAC/TD3 agent (or SB3's, with --impl sb3) on a Gymnasium env",
+    ),
+    "evaluate": (
+        "rlweights.agents.cli",
+        "add_evaluate_arguments",
+        "evaluate_main",
+        "EVALUATE_DESCRIPTION",
+        "evaluate a checkpoint written by 'rlweights train'",
+    ),
+    "average": (
+        "rlweights.soup",
+        "add_arguments",
+        "main_from_args",
+        None,
+        "weighted average of checkpoints of one architecture (model soup)",
+    ),
+    "demo": (
+        "rlweights.agents.demo",
+        "add_arguments",
+        "main_from_args",
+        None,
+        "what target networks do: Baird's counterexample, DQN on a chain MDP",
+    ),
+    "bench": (
+        "rlweights.bench.ops",
+        "add_arguments",
+        "main_from_args",
+        None,
+        "benchmark target updates and EMAs: SB3, CleanRL, torch, rlweights",
+    ),
+    "bench-sb3": (
+        "rlweights.bench.sb3",
+        "add_arguments",
+        "main_from_args",
+        None,
+        "benchmark SB3's target-update call site and SAC training",
+    ),
+    "bench-drift": (
+        "rlweights.bench.drift",
+        "add_arguments",
+        "main_from_args",
+        None,
+        "benchmark drift measurements, alone and inside SB3 SAC",
+    ),
+    "bench-train": (
+        "rlweights.bench.train",
+        "add_arguments",
+        "main_from_args",
+        None,
+        "benchmark native agents' steps/s against SB3's",
+    ),
+    "bench-distributed": (
+        "rlweights.bench.distributed",
+        "add_arguments",
+        "main_from_args",
+        None,
+        "benchmark averaging across processes against torch's average_parameters",
+    ),
+}
 
 
 class _Parser(argparse.ArgumentParser):
@@ -19,45 +93,14 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see '{self.prog} --help')\n")
 
 
-def _commands() -> list[tuple[str, str, str | None, Callable, Callable]]:
-    """(name, summary, description, add_arguments, handler) of every subcommand."""
-    from agents import bench_train, demo
-    from agents import cli as agents_cli
-
-    found = [
-        (
-            "train",
-            "train a native DQN/SAC/TD3 agent (or SB3's, with --impl sb3) on a Gymnasium env",
-            agents_cli.TRAIN_DESCRIPTION,
-            agents_cli.add_train_arguments,
-            agents_cli.train_main,
-        ),
-        (
-            "evaluate",
-            "evaluate a checkpoint written by 'rlweights train'",
-            "Run deterministic episodes with a saved agent and print the mean return.",
-            agents_cli.add_evaluate_arguments,
-            agents_cli.evaluate_main,
-        ),
-    ]
-    for name, module, summary in (
-        ("average", soup, "weighted average of checkpoints of one architecture (model soup)"),
-        ("demo", demo, "what target networks do: Baird's counterexample, DQN on a chain MDP"),
-        ("bench", bench, "benchmark target updates and EMAs: SB3, CleanRL, torch, rlweights"),
-        ("bench-sb3", bench_sb3, "benchmark SB3's target-update call site and SAC training"),
-        ("bench-drift", bench_drift, "benchmark drift measurements, alone and inside SB3 SAC"),
-        ("bench-train", bench_train, "benchmark native agents' steps/s against SB3's"),
-        (
-            "bench-distributed",
-            bench_distributed,
-            "benchmark averaging across processes against torch's average_parameters",
-        ),
-    ):
-        found.append((name, summary, module.__doc__, module.add_arguments, module.main_from_args))
-    return found
+def _chosen(argv: list[str]) -> str | None:
+    """The subcommand named in ``argv`` (the first word that is not an option)."""
+    return next((a for a in argv if not a.startswith("-")), None)
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(only: str | None = None) -> argparse.ArgumentParser:
+    """The parser of the whole command tree. Only the arguments of ``only`` (all subcommands
+    when None) are added, so that only that subcommand's module is imported."""
     parser = _Parser(
         prog="rlweights",
         description=(
@@ -68,25 +111,38 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"rlweights {__version__}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for name, summary, description, add_arguments, handler in _commands():
+    for name, (module_name, add, handler, description, summary) in COMMANDS.items():
+        if only is not None and name != only:
+            commands.add_parser(name, help=summary)
+            continue
+        module = importlib.import_module(module_name)
         sub = commands.add_parser(
             name,
             help=summary,
-            description=description,
+            description=getattr(module, description) if description else module.__doc__,
             formatter_class=argparse.RawDescriptionHelpFormatter,
         )
-        add_arguments(sub)
-        sub.set_defaults(handler=handler)
+        getattr(module, add)(sub)
+        sub.set_defaults(handler=getattr(module, handler))
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    if args.command is None:
-        parser.print_help()
-        return 0
-    return args.handler(args)
+    argv = sys.argv[1:] if argv is None else argv
+    chosen = _chosen(argv)
+    try:
+        parser = build_parser(chosen if chosen in COMMANDS else "")
+        args = parser.parse_args(argv)
+        if args.command is None:
+            parser.print_help()
+            return 0
+        return args.handler(args)
+    except ImportError as exc:
+        line = missing_extra(exc)
+        if line is None:
+            raise
+        print(f"rlweights {chosen}: error: {line}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -19,9 +19,10 @@ from torch import Tensor, nn
 from torch.optim import Optimizer
 from torch.utils.hooks import RemovableHandle
 
-from rlweights.flat import FlatWeights, layout_of
-from rlweights.ops import _bump, clamp_, max_norm_
-from rlweights.weights import Weights, check_bound, entries
+from rlweights.checks import check_bound
+from rlweights.flat import FlatWeights, bump_versions, layout_of
+from rlweights.ops import clamp_, max_norm_
+from rlweights.weights import Weights, entries
 
 __all__ = [
     "Clamp",
@@ -180,7 +181,7 @@ class InitClip(Constraint):
         with torch.no_grad():
             for flat, lo, hi in self._limits[1]:
                 flat.clamp_(lo, hi)
-        _bump(layout.weight_views)
+        bump_versions(layout.weight_views)
 
 
 def _flat_names(layout: FlatWeights) -> list[str]:

@@ -42,8 +42,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from rlweights.flat import FlatWeights, layout_of
-from rlweights.ops import _bump
+from rlweights.flat import FlatWeights, bump_versions, layout_of
 from rlweights.weights import WeightMismatchError, Weights, entries, is_float
 
 __all__ = ["PeerError", "PeriodicAverager", "all_average_", "broadcast_"]
@@ -188,7 +187,7 @@ def all_average_(weights: Weights, group: Any = None, *, buffers: BufferMode = "
         if bump:  # flat buffers: reduced where they are
             for flat in tensors:
                 _reduce_in_place(flat, group, world, op)
-            _bump(bump)
+            bump_versions(bump)
             return
         for members in _grouped(tensors):
             if len(members) == 1 and members[0].is_contiguous():
@@ -221,7 +220,7 @@ def broadcast_(weights: Weights, src: int = 0, group: Any = None) -> None:
                 tmp = t.contiguous()
                 _collective(op, lambda tmp=tmp: dist.broadcast(tmp, src=src, group=group))
                 t.copy_(tmp)
-        _bump(bump)
+        bump_versions(bump)
 
 
 class PeriodicAverager:

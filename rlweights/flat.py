@@ -34,20 +34,14 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
-from rlweights.weights import (
-    _GENERATION,
-    Entry,
-    _overwrites_params,
-    entries,
-    install_hooks,
-    is_float,
-    module_entries,
-)
+from rlweights.registration import GENERATION, install_hooks, overwrites_params
+from rlweights.weights import Entry, ModuleHandle, entries, is_float, module_entries
 
 __all__ = [
     "FlatGroup",
     "FlatLayoutWarning",
     "FlatWeights",
+    "bump_versions",
     "flatten_",
     "layout_of",
     "lives_in_other_layout",
@@ -77,7 +71,7 @@ class FlatGroup:
     views: tuple[Tensor, ...]
 
 
-class FlatWeights:
+class FlatWeights(ModuleHandle):
     """Handle returned by :func:`flatten_`; usable wherever a weight set is expected.
 
     ``groups`` holds the flat buffers: ``role="weight"`` for parameters, ``"buffer"`` for
@@ -98,7 +92,7 @@ class FlatWeights:
             ((*g.views, g.flat), [*map(_data_ptr, g.views), _data_ptr(g.flat)]) for g in groups
         ]
         self._structure = _structure(module)
-        self._generation = _GENERATION[0]
+        self._generation = GENERATION[0]
         self._warned = False
         self._dead = False
         sig = (
@@ -125,7 +119,7 @@ class FlatWeights:
         """True while every tensor of the module is still the view this layout made."""
         if self._dead:
             return False
-        if self._generation != _GENERATION[0] or _overwrites_params():
+        if self._generation != GENERATION[0] or overwrites_params():
             module = self._module()
             if module is None or _structure(module) != self._structure:
                 # Replaced or added tensors never come back: stay broken (and always
@@ -133,7 +127,7 @@ class FlatWeights:
                 self._dead = True
                 self._generation = -1
                 return False
-            self._generation = _GENERATION[0]
+            self._generation = GENERATION[0]
         return all(list(map(_data_ptr, views)) == ptrs for views, ptrs in self._ptr_checks)
 
     def __repr__(self) -> str:
@@ -145,6 +139,14 @@ class FlatWeights:
         )
         state = "intact" if self.intact else "broken"
         return f"FlatWeights({name}, {groups or 'no floating tensors'}, {state})"
+
+
+def bump_versions(tensors: list[Tensor]) -> None:
+    """Bump autograd's version counter of ``tensors`` (views of a flat buffer, rebound with
+    ``.data``, do not share the buffer's counter): after a write into a flat buffer, a
+    backward through a graph that saved the old values raises instead of using them."""
+    if tensors:
+        torch._C._increment_version(tensors)
 
 
 def _shapes(tensors: tuple[Tensor, ...]) -> tuple[torch.Size, ...]:

@@ -33,21 +33,14 @@ import torch
 from torch import Tensor
 from torch.compiler import is_compiling
 
-from rlweights.flat import (
-    _GENERATION,
-    FlatWeights,
-    _data_ptr,
-    _overwrites_params,
-    layout_of,
-)
+from rlweights.checks import check_bound, check_choice, check_fraction
+from rlweights.flat import FlatWeights, bump_versions, layout_of
+from rlweights.registration import GENERATION, overwrites_params
 from rlweights.weights import (
     Entry,
     NonFiniteError,
     WeightMismatchError,
     Weights,
-    check_bound,
-    check_choice,
-    check_fraction,
     check_no_overlap,
     entries,
     is_float,
@@ -55,7 +48,17 @@ from rlweights.weights import (
     select,
 )
 
-__all__ = ["average_", "clamp_", "copy_", "distance", "distances", "max_norm_", "polyak_"]
+__all__ = [
+    "average_",
+    "clamp_",
+    "copy_",
+    "distance",
+    "distances",
+    "max_norm_",
+    "pair_plan",
+    "polyak_",
+    "polyak_as_sb3_",
+]
 
 NonFinite = Literal["propagate", "raise", "skip"]
 BufferPolicy = Literal["copy", "polyak", "skip"]
@@ -131,11 +134,11 @@ def _cached_flat_plan(target: Weights, source: Weights) -> _Plan | None:
         return None
     plan = entry[2]
     tl, sl = plan.layouts
-    generation = _GENERATION[0]
+    generation = GENERATION[0]
     stale = tl._generation != generation or sl._generation != generation
-    if (stale or _overwrites_params()) and not (tl.intact and sl.intact):
+    if (stale or overwrites_params()) and not (tl.intact and sl.intact):
         return None
-    if list(map(_data_ptr, plan.views)) != plan.ptrs:
+    if list(map(Tensor.data_ptr, plan.views)) != plan.ptrs:
         return None
     return plan
 
@@ -155,7 +158,7 @@ def _flat_plan(target: Weights, source: Weights, tl: FlatWeights, sl: FlatWeight
         bump_all=tl.weight_views + tl.buffer_views,
         layouts=(tl, sl),
         views=views,
-        ptrs=[_data_ptr(v) for v in views],
+        ptrs=[Tensor.data_ptr(v) for v in views],
     )
     key = (id(target), id(source))
 
@@ -177,7 +180,7 @@ def _shared_layouts(*weight_sets: Weights) -> list[FlatWeights] | None:
     return layouts
 
 
-def _pair_plan(
+def pair_plan(
     target: Weights, source: Weights, op: str, ints_ok: bool = False, flat: bool = True
 ) -> _Plan:
     if flat:
@@ -297,11 +300,6 @@ def _grad_off(plan: _Plan) -> AbstractContextManager[None]:
     return _NULL if plan.flat else _no_grad()
 
 
-def _bump(tensors: list[Tensor]) -> None:
-    if tensors:
-        torch._C._increment_version(tensors)
-
-
 def polyak_(
     target: Weights,
     source: Weights,
@@ -344,7 +342,7 @@ def polyak_(
     tau = check_fraction(tau, "tau", op)
     check_choice(buffers, ("copy", "polyak", "skip"), "buffers", op)
     check_choice(nonfinite, ("propagate", "raise", "skip"), "nonfinite", op)
-    plan = _pair_plan(target, source, op)
+    plan = pair_plan(target, source, op)
     write_weights = not (type(tau) is float and tau == 0.0)
     with _grad_off(plan):
         ok = None
@@ -356,7 +354,7 @@ def polyak_(
         if write_weights:
             for group in plan.weights:
                 _lerp(group, tau, ok)
-            _bump(plan.bump_weights)
+            bump_versions(plan.bump_weights)
         if buffers != "skip":
             for group in plan.buffers:
                 if buffers == "copy":
@@ -365,10 +363,10 @@ def polyak_(
                     _lerp(group, tau, ok)
             for t, s in plan.others:
                 t.copy_(s)
-            _bump(plan.bump_buffers)
+            bump_versions(plan.bump_buffers)
 
 
-def _polyak_scale_add_(target: Weights, source: Weights, tau: float) -> None:
+def polyak_as_sb3_(target: Weights, source: Weights, tau: float) -> None:
     """SB3's formula, ``target <- target * (1 - tau) + tau * source`` (two passes, rounded as
     SB3 rounds), on the parameters only, on the same validated paths as :func:`polyak_`.
 
@@ -379,7 +377,7 @@ def _polyak_scale_add_(target: Weights, source: Weights, tau: float) -> None:
         tau = float(check_fraction(tau, "tau", "attach"))  # SB3's tau is a Python number
         if tau == 0.0:
             return
-    plan = _cached_flat_plan(target, source) or _pair_plan(target, source, "attach")
+    plan = _cached_flat_plan(target, source) or pair_plan(target, source, "attach")
     with _grad_off(plan):
         for ts, ss in plan.weights:
             if len(ts) == 1:
@@ -387,7 +385,7 @@ def _polyak_scale_add_(target: Weights, source: Weights, tau: float) -> None:
             else:
                 torch._foreach_mul_(ts, 1 - tau)
                 torch._foreach_add_(ts, ss, alpha=tau)
-        _bump(plan.bump_weights)
+        bump_versions(plan.bump_weights)
 
 
 # The checks are Python bookkeeping that must not be traced; polyak_ tests for compilation
@@ -414,7 +412,7 @@ def copy_(
     op = "copy_"
     check_choice(nonfinite, ("propagate", "raise", "skip"), "nonfinite", op)
     if include is None and exclude is None:
-        plan = _pair_plan(target, source, op, ints_ok=True)
+        plan = pair_plan(target, source, op, ints_ok=True)
     else:
         t_entries, t_named = entries(target, "target")
         s_entries, s_named = entries(source, "source")
@@ -435,8 +433,8 @@ def copy_(
             _copy(group, ok)
         for t, s in plan.others:
             t.copy_(s)
-        _bump(plan.bump_weights)
-        _bump(plan.bump_buffers)
+        bump_versions(plan.bump_weights)
+        bump_versions(plan.bump_buffers)
 
 
 def _check_average_weights(weights: Sequence[float] | None, n: int, op: str) -> list[float]:
@@ -507,7 +505,7 @@ def average_(
     check_choice(nonfinite, ("propagate", "raise", "skip"), "nonfinite", op)
     # One path for all pairs, so that their groups line up.
     flat = _shared_layouts(target, *sources) is not None
-    plans = [_pair_plan(target, s, op, flat=flat) for s in sources]
+    plans = [pair_plan(target, s, op, flat=flat) for s in sources]
     with _no_grad():
         first = plans[0]
         read = [s for p in plans for _, ss in p.weights for s in ss]
@@ -532,8 +530,8 @@ def average_(
         if buffers != "skip":
             for t, s in first.others:
                 t.copy_(s)
-            _bump(first.bump_buffers)
-        _bump(first.bump_weights)
+            bump_versions(first.bump_buffers)
+        bump_versions(first.bump_weights)
 
 
 def _single(weights: Weights, op: str) -> tuple[list[Tensor], list[Tensor]]:
@@ -586,7 +584,7 @@ def clamp_(weights: Weights, min: float | None = None, max: float | None = None)
                     torch._foreach_clamp_min_(group, lo)
                 if hi is not None:
                     torch._foreach_clamp_max_(group, hi)
-        _bump(bump)
+        bump_versions(bump)
 
 
 @_eager

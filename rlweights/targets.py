@@ -8,11 +8,12 @@ from typing import Any
 
 from torch import Tensor, nn
 
+from rlweights.checks import check_choice, check_fraction, check_int
 from rlweights.flat import flatten_, lives_in_other_layout
-from rlweights.ops import BufferPolicy, NonFinite, _pair_plan, copy_, polyak_
-from rlweights.weights import Weights, check_choice, check_fraction
+from rlweights.ops import BufferPolicy, NonFinite, copy_, pair_plan, polyak_
+from rlweights.weights import Weights
 
-__all__ = ["HardUpdate", "PolyakUpdate", "make_target"]
+__all__ = ["HardUpdate", "PolyakUpdate", "TargetRoutine", "make_target"]
 
 
 def make_target(module: nn.Module) -> nn.Module:
@@ -39,17 +40,11 @@ def make_target(module: nn.Module) -> nn.Module:
     return target
 
 
-def _check_every(every: object, cls: str) -> int:
-    if isinstance(every, bool) or not isinstance(every, int) or every < 1:
-        raise ValueError(f"{cls}: every must be an int >= 1, not {every!r}")
-    return every
-
-
 def _weights_name(weights: Weights) -> str:
     return type(weights).__name__
 
 
-class _Periodic:
+class TargetRoutine:
     """Counts ``step()`` calls and updates on every ``every``-th one (as SB3's DQN does:
     the first update happens at step ``every``).
 
@@ -58,21 +53,21 @@ class _Periodic:
     """
 
     def __init__(self, source: Weights | None, target: Weights | None, every: int):
-        self.every = _check_every(every, type(self).__name__)
+        self.every = check_int(every, "every", type(self).__name__)
         if (source is None) != (target is None):
             raise ValueError(f"{type(self).__name__}: pass both source and target, or neither")
         if source is not None:
             # Pair and validate now, not at the first due step (maybe thousands later).
-            _pair_plan(target, source, type(self).__name__, ints_ok=True)
+            pair_plan(target, source, type(self).__name__, ints_ok=True)
         self.source = source
         self.target = target
         self.steps = 0
         self.updates = 0
 
-    def bind(self, source: Weights, target: Weights) -> _Periodic:
+    def bind(self, source: Weights, target: Weights) -> TargetRoutine:
         """A copy of this routine's settings, fresh counters, acting on ``source -> target``."""
         bound = copy.copy(self)
-        _Periodic.__init__(bound, source, target, self.every)
+        TargetRoutine.__init__(bound, source, target, self.every)
         return bound
 
     def _update(self) -> None:
@@ -106,7 +101,7 @@ class _Periodic:
         for key in ("steps", "updates"):
             if isinstance(state[key], bool) or not isinstance(state[key], int) or state[key] < 0:
                 raise ValueError(f"{name}.load_state_dict: {key} must be an int >= 0")
-        every = _check_every(state["every"], name)
+        every = check_int(state["every"], "every", name)
         self._load_extra(state)
         self.every, self.steps, self.updates = every, state["steps"], state["updates"]
 
@@ -128,7 +123,7 @@ class _Periodic:
         )
 
 
-class PolyakUpdate(_Periodic):
+class PolyakUpdate(TargetRoutine):
     """Soft target update every ``every`` steps: ``target <- target + tau * (source - target)``.
 
     ``tau`` is a float in [0, 1], a 0-dim tensor (for CUDA graphs), or a schedule: a callable
@@ -201,7 +196,7 @@ class PolyakUpdate(_Periodic):
         return f", tau={shown}"
 
 
-class HardUpdate(_Periodic):
+class HardUpdate(TargetRoutine):
     """Hard target update (exact copy) every ``every`` steps, as DQN's target network.
 
     >>> update = rw.HardUpdate(q_net, q_target, every=1000)

@@ -12,26 +12,21 @@ from __future__ import annotations
 
 import fnmatch
 import itertools
-import math
 import weakref
 from collections.abc import Container, Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Literal, TypeAlias, Union
+from typing import Literal, TypeAlias
 
-import torch
 from torch import Tensor, nn
 
-if TYPE_CHECKING:
-    from rlweights.flat import FlatWeights
+from rlweights.registration import GENERATION, install_hooks, overwrites_params
 
 __all__ = [
     "Entry",
+    "ModuleHandle",
     "NonFiniteError",
     "WeightMismatchError",
     "Weights",
-    "check_bound",
-    "check_choice",
-    "check_fraction",
     "check_no_overlap",
     "entries",
     "match",
@@ -39,7 +34,17 @@ __all__ = [
     "select",
 ]
 
-Weights: TypeAlias = Union[nn.Module, Tensor, Iterable[Tensor], Mapping[str, Tensor], "FlatWeights"]
+
+class ModuleHandle:
+    """Base of handles that stand for a module's weights (:class:`rlweights.FlatWeights`):
+    an op given a handle acts on ``handle.module``."""
+
+    @property
+    def module(self) -> nn.Module:
+        raise NotImplementedError
+
+
+Weights: TypeAlias = nn.Module | Tensor | Iterable[Tensor] | Mapping[str, Tensor] | ModuleHandle
 """Anything an op accepts as a set of weights."""
 
 Kind = Literal["param", "buffer", "state", "tensor"]
@@ -82,9 +87,7 @@ def entries(weights: Weights, what: str = "weights") -> tuple[list[Entry], bool]
 
     ``what`` names the argument in error messages (``"target"``, ``"sources[2]"``, ...).
     """
-    from rlweights.flat import FlatWeights  # local: flat builds on this module
-
-    if isinstance(weights, FlatWeights):
+    if isinstance(weights, ModuleHandle):
         weights = weights.module
     if isinstance(weights, nn.Module):
         return cached_module_entries(weights), True
@@ -116,34 +119,6 @@ def entries(weights: Weights, what: str = "weights") -> tuple[list[Entry], bool]
     )
 
 
-# Bumped by PyTorch's global registration hooks whenever any module anywhere registers a
-# parameter, buffer or submodule; a layout re-checks its structure when this has moved.
-_GENERATION = [0]
-_HOOKS: list = []
-
-
-def _overwrites_params() -> bool:
-    """Under this (rare) future flag ``Module._apply`` replaces Parameters through the
-    ``_parameters`` dict, which no registration hook sees: re-check the structure."""
-    return torch.__future__.get_overwrite_module_params_on_conversion()
-
-
-def _bump_generation(*_args: object) -> None:
-    _GENERATION[0] += 1
-
-
-def install_hooks() -> None:
-    """Count registrations of parameters, buffers and submodules anywhere in the process
-    (PyTorch's global registration hooks), so that cached structures know when to re-check."""
-    if _HOOKS:
-        return
-    from torch.nn.modules import module as m
-
-    _HOOKS.append(m.register_module_parameter_registration_hook(_bump_generation))
-    _HOOKS.append(m.register_module_buffer_registration_hook(_bump_generation))
-    _HOOKS.append(m.register_module_module_registration_hook(_bump_generation))
-
-
 def module_entries(module: nn.Module) -> list[Entry]:
     """``named_parameters()`` then ``named_buffers()`` (duplicates removed), in one walk."""
     params, buffers, seen = [], [], set()
@@ -172,10 +147,10 @@ def cached_module_entries(module: nn.Module) -> list[Entry]:
     """
     install_hooks()
     cached = _ENTRIES.get(module)
-    if cached is not None and cached[0] == _GENERATION[0] and not _overwrites_params():
+    if cached is not None and cached[0] == GENERATION[0] and not overwrites_params():
         return cached[1]
     found = module_entries(module)
-    _ENTRIES[module] = (_GENERATION[0], found)
+    _ENTRIES[module] = (GENERATION[0], found)
     return found
 
 
@@ -312,43 +287,3 @@ def check_no_overlap(written: list[Entry], op: str) -> None:
 
 def is_float(t: Tensor) -> bool:
     return t.is_floating_point() or t.is_complex()
-
-
-def check_fraction(value: object, name: str, op: str) -> float | Tensor:
-    """Validate a coefficient in [0, 1]: a Python number, or a 0-dim floating tensor.
-
-    Tensor values are not inspected (that would sync the host with the device); their range
-    is the caller's responsibility.
-    """
-    if isinstance(value, Tensor):
-        if value.dim() != 0 or not value.is_floating_point():
-            raise ValueError(
-                f"{op}: {name} must be a float in [0, 1] or a 0-dim floating tensor, got a "
-                f"{value.dtype} tensor of shape {tuple(value.shape)}."
-            )
-        return value.detach() if value.requires_grad else value
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise ValueError(f"{op}: {name} must be a float in [0, 1], got {value!r}.")
-    value = float(value)
-    if not 0.0 <= value <= 1.0:  # also refuses NaN
-        raise ValueError(
-            f"{op}: {name}={value} is outside [0, 1]. {name} is the step toward the source "
-            "(target <- target + tau * (source - target)); TorchRL's eps, torch/timm decay and "
-            "ema-pytorch beta are 1 - tau."
-        )
-    return value
-
-
-def check_choice(value: object, allowed: tuple[str, ...], name: str, op: str) -> None:
-    """Validate a mode string against its allowed values."""
-    if value not in allowed:
-        raise ValueError(f"{op}: {name}={value!r} is not one of {', '.join(map(repr, allowed))}.")
-
-
-def check_bound(value: object, name: str, op: str) -> float | None:
-    """Validate an optional finite real bound."""
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value):
-        raise ValueError(f"{op}: {name} must be a real number or None, got {value!r}.")
-    return float(value)

@@ -6,14 +6,13 @@ from __future__ import annotations
 import gymnasium as gym
 import pytest
 import torch
+from rlweights.agents.common import ReplayBuffer, parse_target_update, rng_state, set_rng_state
+from rlweights.agents.dqn import DQN, DQNConfig
+from rlweights.agents.sac import SAC, Actor, SACConfig, TwinQ
+from rlweights.agents.td3 import TD3, TD3Config
 from torch.distributions import Normal, TransformedDistribution
 from torch.distributions.transforms import AffineTransform, TanhTransform
 from torch.testing import assert_close
-
-from agents.common import ReplayBuffer, parse_target_update, rng_state, set_rng_state
-from agents.dqn import DQN, DQNConfig
-from agents.sac import SAC, Actor, SACConfig, TwinQ
-from agents.td3 import TD3, TD3Config
 
 
 def test_twin_q_equals_two_separate_mlps():
@@ -72,7 +71,7 @@ def test_update_moves_the_target_by_tau_through_rlweights():
 def rw_flat(agent) -> bool:
     from rlweights import ops
 
-    return ops._pair_plan(agent.critic_target, agent.critic, "t").flat
+    return ops.pair_plan(agent.critic_target, agent.critic, "t").flat
 
 
 def pendulum():

@@ -13,11 +13,11 @@ import gymnasium as gym
 import numpy as np
 import pytest
 import torch
+from rlweights.agents.demo import DIVERGED_NORM, baird_td, chain_dqn, chain_q_error
+from rlweights.agents.train import make_config, train
+from rlweights.envs.baird import BairdCounterexample as Baird
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from agents.demo import DIVERGED_NORM, baird_td, chain_dqn, chain_q_error
-from agents.train import make_config, train
-from envs.baird import BairdCounterexample as Baird
 from rlweights.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -10,13 +10,10 @@ import warnings
 import gymnasium as gym
 import numpy as np
 import pytest
+import rlweights.envs as envs
 from gymnasium.utils.env_checker import check_env
-
-import envs
-import envs.baird
-import envs.chain
-from envs.baird import BairdCounterexample
-from envs.chain import Chain
+from rlweights.envs.baird import BairdCounterexample
+from rlweights.envs.chain import Chain
 
 
 @pytest.mark.parametrize("env_id", envs.IDS)

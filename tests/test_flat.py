@@ -103,7 +103,7 @@ def test_broken_layout_updates_the_real_tensors(breaker, side):
     source_target = rw.make_target(source)  # flattens source
     del source_target
     rw.flatten_(target)
-    assert ops._pair_plan(target, source, "t").flat  # the fast path is in use
+    assert ops.pair_plan(target, source, "t").flat  # the fast path is in use
     for module in {"target": [target], "source": [source], "both": [target, source]}[side]:
         breaker(module)
     if side != "both" and next(target.parameters()).dtype != next(source.parameters()).dtype:
@@ -111,11 +111,11 @@ def test_broken_layout_updates_the_real_tensors(breaker, side):
     t0, s0 = named(target), named(source)
     with pytest.warns(rw.FlatLayoutWarning, match="flat layout is broken"):
         _assert_targets_follow(target, source, t0, s0)
-    assert not ops._pair_plan(target, source, "t").flat
+    assert not ops.pair_plan(target, source, "t").flat
     # Flattening again restores the fast path, still on the real tensors.
     rw.flatten_(target)
     rw.flatten_(source)
-    assert ops._pair_plan(target, source, "t").flat
+    assert ops.pair_plan(target, source, "t").flat
     _assert_targets_follow(target, source, named(target), named(source))
 
 
@@ -178,7 +178,7 @@ def test_generation_bump_elsewhere_keeps_the_fast_path():
     rw.flatten_(source)
     rw.polyak_(target, source, 0.5)
     nn.Linear(2, 2)  # registers parameters somewhere else in the process
-    assert ops._pair_plan(target, source, "t").flat
+    assert ops.pair_plan(target, source, "t").flat
 
 
 def test_mixed_dtypes_get_one_flat_buffer_each():

@@ -55,7 +55,7 @@ def test_polyak_matches_float64_reference(kind, dtype, device, flat):
     }  # default buffer policy: hard copy (as SB3), integers copied
     _check(target, expected)
     assert_close_sources_untouched(source, s0)
-    assert ops._pair_plan(target, source, "test").flat is flat
+    assert ops.pair_plan(target, source, "test").flat is flat
 
 
 def assert_close_sources_untouched(source, s0):

@@ -14,6 +14,7 @@ from torch import nn
 
 import rlweights as rw
 from rlweights import sb3 as rsb3
+from rlweights.sb3 import patching
 
 contrib = pytest.importorskip("sb3_contrib")
 
@@ -97,12 +98,12 @@ def test_attach_flattens_and_routes_to_the_fast_path():
     model = _make(SAC)
     rsb3.attach(model)
     handle = rsb3.attach(model)  # attaching twice is harmless
-    assert rsb3._PATCHED["stable_baselines3.sac.sac"][2] == 1
+    assert patching._PATCHED["stable_baselines3.sac.sac"][2] == 1
     assert handle.flattened == ["critic", "critic_target"]
-    assert rw.ops._pair_plan(model.critic_target, model.critic, "t").flat
+    assert rw.ops.pair_plan(model.critic_target, model.critic, "t").flat
     from stable_baselines3.sac import sac
 
-    assert sac.polyak_update is rsb3._dispatch
+    assert sac.polyak_update is patching._dispatch
     handle.detach()
     assert sac.polyak_update is stable_baselines3.common.utils.polyak_update
 
@@ -213,7 +214,7 @@ class SpyHardUpdate(rw.HardUpdate):
 def test_hard_update_every_k_gradient_steps():
     template = SpyHardUpdate(every=3)
     model = _make(SAC)
-    handle = rsb3.attach(model, target_update=template)
+    handle = rsb3.attach(model, routine=template)
     bound = handle.routines["critic"]
     bound.log = []
     model.learn(120)
@@ -229,13 +230,13 @@ def test_hard_update_every_k_gradient_steps():
 def test_polyak_routine_and_callable_replace_the_update():
     model = _make(SAC)
     calls = []
-    handle = rsb3.attach(model, target_update=lambda t, s, tau: calls.append(tau))
+    handle = rsb3.attach(model, routine=lambda t, s, tau: calls.append(tau))
     frozen = {k: v.clone() for k, v in model.critic_target.state_dict().items()}
     model.learn(100)
     assert len(calls) == model._n_updates and set(calls) == {model.tau}
     for k, v in model.critic_target.state_dict().items():
         assert torch.equal(v, frozen[k])  # the callable did not update: nothing did
-    handle = rsb3.attach(model, target_update=rw.PolyakUpdate(tau=1.0))  # attaching again
+    handle = rsb3.attach(model, routine=rw.PolyakUpdate(tau=1.0))  # attaching again
     model.learn(60, reset_num_timesteps=False)
     assert rw.distance(model.critic_target, model.critic).item() == 0.0
     assert handle.routines["critic"].updates > 0
@@ -254,8 +255,8 @@ def test_bad_arguments_and_versions(monkeypatch):
     with pytest.raises(TypeError, match="attach takes a Stable-Baselines3 model"):
         rsb3.attach(nn.Linear(2, 2))
     model = _make(SAC)
-    with pytest.raises(TypeError, match="target_update must be None"):
-        rsb3.attach(model, target_update=0.005)
+    with pytest.raises(TypeError, match="routine must be None"):
+        rsb3.attach(model, routine=0.005)
     monkeypatch.setattr(stable_baselines3, "__version__", "1.8.0")
     with pytest.raises(RuntimeError, match=r"supports stable-baselines3 2.3 up to .* found 1.8.0"):
         rsb3.attach(model)

@@ -35,7 +35,7 @@ def test_weighted_average_of_state_dicts_matches_float64(tmp_path, capsys):
 
 
 def test_average_of_training_checkpoints_evaluates(tmp_path, capsys):
-    from agents.train import make_config, train
+    from rlweights.agents.train import make_config, train
 
     runs = []
     for seed in (0, 1):

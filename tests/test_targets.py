@@ -23,7 +23,7 @@ def test_make_target_is_a_frozen_flat_copy():
     for (n, a), b in zip(online.state_dict().items(), target.state_dict().values(), strict=True):
         assert torch.equal(a, b), n
         assert a.numel() == 0 or a.data_ptr() != b.data_ptr()
-    assert ops._pair_plan(target, online, "t").flat  # the pair takes the fast path
+    assert ops.pair_plan(target, online, "t").flat  # the pair takes the fast path
 
 
 def test_make_target_keeps_layouts_made_for_other_modules():

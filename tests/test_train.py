@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from rlweights.agents.train import load_checkpoint, make_config, train
 
-from agents.train import load_checkpoint, make_config, train
 from rlweights.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -130,7 +130,7 @@ def test_resume_restores_optimizers_routines_and_counters(tmp_path):
     config = tiny("sac", total_steps=200, eval_every=0, policy_ema=0.2)
     agent, _ = train(config, tmp_path)
     saved = load_checkpoint(tmp_path)
-    fresh = sys.modules["agents.train"].build_agent(config, _envs(config))
+    fresh = sys.modules["rlweights.agents.train"].build_agent(config, _envs(config))
     fresh.load_weights(saved["weights"])
     fresh.load_training_state(saved["training"]["agent"])
     for name, opt in agent.optimizers.items():
@@ -145,7 +145,7 @@ def test_resume_restores_optimizers_routines_and_counters(tmp_path):
 
 
 def _envs(config):
-    from agents.train import make_envs
+    from rlweights.agents.train import make_envs
 
     return make_envs(config.env_id, 1)
 
@@ -229,7 +229,7 @@ def test_impl_sb3_trains_evaluates_and_resumes(tmp_path, capsys, algo):
 
 
 def test_impl_sb3_hard_target_update_every_k_gradient_steps():
-    from agents.sb3_train import build_sb3_model
+    from rlweights.agents.sb3_train import build_sb3_model
 
     config = tiny("sac", total_steps=200, learning_starts=100, target_update="hard:3")
     model, attachment = build_sb3_model(config)

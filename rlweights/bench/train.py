@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from agents.train import make_config, train
+from rlweights.agents.train import make_config, train
 from rlweights.files import write_json
 
 __all__ = ["markdown", "run"]
@@ -38,7 +38,7 @@ def _native(config) -> float:
 
 
 def _sb3(config) -> float:
-    from agents.sb3_train import build_sb3_model
+    from rlweights.agents.sb3_train import build_sb3_model
 
     model, attachment = build_sb3_model(config)
     attachment.detach()  # plain SB3: its own polyak_update

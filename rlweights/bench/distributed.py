@@ -25,7 +25,7 @@ import torch
 import torch.distributed as dist
 
 import rlweights as rw
-from rlweights.bench import MODELS
+from rlweights.bench.models import MODELS
 from rlweights.files import write_json
 
 __all__ = ["add_arguments", "main_from_args", "markdown", "run"]

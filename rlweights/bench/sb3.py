@@ -107,7 +107,7 @@ def _training_run(variant: str | None, steps: int, seed: int) -> dict:
     if variant == "exact":
         handle = attach(model)
     elif variant == "lerp":
-        handle = attach(model, target_update=rw.PolyakUpdate(tau=model.tau))
+        handle = attach(model, routine=rw.PolyakUpdate(tau=model.tau))
     box = [0.0]
     original = sac.polyak_update
     sac.polyak_update = _timed(original, box)

@@ -9,7 +9,6 @@ per-round ratios, because these machines are shared and noisy.
 from __future__ import annotations
 
 import argparse
-import itertools
 import platform
 import statistics
 import time
@@ -21,9 +20,10 @@ import torch
 from torch import nn
 
 import rlweights as rw
+from rlweights.bench.models import MODELS, sac_critic
 from rlweights.files import write_json
 
-__all__ = ["MODELS", "markdown", "run"]
+__all__ = ["markdown", "run"]
 
 TAU = 0.005
 SB3 = "SB3 polyak_update"
@@ -31,49 +31,6 @@ FOREACH = "torch._foreach_lerp_"
 RW = "rw.polyak_ (make_target)"
 RAW = "one flat lerp_, unchecked"
 COPY = "flat copy_ (memory bound)"
-
-
-def sac_critic() -> nn.Module:
-    """SAC's twin Q-network for HalfCheetah (obs 17 + action 6): 144k parameters, 12 tensors."""
-
-    def q() -> nn.Module:
-        return nn.Sequential(
-            nn.Linear(23, 256), nn.ReLU(), nn.Linear(256, 256), nn.ReLU(), nn.Linear(256, 1)
-        )
-
-    return nn.ModuleList([q(), q()])
-
-
-def nature_dqn() -> nn.Module:
-    """The Nature-DQN CNN on 4x84x84 frames with 18 actions: 1.7M parameters."""
-    return nn.Sequential(
-        nn.Conv2d(4, 32, 8, stride=4),
-        nn.ReLU(),
-        nn.Conv2d(32, 64, 4, stride=2),
-        nn.ReLU(),
-        nn.Conv2d(64, 64, 3, stride=1),
-        nn.ReLU(),
-        nn.Flatten(),
-        nn.Linear(3136, 512),
-        nn.ReLU(),
-        nn.Linear(512, 18),
-    )
-
-
-def mlp_16m() -> nn.Module:
-    """A wide MLP of 16.8M parameters, where every implementation is memory-bound."""
-    sizes = [1024, 2048, 2048, 2048, 2048, 1024]
-    layers: list[nn.Module] = []
-    for n_in, n_out in itertools.pairwise(sizes):
-        layers += [nn.Linear(n_in, n_out), nn.ReLU()]
-    return nn.Sequential(*layers[:-1])
-
-
-MODELS: dict[str, Callable[[], nn.Module]] = {
-    "sac_critic": sac_critic,
-    "nature_dqn": nature_dqn,
-    "mlp_16m": mlp_16m,
-}
 
 
 @dataclass

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 import rlweights as rw
-from rlweights.bench import mlp_16m, sac_critic
+from rlweights.bench.models import mlp_16m, sac_critic
 from rlweights.drift import DriftMonitor
 from rlweights.files import write_json
 
@@ -84,7 +84,7 @@ def _native_run(drift: bool, steps: int, every: int, seed: int) -> tuple[float, 
     """The native SAC agent with TensorBoard logging: (training seconds, seconds in drift)."""
     import tempfile
 
-    from agents.train import make_config, train
+    from rlweights.agents.train import make_config, train
 
     with tempfile.TemporaryDirectory() as logdir:
         config = make_config(
