@@ -1,13 +1,13 @@
-"""Benchmark of weight averaging across processes: ``rw.distributed.all_average_`` against
-PyTorch's ``torch.distributed.algorithms.model_averaging.utils.average_parameters``, with N
+"""Benchmark of weight averaging across processes: rw.distributed.all_average_ against
+PyTorch's average_parameters (torch.distributed.algorithms.model_averaging), with N
 processes (default 2) joined by gloo on 127.0.0.1 (loopback).
 
 Every process builds the same networks and runs the same interleaved schedule: each round
 times every implementation (rotating which goes first) after a barrier; the times reported
-are rank 0's, medians over rounds, with the ratio to ``average_parameters`` per round.
-``all_reduce of one flat buffer`` is the floor: the collective alone, nothing around it.
+are rank 0's, medians over rounds, with the ratio to average_parameters per round. "all_reduce
+of one flat buffer" is the floor: the collective alone, nothing around it.
 
-Run as ``rlweights bench-distributed`` or ``python scripts/bench_distributed.py``.
+Run as 'rlweights bench-distributed' or 'python scripts/bench_distributed.py'.
 """
 
 from __future__ import annotations

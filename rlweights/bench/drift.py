@@ -1,8 +1,9 @@
-"""Benchmark of drift monitoring: one measurement vs one Polyak update, and the overhead of
-drift logging on SB3 SAC (``DriftCallback``) and on the native SAC agent (Pendulum-v1), with
-and without, in alternating runs.
+"""Benchmark of drift monitoring: one measurement against one Polyak update, and the
+overhead of drift logging on SB3's SAC (DriftCallback) and on the native SAC agent
+(Pendulum-v1), with and without, in alternating runs.
 
-Run as ``rlweights bench-drift`` or ``python scripts/bench_drift.py``.
+Run as 'rlweights bench-drift' or 'python scripts/bench_drift.py'. Needs the sb3 and
+agents extras.
 """
 
 from __future__ import annotations

@@ -1,9 +1,10 @@
-"""Side-by-side benchmark of target-network (Polyak) updates.
+"""Side-by-side benchmark of target-network (Polyak) updates and policy EMAs.
 
-Run as ``rlweights bench`` or ``python scripts/bench_ops.py``. Every competitor gets its own
-online/target pair of the same network; the competitors run interleaved (A B C ... A B C ...,
-the order rotating each round) and the table reports medians of per-round times and of
-per-round ratios, because these machines are shared and noisy.
+Run as 'rlweights bench' or 'python scripts/bench_ops.py'. Every competitor (SB3's
+polyak_update, CleanRL's inline loop, torch's foreach and AveragedModel, ema-pytorch,
+rlweights) gets its own online/target pair of the same network; they run interleaved
+(A B C ... A B C ..., the order rotating each round) and the table reports medians of
+per-round times and of per-round ratios, because these machines are shared and noisy.
 """
 
 from __future__ import annotations

@@ -1,13 +1,13 @@
 """Benchmark of the SB3 plug-in: SB3's own call site, and SAC training end to end.
 
-Run as ``rlweights bench-sb3`` or ``python scripts/bench_sb3.py``.
+Run as 'rlweights bench-sb3' or 'python scripts/bench_sb3.py'. Needs the sb3 extra.
 
-1. The call ``SAC.train`` makes, ``stable_baselines3.sac.sac.polyak_update(critic.parameters(),
-   critic_target.parameters(), tau)``, timed side by side (interleaved rounds) on a plain SAC
-   (SB3's own function) and on an attached one (rlweights' flat path).
-2. SAC on Pendulum-v1, plain, attached, and attached with a ``rw.PolyakUpdate`` routine, in
-   rotating runs, reporting the share of wall time spent in target updates (both of SB3's
-   calls per update point, timed at the call site) and environment steps per second.
+1. The call SAC.train makes, polyak_update(critic.parameters(), critic_target.parameters(),
+   tau), timed side by side (interleaved rounds) on a plain SAC (SB3's own function) and on
+   an attached one (rlweights' flat path).
+2. SAC on Pendulum-v1, plain, attached, and attached with a rw.PolyakUpdate routine, in
+   rotating runs: the share of wall time spent in target updates (both of SB3's calls per
+   update point, timed at the call site) and environment steps per second.
 """
 
 from __future__ import annotations

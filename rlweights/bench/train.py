@@ -1,10 +1,11 @@
 """Environment steps per second of the native agents against SB3, side by side.
 
-Run as ``rlweights bench-train`` or ``python scripts/bench_train.py``. For each algorithm the
-native agent and SB3's algorithm (plain, without rlweights attached: what a user has today)
-train with the same network sizes, batch size, update ratio and learning start on the same
-environment, on the CPU, in one process, alternating which goes first each round. Neither
-logs nor evaluates while timed. The table reports the median of per-round speed-ups.
+Run as 'rlweights bench-train' or 'python scripts/bench_train.py'. Needs the sb3 and agents
+extras. For each algorithm the native agent and SB3's algorithm (plain, without rlweights
+attached: what a user has today) train with the same network sizes, batch size, update
+ratio and learning start on the same environment, on the CPU, in one process, alternating
+which goes first each round. Neither logs nor evaluates while timed. The table reports the
+median of per-round speed-ups.
 """
 
 from __future__ import annotations

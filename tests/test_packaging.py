@@ -1,0 +1,434 @@
+"""The package's shape: one installed namespace, a torch-only core, dependencies one way.
+
+* A wheel built from the repository holds only ``rlweights`` (the folders ``agents/`` and
+  ``envs/`` install as ``rlweights.agents`` and ``rlweights.envs``); installed non-editable
+  into a fresh environment it trains, and a user's own ``agents``/``envs`` stay theirs.
+* With gymnasium, stable_baselines3, tensorboard and tqdm unimportable, the core works and
+  every feature that needs an extra names it in one line.
+* Module by module (read from the source), nothing imports a layer above its own, no
+  private name crosses a module boundary and the module-level imports have no cycle.
+"""
+
+from __future__ import annotations
+
+import ast
+import os
+import subprocess
+import sys
+import sysconfig
+import textwrap
+import zipfile
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+EXTRAS = ("gymnasium", "stable_baselines3", "tensorboard", "tqdm")
+
+# A meta path finder that makes the named packages unimportable, as if not installed.
+BLOCKER = """
+import importlib.abc, sys
+BLOCKED = set({blocked!r})
+class _Blocker(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in BLOCKED:
+            raise ModuleNotFoundError(f"No module named {{name!r}}", name=name)
+sys.meta_path.insert(0, _Blocker())
+"""
+
+
+def _python(
+    code: str, *, blocked: tuple[str, ...] = (), cwd: Path = ROOT, exe: str = sys.executable
+):
+    script = BLOCKER.format(blocked=blocked) + textwrap.dedent(code)
+    return subprocess.run([exe, "-c", script], capture_output=True, text=True, cwd=cwd, timeout=300)
+
+
+def test_import_rlweights_loads_no_extra_and_no_application():
+    done = _python(
+        """
+        import sys
+        import torch  # torch itself imports tqdm when it is installed (torch.hub)
+        before = set(sys.modules)
+        import rlweights as rw
+        heavy = ("gymnasium", "stable_baselines3", "tensorboard", "tqdm", "sb3_contrib")
+        loaded = sorted(
+            m for m in set(sys.modules) - before
+            if m.split(".")[0] in heavy
+            or m.startswith(("rlweights.agents", "rlweights.envs", "rlweights.bench"))
+            or m in ("rlweights.sb3", "rlweights.cli", "rlweights.tensorboard")
+        )
+        print(loaded)
+        """
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "[]"
+
+
+def test_core_works_without_any_extra():
+    done = _python(
+        """
+        import torch
+        from torch import nn
+        import rlweights as rw
+        from rlweights import distributed  # imports without a process group
+
+        torch.manual_seed(0)
+        online = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4), nn.Linear(4, 2))
+        target = rw.make_target(online)
+        before = {k: v.double().clone() for k, v in target.state_dict().items()}
+        with torch.no_grad():
+            for p in online.parameters():
+                p.add_(1.0)
+        rw.polyak_(target, online, 0.25)
+        for name, p in online.named_parameters():
+            want = before[name] + 0.25 * (p.double() - before[name])
+            torch.testing.assert_close(target.get_parameter(name).double(), want)
+        rw.copy_(target, online)
+        assert float(rw.distance(target, online)) == 0.0
+        assert set(rw.distances(target, online)) >= {"0.weight", "2.bias"}
+        a, b = nn.Linear(3, 3), nn.Linear(3, 3)
+        want = (a.weight.double() + 3 * b.weight.double()) / 4
+        soup = nn.Linear(3, 3)
+        rw.average_(soup, [a, b], coefficients=[1.0, 3.0])
+        torch.testing.assert_close(soup.weight.double(), want)
+        rw.clamp_(soup, -0.1, 0.1)
+        assert soup.weight.abs().max() <= 0.1
+        rw.max_norm_(soup, 0.05)
+        assert torch.linalg.vector_norm(soup.weight, dim=1).max() <= 0.05 + 1e-6
+        for routine in (
+            rw.PolyakUpdate(online, target, tau=0.5),
+            rw.HardUpdate(online, target, every=2),
+            rw.EMA(online, tau=0.1),
+            rw.SWA(online),
+        ):
+            for _ in range(3):
+                routine.step() if hasattr(routine, "step") else routine.update()
+            type(routine)  # repr and state round trip
+            routine.load_state_dict(routine.state_dict())
+            repr(routine)
+        optimizer = torch.optim.Adam(online.parameters())
+        handle = rw.constrain(optimizer, online, rw.constraints.MaxNorm(1.0))
+        online(torch.randn(5, 3)).sum().backward()
+        optimizer.step()
+        assert all(
+            float(torch.linalg.vector_norm(m.weight, dim=1).max()) <= 1.0 + 1e-6
+            for m in (online[0], online[2])
+        )
+        handle.remove()
+        rw.reset_optimizer_state_(optimizer, online)
+        print("core ok")
+        """,
+        blocked=EXTRAS,
+    )
+    assert done.returncode == 0, done.stderr
+    assert "core ok" in done.stdout
+
+
+@pytest.mark.parametrize(
+    ("module", "extra"),
+    [("rlweights.sb3", "sb3"), ("rlweights.tensorboard", "tensorboard")],
+)
+def test_an_integration_without_its_extra_names_it(module, extra):
+    done = _python(
+        f"""
+        from rlweights.extras import MissingExtraError
+        try:
+            import {module}
+        except MissingExtraError as exc:
+            print(exc)
+        """,
+        blocked=EXTRAS,
+    )
+    assert done.returncode == 0, done.stderr
+    line = done.stdout.strip()
+    assert line.count("\n") == 0
+    assert f"pip install 'rlweights[{extra}]'" in line
+
+
+@pytest.mark.parametrize(
+    ("args", "blocked", "extra"),
+    [
+        (["train", "--steps", "10"], EXTRAS, "agents"),
+        (["evaluate", "missing.pt"], EXTRAS, "agents"),
+        (["demo", "chain"], EXTRAS, "agents"),
+        (["train", "--impl", "sb3", "--steps", "10"], ("stable_baselines3",), "sb3"),
+        (["bench-sb3", "--rounds", "1"], EXTRAS, "sb3"),
+    ],
+    ids=["train", "evaluate", "demo", "train-sb3", "bench-sb3"],
+)
+def test_the_command_names_the_missing_extra(args, blocked, extra, tmp_path):
+    done = _python(
+        f"""
+        import sys
+        from rlweights.cli import main
+        sys.exit(main({[*args]!r}))
+        """,
+        blocked=blocked,
+        cwd=tmp_path,
+    )
+    assert done.returncode == 2, done.stdout + done.stderr
+    assert "Traceback" not in done.stderr
+    assert done.stderr.count("\n") == 1, done.stderr
+    assert f"pip install 'rlweights[{extra}]'" in done.stderr
+    assert not (tmp_path / "runs").exists()  # nothing written
+
+
+def test_help_works_with_the_core_alone():
+    for args in ([], ["average"], ["bench"]):
+        done = _python(
+            f"""
+            import sys
+            from rlweights.cli import main
+            sys.exit(main({[*args, "--help"]!r}))
+            """,
+            blocked=EXTRAS,
+        )
+        assert done.returncode == 0, done.stderr
+        assert "usage: rlweights" in done.stdout
+
+
+# ---- the installed wheel -------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def wheel(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("wheel")
+    subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", str(out), str(ROOT)],
+        check=True,
+        capture_output=True,
+        timeout=600,
+    )
+    (found,) = out.glob("rlweights-*.whl")
+    return found
+
+
+@pytest.fixture(scope="module")
+def installed(wheel, tmp_path_factory) -> Path:
+    """A fresh environment with the wheel installed (not editable); the dependencies are
+    reused from this environment through a path entry, which (unlike a site directory) does
+    not run this environment's editable-install hooks."""
+    env = tmp_path_factory.mktemp("env") / "venv"
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(env)], check=True)
+    python = env / "bin" / "python"
+    purelib = subprocess.run(
+        [python, "-c", "import sysconfig; print(sysconfig.get_path('purelib'))"],
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout.strip()
+    Path(purelib, "reuse-dependencies.pth").write_text(sysconfig.get_path("purelib") + "\n")
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "--python",
+            str(python),
+            "install",
+            "-q",
+            "--no-deps",
+            "--no-index",
+            str(wheel),
+        ],
+        check=True,
+        capture_output=True,
+        timeout=300,
+    )
+    return env
+
+
+def test_the_wheel_has_one_top_level_package(wheel):
+    with zipfile.ZipFile(wheel) as zf:
+        names = zf.namelist()
+        tops = {n.split("/")[0] for n in names}
+        (dist_info,) = [t for t in tops if t.endswith(".dist-info")]
+        assert tops == {"rlweights", dist_info}
+        assert "rlweights/agents/train.py" in names
+        assert "rlweights/envs/chain.py" in names
+        assert "rlweights/py.typed" in names
+        top_level = f"{dist_info}/top_level.txt"
+        if top_level in names:
+            assert zf.read(top_level).decode().split() == ["rlweights"]
+
+
+@pytest.mark.parametrize("where", ["plain", "with-user-packages"])
+def test_the_installed_wheel_trains(installed, tmp_path, where):
+    work = tmp_path / "project"
+    work.mkdir()
+    if where == "with-user-packages":  # a user's project with folders of these common names
+        for name in ("agents", "envs"):
+            (work / name).mkdir()
+            (work / name / "__init__.py").write_text(f"OWNER = 'user {name}'\n")
+    python = str(installed / "bin" / "python")
+    checks = (
+        """
+        import rlweights, rlweights.agents, rlweights.envs, rlweights.sb3
+        assert rlweights.__file__.startswith(sys.prefix), rlweights.__file__
+        assert rlweights.agents.__file__.startswith(sys.prefix), rlweights.agents.__file__
+        """
+        + (
+            """
+        import agents, envs
+        assert (agents.OWNER, envs.OWNER) == ("user agents", "user envs")
+        """
+            if where == "with-user-packages"
+            else """
+        for name in ("agents", "envs"):
+            try:
+                __import__(name)
+            except ModuleNotFoundError:
+                pass
+            else:
+                raise AssertionError(f"import {name} works: the wheel installed it")
+        """
+        )
+        + """
+        print("imports ok")
+        """
+    )
+    done = _python("import sys\n" + textwrap.dedent(checks), cwd=work, exe=python)
+    assert done.returncode == 0, done.stderr
+    assert "imports ok" in done.stdout
+    env = {**os.environ, "PATH": f"{installed / 'bin'}{os.pathsep}{os.environ['PATH']}"}
+    train = subprocess.run(
+        [
+            str(installed / "bin" / "rlweights"),
+            "train",
+            "--steps",
+            "300",
+            "--no-progress",
+            "--logdir",
+            "runs",
+            "--run-name",
+            "wheel",
+            "--eval-episodes",
+            "2",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=work,
+        env=env,
+        timeout=300,
+    )
+    assert train.returncode == 0, train.stderr
+    assert (work / "runs" / "wheel" / "model.pt").is_file()
+    if where == "with-user-packages":
+        assert (work / "agents" / "__init__.py").read_text() == "OWNER = 'user agents'\n"
+
+
+# ---- dependencies run one way ----------------------------------------------------------------
+
+# Layer of each module of the installed package (by dotted name); a module may import its own
+# layer and those below, never one above, at module level or lazily inside a function.
+CORE, INTEGRATION, APPLICATION, TOP = 0, 1, 2, 3
+INTEGRATIONS = ("rlweights.sb3", "rlweights.tensorboard", "rlweights.distributed", "rlweights.soup")
+STDLIB = set(sys.stdlib_module_names)
+
+
+def _layer(module: str) -> int:
+    if module == "rlweights":  # the facade re-exports the core and rlweights.distributed
+        return INTEGRATION
+    if module.startswith(("rlweights.bench", "rlweights.cli", "rlweights.__main__")):
+        return TOP
+    if module.startswith(("rlweights.agents", "rlweights.envs")):
+        return APPLICATION
+    if module.startswith(INTEGRATIONS):
+        return INTEGRATION
+    return CORE
+
+
+def _modules() -> dict[str, Path]:
+    found = {}
+    for folder, package in (
+        ("rlweights", "rlweights"),
+        ("agents", "rlweights.agents"),
+        ("envs", "rlweights.envs"),
+    ):
+        for path in sorted((ROOT / folder).rglob("*.py")):
+            parts = list(path.relative_to(ROOT / folder).with_suffix("").parts)
+            if parts[-1] == "__init__":
+                parts.pop()
+            found[".".join([package, *parts])] = path
+    return found
+
+
+def _imports(module: str, path: Path) -> list[tuple[str, list[str], bool, int]]:
+    """(imported module, imported names, at module level?, line) of every import."""
+    tree = ast.parse(path.read_text())
+    top_level = {id(node) for node in tree.body}
+    package = module if path.name == "__init__.py" else module.rpartition(".")[0]
+    out = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            out += [(a.name, [], id(node) in top_level, node.lineno) for a in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                base = ".".join(
+                    package.split(".")[: len(package.split(".")) - node.level + 1]
+                    + ([base] if base else [])
+                )
+            out.append((base, [a.name for a in node.names], id(node) in top_level, node.lineno))
+    return out
+
+
+def test_dependencies_run_one_way():
+    problems = []
+    for module, path in _modules().items():
+        mine = _layer(module)
+        for imported, names, _, line in _imports(module, path):
+            where = f"{path.relative_to(ROOT)}:{line}"
+            top = imported.split(".")[0]
+            if top in ("agents", "envs"):
+                problems.append(f"{where} imports {imported!r}: use rlweights.{imported}")
+            if top == "rlweights":
+                targets = [imported] + [f"{imported}.{n}" for n in names]
+                for target in targets:
+                    if (
+                        target.startswith("rlweights")
+                        and _layer(target) > mine
+                        and (target == imported or target in _modules())
+                    ):
+                        problems.append(f"{where}: {module} imports {target} (a higher layer)")
+            elif mine == CORE and top not in STDLIB and top not in ("torch", "numpy"):
+                problems.append(f"{where}: the core module {module} imports {imported}")
+    assert not problems, "\n".join(problems)
+
+
+def test_no_private_name_crosses_a_module_and_no_import_cycle():
+    modules = _modules()
+    problems, graph = [], {}
+    for module, path in modules.items():
+        graph[module] = set()
+        for imported, names, at_top, line in _imports(module, path):
+            if not imported.startswith("rlweights"):
+                continue
+            private = [n for n in names if n.startswith("_") and not n.startswith("__")]
+            if private:
+                problems.append(
+                    f"{path.relative_to(ROOT)}:{line} imports {private} from {imported}"
+                )
+            if at_top:
+                for target in [imported] + [f"{imported}.{n}" for n in names]:
+                    if target in modules and target != module:
+                        graph[module].add(target)
+    assert not problems, "\n".join(problems)
+
+    cycles: list[list[str]] = []
+    state: dict[str, int] = {}  # 1: on the current path, 2: done
+
+    def visit(module: str, path: list[str]) -> None:
+        state[module] = 1
+        for nxt in sorted(graph[module]):
+            if state.get(nxt) == 1:
+                cycles.append([*path[path.index(nxt) :], nxt])
+            elif nxt not in state:
+                visit(nxt, [*path, nxt])
+        state[module] = 2
+
+    for module in sorted(graph):
+        if module not in state:
+            visit(module, [module])
+    assert not cycles, "module-level import cycles: " + "; ".join(" -> ".join(c) for c in cycles)
