@@ -1,8 +1,9 @@
 """Averages of a policy over time: an exponential moving average (EMA) and a uniform one (SWA).
 
 Both keep a frozen averaged copy of the module in flat storage (``rw.make_target``), so an
-update is one fused pass per flat buffer, and both are routines like ``rw.PolyakUpdate``:
-``update()``, ``state_dict()`` / ``load_state_dict()``, a clear repr.
+update is one fused pass per flat buffer, and both are routines like ``rw.PolyakUpdate``
+(:class:`~rlweights.periodic.PeriodicRoutine`): ``update()`` (also named ``step()``),
+``state_dict()`` / ``load_state_dict()``, a clear repr.
 
 >>> ema = rw.EMA(policy, tau=0.005, warmup=True)
 >>> ema.update()  # after each optimizer step of the policy
@@ -19,47 +20,65 @@ them, e.g. with ``torch.optim.swa_utils.update_bn``). Integer buffers are copied
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 from torch import nn
 
-from rlweights.checks import check_fraction
-from rlweights.ops import BufferPolicy
-from rlweights.targets import PolyakUpdate, make_target
+from rlweights.checks import check_choice, check_fraction
+from rlweights.ops import BufferPolicy, polyak_
+from rlweights.periodic import PeriodicRoutine
+from rlweights.targets import make_target
+from rlweights.weights import WeightMismatchError
 
 __all__ = ["EMA", "SWA"]
 
 
-class _Average:
-    """The averaged copy and the Polyak routine that moves it; subclasses give the schedule."""
+class _Average(PeriodicRoutine):
+    """The averaged copy, moved toward the module on the due steps of the routine's counter;
+    subclasses give the schedule of tau. The state is ``{"counter": ..., "updates": ...,
+    "averaged": <the averaged module's state_dict>}``."""
 
-    def __init__(self, module: nn.Module, buffers: BufferPolicy, every: int):
+    def __init__(self, module: nn.Module, buffers: BufferPolicy, every: int, start: int = 0):
         if not isinstance(module, nn.Module):
             raise TypeError(f"{type(self).__name__} averages an nn.Module, got {module!r}")
+        check_choice(buffers, ("copy", "polyak", "skip"), "buffers", type(self).__name__)
+        super().__init__(every, start=start)
         self.module = module
+        self.buffers = buffers
         self.averaged = make_target(module)
-        self._routine = PolyakUpdate(
-            module, self.averaged, tau=self._tau, every=every, buffers=buffers
-        )
 
     def _tau(self, updates: int) -> float:
         raise NotImplementedError
 
-    @property
-    def updates(self) -> int:
-        """Updates of the average done so far."""
-        return self._routine.updates
+    def _run(self) -> None:
+        polyak_(self.averaged, self.module, self._tau(self.updates), buffers=self.buffers)
 
-    def update(self) -> bool:
-        """Count a step; on every ``every``-th one, move the average. Returns whether it did."""
-        return self._routine.step()
+    update = PeriodicRoutine.step  # the name averages have: "count a step, move when due"
 
-    def state_dict(self) -> dict[str, Any]:
-        return {"averaged": self.averaged.state_dict(), "routine": self._routine.state_dict()}
+    def _extra_state(self) -> dict[str, Any]:
+        return {"averaged": self.averaged.state_dict()}
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.averaged.load_state_dict(state["averaged"])  # in place: flat views stay
-        self._routine.load_state_dict(state["routine"])
+    def _load_extra_state(self, state: dict[str, Any]) -> None:
+        """Check that the saved weights have this average's names and shapes, then load them
+        (torch's load_state_dict would copy the matching tensors before it raises)."""
+        op = f"{type(self).__name__}.load_state_dict"
+        saved, mine = state["averaged"], self.averaged.state_dict()
+        if not isinstance(saved, Mapping):
+            raise ValueError(f"{op}: 'averaged' must be a state_dict, got {type(saved).__name__}")
+        wrong = sorted(
+            name
+            for name in mine.keys() | saved.keys()
+            if name not in mine
+            or name not in saved
+            or getattr(saved[name], "shape", None) != mine[name].shape
+        )
+        if wrong:
+            raise WeightMismatchError(
+                f"{op}: the saved average does not fit this module ({', '.join(wrong[:6])}); "
+                "load the state of an average of the same architecture"
+            )
+        self.averaged.load_state_dict(saved)  # in place: flat views stay
 
 
 class EMA(_Average):
@@ -80,9 +99,7 @@ class EMA(_Average):
         every: int = 1,
         buffers: BufferPolicy = "copy",
     ):
-        if isinstance(tau, bool) or not isinstance(tau, (int, float)):
-            raise TypeError(f"EMA: tau must be a float in (0, 1], got {tau!r}")
-        self.tau = float(check_fraction(float(tau), "tau", "EMA"))
+        self.tau = float(check_fraction(tau, "tau", "EMA", tensor=False))
         self.warmup = bool(warmup)
         super().__init__(module, buffers, every)
 
@@ -101,32 +118,22 @@ class EMA(_Average):
 class SWA(_Average):
     """Uniform average of the weights seen at the updates after the first ``start`` calls
     (stochastic weight averaging): after ``n`` averaged updates the copy holds the mean of
-    those ``n`` weight snapshots (``tau_n = 1 / (n + 1)``; the first one copies)."""
+    those ``n`` weight snapshots (``tau_n = 1 / (n + 1)``; the first one copies). With
+    ``every=k`` it averages at calls ``start + k``, ``start + 2k``, ...
+    """
 
     def __init__(
         self, module: nn.Module, *, start: int = 0, every: int = 1, buffers: BufferPolicy = "copy"
     ):
-        if isinstance(start, bool) or not isinstance(start, int) or start < 0:
-            raise ValueError(f"SWA: start must be an int >= 0, not {start!r}")
-        self.start = start
-        self.calls = 0
-        super().__init__(module, buffers, every)
+        super().__init__(module, buffers, every, start)
 
     def _tau(self, updates: int) -> float:
         return 1.0 / (updates + 1)
 
-    def update(self) -> bool:
-        self.calls += 1
-        if self.calls <= self.start:
-            return False
-        return super().update()
-
-    def state_dict(self) -> dict[str, Any]:
-        return {**super().state_dict(), "calls": self.calls}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        super().load_state_dict(state)
-        self.calls = state["calls"]
+    @property
+    def calls(self) -> int:
+        """Calls of :meth:`update` counted so far (those before ``start`` included)."""
+        return self.steps
 
     def __repr__(self) -> str:
         return (

@@ -10,35 +10,48 @@ import math
 
 from torch import Tensor
 
-__all__ = ["check_bound", "check_choice", "check_fraction", "check_int"]
+__all__ = ["check_choice", "check_fraction", "check_int", "check_number"]
 
 
-def check_int(value: object, name: str, op: str, minimum: int = 1) -> int:
-    """Validate an integer ``>= minimum`` (bools are refused: ``True`` is not a count)."""
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"{op}: {name} must be an int >= {minimum}, got {value!r}.")
+def check_int(
+    value: object, name: str, op: str, minimum: int = 1, maximum: int | None = None
+) -> int:
+    """Validate an integer in ``[minimum, maximum]`` (bools are refused: ``True`` is not a
+    count)."""
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, int)
+        or value < minimum
+        or (maximum is not None and value > maximum)
+    ):
+        allowed = f">= {minimum}" if maximum is None else f"in [{minimum}, {maximum}]"
+        raise ValueError(f"{op}: {name} must be an int {allowed}, got {value!r}.")
     return value
 
 
-def check_fraction(value: object, name: str, op: str) -> float | Tensor:
-    """Validate a coefficient in [0, 1]: a Python number, or a 0-dim floating tensor.
+def check_fraction(
+    value: object, name: str, op: str, *, zero: bool = True, tensor: bool = True
+) -> float | Tensor:
+    """Validate a coefficient in [0, 1] (in (0, 1] with ``zero=False``): a Python number, or
+    (with ``tensor=True``) a 0-dim floating tensor.
 
     Tensor values are not inspected (that would sync the host with the device); their range
     is the caller's responsibility.
     """
-    if isinstance(value, Tensor):
+    interval = "[0, 1]" if zero else "(0, 1]"
+    if isinstance(value, Tensor) and tensor:
         if value.dim() != 0 or not value.is_floating_point():
             raise ValueError(
-                f"{op}: {name} must be a float in [0, 1] or a 0-dim floating tensor, got a "
+                f"{op}: {name} must be a float in {interval} or a 0-dim floating tensor, got a "
                 f"{value.dtype} tensor of shape {tuple(value.shape)}."
             )
         return value.detach() if value.requires_grad else value
     if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise ValueError(f"{op}: {name} must be a float in [0, 1], got {value!r}.")
+        raise ValueError(f"{op}: {name} must be a float in {interval}, got {value!r}.")
     value = float(value)
-    if not 0.0 <= value <= 1.0:  # also refuses NaN
+    if not 0.0 <= value <= 1.0 or (value == 0.0 and not zero):  # also refuses NaN
         raise ValueError(
-            f"{op}: {name}={value} is outside [0, 1]. {name} is the step toward the source "
+            f"{op}: {name}={value} is outside {interval}. {name} is the step toward the source "
             "(target <- target + tau * (source - target)); TorchRL's eps, torch/timm decay and "
             "ema-pytorch beta are 1 - tau."
         )
@@ -51,10 +64,34 @@ def check_choice(value: object, allowed: tuple[str, ...], name: str, op: str) ->
         raise ValueError(f"{op}: {name}={value!r} is not one of {', '.join(map(repr, allowed))}.")
 
 
-def check_bound(value: object, name: str, op: str) -> float | None:
-    """Validate an optional finite real bound."""
-    if value is None:
+def check_number(
+    value: object,
+    name: str,
+    op: str,
+    *,
+    minimum: float | None = None,
+    strict: bool = False,
+    finite: bool = False,
+    optional: bool = False,
+    fix: str = "",
+) -> float | None:
+    """Validate a real number: never NaN, not infinite with ``finite=True``, at least
+    ``minimum`` (above it with ``strict=True``); None passes with ``optional=True``.
+    ``fix`` is appended to the message."""
+    if value is None and optional:
         return None
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value):
-        raise ValueError(f"{op}: {name} must be a real number or None, got {value!r}.")
+    ok = (
+        not isinstance(value, bool)
+        and isinstance(value, (int, float))
+        and not math.isnan(value)
+        and (math.isfinite(value) or not finite)
+        and (minimum is None or value > minimum or (value == minimum and not strict))
+    )
+    if not ok:
+        kind = "a finite number" if finite else "a number"
+        if minimum is not None:
+            kind += f" {'>' if strict else '>='} {minimum:g}"
+        if optional:
+            kind += " or None"
+        raise ValueError(f"{op}: {name} must be {kind}, got {value!r}.{' ' + fix if fix else ''}")
     return float(value)

@@ -19,7 +19,7 @@ from torch import Tensor, nn
 from torch.optim import Optimizer
 from torch.utils.hooks import RemovableHandle
 
-from rlweights.checks import check_bound
+from rlweights.checks import check_number
 from rlweights.flat import FlatWeights, bump_versions, layout_of
 from rlweights.ops import clamp_, max_norm_
 from rlweights.weights import Weights, entries
@@ -120,10 +120,7 @@ class InitClip(Constraint):
     """
 
     def __init__(self, kappa: float, bounds: dict[str, float] | None = None):
-        value = check_bound(kappa, "kappa", "InitClip")
-        if value is None or value <= 0:
-            raise ValueError(f"InitClip: kappa must be a number > 0, got {kappa!r}")
-        self.kappa = float(kappa)
+        self.kappa = check_number(kappa, "kappa", "InitClip", minimum=0.0, strict=True)
         self._bounds = dict(bounds) if bounds is not None else None
         self._limits: tuple[FlatWeights, list[tuple[Tensor, Tensor, Tensor]]] | None = None
 
@@ -168,7 +165,7 @@ class InitClip(Constraint):
         if self._limits is None or self._limits[0] is not layout:
             limits = []
             for group in layout.groups:
-                if group.role != "weight":
+                if group.role != "param":
                     continue
                 hi = torch.full_like(group.flat, math.inf)
                 offset = 0
@@ -181,11 +178,11 @@ class InitClip(Constraint):
         with torch.no_grad():
             for flat, lo, hi in self._limits[1]:
                 flat.clamp_(lo, hi)
-        bump_versions(layout.weight_views)
+        bump_versions(layout.param_views)
 
 
 def _flat_names(layout: FlatWeights) -> list[str]:
-    return [name for g in layout.groups if g.role == "weight" for name in g.names]
+    return [name for g in layout.groups if g.role == "param" for name in g.names]
 
 
 def _check_trained(optimizer: Optimizer, tensors: list[Tensor], op: str) -> None:

@@ -42,8 +42,16 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
+from rlweights.checks import check_choice, check_int
 from rlweights.flat import FlatWeights, bump_versions, layout_of
-from rlweights.weights import WeightMismatchError, Weights, entries, is_float
+from rlweights.periodic import PeriodicRoutine
+from rlweights.weights import (
+    WeightMismatchError,
+    Weights,
+    entries,
+    group_by_device_dtype,
+    is_float,
+)
 
 __all__ = ["PeerError", "PeriodicAverager", "all_average_", "broadcast_"]
 
@@ -82,11 +90,10 @@ def _members(
     Flat layouts give their buffers; otherwise the floating tensors, one by one. The
     signature lists (name, dtype, shape) of every tensor averaged in reduction order, and
     whether they are reduced as flat buffers or as tensors; cached per layout."""
-    if buffers not in ("average", "skip"):
-        raise ValueError(f"{op}: buffers must be 'average' or 'skip', got {buffers!r}")
+    check_choice(buffers, ("average", "skip"), "buffers", op)
     layout = layout_of(weights)
     if layout is not None:
-        roles = ("weight", "buffer") if buffers == "average" else ("weight",)
+        roles = ("param", "buffer") if buffers == "average" else ("param",)
         groups = [g for role in roles for g in layout.groups if g.role == role]
         views = [v for g in groups for v in g.views]
         cached = _LAYOUT_SIGNATURES.get(layout)
@@ -154,13 +161,6 @@ def _collective(op: str, call: Callable[[], Any]) -> Any:
         ) from exc
 
 
-def _grouped(tensors: list[Tensor]) -> list[list[Tensor]]:
-    groups: dict[tuple[torch.device, torch.dtype], list[Tensor]] = {}
-    for t in tensors:
-        groups.setdefault((t.device, t.dtype), []).append(t)
-    return list(groups.values())
-
-
 def _reduce_in_place(buffer: Tensor, group: Any, world: int, op: str) -> None:
     if dist.get_backend(group) == dist.Backend.NCCL:
         _collective(op, lambda: dist.all_reduce(buffer, op=dist.ReduceOp.AVG, group=group))
@@ -189,7 +189,7 @@ def all_average_(weights: Weights, group: Any = None, *, buffers: BufferMode = "
                 _reduce_in_place(flat, group, world, op)
             bump_versions(bump)
             return
-        for members in _grouped(tensors):
+        for members in group_by_device_dtype(tensors):
             if len(members) == 1 and members[0].is_contiguous():
                 _reduce_in_place(members[0], group, world, op)
                 continue
@@ -206,8 +206,7 @@ def broadcast_(weights: Weights, src: int = 0, group: Any = None) -> None:
     in place: the learners start from the same network."""
     op = "broadcast_"
     world = _require_group(op, group)
-    if isinstance(src, bool) or not isinstance(src, int) or not 0 <= src < world:
-        raise ValueError(f"{op}: src must be a rank in [0, {world - 1}], got {src!r}")
+    check_int(src, "src (a rank)", op, minimum=0, maximum=world - 1)
     tensors, bump, signature = _members(weights, "average", op)
     _check_peers(weights, signature, group, op)
     if world == 1:
@@ -223,39 +222,28 @@ def broadcast_(weights: Weights, src: int = 0, group: Any = None) -> None:
         bump_versions(bump)
 
 
-class PeriodicAverager:
+class PeriodicAverager(PeriodicRoutine):
     """Average ``weights`` across the processes of ``group`` on every ``every``-th
-    :meth:`step` (call it once per optimizer step, on every process)."""
+    :meth:`step` (call it once per optimizer step, on every process).
+
+    ``state_dict()`` is ``{"counter": <Periodic's state>, "updates": n}``; a state saved
+    with another ``every`` is refused, as :class:`~rlweights.periodic.Periodic` does.
+    """
 
     def __init__(
         self, weights: Weights, every: int, group: Any = None, *, buffers: BufferMode = "average"
     ):
-        if isinstance(every, bool) or not isinstance(every, int) or every < 1:
-            raise ValueError(f"PeriodicAverager: every must be an int >= 1, got {every!r}")
+        super().__init__(every)
         _members(weights, buffers, "PeriodicAverager")  # validates the weight set and mode
-        self.weights, self.every, self.group, self.buffers = weights, every, group, buffers
-        self.calls = 0
-        self.updates = 0
+        self.weights, self.group, self.buffers = weights, group, buffers
 
-    def step(self) -> bool:
-        """Count a step; on every ``every``-th one, average. Returns whether it did."""
-        self.calls += 1
-        if self.calls % self.every:
-            return False
+    @property
+    def calls(self) -> int:
+        """Calls of :meth:`step` counted so far."""
+        return self.steps
+
+    def _run(self) -> None:
         all_average_(self.weights, self.group, buffers=self.buffers)
-        self.updates += 1
-        return True
-
-    def state_dict(self) -> dict[str, int]:
-        return {"calls": self.calls, "updates": self.updates, "every": self.every}
-
-    def load_state_dict(self, state: dict[str, int]) -> None:
-        if state["every"] != self.every:
-            raise ValueError(
-                f"PeriodicAverager: the saved state averaged every {state['every']} steps, this "
-                f"one every {self.every}; build it with every={state['every']}"
-            )
-        self.calls, self.updates = int(state["calls"]), int(state["updates"])
 
     def __repr__(self) -> str:
         world = dist.get_world_size(self.group) if dist.is_initialized() else "?"

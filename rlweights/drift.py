@@ -22,12 +22,13 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
+from operator import itemgetter
 
 import torch
 from torch import Tensor, nn
 
 from rlweights.flat import layout_of
-from rlweights.weights import WeightMismatchError, is_float, module_entries
+from rlweights.weights import WeightMismatchError, group_by_device_dtype, is_float, module_entries
 
 __all__ = ["METRICS", "DriftMonitor"]
 
@@ -67,7 +68,7 @@ def _contiguous(module: nn.Module, tensors: list[Tensor]) -> Tensor:
     with exactly these tensors in it, else a concatenated copy."""
     layout = layout_of(module)
     if layout is not None:
-        for flat in layout.weight_flats:
+        for flat in layout.param_flats:
             views = [v for g in layout.groups if g.flat is flat for v in g.views]
             if len(views) == len(tensors) and all(
                 a is b for a, b in zip(views, tensors, strict=True)
@@ -111,11 +112,8 @@ class DriftMonitor:
 
     @staticmethod
     def _snapshot(module: nn.Module) -> list[_Group]:
-        grouped: dict[tuple[torch.device, torch.dtype], list[tuple[str, Tensor]]] = {}
-        for name, t in _params(module):
-            grouped.setdefault((t.device, t.dtype), []).append((name, t))
         groups = []
-        for members in grouped.values():
+        for members in group_by_device_dtype(_params(module), key=itemgetter(1)):
             tensors = [t for _, t in members]
             with torch.no_grad():
                 flat = _contiguous(module, tensors).clone()

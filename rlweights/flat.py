@@ -1,5 +1,8 @@
 """Flat storage: one contiguous buffer per (role, device, dtype), Parameters as views of it.
 
+The role says what a buffer holds: ``"param"`` for parameters, ``"buffer"`` for floating
+buffers (BatchNorm running statistics), as ``Entry.kind`` names them.
+
 After :func:`flatten_`, a Polyak update of a whole network is one ``lerp_`` per buffer, a
 hard copy one ``copy_``, a clip one ``clamp_``: the cost becomes the memory traffic instead of
 Python and kernel-launch overhead. Parameter (and buffer) *objects* are kept, only their
@@ -29,13 +32,21 @@ from __future__ import annotations
 import warnings
 import weakref
 from dataclasses import dataclass
+from operator import attrgetter
 from typing import Literal
 
 import torch
 from torch import Tensor, nn
 
 from rlweights.registration import GENERATION, install_hooks, overwrites_params
-from rlweights.weights import Entry, ModuleHandle, entries, is_float, module_entries
+from rlweights.weights import (
+    Entry,
+    ModuleHandle,
+    entries,
+    group_by_device_dtype,
+    is_float,
+    module_entries,
+)
 
 __all__ = [
     "FlatGroup",
@@ -47,7 +58,7 @@ __all__ = [
     "lives_in_other_layout",
 ]
 
-Role = Literal["weight", "buffer"]
+Role = Literal["param", "buffer"]
 
 _data_ptr = Tensor.data_ptr
 _LAYOUTS: weakref.WeakKeyDictionary[nn.Module, FlatWeights] = weakref.WeakKeyDictionary()
@@ -74,25 +85,31 @@ class FlatGroup:
 class FlatWeights(ModuleHandle):
     """Handle returned by :func:`flatten_`; usable wherever a weight set is expected.
 
-    ``groups`` holds the flat buffers: ``role="weight"`` for parameters, ``"buffer"`` for
-    floating buffers (BatchNorm statistics). Non-floating tensors (``num_batches_tracked``)
-    stay where they were and are listed in ``others``. Writing into ``group.flat`` yourself
-    bypasses autograd's version counters; use the ops.
+    ``groups`` holds the flat buffers: ``role="param"`` for parameters, ``"buffer"`` for
+    floating buffers (BatchNorm statistics); ``param_flats`` / ``buffer_flats`` are those
+    buffers by role and ``param_views`` / ``buffer_views`` the tensors that are views of them.
+    Non-floating tensors (``num_batches_tracked``) stay where they were and are listed in
+    ``others``. Writing into ``group.flat`` yourself bypasses autograd's version counters;
+    use the ops.
+
+    ``generation`` is the registration count (:mod:`rlweights.registration`) at which the
+    module's structure was last found unchanged (-1 once it broke): while it equals the
+    current count, checking the data pointers of the views is enough.
     """
 
     def __init__(self, module: nn.Module, groups: list[FlatGroup], others: list[Entry]):
         self._module = weakref.ref(module)
         self.groups: tuple[FlatGroup, ...] = tuple(groups)
         self.others: tuple[Entry, ...] = tuple(others)
-        self.weight_flats = tuple(g.flat for g in groups if g.role == "weight")
+        self.param_flats = tuple(g.flat for g in groups if g.role == "param")
         self.buffer_flats = tuple(g.flat for g in groups if g.role == "buffer")
-        self.weight_views = [v for g in groups if g.role == "weight" for v in g.views]
+        self.param_views = [v for g in groups if g.role == "param" for v in g.views]
         self.buffer_views = [v for g in groups if g.role == "buffer" for v in g.views]
         self._ptr_checks = [
             ((*g.views, g.flat), [*map(_data_ptr, g.views), _data_ptr(g.flat)]) for g in groups
         ]
         self._structure = _structure(module)
-        self._generation = GENERATION[0]
+        self.generation = GENERATION[0]
         self._warned = False
         self._dead = False
         sig = (
@@ -119,15 +136,15 @@ class FlatWeights(ModuleHandle):
         """True while every tensor of the module is still the view this layout made."""
         if self._dead:
             return False
-        if self._generation != GENERATION[0] or overwrites_params():
+        if self.generation != GENERATION[0] or overwrites_params():
             module = self._module()
             if module is None or _structure(module) != self._structure:
                 # Replaced or added tensors never come back: stay broken (and always
                 # "stale", so that cached plans re-check) until flatten_ rebuilds.
                 self._dead = True
-                self._generation = -1
+                self.generation = -1
                 return False
-            self._generation = GENERATION[0]
+            self.generation = GENERATION[0]
         return all(list(map(_data_ptr, views)) == ptrs for views, ptrs in self._ptr_checks)
 
     def __repr__(self) -> str:
@@ -204,6 +221,23 @@ def lives_in_other_layout(module: nn.Module) -> bool:
     return any(e.tensor.untyped_storage().data_ptr() in buffers for e in module_entries(module))
 
 
+def _flatten_group(role: Role, members: list[Entry]) -> FlatGroup:
+    """One new buffer for ``members`` (one device and dtype); each tensor becomes a view."""
+    first = members[0].tensor
+    size = sum(e.tensor.numel() for e in members)
+    flat = torch.empty(size, dtype=first.dtype, device=first.device)
+    views, offset = [], 0
+    for e in members:
+        n = e.tensor.numel()
+        view = flat[offset : offset + n].view(e.tensor.shape)
+        view.copy_(e.tensor)
+        e.tensor.data = view  # rebinds storage; the Parameter object is kept
+        views.append(e.tensor)
+        offset += n
+    names = tuple(e.name for e in members)
+    return FlatGroup(role, first.device, first.dtype, flat, names, tuple(views))
+
+
 def flatten_(module: nn.Module) -> FlatWeights:
     """Move a module's floating tensors into contiguous buffers, one per (role, device, dtype).
 
@@ -219,31 +253,22 @@ def flatten_(module: nn.Module) -> FlatWeights:
         if existing.intact:
             return existing
         existing._dead = True  # never again, even if new views reuse its addresses
-        existing._generation = -1
+        existing.generation = -1
     install_hooks()
     found, _ = entries(module)
-    grouped: dict[tuple[Role, torch.device, torch.dtype], list[Entry]] = {}
+    movable: dict[Role, list[Entry]] = {"param": [], "buffer": []}
     others = []
     for e in found:
         if is_float(e.tensor) and e.tensor.device.type != "meta":
-            role: Role = "weight" if e.kind == "param" else "buffer"
-            grouped.setdefault((role, e.tensor.device, e.tensor.dtype), []).append(e)
+            movable["param" if e.kind == "param" else "buffer"].append(e)
         else:
             others.append(e)
-    groups = []
     with torch.no_grad():
-        for (role, device, dtype), members in grouped.items():
-            flat = torch.empty(sum(e.tensor.numel() for e in members), dtype=dtype, device=device)
-            views, offset = [], 0
-            for e in members:
-                n = e.tensor.numel()
-                view = flat[offset : offset + n].view(e.tensor.shape)
-                view.copy_(e.tensor)
-                e.tensor.data = view  # rebinds storage; the Parameter object is kept
-                views.append(e.tensor)
-                offset += n
-            names = tuple(e.name for e in members)
-            groups.append(FlatGroup(role, device, dtype, flat, names, tuple(views)))
+        groups = [
+            _flatten_group(role, members)
+            for role, of_role in movable.items()
+            for members in group_by_device_dtype(of_role, key=attrgetter("tensor"))
+        ]
     layout = FlatWeights(module, groups, others)
     _LAYOUTS[module] = layout
     return layout

@@ -17,7 +17,7 @@ Non-finite sources (``nonfinite=``): ``"propagate"`` (default, free) writes NaN/
 the formula says; ``"raise"`` checks every source first (one extra read of the sources and one
 host sync per call) and raises :class:`~rlweights.NonFiniteError` before writing;
 ``"skip"`` leaves the target untouched when any source is non-finite without syncing (one
-extra read of the sources plus a ``torch.where`` pass: about 2-3x the cost of the plain op).
+extra read of the sources plus a ``torch.where`` pass over the targets).
 """
 
 from __future__ import annotations
@@ -27,13 +27,14 @@ import weakref
 from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
+from operator import itemgetter
 from typing import Literal, ParamSpec, TypeVar
 
 import torch
 from torch import Tensor
 from torch.compiler import is_compiling
 
-from rlweights.checks import check_bound, check_choice, check_fraction
+from rlweights.checks import check_choice, check_fraction, check_number
 from rlweights.flat import FlatWeights, bump_versions, layout_of
 from rlweights.registration import GENERATION, overwrites_params
 from rlweights.weights import (
@@ -43,12 +44,14 @@ from rlweights.weights import (
     Weights,
     check_no_overlap,
     entries,
+    group_by_device_dtype,
     is_float,
     match,
     select,
 )
 
 __all__ = [
+    "PairPlan",
     "average_",
     "clamp_",
     "copy_",
@@ -68,20 +71,21 @@ _Group = tuple[list[Tensor], list[Tensor]]
 
 
 @dataclass(slots=True)
-class _Plan:
-    """Matched, validated pairs grouped by (device, dtype), ready to run.
+class PairPlan:
+    """Matched, validated (target, source) pairs grouped by (device, dtype), ready to run.
 
-    ``weights`` are floating parameters (or sequence tensors), ``buffers`` floating buffers,
-    ``others`` non-floating tensors (copied, never interpolated). For a flat plan each group
-    is one flat buffer, ``bump_*`` list the views whose autograd version must be bumped after
-    a write, and ``views`` / ``ptrs`` are what the per-call integrity check compares.
+    ``params`` are floating parameters (or the tensors of sequences and state_dicts),
+    ``buffers`` floating buffers, ``others`` non-floating tensors (copied, never
+    interpolated); each group is ``(targets, sources)``. For a flat plan each group is one
+    flat buffer, ``bump_*`` list the views whose autograd version must be bumped after a
+    write, and ``views`` / ``ptrs`` are what the per-call integrity check compares.
     """
 
-    weights: list[_Group]
+    params: list[_Group]
     buffers: list[_Group]
     others: list[tuple[Tensor, Tensor]]
     flat: bool = False
-    bump_weights: list[Tensor] = field(default_factory=list)
+    bump_params: list[Tensor] = field(default_factory=list)
     bump_buffers: list[Tensor] = field(default_factory=list)
     bump_all: list[Tensor] = field(default_factory=list)
     layouts: tuple[FlatWeights, ...] = ()
@@ -90,12 +94,11 @@ class _Plan:
 
 
 def _grouped(pairs: list[tuple[Tensor, Tensor]]) -> list[_Group]:
-    groups: dict[tuple[torch.device, torch.dtype], _Group] = {}
-    for t, s in pairs:
-        ts, ss = groups.setdefault((t.device, t.dtype), ([], []))
-        ts.append(t)
-        ss.append(s)
-    return list(groups.values())
+    """(target, source) pairs as ``(targets, sources)`` groups, one per (device, dtype)."""
+    return [
+        ([t for t, _ in group], [s for _, s in group])
+        for group in group_by_device_dtype(pairs, key=itemgetter(0))
+    ]
 
 
 def _classify(t: Entry, s: Entry, op: str, ints_ok: bool) -> str:
@@ -107,24 +110,24 @@ def _classify(t: Entry, s: Entry, op: str, ints_ok: bool) -> str:
                 "tensors; pass only floating tensors (modules copy their integer buffers)."
             )
         return "other"
-    return "buffer" if kind == "buffer" else "weight"
+    return "buffer" if kind == "buffer" else "param"
 
 
-def _plan_from_pairs(pairs: list[tuple[Entry, Entry]], op: str, ints_ok: bool) -> _Plan:
-    sorted_pairs: dict[str, list[tuple[Tensor, Tensor]]] = {"weight": [], "buffer": [], "other": []}
+def _plan_from_pairs(pairs: list[tuple[Entry, Entry]], op: str, ints_ok: bool) -> PairPlan:
+    sorted_pairs: dict[str, list[tuple[Tensor, Tensor]]] = {"param": [], "buffer": [], "other": []}
     for t, s in pairs:
         sorted_pairs[_classify(t, s, op, ints_ok)].append((t.tensor, s.tensor))
-    return _Plan(
-        _grouped(sorted_pairs["weight"]), _grouped(sorted_pairs["buffer"]), sorted_pairs["other"]
+    return PairPlan(
+        _grouped(sorted_pairs["param"]), _grouped(sorted_pairs["buffer"]), sorted_pairs["other"]
     )
 
 
 # Flat plans of recent (target, source) pairs, keyed by the objects' ids and checked by
 # weak reference (an entry goes away with either object).
-_PAIR_PLANS: dict[tuple[int, int], tuple[weakref.ref, weakref.ref, _Plan]] = {}
+_PAIR_PLANS: dict[tuple[int, int], tuple[weakref.ref, weakref.ref, PairPlan]] = {}
 
 
-def _cached_flat_plan(target: Weights, source: Weights) -> _Plan | None:
+def _cached_flat_plan(target: Weights, source: Weights) -> PairPlan | None:
     """The flat plan of an earlier call on this pair, if both layouts are still intact.
 
     This is the hot path: one dict lookup, one data-pointer check per view, nothing else.
@@ -135,7 +138,7 @@ def _cached_flat_plan(target: Weights, source: Weights) -> _Plan | None:
     plan = entry[2]
     tl, sl = plan.layouts
     generation = GENERATION[0]
-    stale = tl._generation != generation or sl._generation != generation
+    stale = tl.generation != generation or sl.generation != generation
     if (stale or overwrites_params()) and not (tl.intact and sl.intact):
         return None
     if list(map(Tensor.data_ptr, plan.views)) != plan.ptrs:
@@ -143,19 +146,19 @@ def _cached_flat_plan(target: Weights, source: Weights) -> _Plan | None:
     return plan
 
 
-def _flat_plan(target: Weights, source: Weights, tl: FlatWeights, sl: FlatWeights) -> _Plan:
+def _flat_plan(target: Weights, source: Weights, tl: FlatWeights, sl: FlatWeights) -> PairPlan:
     # The flat buffers are checked too: if their storage moved (share_memory_), a later
     # allocation could reuse the old addresses and make stale views look intact.
-    views = [*tl.weight_views, *tl.buffer_views, *sl.weight_views, *sl.buffer_views]
+    views = [*tl.param_views, *tl.buffer_views, *sl.param_views, *sl.buffer_views]
     views += [g.flat for g in tl.groups] + [g.flat for g in sl.groups]
-    plan = _Plan(
-        [([t], [s]) for t, s in zip(tl.weight_flats, sl.weight_flats, strict=True)],
+    plan = PairPlan(
+        [([t], [s]) for t, s in zip(tl.param_flats, sl.param_flats, strict=True)],
         [([t], [s]) for t, s in zip(tl.buffer_flats, sl.buffer_flats, strict=True)],
         [(t.tensor, s.tensor) for t, s in zip(tl.others, sl.others, strict=True)],
         flat=True,
-        bump_weights=tl.weight_views,
+        bump_params=tl.param_views,
         bump_buffers=tl.buffer_views,
-        bump_all=tl.weight_views + tl.buffer_views,
+        bump_all=tl.param_views + tl.buffer_views,
         layouts=(tl, sl),
         views=views,
         ptrs=[Tensor.data_ptr(v) for v in views],
@@ -182,7 +185,12 @@ def _shared_layouts(*weight_sets: Weights) -> list[FlatWeights] | None:
 
 def pair_plan(
     target: Weights, source: Weights, op: str, ints_ok: bool = False, flat: bool = True
-) -> _Plan:
+) -> PairPlan:
+    """Pair and validate ``target`` with ``source`` (raising :class:`WeightMismatchError`
+    otherwise) and group the pairs for the ops: the cached flat plan when both share an intact
+    flat layout (and ``flat``), else one built now. ``ints_ok`` lets sequences hold integer
+    tensors (copied, as by :func:`copy_`); ``op`` names the caller in messages.
+    """
     if flat:
         plan = _cached_flat_plan(target, source)
         if plan is not None:
@@ -228,20 +236,20 @@ def _finite_guard(
     return ok
 
 
-def _lerp(group: _Group, weight: float | Tensor, ok: Tensor | None) -> None:
+def _lerp(group: _Group, tau: float | Tensor, ok: Tensor | None) -> None:
     ts, ss = group
-    if isinstance(weight, Tensor):
-        weight = weight.to(ts[0].device)
+    if isinstance(tau, Tensor):
+        tau = tau.to(ts[0].device)
     if ok is not None:
         for t, s in zip(ts, ss, strict=True):
-            torch.where(ok, torch.lerp(t, s, weight), t, out=t)
+            torch.where(ok, torch.lerp(t, s, tau), t, out=t)
     elif len(ts) == 1:
-        ts[0].lerp_(ss[0], weight)
-    elif isinstance(weight, Tensor):
+        ts[0].lerp_(ss[0], tau)
+    elif isinstance(tau, Tensor):
         for t, s in zip(ts, ss, strict=True):
-            t.lerp_(s, weight)
+            t.lerp_(s, tau)
     else:
-        torch._foreach_lerp_(ts, ss, weight)
+        torch._foreach_lerp_(ts, ss, tau)
 
 
 def _copy(group: _Group, ok: Tensor | None) -> None:
@@ -256,8 +264,8 @@ def _copy(group: _Group, ok: Tensor | None) -> None:
 
 
 class _no_grad:
-    """``torch.no_grad()`` without its Python overhead (several microseconds a call, which
-    is a third of a 144k-parameter flat update on a CPU)."""
+    """``torch.no_grad()`` without its Python overhead, which is a large part of the cost of
+    a small flat update."""
 
     __slots__ = ("prev",)
 
@@ -279,8 +287,8 @@ def _eager(fn: Callable[_P, _R]) -> Callable[_P, _R]:
     bookkeeping that must not be traced, and their writes are single kernels anyway.
 
     ``torch.compiler.disable`` is applied lazily, at the first call under compilation:
-    applying it at import would import torch._dynamo (seconds) in every process, also in
-    those that never compile, and its wrapper costs microseconds on every eager call.
+    applying it at import would import torch._dynamo (slow) in every process, also in those
+    that never compile, and its wrapper would add Python work to every eager call.
     """
     disabled: list[Callable[_P, _R]] = []
 
@@ -295,7 +303,7 @@ def _eager(fn: Callable[_P, _R]) -> Callable[_P, _R]:
     return wrapper
 
 
-def _grad_off(plan: _Plan) -> AbstractContextManager[None]:
+def _grad_off(plan: PairPlan) -> AbstractContextManager[None]:
     # Flat buffers never require grad, so writing them records nothing: skip the toggle.
     return _NULL if plan.flat else _no_grad()
 
@@ -327,10 +335,10 @@ def polyak_(
         # check of the cached flat plan, one lerp_ per flat buffer and the version bump.
         plan = _cached_flat_plan(target, source) if buffers in ("copy", "skip") else None
         if plan is not None:
-            for (t,), (s,) in plan.weights:
+            for (t,), (s,) in plan.params:
                 t.lerp_(s, tau)
             if buffers == "skip":
-                torch._C._increment_version(plan.bump_weights)
+                torch._C._increment_version(plan.bump_params)
                 return
             for (t,), (s,) in plan.buffers:
                 t.copy_(s)
@@ -343,18 +351,18 @@ def polyak_(
     check_choice(buffers, ("copy", "polyak", "skip"), "buffers", op)
     check_choice(nonfinite, ("propagate", "raise", "skip"), "nonfinite", op)
     plan = pair_plan(target, source, op)
-    write_weights = not (type(tau) is float and tau == 0.0)
+    write_params = not (type(tau) is float and tau == 0.0)
     with _grad_off(plan):
         ok = None
         if nonfinite != "propagate":
-            read = [s for _, ss in plan.weights for s in ss] if write_weights else []
+            read = [s for _, ss in plan.params for s in ss] if write_params else []
             if buffers != "skip":
                 read += [s for _, ss in plan.buffers for s in ss]
             ok = _finite_guard(read, nonfinite, op, [source])
-        if write_weights:
-            for group in plan.weights:
+        if write_params:
+            for group in plan.params:
                 _lerp(group, tau, ok)
-            bump_versions(plan.bump_weights)
+            bump_versions(plan.bump_params)
         if buffers != "skip":
             for group in plan.buffers:
                 if buffers == "copy":
@@ -379,17 +387,17 @@ def polyak_as_sb3_(target: Weights, source: Weights, tau: float) -> None:
             return
     plan = _cached_flat_plan(target, source) or pair_plan(target, source, "attach")
     with _grad_off(plan):
-        for ts, ss in plan.weights:
+        for ts, ss in plan.params:
             if len(ts) == 1:
                 ts[0].mul_(1 - tau).add_(ss[0], alpha=tau)
             else:
                 torch._foreach_mul_(ts, 1 - tau)
                 torch._foreach_add_(ts, ss, alpha=tau)
-        bump_versions(plan.bump_weights)
+        bump_versions(plan.bump_params)
 
 
 # The checks are Python bookkeeping that must not be traced; polyak_ tests for compilation
-# itself instead of wearing the decorator, which costs microseconds on every eager call.
+# itself instead of wearing the decorator, which would add a call to every eager one.
 _polyak_eager = _eager(polyak_)
 
 
@@ -427,71 +435,70 @@ def copy_(
         pairs = match(t_entries, True, s_entries, True, op)
         plan = _plan_from_pairs(pairs, op, ints_ok=True)
     with _grad_off(plan):
-        read = [s for _, ss in plan.weights + plan.buffers for s in ss]
+        read = [s for _, ss in plan.params + plan.buffers for s in ss]
         ok = _finite_guard(read, nonfinite, op, [source])
-        for group in plan.weights + plan.buffers:
+        for group in plan.params + plan.buffers:
             _copy(group, ok)
         for t, s in plan.others:
             t.copy_(s)
-        bump_versions(plan.bump_weights)
+        bump_versions(plan.bump_params)
         bump_versions(plan.bump_buffers)
 
 
-def _check_average_weights(weights: Sequence[float] | None, n: int, op: str) -> list[float]:
+def _normalised(coefficients: Sequence[float] | None, n: int, op: str) -> list[float]:
+    """The validated coefficients of ``n`` sources, scaled to sum to 1 (uniform for None)."""
     if n == 0:
         raise ValueError(f"{op}: sources is empty; pass at least one weight set to average.")
-    if weights is None:
+    if coefficients is None:
         return [1.0 / n] * n
-    values = list(weights)
+    values = list(coefficients)
     if len(values) != n:
         raise ValueError(
-            f"{op}: got {len(values)} weights for {n} sources; pass one weight per source."
+            f"{op}: got {len(values)} coefficients for {n} sources; pass one per source."
         )
-    for i, w in enumerate(values):
-        if isinstance(w, bool) or not isinstance(w, (int, float)) or not 0.0 <= w < float("inf"):
-            raise ValueError(
-                f"{op}: weights[{i}]={w!r} is not a finite number >= 0; weights are relative "
-                "(normalised to sum to 1)."
-            )
+    relative = "Coefficients are relative (normalised to sum to 1)."
+    for i, c in enumerate(values):
+        check_number(c, f"coefficients[{i}]", op, minimum=0.0, finite=True, fix=relative)
     total = float(sum(values))
     if total <= 0.0:
-        raise ValueError(f"{op}: weights sum to {total}; at least one must be positive.")
-    return [float(w) / total for w in values]
+        raise ValueError(f"{op}: coefficients sum to {total}; at least one must be positive.")
+    return [float(c) / total for c in values]
 
 
-def _average_into(t: Tensor, sources: list[Tensor], w: list[float]) -> None:
-    """t <- sum_i w_i * sources[i], correct when t is one of the sources."""
+def _average_into(t: Tensor, sources: list[Tensor], coefficients: list[float]) -> None:
+    """t <- sum_i c_i * sources[i], correct when t is one of the sources."""
+    c = coefficients
     if t.dtype in (torch.float16, torch.bfloat16):
         acc = torch.zeros_like(t, dtype=torch.float32)
-        for s, wi in zip(sources, w, strict=True):
-            acc.add_(s, alpha=wi)
+        for s, ci in zip(sources, c, strict=True):
+            acc.add_(s, alpha=ci)
         t.copy_(acc)
         return
     ptr = t.data_ptr()
     alias = next((i for i, s in enumerate(sources) if s.data_ptr() == ptr and t.numel()), None)
     if alias is None:
-        torch.mul(sources[0], w[0], out=t)
+        torch.mul(sources[0], c[0], out=t)
         rest = range(1, len(sources))
     else:
-        t.mul_(w[alias])
+        t.mul_(c[alias])
         rest = (i for i in range(len(sources)) if i != alias)
     for i in rest:
-        t.add_(sources[i], alpha=w[i])
+        t.add_(sources[i], alpha=c[i])
 
 
 @_eager
 def average_(
     target: Weights,
     sources: Sequence[Weights],
-    weights: Sequence[float] | None = None,
+    coefficients: Sequence[float] | None = None,
     *,
     buffers: AverageBuffers = "average",
     nonfinite: NonFinite = "propagate",
 ) -> None:
     """Weighted mean of N weight sets, written into ``target`` in place.
 
-    ``target <- sum_i w_i * sources[i]`` with ``w`` normalised to sum to 1 (uniform when
-    ``weights`` is None). ``target`` may be one of the sources (averaging into the online
+    ``target <- sum_i c_i * sources[i]`` with the ``coefficients`` ``c`` normalised to sum to
+    1 (uniform when None). ``target`` may be one of the sources (averaging into the online
     network). fp16/bf16 are accumulated in float32. Floating buffers are averaged by default
     (``buffers="copy"`` takes the first source's, ``"skip"`` leaves them); integer buffers are
     copied from the first source.
@@ -500,7 +507,7 @@ def average_(
     if isinstance(sources, (torch.Tensor, torch.nn.Module)):
         raise TypeError(f"{op}: sources must be a sequence of weight sets, e.g. [net_a, net_b].")
     sources = list(sources)
-    w = _check_average_weights(weights, len(sources), op)
+    c = _normalised(coefficients, len(sources), op)
     check_choice(buffers, ("average", "copy", "skip"), "buffers", op)
     check_choice(nonfinite, ("propagate", "raise", "skip"), "nonfinite", op)
     # One path for all pairs, so that their groups line up.
@@ -508,11 +515,11 @@ def average_(
     plans = [pair_plan(target, s, op, flat=flat) for s in sources]
     with _no_grad():
         first = plans[0]
-        read = [s for p in plans for _, ss in p.weights for s in ss]
+        read = [s for p in plans for _, ss in p.params for s in ss]
         if buffers != "skip":
             read += [s for p in plans for _, ss in p.buffers for s in ss]
         ok = _finite_guard(read, nonfinite, op, sources)
-        for role in ("weights", "buffers"):
+        for role in ("params", "buffers"):
             if role == "buffers" and buffers != "average":
                 if buffers == "copy":
                     for group in first.buffers:
@@ -522,16 +529,16 @@ def average_(
                 for j, t in enumerate(ts):
                     srcs = [getattr(p, role)[g][1][j] for p in plans]
                     if ok is None:
-                        _average_into(t, srcs, w)
+                        _average_into(t, srcs, c)
                     else:
                         new = t.clone()
-                        _average_into(new, srcs, w)
+                        _average_into(new, srcs, c)
                         torch.where(ok, new, t, out=t)
         if buffers != "skip":
             for t, s in first.others:
                 t.copy_(s)
             bump_versions(first.bump_buffers)
-        bump_versions(first.bump_weights)
+        bump_versions(first.bump_params)
 
 
 def _single(weights: Weights, op: str) -> tuple[list[Tensor], list[Tensor]]:
@@ -542,7 +549,7 @@ def _single(weights: Weights, op: str) -> tuple[list[Tensor], list[Tensor]]:
     """
     layout = layout_of(weights)
     if layout is not None:
-        return list(layout.weight_flats), layout.weight_views
+        return list(layout.param_flats), layout.param_views
     found, _ = entries(weights, "weights")
     out, kept = [], []
     for e in found:
@@ -569,7 +576,8 @@ def clamp_(weights: Weights, min: float | None = None, max: float | None = None)
     None for a one-sided clip.
     """
     op = "clamp_"
-    lo, hi = check_bound(min, "min", op), check_bound(max, "max", op)
+    lo = check_number(min, "min", op, optional=True)
+    hi = check_number(max, "max", op, optional=True)
     if lo is None and hi is None:
         raise ValueError(f"{op}: give min, max or both.")
     if lo is not None and hi is not None and lo > hi:
@@ -579,7 +587,7 @@ def clamp_(weights: Weights, min: float | None = None, max: float | None = None)
         if len(tensors) == 1:
             tensors[0].clamp_(lo, hi)
         else:
-            for _, group in _grouped([(t, t) for t in tensors]):
+            for group in group_by_device_dtype(tensors):
                 if lo is not None:
                     torch._foreach_clamp_min_(group, lo)
                 if hi is not None:
@@ -596,12 +604,10 @@ def max_norm_(weights: Weights, max_norm: float) -> None:
     ``max_norm``; slices within the bound are unchanged. 1-D tensors (biases) are untouched.
     """
     op = "max_norm_"
-    bound = check_bound(max_norm, "max_norm", op)
-    if bound is None or bound < 0:
-        raise ValueError(f"{op}: max_norm must be a number >= 0, got {max_norm!r}.")
+    bound = check_number(max_norm, "max_norm", op, minimum=0.0)
     layout = layout_of(weights)
     # Write through the Parameters themselves (views when flat): autograd sees every write.
-    tensors = layout.weight_views if layout is not None else _single(weights, op)[0]
+    tensors = layout.param_views if layout is not None else _single(weights, op)[0]
     with _no_grad():
         for t in tensors:
             if t.dim() < 2 or t.numel() == 0:

@@ -1,9 +1,10 @@
 """The one "every N steps" counter behind every periodic thing in rlweights.
 
-Target updates (``HardUpdate(every=...)``), EMA/SWA, averaging across processes, the SB3
-callbacks and the training loop's evaluation and checkpoint intervals all count with
-:class:`Periodic`, so they agree on when "every N" fires and save their counters in one
-format.
+Target updates (``PolyakUpdate`` / ``HardUpdate``), EMA and SWA, averaging across processes
+(``distributed.PeriodicAverager``) and the SB3 callbacks (drift logging, evaluation of an
+averaged policy) all count with :class:`Periodic`, so they agree on when "every N" fires and
+save their counters in one format. The routines among them share :class:`PeriodicRoutine`:
+count, act when due, save ``{"counter": ..., "updates": ...}``.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from typing import Any
 
 from rlweights.checks import check_int
 
-__all__ = ["Periodic"]
+__all__ = ["Periodic", "PeriodicRoutine"]
 
 
 class Periodic:
@@ -21,52 +22,151 @@ class Periodic:
 
     With the default ``start=0`` the due steps are ``every, 2 * every, ...`` (as SB3's DQN
     copies its target: the first copy happens at step ``every``). ``start=s`` makes the first
-    due step ``s + every``. :meth:`step` may count several steps at once (``n``, e.g. one
-    step of ``n`` vectorised environments); it is due when any multiple was crossed.
+    due step ``s + every`` (SWA's late start). :meth:`step` may count several steps at once
+    (``n``, e.g. one step of ``n`` vectorised environments); it is due when any multiple was
+    crossed.
+
+    ``state_dict()`` is ``{"every": ..., "start": ..., "steps": ...}``: every routine of
+    rlweights saves its counter in this format. ``every`` and ``start`` are settings, so
+    :meth:`load_state_dict` refuses a state saved with other ones instead of adopting them
+    (the code or the config that built the counter says how often it fires).
     """
 
-    __slots__ = ("every", "name", "start", "steps")
+    __slots__ = ("_due", "_every", "_start", "_steps", "name")
 
     def __init__(self, every: int, *, start: int = 0, name: str = "Periodic"):
         self.name = name
-        self.every = check_int(every, "every", name)
-        self.start = check_int(start, "start", name, minimum=0)
-        self.steps = 0
+        self._every = check_int(every, "every", name)
+        self._start = check_int(start, "start", name, minimum=0)
+        self._set_steps(0)
 
-    def _done(self, steps: int) -> int:
-        return max(steps - self.start, 0) // self.every
+    @property
+    def every(self) -> int:
+        return self._every
+
+    @property
+    def start(self) -> int:
+        return self._start
+
+    @property
+    def steps(self) -> int:
+        """Steps counted so far."""
+        return self._steps
 
     @property
     def fired(self) -> int:
         """How many due steps have been counted so far."""
-        return self._done(self.steps)
+        return max(self._steps - self._start, 0) // self._every
+
+    def _set_steps(self, steps: int) -> None:
+        self._steps = steps
+        self._due = self._start + self._every * (self.fired + 1)  # the next due count
 
     def step(self, n: int = 1) -> bool:
         """Count ``n`` steps; return whether a due step was among them."""
-        before = self._done(self.steps)
-        self.steps += n
-        return self._done(self.steps) > before
+        if n == 1:  # the common case, kept cheap: it runs after every gradient step
+            self._steps += 1
+            if self._steps != self._due:
+                return False
+            self._due += self._every
+            return True
+        check_int(n, "n", f"{self.name}.step", minimum=0)
+        before = self.fired
+        self._set_steps(self._steps + n)
+        return self.fired > before
 
     def state_dict(self) -> dict[str, int]:
-        return {"every": self.every, "start": self.start, "steps": self.steps}
+        return {"every": self._every, "start": self._start, "steps": self._steps}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore :meth:`state_dict`. The interval is part of the meaning of the counter, so
-        a state saved with another ``every`` or ``start`` is refused (nothing changes)."""
+        """Restore :meth:`state_dict`; validated first, so a bad state changes nothing. A
+        state saved with another ``every`` or ``start`` is refused, naming the fix."""
+        self._set_steps(self.check_state(state))
+
+    def check_state(self, state: dict[str, Any]) -> int:
+        """Validate a :meth:`state_dict` for this counter without loading it; return its
+        ``steps``. Routines call it before they change anything."""
+        op = f"{self.name}.load_state_dict"
         expected = {"every", "start", "steps"}
         if not isinstance(state, dict) or set(state) != expected:
             got = sorted(state) if isinstance(state, dict) else type(state).__name__
-            raise ValueError(
-                f"{self.name}.load_state_dict: expected keys {sorted(expected)}, got {got}"
-            )
-        for key in ("every", "start"):
-            if state[key] != getattr(self, key):
+            raise ValueError(f"{op}: expected keys {sorted(expected)}, got {got}")
+        for key, minimum in (("every", 1), ("start", 0)):
+            saved = check_int(state[key], key, op, minimum=minimum)
+            if saved != getattr(self, key):
                 raise ValueError(
-                    f"{self.name}.load_state_dict: the saved state has {key}={state[key]!r}, this "
-                    f"one {key}={getattr(self, key)!r}; build it with {key}={state[key]!r}."
+                    f"{op}: the saved state has {key}={saved}, this one {key}="
+                    f"{getattr(self, key)}; build it with {key}={saved}."
                 )
-        self.steps = check_int(state["steps"], "steps", f"{self.name}.load_state_dict", minimum=0)
+        return check_int(state["steps"], "steps", op, minimum=0)
 
     def __repr__(self) -> str:
-        start = f", start={self.start}" if self.start else ""
-        return f"Periodic(every={self.every}{start}, steps={self.steps})"
+        start = f", start={self._start}" if self._start else ""
+        return f"Periodic(every={self._every}{start}, steps={self._steps})"
+
+
+class PeriodicRoutine:
+    """Base of the routines that act on the due steps of a :class:`Periodic` counter (target
+    updates, averages, averaging across processes).
+
+    :meth:`step` counts one step and, when it is due, runs :meth:`_run`; ``updates`` counts
+    the runs that completed; ``counter`` is the :class:`Periodic`. The state is
+    ``{"counter": <Periodic's state>, "updates": n}`` plus what a subclass adds
+    (:meth:`_extra_state`), and :meth:`load_state_dict` validates all of it before it changes
+    anything.
+    """
+
+    def __init__(self, every: int, *, start: int = 0):
+        self.counter = Periodic(every, start=start, name=type(self).__name__)
+        self.updates = 0
+
+    @property
+    def every(self) -> int:
+        return self.counter.every
+
+    @property
+    def start(self) -> int:
+        return self.counter.start
+
+    @property
+    def steps(self) -> int:
+        """Steps counted so far."""
+        return self.counter.steps
+
+    def _run(self) -> None:
+        raise NotImplementedError
+
+    def step(self) -> bool:
+        """Count one step; when it is due, run. Returns whether it ran."""
+        if not self.counter.step():
+            return False
+        self._run()
+        self.updates += 1
+        return True
+
+    def state_dict(self) -> dict[str, Any]:
+        """The counter, the number of runs and the subclass's settings."""
+        return {
+            "counter": self.counter.state_dict(),
+            "updates": self.updates,
+            **self._extra_state(),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore :meth:`state_dict`; validated first, so a bad state changes nothing."""
+        op = f"{self.counter.name}.load_state_dict"
+        expected = set(self.state_dict())
+        if not isinstance(state, dict) or set(state) != expected:
+            got = sorted(state) if isinstance(state, dict) else type(state).__name__
+            raise ValueError(f"{op}: expected keys {sorted(expected)}, got {got}")
+        updates = check_int(state["updates"], "updates", op, minimum=0)
+        self.counter.check_state(state["counter"])
+        self._load_extra_state(state)
+        self.counter.load_state_dict(state["counter"])  # checked above: cannot raise now
+        self.updates = updates
+
+    def _extra_state(self) -> dict[str, Any]:
+        return {}
+
+    def _load_extra_state(self, state: dict[str, Any]) -> None:
+        """Validate and take the subclass's part of ``state`` (the last thing that may raise)."""

@@ -1,12 +1,20 @@
-"""``rlweights average``: a weighted average of checkpoints of one architecture (a model soup).
+"""rlweights average: the weighted average of checkpoints of one architecture (a model soup).
 
-Reads checkpoints of ``rlweights train`` (``model.pt``; every network is averaged, the
-result evaluates with ``rlweights evaluate`` but cannot be resumed), Stable-Baselines3 models
-(``.zip``; the policy is averaged, everything else is taken from the first model, so the
-result loads with ``SAC.load`` and friends) and plain ``state_dict`` files. No file is ever
-unpickled with code: tensors load with ``torch.load(weights_only=True)`` and SB3 zips are
-opened as zip archives, reading only their ``policy.pth``. The output is written atomically;
-on any error nothing is written and the command exits with code 2.
+Reads three kinds of checkpoints, all of one kind per call:
+
+  model.pt of 'rlweights train'  every network is averaged; the result evaluates with
+                                 'rlweights evaluate' but cannot be resumed
+  Stable-Baselines3 .zip models  the policy is averaged, the rest is taken from the first
+                                 model, so the result loads with SAC.load and the like
+  plain state_dict files         every tensor is averaged
+
+--coefficients gives one number per checkpoint (relative: they are normalised to sum to 1;
+the mean when left out). No file is unpickled with code: tensors load with
+torch.load(weights_only=True), SB3 zips are read as zip archives (their policy.pth only).
+The output is written atomically; on any error nothing is written and the exit code is 2.
+
+  rlweights average run_a/model.pt run_b/model.pt --out soup.pt
+  rlweights average a.zip b.zip c.zip --coefficients 2 1 1 --out soup.zip
 """
 
 from __future__ import annotations
@@ -23,6 +31,7 @@ from torch import Tensor
 
 from rlweights.files import atomic_write
 from rlweights.ops import average_
+from rlweights.weights import WeightMismatchError
 
 __all__ = ["add_arguments", "average_checkpoints", "load_any", "main_from_args"]
 
@@ -66,6 +75,10 @@ def load_any(path: Path) -> tuple[str, dict[str, Tensor], Any]:
     return "state_dict", _tensors(state, path), state
 
 
+def _first_line(exc: Exception) -> str:
+    return str(exc).strip().splitlines()[0]
+
+
 def _tensors(state: Any, path: Path) -> dict[str, Tensor]:
     if not isinstance(state, dict) or not state:
         raise SoupError(f"{path} holds no state_dict (a mapping of names to tensors)")
@@ -75,12 +88,17 @@ def _tensors(state: Any, path: Path) -> dict[str, Tensor]:
     return dict(state)
 
 
-def average_checkpoints(paths: list[Path], weights: list[float] | None) -> tuple[str, Any]:
-    """Load and average; returns (kind, the object to write)."""
+def average_checkpoints(
+    paths: list[Path], coefficients: list[float] | None = None
+) -> tuple[str, Any]:
+    """Load and average (uniformly when ``coefficients`` is None); returns (kind, the object
+    to write)."""
     if len(paths) < 2:
         raise SoupError("give at least two checkpoints to average")
-    if weights is not None and len(weights) != len(paths):
-        raise SoupError(f"{len(weights)} weights for {len(paths)} checkpoints: give one each")
+    if coefficients is not None and len(coefficients) != len(paths):
+        raise SoupError(
+            f"{len(coefficients)} coefficients for {len(paths)} checkpoints: give one each"
+        )
     loaded = [load_any(p) for p in paths]
     kinds = {kind for kind, _, _ in loaded}
     if len(kinds) > 1:
@@ -93,10 +111,11 @@ def average_checkpoints(paths: list[Path], weights: list[float] | None) -> tuple
     sources = [flat for _, flat, _ in loaded]
     result = {name: value.clone() for name, value in sources[0].items()}
     try:
-        average_(result, sources, weights)
-    except (TypeError, ValueError) as exc:
-        first = str(exc).strip().splitlines()[0]
-        raise SoupError(f"the checkpoints do not fit together: {first}") from None
+        average_(result, sources, coefficients)
+    except WeightMismatchError as exc:
+        raise SoupError(f"the checkpoints do not fit together: {_first_line(exc)}") from None
+    except (TypeError, ValueError) as exc:  # the coefficients
+        raise SoupError(_first_line(exc)) from None
     first = loaded[0][2]
     if kind == "agent":
         nets: dict[str, dict[str, Tensor]] = {}
@@ -130,13 +149,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("checkpoints", nargs="+", type=Path, help="two or more files")
     parser.add_argument("--out", type=Path, required=True, help="where to write the average")
     parser.add_argument(
-        "--weights", nargs="+", type=float, help="one weight per checkpoint (normalised)"
+        "--coefficients",
+        nargs="+",
+        type=float,
+        metavar="C",
+        help="one coefficient per checkpoint (relative, normalised to sum to 1; default: equal)",
     )
 
 
 def main_from_args(args: argparse.Namespace) -> int:
     try:
-        kind, result = average_checkpoints(args.checkpoints, args.weights)
+        kind, result = average_checkpoints(args.checkpoints, args.coefficients)
         if args.out.exists() and args.out.is_dir():
             raise SoupError(f"--out {args.out} is a directory; give a file path")
         _write(kind, result, args.checkpoints[0], args.out)

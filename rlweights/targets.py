@@ -8,9 +8,10 @@ from typing import Any
 
 from torch import Tensor, nn
 
-from rlweights.checks import check_choice, check_fraction, check_int
+from rlweights.checks import check_choice, check_fraction
 from rlweights.flat import flatten_, lives_in_other_layout
 from rlweights.ops import BufferPolicy, NonFinite, copy_, pair_plan, polyak_
+from rlweights.periodic import PeriodicRoutine
 from rlweights.weights import Weights
 
 __all__ = ["HardUpdate", "PolyakUpdate", "TargetRoutine", "make_target"]
@@ -44,16 +45,21 @@ def _weights_name(weights: Weights) -> str:
     return type(weights).__name__
 
 
-class TargetRoutine:
-    """Counts ``step()`` calls and updates on every ``every``-th one (as SB3's DQN does:
-    the first update happens at step ``every``).
+class TargetRoutine(PeriodicRoutine):
+    """Counts ``step()`` calls and updates the target on every due step: every ``every``-th
+    one (as SB3's DQN does: the first update happens at step ``every``), after the first
+    ``start`` steps. ``counter`` is the :class:`~rlweights.periodic.Periodic` that says when.
 
     A routine made without ``source`` and ``target`` is a template: :meth:`bind` makes a bound
     copy (``rlweights.sb3.attach`` does this for each target pair of a model).
+
+    ``state_dict()`` is ``{"counter": <Periodic's state>, "updates": n}`` (plus ``"tau"`` for
+    :class:`PolyakUpdate`); a state saved with another ``every`` or ``start`` is refused, as
+    :class:`~rlweights.periodic.Periodic` does.
     """
 
-    def __init__(self, source: Weights | None, target: Weights | None, every: int):
-        self.every = check_int(every, "every", type(self).__name__)
+    def __init__(self, source: Weights | None, target: Weights | None, every: int, start: int = 0):
+        super().__init__(every, start=start)
         if (source is None) != (target is None):
             raise ValueError(f"{type(self).__name__}: pass both source and target, or neither")
         if source is not None:
@@ -61,17 +67,12 @@ class TargetRoutine:
             pair_plan(target, source, type(self).__name__, ints_ok=True)
         self.source = source
         self.target = target
-        self.steps = 0
-        self.updates = 0
 
     def bind(self, source: Weights, target: Weights) -> TargetRoutine:
         """A copy of this routine's settings, fresh counters, acting on ``source -> target``."""
         bound = copy.copy(self)
-        TargetRoutine.__init__(bound, source, target, self.every)
+        TargetRoutine.__init__(bound, source, target, self.every, self.start)
         return bound
-
-    def _update(self) -> None:
-        raise NotImplementedError
 
     def step(self) -> bool:
         """Count one step; update the target when due. Returns whether it updated."""
@@ -80,33 +81,7 @@ class TargetRoutine:
                 f"{type(self).__name__} has no source and target: pass them when making it, "
                 "use .bind(source, target), or attach it to an SB3 model (rlweights.sb3.attach)."
             )
-        self.steps += 1
-        if self.steps % self.every:
-            return False
-        self._update()
-        self.updates += 1
-        return True
-
-    def state_dict(self) -> dict[str, Any]:
-        """Counters and settings (the networks' weights live in their own state_dicts)."""
-        return {"every": self.every, "steps": self.steps, "updates": self.updates}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore :meth:`state_dict`; validated first, so a bad state changes nothing."""
-        name = type(self).__name__
-        expected = set(self.state_dict())
-        if not isinstance(state, dict) or set(state) != expected:
-            got = sorted(state) if isinstance(state, dict) else type(state).__name__
-            raise ValueError(f"{name}.load_state_dict: expected keys {sorted(expected)}, got {got}")
-        for key in ("steps", "updates"):
-            if isinstance(state[key], bool) or not isinstance(state[key], int) or state[key] < 0:
-                raise ValueError(f"{name}.load_state_dict: {key} must be an int >= 0")
-        every = check_int(state["every"], "every", name)
-        self._load_extra(state)
-        self.every, self.steps, self.updates = every, state["steps"], state["updates"]
-
-    def _load_extra(self, state: dict[str, Any]) -> None:
-        pass
+        return PeriodicRoutine.step(self)  # not super(): cheaper, and this runs every step
 
     def _repr_extra(self) -> str:
         return ""
@@ -117,8 +92,9 @@ class TargetRoutine:
             if self.source is None
             else f"{_weights_name(self.source)} -> {_weights_name(self.target)}"
         )
+        start = f", start={self.start}" if self.start else ""
         return (
-            f"{type(self).__name__}({pair}{self._repr_extra()}, every={self.every}, "
+            f"{type(self).__name__}({pair}{self._repr_extra()}, every={self.every}{start}, "
             f"steps={self.steps}, updates={self.updates})"
         )
 
@@ -129,7 +105,8 @@ class PolyakUpdate(TargetRoutine):
     ``tau`` is a float in [0, 1], a 0-dim tensor (for CUDA graphs), or a schedule: a callable
     that receives the number of updates done so far and returns the float for this one
     (validated at every update). It can be changed at any time (``routine.tau = 0.01``).
-    ``buffers`` / ``nonfinite`` are those of :func:`rlweights.polyak_`.
+    ``start=s`` holds the first update back to step ``s + every`` (how SWA starts averaging
+    late). ``buffers`` / ``nonfinite`` are those of :func:`rlweights.polyak_`.
 
     >>> target = rw.make_target(critic)
     >>> update = rw.PolyakUpdate(critic, target, tau=0.005)
@@ -144,13 +121,14 @@ class PolyakUpdate(TargetRoutine):
         tau: float | Tensor | Callable[[int], float] | None = None,
         every: int = 1,
         *,
+        start: int = 0,
         buffers: BufferPolicy = "copy",
         nonfinite: NonFinite = "propagate",
     ):
         check_choice(buffers, ("copy", "polyak", "skip"), "buffers", "PolyakUpdate")
         check_choice(nonfinite, ("propagate", "raise", "skip"), "nonfinite", "PolyakUpdate")
         self.tau = tau
-        super().__init__(source, target, every)
+        super().__init__(source, target, every, start)
         self.buffers = buffers
         self.nonfinite = nonfinite
 
@@ -171,16 +149,15 @@ class PolyakUpdate(TargetRoutine):
             return self._tau
         return check_fraction(self._tau(self.updates), "tau (from the schedule)", "PolyakUpdate")
 
-    def _update(self) -> None:
+    def _run(self) -> None:
         tau = self.current_tau()
         polyak_(self.target, self.source, tau, buffers=self.buffers, nonfinite=self.nonfinite)
 
-    def state_dict(self) -> dict[str, Any]:
+    def _extra_state(self) -> dict[str, Any]:
         # A schedule is code, not state: it is kept by the routine, not saved.
-        tau = self._tau if isinstance(self._tau, (float, Tensor)) else None
-        return {**super().state_dict(), "tau": tau}
+        return {"tau": self._tau if isinstance(self._tau, (float, Tensor)) else None}
 
-    def _load_extra(self, state: dict[str, Any]) -> None:
+    def _load_extra_state(self, state: dict[str, Any]) -> None:
         if state["tau"] is not None:
             self.tau = state["tau"]
 
@@ -197,7 +174,8 @@ class PolyakUpdate(TargetRoutine):
 
 
 class HardUpdate(TargetRoutine):
-    """Hard target update (exact copy) every ``every`` steps, as DQN's target network.
+    """Hard target update (exact copy) every ``every`` steps, as DQN's target network;
+    ``start`` as for :class:`PolyakUpdate`.
 
     >>> update = rw.HardUpdate(q_net, q_target, every=1000)
     """
@@ -208,11 +186,12 @@ class HardUpdate(TargetRoutine):
         target: Weights | None = None,
         every: int = 1,
         *,
+        start: int = 0,
         nonfinite: NonFinite = "propagate",
     ):
         check_choice(nonfinite, ("propagate", "raise", "skip"), "nonfinite", "HardUpdate")
-        super().__init__(source, target, every)
+        super().__init__(source, target, every, start)
         self.nonfinite = nonfinite
 
-    def _update(self) -> None:
+    def _run(self) -> None:
         copy_(self.target, self.source, nonfinite=self.nonfinite)

@@ -1,5 +1,8 @@
 """Writing drift metrics to TensorBoard with ``torch.utils.tensorboard.SummaryWriter``.
 
+Needs the ``tensorboard`` extra (``pip install 'rlweights[tensorboard]'``); without it,
+importing this module raises :class:`rlweights.extras.MissingExtraError` naming it.
+
 Tags are those of :mod:`rlweights.drift`: ``drift/<module>/<metric>`` for totals and
 ``drift/<module>/layers/<tensor>/<metric>`` per tensor. A custom-scalars layout (TensorBoard's
 "Custom Scalars" tab) puts each module's per-tensor values of one metric on one chart.
@@ -14,15 +17,19 @@ Tags are those of :mod:`rlweights.drift`: ``drift/<module>/<metric>`` for totals
 
 from __future__ import annotations
 
-import json
-import re
-from collections.abc import Mapping
-from typing import Any
+from rlweights.extras import require
 
-import torch
-from torch.utils.tensorboard import SummaryWriter
+require("tensorboard", "tensorboard", "rlweights.tensorboard")
 
-from rlweights.drift import METRICS, DriftMonitor
+import json  # noqa: E402
+import re  # noqa: E402
+from collections.abc import Mapping  # noqa: E402
+from typing import Any  # noqa: E402
+
+import torch  # noqa: E402
+from torch.utils.tensorboard import SummaryWriter  # noqa: E402
+
+from rlweights.drift import METRICS, DriftMonitor  # noqa: E402
 
 __all__ = ["DriftLogger"]
 

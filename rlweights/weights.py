@@ -13,10 +13,11 @@ from __future__ import annotations
 import fnmatch
 import itertools
 import weakref
-from collections.abc import Container, Iterable, Mapping, Sequence
+from collections.abc import Callable, Container, Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Literal, TypeAlias
+from typing import Literal, TypeAlias, TypeVar
 
+import torch
 from torch import Tensor, nn
 
 from rlweights.registration import GENERATION, install_hooks, overwrites_params
@@ -29,6 +30,8 @@ __all__ = [
     "Weights",
     "check_no_overlap",
     "entries",
+    "group_by_device_dtype",
+    "is_float",
     "match",
     "module_entries",
     "select",
@@ -286,4 +289,22 @@ def check_no_overlap(written: list[Entry], op: str) -> None:
 
 
 def is_float(t: Tensor) -> bool:
+    """Floating or complex: a tensor that ops interpolate (integer tensors are copied)."""
     return t.is_floating_point() or t.is_complex()
+
+
+_Item = TypeVar("_Item")
+
+
+def group_by_device_dtype(
+    items: Iterable[_Item], key: Callable[[_Item], Tensor] | None = None
+) -> list[list[_Item]]:
+    """``items`` grouped by the (device, dtype) of their tensor (``key(item)``; the item
+    itself by default): the groups in the order their first member came, each group's items
+    in their order. A group is what one ``torch._foreach_*`` call, one flat buffer or one
+    concatenation can take."""
+    groups: dict[tuple[torch.device, torch.dtype], list[_Item]] = {}
+    for item in items:
+        t = item if key is None else key(item)
+        groups.setdefault((t.device, t.dtype), []).append(item)
+    return list(groups.values())

@@ -96,15 +96,61 @@ def test_state_dict_round_trip():
     again = rw.SWA(mlp(1), start=1)
     again.load_state_dict(swa.state_dict())
     assert again.calls == 2 and again.updates == 1
+    state = swa.state_dict()
+    assert set(state) == {"counter", "updates", "averaged"}
+    assert state["counter"] == {"every": 1, "start": 1, "steps": 2} and state["updates"] == 1
     assert repr(ema) == "EMA(Sequential, tau=0.2, warmup=True, updates=3)"
+    assert repr(again) == "SWA(Sequential, start=1, calls=2, updates=1)"
+
+
+def test_load_state_dict_is_validated_before_anything_changes():
+    net = mlp(0)
+    swa = rw.SWA(net, start=1, every=2)
+    for n in range(5):
+        perturb(net, n)
+        swa.update()
+    state = swa.state_dict()
+    fresh = rw.SWA(mlp(1), start=1, every=2)
+    before = named(fresh.averaged)
+    smaller = {k: v for k, v in state["averaged"].items() if k != "2.bias"}
+    for bad, error, message in [
+        (
+            {**state, "counter": {**state["counter"], "start": 0}},
+            ValueError,
+            "SWA.load_state_dict: the saved state has start=0",
+        ),
+        (
+            {**state, "averaged": smaller},
+            rw.WeightMismatchError,
+            r"does not fit this module \(2\.bias\)",
+        ),
+        ({**state, "averaged": named(cnn_bn(0))}, rw.WeightMismatchError, "does not fit"),
+        ({**state, "updates": -1}, ValueError, "updates must be an int >= 0"),
+        ({"averaged": state["averaged"]}, ValueError, "expected keys"),
+    ]:
+        with pytest.raises(error, match=message):
+            fresh.load_state_dict(bad)
+        assert fresh.calls == fresh.updates == 0
+        for name, value in named(fresh.averaged).items():
+            assert torch.equal(value, before[name]), name
+    fresh.load_state_dict(state)
+    assert fresh.calls == 5 and fresh.updates == 2
+    for name, value in named(swa.averaged).items():
+        assert torch.equal(named(fresh.averaged)[name], value)
 
 
 @pytest.mark.parametrize(
     ("make", "error", "message"),
     [
         (lambda: rw.EMA(mlp(0), tau=1.5), ValueError, r"tau=1\.5"),
-        (lambda: rw.EMA(mlp(0), tau="0.1"), TypeError, "tau must be a float"),
-        (lambda: rw.SWA(mlp(0), start=-1), ValueError, "start must be an int >= 0"),
+        (
+            lambda: rw.EMA(mlp(0), tau="0.1"),
+            ValueError,
+            r"tau must be a float in \[0, 1\], got '0.1'",
+        ),
+        (lambda: rw.EMA(mlp(0), tau=torch.tensor(0.1)), ValueError, "tau must be a float"),
+        (lambda: rw.EMA(mlp(0), tau=0.1, every=0), ValueError, "EMA: every must be an int >= 1"),
+        (lambda: rw.SWA(mlp(0), start=-1), ValueError, "SWA: start must be an int >= 0, got -1"),
         (lambda: rw.EMA(torch.zeros(3), tau=0.1), TypeError, "averages an nn.Module"),
     ],
 )

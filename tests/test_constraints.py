@@ -119,7 +119,7 @@ def test_init_clip_on_flat_storage_is_one_clamp_and_matches_the_per_tensor_clip(
     check(nets[1], want)
     with CountOps() as counted:
         clip(nets[1])
-    assert counted.ops.count("clamp_") == len(layout.weight_flats) == 1
+    assert counted.ops.count("clamp_") == len(layout.param_flats) == 1
     assert "clamp_min_" not in counted.ops and "clamp_max_" not in counted.ops
     # Autograd sees the flat write: clipping between a forward and its backward raises.
     loss = nets[1](torch.ones(2, 16)).sum()

@@ -35,6 +35,11 @@ def averaging_worker(rank, out):
     rw.flatten_(net)
     broadcast_(net, src=1)
     results["broadcast"] = {k: v.clone() for k, v in net.state_dict().items()}
+    try:
+        broadcast_(net, src=2)  # checked before any collective: no process waits
+        results["bad_src"] = "no error"
+    except ValueError as exc:
+        results["bad_src"] = str(exc)
     net = mlp(seed=10 + rank)
     averager = PeriodicAverager(net, every=3)
     did = [averager.step() for _ in range(4)]
@@ -100,12 +105,13 @@ def test_all_average_broadcast_and_periodic_averager_across_two_processes(tmp_pa
     source = mlp(seed=1).state_dict()
     for r in ranks:
         assert all(torch.equal(r["broadcast"][k], source[k]) for k in source)
+        assert "broadcast_: src (a rank) must be an int in [0, 1], got 2" in r["bad_src"]
 
     want = reference_mean(mlp, [10, 11])
     for r in ranks:
         did, state, text = r["periodic"]
         assert did == [False, False, True, False]
-        assert state == {"calls": 4, "updates": 1, "every": 3}
+        assert state == {"counter": {"every": 3, "start": 0, "steps": 4}, "updates": 1}
         assert "processes=2" in text
         for name, value in r["periodic_weights"].items():
             assert_close(value.double(), want[name], rtol=1e-6, atol=1e-7)
@@ -144,7 +150,7 @@ def test_errors_without_a_process_group_and_for_bad_arguments():
         all_average_(net)
     with pytest.raises(ValueError, match="every must be an int >= 1"):
         PeriodicAverager(net, every=0)
-    with pytest.raises(ValueError, match="buffers must be 'average' or 'skip'"):
+    with pytest.raises(ValueError, match="buffers='copy' is not one of 'average', 'skip'"):
         PeriodicAverager(net, every=1, buffers="copy")
     with pytest.raises(TypeError):
         PeriodicAverager(3.0, every=1)
@@ -152,9 +158,15 @@ def test_errors_without_a_process_group_and_for_bad_arguments():
 
 def test_periodic_averager_state_dict_round_trip():
     averager = PeriodicAverager(mlp(), every=3)
-    averager.load_state_dict({"calls": 7, "updates": 2, "every": 3})
+    state = {"counter": {"every": 3, "start": 0, "steps": 7}, "updates": 2}
+    averager.load_state_dict(state)
     again = PeriodicAverager(mlp(), every=3)
     again.load_state_dict(averager.state_dict())
-    assert again.state_dict() == {"calls": 7, "updates": 2, "every": 3}
-    with pytest.raises(ValueError, match="averaged every 3 steps, this one every 5"):
-        PeriodicAverager(mlp(), every=5).load_state_dict(averager.state_dict())
+    assert again.state_dict() == state and again.calls == 7 and again.updates == 2
+    other = PeriodicAverager(mlp(), every=5)
+    with pytest.raises(ValueError, match="has every=3, this one every=5; build it with every=3"):
+        other.load_state_dict(averager.state_dict())
+    with pytest.raises(ValueError, match="updates must be an int >= 0, got -1"):
+        other.load_state_dict({**state, "updates": -1})
+    assert other.calls == 0 and other.updates == 0  # nothing changed
+    assert repr(again) == "PeriodicAverager(every=3, processes=?, calls=7, updates=2)"

@@ -26,11 +26,11 @@ def test_flatten_keeps_objects_values_and_makes_views():
     for name, v in named(net).items():
         assert torch.equal(v, values[name]), name
     roles = {g.role: g for g in handle.groups}
-    assert set(roles) == {"weight", "buffer"}
-    weight_flat = roles["weight"].flat
-    assert weight_flat.numel() == sum(p.numel() for p in params)
+    assert set(roles) == {"param", "buffer"}
+    param_flat = roles["param"].flat
+    assert param_flat.numel() == sum(p.numel() for p in params)
     for p in params:  # every parameter lives inside the one flat buffer
-        assert p.untyped_storage().data_ptr() == weight_flat.untyped_storage().data_ptr()
+        assert p.untyped_storage().data_ptr() == param_flat.untyped_storage().data_ptr()
     assert [e.name for e in handle.others] == ["1.num_batches_tracked"]
     assert rw.flatten_(net) is handle  # idempotent
     assert "intact" in repr(handle)
@@ -40,7 +40,7 @@ def test_optimizer_keeps_training_a_flattened_module():
     net = NETS["mlp"](0)
     opt = torch.optim.Adam(net.parameters(), lr=0.1)
     handle = rw.flatten_(net)
-    flat = handle.weight_flats[0]
+    flat = handle.param_flats[0]
     before = flat.clone()
     net(torch.randn(4, 5)).pow(2).mean().backward()
     opt.step()

@@ -181,19 +181,19 @@ def test_average_matches_reference(dtype, device, flat, into):
             rw.flatten_(n)
     target, sources = (nets[0], nets[1:]) if into == "fresh" else (nets[1], nets[1:])
     refs = [named(n) for n in sources]
-    weights = [1.0, 3.0, 0.5]
-    rw.average_(target, sources, weights)
-    total = sum(weights)
+    coefficients = [1.0, 3.0, 0.5]
+    rw.average_(target, sources, coefficients=coefficients)
+    total = sum(coefficients)
     got = named(target)
     for name in refs[0]:
         if refs[0][name].is_floating_point():
-            want = sum(w * r[name] for w, r in zip(weights, refs, strict=True)) / total
+            want = sum(c * r[name] for c, r in zip(coefficients, refs, strict=True)) / total
             assert_close(got[name], want, check_dtype=False, **_tol(dtype))
         else:
             assert torch.equal(got[name], refs[0][name])  # integers: the first source's
 
 
-def test_average_uniform_by_default_and_validates_weights():
+def test_average_uniform_by_default_and_validates_coefficients():
     a, b = make_pair("mlp")
     c = NETS["mlp"](2)
     refs = [named(n) for n in (a, b, c)]
@@ -203,10 +203,11 @@ def test_average_uniform_by_default_and_validates_weights():
         assert_close(v, sum(r[name] for r in refs) / 3, **_tol(torch.float32))
     before = [p.detach().clone() for p in out.parameters()]
     for bad, msg in [
-        ([1.0], r"got 1 weights for 3 sources"),
-        ([1.0, -1.0, 1.0], r"weights\[1\]=-1.0 is not a finite number >= 0"),
-        ([1.0, float("nan"), 1.0], r"weights\[1\]=nan"),
-        ([0.0, 0.0, 0.0], r"weights sum to 0.0"),
+        ([1.0], r"got 1 coefficients for 3 sources"),
+        ([1.0, -1.0, 1.0], r"coefficients\[1\] must be a finite number >= 0, got -1.0"),
+        ([1.0, float("nan"), 1.0], r"coefficients\[1\] must be a finite number >= 0, got nan"),
+        ([1.0, float("inf"), 1.0], r"got inf\. Coefficients are relative"),
+        ([0.0, 0.0, 0.0], r"coefficients sum to 0.0"),
     ]:
         with pytest.raises(ValueError, match=msg):
             rw.average_(out, [a, b, c], bad)

@@ -25,15 +25,22 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 EXTRAS = ("gymnasium", "stable_baselines3", "tensorboard", "tqdm")
 
-# A meta path finder that makes the named packages unimportable, as if not installed.
+# Hide the named packages from every import finder, as if they were not installed: imports
+# raise ModuleNotFoundError and importlib.util.find_spec returns None (torch asks it too).
 BLOCKER = """
-import importlib.abc, sys
+import sys
 BLOCKED = set({blocked!r})
-class _Blocker(importlib.abc.MetaPathFinder):
+class _Hide:
+    def __init__(self, finder):
+        self.finder = finder
     def find_spec(self, name, path=None, target=None):
         if name.split(".")[0] in BLOCKED:
-            raise ModuleNotFoundError(f"No module named {{name!r}}", name=name)
-sys.meta_path.insert(0, _Blocker())
+            return None
+        find = getattr(self.finder, "find_spec", None)
+        return find(name, path, target) if find else None
+    def __getattr__(self, attr):
+        return getattr(self.finder, attr)
+sys.meta_path[:] = [_Hide(f) for f in sys.meta_path]
 """
 
 

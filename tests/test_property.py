@@ -51,14 +51,14 @@ def test_polyak_random_structures(shape_list, dtype, tau, flat, seed):
     st.lists(st.floats(0.01, 10.0), min_size=1, max_size=4),
     st.integers(0, 2**16),
 )
-def test_average_random_structures(shape_list, dtype, weights, seed):
-    sources = [_module(shape_list, dtype, seed + i) for i in range(len(weights))]
+def test_average_random_structures(shape_list, dtype, coefficients, seed):
+    sources = [_module(shape_list, dtype, seed + i) for i in range(len(coefficients))]
     target = _module(shape_list, dtype, seed + 99)
     refs = [[p.detach().double() for p in m.parameters()] for m in sources]
-    rw.average_([*target.parameters()], [[*m.parameters()] for m in sources], weights)
-    total = sum(weights)
+    rw.average_([*target.parameters()], [[*m.parameters()] for m in sources], coefficients)
+    total = sum(coefficients)
     for i, p in enumerate(target.parameters()):
-        want = sum(w * r[i] for w, r in zip(weights, refs, strict=True)) / total
+        want = sum(c * r[i] for c, r in zip(coefficients, refs, strict=True)) / total
         assert_close(p.detach().double(), want, **_tol(dtype))
 
 

@@ -281,9 +281,10 @@ def test_evaluations_reach_tensorboard_and_match_saved_models(tmp_path):
 
 BAD = [
     ({"average": "mean"}, ValueError, "average='mean' is not one of 'ema', 'swa'"),
-    ({"tau": 0.0}, ValueError, r"tau must be a float in \(0, 1\], got 0.0"),
-    ({"tau": 1.5}, ValueError, r"tau=1.5 is outside \[0, 1\]"),
-    ({"tau": "0.1"}, ValueError, "tau must be a float in"),
+    ({"tau": 0.0}, ValueError, r"tau=0.0 is outside \(0, 1\]"),
+    ({"tau": 1.5}, ValueError, r"tau=1.5 is outside \(0, 1\]"),
+    ({"tau": "0.1"}, ValueError, r"tau must be a float in \(0, 1\], got '0.1'"),
+    ({"tau": torch.tensor(0.1)}, ValueError, r"tau must be a float in \(0, 1\], got tensor"),
     ({"average": "swa", "tau": 0.01}, ValueError, "tau=0.01 is the EMA's step"),
     ({"average": "swa", "warmup": True}, ValueError, "warmup is the EMA's"),
     ({"start": 10}, ValueError, "start=10 is SWA's"),

@@ -20,7 +20,8 @@ def test_weighted_average_of_state_dicts_matches_float64(tmp_path, capsys):
     nets = [cnn_bn(i) for i in range(3)]
     paths = [save(tmp_path, f"{i}.pt", n.state_dict()) for i, n in enumerate(nets)]
     out = tmp_path / "soup.pt"
-    assert main(["average", *map(str, paths), "--out", str(out), "--weights", "1", "2", "1"]) == 0
+    args = ["--out", str(out), "--coefficients", "1", "2", "1"]
+    assert main(["average", *map(str, paths), *args]) == 0
     got = torch.load(out, weights_only=True)
     for key, value in nets[0].state_dict().items():
         if value.is_floating_point():
@@ -98,8 +99,8 @@ def test_refusals_exit_2_and_write_nothing(tmp_path, capsys):
     out = tmp_path / "out.pt"
     cases = [
         ([a, other], [], "do not fit together"),
-        ([a, b], ["--weights", "1"], "1 weights for 2 checkpoints"),
-        ([a, b], ["--weights", "1", "-1"], "weight"),
+        ([a, b], ["--coefficients", "1"], "1 coefficients for 2 checkpoints"),
+        ([a, b], ["--coefficients", "1", "-1"], "coefficients[1] must be a finite number >= 0"),
         ([a], [], "at least two checkpoints"),
         ([a, evil], [], "not a readable checkpoint (Weights only load failed)"),
         ([a, corrupt], [], "not a readable checkpoint"),

@@ -9,6 +9,7 @@ from torch.testing import assert_close
 
 import rlweights as rw
 from rlweights import ops
+from rlweights.periodic import Periodic
 
 
 def test_make_target_is_a_frozen_flat_copy():
@@ -81,7 +82,11 @@ def test_polyak_update_tracks_a_float64_reference_over_training():
     got = named(target)
     for name, want in ref.items():
         assert_close(got[name], want, rtol=1e-6, atol=1e-7)
-    assert update.state_dict() == {"every": 1, "steps": 5, "updates": 5, "tau": 0.1}
+    assert update.state_dict() == {
+        "counter": {"every": 1, "start": 0, "steps": 5},
+        "updates": 5,
+        "tau": 0.1,
+    }
 
 
 def test_tau_can_change_at_run_time_and_zero_freezes():
@@ -125,29 +130,90 @@ def test_state_dict_round_trip_and_atomic_load():
     for _ in range(5):
         update.step()
     state = update.state_dict()
-    fresh = rw.PolyakUpdate(online, target, tau=0.9)
-    fresh.load_state_dict(state)
+    fresh = rw.PolyakUpdate(online, target, tau=0.9, every=2)
+    fresh.load_state_dict(state)  # tau is taken from the state, as a run-time setting
     assert fresh.state_dict() == state
     assert [fresh.step() for _ in range(3)] == [update.step() for _ in range(3)]  # same phase
     state = fresh.state_dict()
     hard = rw.HardUpdate(online, target, every=4)
     hard.step()
     copy_state = hard.state_dict()
-    other = rw.HardUpdate(online, target)
+    other = rw.HardUpdate(online, target, every=4)
     other.load_state_dict(copy_state)
-    assert other.state_dict() == copy_state == {"every": 4, "steps": 1, "updates": 0}
+    assert other.state_dict() == copy_state
+    assert copy_state == {"counter": {"every": 4, "start": 0, "steps": 1}, "updates": 0}
+    counter = state["counter"]
     for bad, msg in [
-        ({"every": 1, "steps": 0}, "expected keys"),
-        ({**state, "steps": -1}, "steps must be an int >= 0"),
-        ({**state, "every": 0}, "every must be an int >= 1"),
+        ({"counter": counter, "steps": 0}, "expected keys"),
+        ({**state, "counter": {"every": 2, "steps": 0}}, "expected keys"),
+        ({**state, "counter": {**counter, "steps": -1}}, "steps must be an int >= 0"),
+        ({**state, "counter": {**counter, "every": 0}}, "every must be an int >= 1"),
+        ({**state, "counter": {**counter, "every": 1}}, "has every=1, this one every=2"),
+        ({**state, "counter": {**counter, "start": 3}}, "has start=3, this one start=0"),
+        ({**state, "updates": True}, "updates must be an int >= 0"),
         ({**state, "tau": 3.0}, "outside"),
         ([1, 2], "expected keys"),
     ]:
         with pytest.raises(ValueError, match=msg):
             fresh.load_state_dict(bad)
         assert fresh.state_dict() == state  # unchanged
+    with pytest.raises(ValueError, match=r"every=4, this one every=1; build it with every=4"):
+        rw.HardUpdate(online, target).load_state_dict(copy_state)  # every is not adopted
     assert "PolyakUpdate(Sequential -> Sequential, tau=0.2, every=2" in repr(fresh)
     assert "HardUpdate(Sequential -> Sequential, every=4" in repr(other)
+
+
+def test_periodic_counts_due_steps_and_saves_one_format():
+    every3 = Periodic(3)
+    assert [every3.step() for _ in range(7)] == [False, False, True, False, False, True, False]
+    assert every3.fired == 2 and every3.steps == 7
+    late = Periodic(2, start=3, name="SWA")
+    assert [late.step() for _ in range(7)] == [False, False, False, False, True, False, True]
+    assert repr(late) == "Periodic(every=2, start=3, steps=7)"
+    # Several steps at once (n vectorised envs): due when a multiple was crossed.
+    batched = Periodic(5)
+    assert [batched.step(4) for _ in range(5)] == [False, True, True, True, True]
+    assert batched.steps == 20 and batched.fired == 4
+    assert not batched.step(0)
+    with pytest.raises(ValueError, match=r"Periodic.step: n must be an int >= 0, got -1"):
+        batched.step(-1)
+    assert batched.steps == 20
+    for make, msg in [
+        (lambda: Periodic(0, name="HardUpdate"), r"HardUpdate: every must be an int >= 1, got 0"),
+        (lambda: Periodic(2.0), r"every must be an int >= 1, got 2.0"),
+        (lambda: Periodic(True), r"every must be an int >= 1, got True"),
+        (lambda: Periodic(2, start=-1), r"start must be an int >= 0, got -1"),
+    ]:
+        with pytest.raises(ValueError, match=msg):
+            make()
+    # The counter part of every routine's state is this one dict.
+    state = late.state_dict()
+    assert state == {"every": 2, "start": 3, "steps": 7}
+    again = Periodic(2, start=3)
+    again.load_state_dict(state)
+    assert again.state_dict() == state
+    assert [again.step() for _ in range(3)] == [late.step() for _ in range(3)]  # same phase
+    with pytest.raises(ValueError, match=r"has every=2, this one every=4; build it with every=2"):
+        Periodic(4, start=3).load_state_dict(state)
+    assert again.state_dict() == {**state, "steps": 10}
+    for routine in (
+        rw.HardUpdate(every=2),
+        rw.PolyakUpdate(tau=0.1, every=2),
+        rw.EMA(NETS["mlp"](0), tau=0.1, every=2),
+        rw.SWA(NETS["mlp"](0), every=2),
+        rw.distributed.PeriodicAverager(NETS["mlp"](0), every=2),
+    ):
+        assert isinstance(routine.counter, Periodic) and routine.counter.every == 2
+    online, target = NETS["mlp"](0), NETS["mlp"](1)
+    late_copy = rw.HardUpdate(online, target, every=2, start=3)
+    assert [late_copy.step() for _ in range(7)] == [False] * 4 + [True, False, True]
+    assert rw.distance(online, target).item() == 0.0
+    assert repr(late_copy).endswith("every=2, start=3, steps=7, updates=2)")
+    assert late_copy.bind(target, online).counter.state_dict() == {
+        "every": 2,
+        "start": 3,
+        "steps": 0,
+    }
 
 
 def test_tensor_tau_routine():

@@ -17,6 +17,7 @@ from torch.utils.hooks import RemovableHandle
 import rlweights as rw
 from rlweights.checks import check_choice, check_fraction, check_int
 from rlweights.files import atomic_write
+from rlweights.periodic import Periodic
 from rlweights.sb3.patching import algorithm_names, refresh_batch_norm_stats
 
 __all__ = ["ACTING_OPTIMIZERS", "PolicyAveragingCallback"]
@@ -122,16 +123,11 @@ class PolicyAveragingCallback(BaseCallback):
         super().__init__(verbose)
         name = "PolicyAveragingCallback"
         check_choice(average, ("ema", "swa"), "average", name)
+        check_int(start, "start", name, minimum=0)
         if average == "ema":
+            # The EMA's step toward the online weights; 0 would never move the average.
             tau = 0.005 if tau is None else tau
-            value = check_fraction(tau, "tau", name)
-            if not isinstance(value, float) or value <= 0.0:
-                raise ValueError(
-                    f"{name}: tau must be a float in (0, 1], got {tau!r}: it is the EMA's step "
-                    "toward the online weights (e.g. 0.005); tau=0 would never move the average."
-                )
-            tau = value
-            check_int(start, "start", "PolicyAveragingCallback", 0)
+            tau = check_fraction(tau, "tau", name, zero=False, tensor=False)
             if start:
                 raise ValueError(f"{name}: start={start} is SWA's; use average='swa' or drop it")
         else:
@@ -142,17 +138,15 @@ class PolicyAveragingCallback(BaseCallback):
                 )
             if warmup:
                 raise ValueError(f"{name}: warmup is the EMA's; use average='ema' or drop it")
-            check_int(start, "start", "PolicyAveragingCallback", 0)
         self.average = average
         self.tau = tau
         self.warmup = bool(warmup)
         self.start = start
+        # every and start go to the average's counter, made when training starts.
         self.every = check_int(every, "every", name)
-        self.eval_freq = check_int(eval_freq, "eval_freq", "PolicyAveragingCallback", 1)
-        self.n_eval_episodes = check_int(
-            n_eval_episodes, "n_eval_episodes", "PolicyAveragingCallback", 1
-        )
-        self.eval_seed = check_int(eval_seed, "eval_seed", "PolicyAveragingCallback", 0)
+        self.eval_counter = Periodic(check_int(eval_freq, "eval_freq", name), name=name)
+        self.n_eval_episodes = check_int(n_eval_episodes, "n_eval_episodes", name)
+        self.eval_seed = check_int(eval_seed, "eval_seed", name, minimum=0)
         self.deterministic = deterministic
         self.eval_env = _vec_env(eval_env)
         self.evaluations: list[tuple[int, float, float]] = []
@@ -229,8 +223,13 @@ class PolicyAveragingCallback(BaseCallback):
 
     # -- evaluation --------------------------------------------------------------------------
 
+    @property
+    def eval_freq(self) -> int:
+        """Evaluate every ``eval_freq`` calls of ``_on_step``."""
+        return self.eval_counter.every
+
     def _on_step(self) -> bool:
-        if self.eval_env is not None and self.n_calls % self.eval_freq == 0:
+        if self.eval_counter.step() and self.eval_env is not None:
             self.evaluate()
         return True
 

@@ -10,6 +10,7 @@ from torch import nn
 
 import rlweights as rw
 from rlweights.drift import DriftMonitor
+from rlweights.periodic import Periodic
 from rlweights.sb3.patching import algorithm_names
 from rlweights.tensorboard import DriftLogger
 
@@ -101,9 +102,7 @@ class DriftCallback(BaseCallback):
 
     def __init__(self, every: int = 1000, per_layer: bool = True, histograms: bool = False):
         super().__init__()
-        if isinstance(every, bool) or not isinstance(every, int) or every < 1:
-            raise ValueError(f"DriftCallback: every must be an int >= 1, not {every!r}")
-        self.every = every
+        self.counter = Periodic(every, name="DriftCallback")
         self.per_layer = per_layer
         self.histograms = histograms
         self.drift_logger = None
@@ -125,8 +124,12 @@ class DriftCallback(BaseCallback):
         if writers:
             self.drift_logger = DriftLogger(writers[0], self.monitor, self.histograms)
 
+    @property
+    def every(self) -> int:
+        return self.counter.every
+
     def _on_step(self) -> bool:
-        if self.n_calls % self.every == 0:
+        if self.counter.step():
             self.log_drift()
         return True
 

@@ -2,10 +2,11 @@
 
 SB3 imports ``polyak_update`` by name into each algorithm module and calls it at its own
 update points with generators of parameters. ``attach`` replaces that name in the
-algorithm's module (once, for all models) by a dispatcher that recognises the target tensors
-of attached models and routes those calls to rlweights; every other call, from models that
-are not attached, goes to SB3's own function unchanged. Nothing is stored on the model, so
-``model.save()`` / ``SAC.load()`` work as usual; after a load, attach again.
+algorithm's module (once, for all models) by this module's :func:`polyak_update`, which
+recognises the target tensors of attached models and routes those calls to rlweights; every
+other call, from models that are not attached, goes to SB3's own function unchanged.
+Nothing is stored on the model, so ``model.save()`` / ``SAC.load()`` work as usual; after a
+load, attach again.
 
 Where the routine runs (SB3's update points, unchanged; the one table of them in rlweights,
 which the native agents and ``--impl sb3`` refer to):
@@ -41,6 +42,7 @@ __all__ = [
     "algorithm_names",
     "attach",
     "detach",
+    "polyak_update",
     "refresh_batch_norm_stats",
 ]
 
@@ -117,8 +119,10 @@ def _owner(target_params: object) -> object:
     return target_params
 
 
-def _dispatch(params: Iterable[Tensor], target_params: Iterable[Tensor], tau: float) -> None:
-    """Stands in for ``polyak_update`` in SB3's algorithm modules."""
+def polyak_update(params: Iterable[Tensor], target_params: Iterable[Tensor], tau: float) -> None:
+    """What SB3's algorithm modules call under the name ``polyak_update`` while a model of
+    theirs is attached: the targets of attached models go to their attachment, every other
+    call to SB3's own function."""
     owner = _owner(target_params)
     ref = _ROUTES.get(id(owner))
     if ref is not None:
@@ -250,7 +254,7 @@ def _patch(module_path: str) -> None:
             f"{module_path} no longer calls polyak_update by name; this stable-baselines3 "
             "version is not supported by rlweights.sb3."
         )
-    module.polyak_update = _dispatch
+    module.polyak_update = polyak_update
     _PATCHED[module_path] = (module, original, 1)
 
 
