@@ -24,34 +24,24 @@ from rlweights.agents.train import (
 )
 
 from rlweights.distributed import PeerError
+from rlweights.extras import require
 from rlweights.files import write_json
 
 TRAIN_DESCRIPTION = """\
-Train a native DQN, SAC or TD3 agent (or, with --impl sb3, the SB3 algorithm of the same name
-with rlweights attached) on a Gymnasium environment. Every run writes to
-LOGDIR/RUN-NAME/: config.json, TensorBoard events (charts/, losses/, eval/, drift/),
-model.pt (atomic; at every evaluation, at the end and on Ctrl-C; loads with
-torch.load(weights_only=True)) and summary.json at the end (final_eval_return = mean return
-of the final EVAL_EPISODES deterministic evaluation episodes).
+Train a native DQN, SAC or TD3 agent on a Gymnasium environment (with --impl sb3: SB3's
+algorithm of the same name, rlweights attached). Without arguments: SAC on Pendulum-v1.
+Hyperparameters default to rl-baselines3-zoo's for the algorithm and environment (dqn on
+CartPole-v1, sac and td3 on Pendulum-v1; the LunarLander presets need gymnasium[box2d]).
 
-Without arguments: SAC on Pendulum-v1 with rl-baselines3-zoo's hyperparameters.
-Defaults per algorithm (rl-baselines3-zoo): dqn on CartPole-v1, sac and td3 on
-Pendulum-v1; LunarLander-v3 (dqn) and LunarLanderContinuous-v3 (sac, td3) have presets
-too (they need gymnasium[box2d]).
+A run writes LOGDIR/RUN-NAME/: config.json, TensorBoard events (charts/, losses/, eval/,
+drift/), model.pt (at every evaluation, at the end and on Ctrl-C; continue it with --resume)
+and summary.json.
 
-Target updates run through rlweights: --target-update polyak:TAU lerps the target toward
-the online network, hard:EVERY copies it. They happen at SB3's update points: SAC after
-every gradient step, TD3 after every delayed actor update (EVERY counts those), DQN at
-every environment step (EVERY counts environment steps, SB3's target_update_interval).
+--target-update polyak:TAU lerps the target toward the online network, hard:EVERY copies it
+at every EVERY-th update point; the update points are SB3's, for the native agents too (the
+table: python -m pydoc rlweights.sb3.patching).
 
-Hyperparameter flags default to the algorithm's (zoo) values for the chosen environment.
-
-Parallel learners: torchrun --nproc_per_node=N -m rlweights train ... --average-every K
-starts N learners with their own environment seeds and replay buffers, all from rank 0's
-networks; every K environment steps each replaces its networks by the mean over the
-learners (one all_reduce per flat buffer: gloo on CPU, NCCL on CUDA). Rank 0 evaluates,
-logs (distributed/distance_to_average: how far its weights moved at each averaging) and
-checkpoints. A learner that dies makes the others stop with an error after --peer-timeout.
+Parallel learners: torchrun --nproc_per_node=N -m rlweights train ... --average-every K.
 """
 
 EVALUATE_DESCRIPTION = "Run deterministic episodes with a saved agent and print the mean return."
@@ -237,7 +227,7 @@ class _Progress:
         if self.bar is None:
             return
         postfix = {key: f"{info[key]:.1f}" for key in ("return", "eval") if key in info}
-        if postfix != self.postfix:  # a new episode or evaluation: a few times per 1000 steps
+        if postfix != self.postfix:  # only after a new episode or evaluation
             self.postfix = postfix
             self.bar.set_postfix(postfix, refresh=False)
         self.bar.update(steps - self.shown)
@@ -273,6 +263,12 @@ def _check_parallel(config: Any, impl: str) -> None:
         )
 
 
+def _check_impl(impl: str) -> None:
+    """--impl sb3 without its extra fails before anything is written."""
+    if impl == "sb3":
+        require("stable_baselines3", "sb3", "rlweights train --impl sb3")
+
+
 def _prepare_train(args: argparse.Namespace) -> tuple[Any, Path, str, int]:
     """Check every input and create the run directory: (config, run_dir, impl, start step).
     Under torchrun only rank 0 creates it."""
@@ -291,12 +287,13 @@ def _prepare_train(args: argparse.Namespace) -> tuple[Any, Path, str, int]:
                 "--no-progress may be given with it"
             )
         run_dir = Path(args.resume)
-        saved = load_checkpoint(run_dir / "model.pt")
+        saved = load_checkpoint(run_dir / "model.pt", resume=True)
         try:
             config = config_from_checkpoint(saved, total_steps=args.total_steps, device=device)
         except (KeyError, TypeError) as exc:
             raise CheckpointError(f"{run_dir}/model.pt: its config is unreadable ({exc})") from None
         impl, initial = saved["impl"], saved["steps"]
+        _check_impl(impl)
         if config.total_steps <= initial:
             raise UsageError(
                 f"{run_dir} is at step {initial} of {config.total_steps}: pass --steps N with "
@@ -308,6 +305,7 @@ def _prepare_train(args: argparse.Namespace) -> tuple[Any, Path, str, int]:
     )
     _check_env(config.algo, config.env_id)
     impl = args.impl or "native"
+    _check_impl(impl)
     _check_parallel(config, impl)
     stamp = time.strftime("%Y%m%d-%H%M%S")
     suffix = "-sb3" if impl == "sb3" else ""
@@ -405,9 +403,9 @@ def _prepare_evaluate(args: argparse.Namespace) -> tuple[Any, Any, dict[str, Any
         raise CheckpointError(f"{args.checkpoint}: weights do not fit ({first})") from None
     network = None
     if args.ema:
-        if agent.policy_ema is None:
+        if agent.ema_routine is None:
             raise UsageError(f"--ema: {args.checkpoint} was trained without --policy-ema")
-        network = agent.networks[f"{agent.policy_name}_ema"]
+        network = agent.ema_routine.averaged
     return config, lambda obs: agent.policy(obs, network), saved
 
 

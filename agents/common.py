@@ -1,29 +1,32 @@
-"""What every native agent shares: the common config, seeding, networks, optimizers, a replay
-buffer of torch tensors, and the rlweights routines (target update, policy EMA, constraints)."""
+"""What every native agent shares: the common config, seeding, Adam, a replay buffer of torch
+tensors, and the agent base classes, which keep the rlweights routines (target update, policy
+EMA, weight constraints) that each algorithm's gradient step calls."""
 
 from __future__ import annotations
 
-import itertools
 import random
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, fields
 from typing import Any, ClassVar
 
 import gymnasium as gym
 import numpy as np
 import torch
+from rlweights.agents.networks import TwinQ
+from rlweights.agents.target_update import TargetUpdateSpec
 from torch import Tensor, nn
+from torch.nn import functional as F
 
 import rlweights as rw
+from rlweights.checks import check_int
 
 __all__ = [
     "AgentConfig",
+    "ContinuousAgent",
     "OffPolicyAgent",
     "ReplayBuffer",
     "adam",
     "check_flat_observations",
-    "mlp",
-    "parse_target_update",
     "rng_state",
     "seed_everything",
     "set_rng_state",
@@ -64,26 +67,6 @@ def set_rng_state(state: dict[str, Any]) -> None:
     random.setstate((p["version"], tuple(p["state"]), p["gauss"]))
 
 
-def parse_target_update(spec: str) -> tuple[str, float | int]:
-    """``"polyak:TAU"`` -> ("polyak", TAU in [0, 1]); ``"hard:EVERY"`` -> ("hard", EVERY >= 1)."""
-    kind, _, value = spec.partition(":")
-    try:
-        if kind == "polyak":
-            tau = float(value)
-            if 0.0 <= tau <= 1.0:
-                return kind, tau
-        elif kind == "hard":
-            every = int(value)
-            if every >= 1:
-                return kind, every
-    except ValueError:
-        pass
-    raise ValueError(
-        f"target_update must be 'polyak:TAU' with TAU in [0, 1] or 'hard:EVERY' with an "
-        f"integer EVERY >= 1, got {spec!r}"
-    )
-
-
 def check_flat_observations(env_id: str, observation_space: gym.Space) -> None:
     """The native agents use MLPs: observations must be a Box vector."""
     if not isinstance(observation_space, gym.spaces.Box) or len(observation_space.shape) != 1:
@@ -116,7 +99,7 @@ class AgentConfig:
     hidden: tuple[int, ...] = (256, 256)
     train_freq: int = 1
     gradient_steps: int = 1
-    target_update: str = "polyak:0.005"  # or "hard:EVERY"
+    target_update: str = "polyak:0.005"  # the spec: "polyak:TAU" or "hard:EVERY"
     policy_ema: float | None = None  # tau of an EMA of the policy, evaluated next to it
     clip: float | None = None  # clamp weights to [-clip, clip] after each optimizer step
     max_norm: float | None = None  # per-unit max-norm after each optimizer step
@@ -156,7 +139,7 @@ class AgentConfig:
         }
 
     def checks(self) -> None:
-        parse_target_update(self.target_update)
+        TargetUpdateSpec.parse(self.target_update)
         bad = [name for name, ok in self._rules().items() if not ok]
         if bad:
             values = ", ".join(f"{name}={getattr(self, name)!r}" for name in bad)
@@ -165,17 +148,6 @@ class AgentConfig:
     def to_dict(self) -> dict[str, Any]:
         data = {f.name: getattr(self, f.name) for f in fields(self)}
         return {"algo": self.algo, **data, "hidden": list(self.hidden)}
-
-
-def mlp(sizes: Iterable[int], activate_last: bool = False) -> nn.Sequential:
-    """Linear layers with ReLU between them (and after the last one if asked)."""
-    sizes = list(sizes)
-    layers: list[nn.Module] = []
-    for i, (n_in, n_out) in enumerate(itertools.pairwise(sizes)):
-        layers.append(nn.Linear(n_in, n_out))
-        if activate_last or i < len(sizes) - 2:
-            layers.append(nn.ReLU())
-    return nn.Sequential(*layers)
 
 
 def adam(params: Iterable[Tensor], lr: float) -> torch.optim.Adam:
@@ -206,9 +178,7 @@ class ReplayBuffer:
         action_dtype: torch.dtype = torch.float32,
         seed: int = 0,
     ):
-        if capacity < 1:
-            raise ValueError(f"ReplayBuffer: capacity must be >= 1, got {capacity}")
-        self.capacity = capacity
+        self.capacity = check_int(capacity, "capacity", "ReplayBuffer")
         self.device = torch.device(device)
         self.obs = torch.zeros((capacity, *obs_shape), device=self.device)
         self.next_obs = torch.zeros((capacity, *obs_shape), device=self.device)
@@ -286,8 +256,11 @@ class OffPolicyAgent:
     """The base of DQN, SAC and TD3: holds the networks, optimizers and rlweights routines.
 
     A subclass builds its networks and optimizers, then calls :meth:`_setup_routines` with
-    the online network whose target it keeps and the policy network to average. It
-    implements ``act``, ``policy`` (deterministic actions for evaluation) and ``update``.
+    the online networks whose targets it keeps and the policy network to average. It
+    implements ``act`` (exploring actions), ``policy`` (deterministic actions, for
+    evaluation) and ``update``, one whole gradient step, which calls :meth:`optimizer_step`
+    (weight constraints included), :meth:`average_policy` and ``target_routine.step()`` at
+    the algorithm's update points.
     """
 
     name: ClassVar[str] = ""
@@ -312,18 +285,17 @@ class OffPolicyAgent:
         self.gradient_updates = 0
         self.networks: dict[str, nn.Module] = {}
         self.optimizers: dict[str, torch.optim.Optimizer] = {}
-        self.constraint_handles: list = []
 
     def _setup_routines(
         self, online: tuple[str, ...], policy: str, per_env_step: bool = False
     ) -> None:
-        """Flat storage for every network; targets of the ``online`` networks (one rlweights
-        Polyak or hard update routine over all of them); the optional EMA of ``policy``; the
-        optional weight constraints after every optimizer step.
+        """Flat storage for every network; targets of the ``online`` networks, moved by one
+        rlweights routine over all of them (``target_routine``, from ``config.target_update``);
+        the optional EMA of ``policy`` (``ema_routine``).
 
-        ``per_env_step``: the routine is stepped once per vectorised environment step (DQN, as
-        in SB3 and CleanRL), so ``hard:EVERY`` counts environment steps summed over the
-        ``num_envs`` environments."""
+        ``per_env_step``: the target routine is stepped once per vectorised environment step
+        (DQN), so ``hard:EVERY`` counts environment steps summed over the ``num_envs``
+        environments."""
         cfg = self.config
         # Every module flattened as one unit (one buffer per dtype), in a fixed order.
         self.flat_units: list[nn.Module] = []
@@ -341,37 +313,57 @@ class OffPolicyAgent:
             for name in online:
                 self.networks[f"{name}_target"] = target[name]
         self.flat_units += [source, target]
-        kind, value = parse_target_update(cfg.target_update)
-        if kind == "polyak":
-            self.target_update: rw.PolyakUpdate | rw.HardUpdate = rw.PolyakUpdate(
-                source, target, tau=float(value)
-            )
-        else:
-            every = max(int(value) // cfg.num_envs, 1) if per_env_step else int(value)
-            self.target_update = rw.HardUpdate(source, target, every=every)
+        spec = TargetUpdateSpec.parse(cfg.target_update)
+        steps_per_call = cfg.num_envs if per_env_step else 1
+        self.target_routine = spec.routine(source, target, steps_per_call=steps_per_call)
         self.online_names, self.policy_name = online, policy
-        self.policy_ema: rw.EMA | None = None
+        self.ema_routine: rw.EMA | None = None
         if cfg.policy_ema is not None:
             # make_target inside leaves a policy that shares a flat buffer with another
             # online network (TD3's actor and critic) where it is.
-            self.policy_ema = rw.EMA(self.networks[policy], tau=cfg.policy_ema)
-            self.networks[f"{policy}_ema"] = self.policy_ema.averaged
-            self.flat_units.append(self.policy_ema.averaged)
-        if cfg.clip is not None or cfg.max_norm is not None:
-            for name, optimizer in self.optimizers.items():
-                if name in self.networks:
-                    handle = rw.constrain(optimizer, self.networks[name], self._constrain)
-                    self.constraint_handles.append(handle)
+            self.ema_routine = rw.EMA(self.networks[policy], tau=cfg.policy_ema)
+            self.networks[f"{policy}_ema"] = self.ema_routine.averaged
+            self.flat_units.append(self.ema_routine.averaged)
 
-    def _constrain(self, net: nn.Module) -> None:
-        if self.config.clip is not None:
-            rw.clamp_(net, -self.config.clip, self.config.clip)
-        if self.config.max_norm is not None:
-            rw.max_norm_(_constraint_tensors(net), self.config.max_norm)
+    def optimizer_step(self, name: str, loss: Tensor, max_grad_norm: float | None = None) -> None:
+        """One optimizer step of network ``name`` down ``loss`` (its gradient norm clipped to
+        ``max_grad_norm`` if given), then the weight constraints of the config."""
+        optimizer = self.optimizers[name]
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if max_grad_norm is not None:
+            nn.utils.clip_grad_norm_(self.networks[name].parameters(), max_grad_norm, foreach=True)
+        optimizer.step()
+        self.constrain(self.networks[name])
+
+    def constrain(self, net: nn.Module) -> None:
+        """``--clip``: clamp every weight to [-clip, clip]; ``--max-norm``: rescale each
+        unit's incoming weights to L2 norm <= max_norm. Both in place, through rlweights."""
+        cfg = self.config
+        if cfg.clip is not None:
+            rw.clamp_(net, -cfg.clip, cfg.clip)
+        if cfg.max_norm is not None:
+            rw.max_norm_(_constraint_tensors(net), cfg.max_norm)
+
+    def average_policy(self) -> None:
+        """Advance the policy EMA (if the config keeps one): after each policy step."""
+        if self.ema_routine is not None:
+            self.ema_routine.update()
+
+    def on_env_step(self) -> None:
+        """Called once per vectorised environment step (DQN steps its target routine here)."""
 
     @property
     def policy_network(self) -> nn.Module:
         return self.networks[self.policy_name]
+
+    def evaluated_policies(self) -> dict[str, Callable[[Tensor], Tensor]]:
+        """The deterministic policies an evaluation runs, by the name of their return: the
+        policy (``return``) and, if kept, its EMA (``ema_return``)."""
+        found = {"return": self.policy}
+        if self.ema_routine is not None:
+            found["ema_return"] = lambda obs: self.policy(obs, self.ema_routine.averaged)
+        return found
 
     @property
     def drift_pairs(self) -> tuple[dict[str, nn.Module], dict[str, nn.Module]]:
@@ -381,9 +373,10 @@ class OffPolicyAgent:
         return watched, targets
 
     def routines(self) -> dict[str, Any]:
-        found = {"target_update": self.target_update}
-        if self.policy_ema is not None:
-            found["policy_ema"] = self.policy_ema
+        """The stateful rlweights routines, by the name their state has in a checkpoint."""
+        found = {"target_routine": self.target_routine}
+        if self.ema_routine is not None:
+            found["ema_routine"] = self.ema_routine
         return found
 
     def weights_state(self) -> dict[str, dict[str, Tensor]]:
@@ -425,14 +418,6 @@ class OffPolicyAgent:
     def _load_extra_state(self, state: dict[str, Any]) -> None:
         pass
 
-    def after_policy_step(self) -> None:
-        """Advance the policy EMA after each optimizer step of the policy."""
-        if self.policy_ema is not None:
-            self.policy_ema.update()
-
-    def on_env_step(self) -> None:
-        """Called once per vectorised environment step (DQN steps its target routine here)."""
-
     # Interface of the subclasses.
     def act(self, obs: Tensor, steps: int) -> Tensor:  # exploring actions
         raise NotImplementedError
@@ -442,3 +427,29 @@ class OffPolicyAgent:
 
     def update(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
         raise NotImplementedError
+
+
+class ContinuousAgent(OffPolicyAgent):
+    """The base of SAC and TD3: Box actions, an actor and a twin critic (:class:`TwinQ`)."""
+
+    actions = (gym.spaces.Box, "continuous (Box)", "use --algo dqn for discrete actions")
+
+    def __init__(self, config: AgentConfig, observation_space: gym.Space, action_space: gym.Space):
+        self.check_spaces(config.env_id, observation_space, action_space)
+        super().__init__(config)
+        self.obs_dim = int(np.prod(observation_space.shape))
+        self.act_dim = int(np.prod(action_space.shape))
+
+    @property
+    def actor(self) -> nn.Module:
+        return self.networks["actor"]
+
+    @property
+    def critic(self) -> TwinQ:
+        return self.networks["critic"]
+
+    def critic_loss(self, batch: dict[str, Tensor], target: Tensor) -> Tensor:
+        """The twin critic's loss toward the TD ``target``: the mean over both networks'
+        squared errors (SB3's 0.5 * (mse_1 + mse_2))."""
+        q = self.critic(torch.cat([batch["obs"], batch["actions"]], -1))
+        return F.mse_loss(q, target.expand_as(q))

@@ -1,20 +1,19 @@
-"""``rlweights demo``: what target networks do, measured on the environments of ``envs/``.
+"""rlweights demo: what target networks do, on the environments of rlweights.envs.
 
-``rlweights demo baird``: off-policy semi-gradient TD(0) with the book's linear features on
-Baird's counterexample (Sutton & Barto, 2nd ed., section 11.2: step size 0.01,
-``gamma=0.99``, weights starting at (1, 1, 1, 1, 1, 1, 10, 1), the behaviour policy's
-transitions weighted by the importance ratio of the always-solid target policy), with the TD
-target computed from the online weights (no target network), from a copy refreshed every k
-steps (``hard:k``) or from a Polyak-averaged copy (``polyak:tau``), all through rlweights
-routines. Every true value is 0, so the value error is the root mean square of the
-predicted values over the seven states.
+rlweights demo baird: off-policy semi-gradient TD(0) with the book's linear features on
+Baird's counterexample (Sutton & Barto, 2nd ed., section 11.2: step size 0.01, gamma 0.99,
+weights starting at (1, 1, 1, 1, 1, 1, 10, 1), the behaviour policy's transitions weighted by
+the importance ratio of the always-solid target policy). The TD target reads the online
+weights (none: no target network), a copy refreshed every K steps (hard:K) or a
+Polyak-averaged copy (polyak:TAU), kept by rlweights routines. Every true value is 0, so the
+value error is the root mean square of the predicted values over the seven states.
 
-``rlweights demo chain``: the native DQN on ``rlweights/Chain-v0`` with several target-update
-routines; the error of its Q-function against the exact optimal values.
+rlweights demo chain: the native DQN on rlweights/Chain-v0 with several target updates, and
+the error of its Q-function against the exact optimal values.
 
-Both write TensorBoard runs (one per routine and seed, under ``--logdir``, by default
-``runs/demo-DEMO-DATE-TIME``), print a table, and with ``--png`` plot the curves
-(matplotlib, in the ``dev`` extra).
+Both write TensorBoard runs (one per target update and seed, under --logdir; by default
+runs/demo-DEMO-DATE-TIME), print a table, and with --png plot the curves (matplotlib, in the
+dev extra).
 """
 
 from __future__ import annotations
@@ -29,12 +28,13 @@ from typing import Any
 import gymnasium as gym
 import numpy as np
 import torch
-from rlweights.agents.common import parse_target_update
+from rlweights.agents.target_update import TargetUpdateSpec
 from torch import nn
 
 import rlweights as rw
 from rlweights.drift import DriftMonitor
 from rlweights.files import atomic_write, write_json
+from rlweights.periodic import Periodic
 from rlweights.tensorboard import DriftLogger
 
 __all__ = [
@@ -58,25 +58,23 @@ BAIRD_ROUTINES = (
     "polyak:0.001",
 )
 CHAIN_ROUTINES = ("none", "hard:100", "hard:1000", "polyak:0.01", "polyak:0.001")
-# A run "diverges" when the weight norm passes this (100x the initial norm of about 10.3);
-# the unbounded runs pass it within a few thousand steps and keep growing geometrically.
+# A run "diverges" when the weight norm passes this: about 100 times the initial norm,
+# sqrt(107).
 DIVERGED_NORM = 1e3
 _GIVE_UP_NORM = 1e12  # stop simulating a run that has clearly diverged
 
 
-def _routine(spec: str, online: nn.Module) -> tuple[nn.Module, Any]:
-    """(the module the TD target reads, the routine that moves it) for a routine spec."""
-    if spec == "none":
+def _target(target_update: str, online: nn.Module) -> tuple[nn.Module, Any]:
+    """(the module the TD target reads, the routine that moves it, or None) for a target
+    update spec or ``"none"``."""
+    if target_update == "none":
         return online, None
-    kind, value = parse_target_update(spec)
     target = rw.make_target(online)
-    if kind == "polyak":
-        return target, rw.PolyakUpdate(online, target, tau=float(value))
-    return target, rw.HardUpdate(online, target, every=int(value))
+    return target, TargetUpdateSpec.parse(target_update).routine(online, target)
 
 
 def baird_td(
-    routine: str,
+    target_update: str,
     steps: int = 10_000,
     seed: int = 0,
     alpha: float = 0.01,
@@ -86,8 +84,8 @@ def baird_td(
     """One run of off-policy semi-gradient TD(0) on ``rlweights/BairdCounterexample-v0``:
 
     ``w <- w + alpha * rho * (r + gamma * x(s') . w_target - x(s) . w) * x(s)``, with ``rho``
-    = 7 after solid and 0 after dashed, ``w_target`` = ``w`` itself (``routine="none"``) or
-    a copy kept by ``rw.HardUpdate`` / ``rw.PolyakUpdate`` (stepped after every update).
+    = 7 after solid and 0 after dashed, ``w_target`` = ``w`` itself (``target_update="none"``)
+    or a copy kept by the rlweights routine of the spec (stepped after every update).
     Returns the curves (``steps``, ``weight_norm``, ``value_error``, ``target_distance``)
     sampled every ``log_every`` steps, and ``diverged_at`` (the first step whose weight norm
     exceeded :data:`DIVERGED_NORM`, or None). A run whose norm passes 1e12 stops there.
@@ -102,7 +100,7 @@ def baird_td(
     online = nn.Linear(8, 1, bias=False).double().requires_grad_(False)
     with torch.no_grad():
         online.weight.copy_(torch.as_tensor(Baird.INITIAL_WEIGHTS).view(1, 8))
-    target, update = _routine(routine, online)
+    target, target_routine = _target(target_update, online)
     w, w_target = online.weight.view(8), target.weight.view(8)
     # Weight norm and distance to the target: rlweights' drift metrics (drift/value/...).
     monitor = DriftMonitor(
@@ -119,6 +117,7 @@ def baird_td(
         "target_distance": [],
     }
     diverged_at = None
+    curve_point = Periodic(log_every, name="baird_td log_every")
     for step in range(1, steps + 1):
         action = int(rng.random() < Baird.BEHAVIOUR_PROBS[1])
         _, reward, _, _, info = env.step(action)
@@ -127,14 +126,14 @@ def baird_td(
             bootstrap = Baird.GAMMA * features[following] @ w_target
             delta = reward + bootstrap - features[state] @ w
             w.add_(features[state], alpha=float(alpha * ratios[action] * delta))
-        if update is not None:
-            update.step()
+        if target_routine is not None:
+            target_routine.step()
         state = following
         norm = float(torch.linalg.vector_norm(w))
         if diverged_at is None and not norm <= DIVERGED_NORM:
             diverged_at = step
         stop = not norm <= _GIVE_UP_NORM
-        if step % log_every == 0 or step == steps or stop:
+        if curve_point.step() or step == steps or stop:
             if drift is not None:
                 measured = drift.log(step)
             else:
@@ -150,7 +149,7 @@ def baird_td(
             break
     env.close()
     return {
-        "routine": routine,
+        "routine": target_update,
         "seed": seed,
         "total_steps": steps,
         "diverged_at": diverged_at,
@@ -170,7 +169,7 @@ def chain_q_error(agent: Any, optimal: np.ndarray) -> dict[str, float]:
 
 
 def chain_dqn(
-    routine: str,
+    target_update: str,
     steps: int = 20_000,
     seed: int = 0,
     log_every: int = 500,
@@ -178,10 +177,10 @@ def chain_dqn(
     **overrides: Any,
 ) -> dict[str, Any]:
     """One run of the native DQN on ``rlweights/Chain-v0`` (10 cells, slip 0.1) with
-    ``routine`` as its target update (``"none"``: the TD target reads the online network,
-    i.e. ``polyak:1`` at every environment step, before every gradient step), returning the
-    Q-error curves against :meth:`envs.chain.Chain.optimal_q`. ``overrides`` change the DQN
-    settings below."""
+    the ``target_update`` spec (``"none"``: the TD target reads the online network, i.e.
+    ``polyak:1`` at every environment step, before every gradient step), returning the
+    Q-error curves against :meth:`rlweights.envs.chain.Chain.optimal_q`. ``overrides``
+    change the DQN settings below."""
     from rlweights.agents.train import make_config, train
 
     env_id = "rlweights/Chain-v0"
@@ -197,7 +196,7 @@ def chain_dqn(
         "gradient_steps": 1,
         "exploration_fraction": 0.5,
         "exploration_final_eps": 0.1,
-        "target_update": "polyak:1.0" if routine == "none" else routine,
+        "target_update": "polyak:1.0" if target_update == "none" else target_update,
         "drift_every": 0,
         "eval_every": 0,
         "eval_episodes": 5,
@@ -217,7 +216,7 @@ def chain_dqn(
 
     _, summary = train(config, run_dir, monitor=watch, monitor_every=log_every)
     return {
-        "routine": routine,
+        "routine": target_update,
         "seed": seed,
         "total_steps": steps,
         "final_eval_return": summary["final_eval_return"],
@@ -270,16 +269,16 @@ def _writer(logdir: Path, name: str) -> Any:
     return SummaryWriter(str(logdir / name))
 
 
-def _label(routine: str) -> str:
-    return "no target network" if routine == "none" else routine
+def _label(target_update: str) -> str:
+    return "no target network" if target_update == "none" else target_update
 
 
 def run_baird(args: argparse.Namespace) -> dict[str, Any]:
     runs = []
-    for routine in args.routines:
+    for target_update in args.routines:
         for seed in args.seeds:
-            writer = _writer(args.logdir, f"{routine.replace(':', '-')}-s{seed}")
-            run = baird_td(routine, args.steps, seed, args.alpha, args.log_every, writer)
+            writer = _writer(args.logdir, f"{target_update.replace(':', '-')}-s{seed}")
+            run = baird_td(target_update, args.steps, seed, args.alpha, args.log_every, writer)
             writer.close()
             runs.append(run)
     return {"demo": "baird", "alpha": args.alpha, "runs": runs}
@@ -306,11 +305,11 @@ def baird_table(result: dict[str, Any]) -> str:
 
 def run_chain(args: argparse.Namespace) -> dict[str, Any]:
     runs = []
-    for routine in args.routines:
+    for target_update in args.routines:
         for seed in args.seeds:
-            run_dir = args.logdir / f"{routine.replace(':', '-')}-s{seed}"
+            run_dir = args.logdir / f"{target_update.replace(':', '-')}-s{seed}"
             tick = time.perf_counter()
-            run = chain_dqn(routine, args.steps, seed, args.log_every, run_dir)
+            run = chain_dqn(target_update, args.steps, seed, args.log_every, run_dir)
             run["seconds"] = time.perf_counter() - tick
             runs.append(run)
     return {"demo": "chain", "length": 10, "slip": 0.1, "runs": runs}
@@ -332,10 +331,11 @@ def chain_table(result: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _routine_spec(text: str) -> str:
+def _target_update(text: str) -> str:
+    """argparse type of --routines: a target-update spec or none."""
     if text != "none":
         try:
-            parse_target_update(text)
+            TargetUpdateSpec.parse(text)
         except ValueError as exc:
             raise argparse.ArgumentTypeError(str(exc)) from None
     return text
@@ -391,7 +391,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         sub.add_argument(
             "--routines",
             nargs="+",
-            type=_routine_spec,
+            type=_target_update,
             default=list(routines),
             metavar="SPEC",
             help="none, hard:K or polyak:TAU (default: " + " ".join(routines) + ")",

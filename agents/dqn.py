@@ -1,9 +1,8 @@
 """Deep Q-Network (discrete actions) built on rlweights.
 
 As in SB3's DQN: epsilon-greedy exploration with a linear schedule, Huber loss, gradient-norm
-clipping, and the target network updated by an rlweights routine at every environment step
-(``hard:EVERY`` counts environment steps, SB3's ``target_update_interval``; ``polyak:TAU``
-lerps at every environment step, as SB3 with ``target_update_interval=1`` and CleanRL do).
+clipping, and the target network moved by an rlweights routine at DQN's update point, which
+is an environment step, not a gradient step (SB3's, see :mod:`rlweights.sb3.patching`).
 """
 
 from __future__ import annotations
@@ -14,7 +13,8 @@ from typing import ClassVar
 import gymnasium as gym
 import numpy as np
 import torch
-from rlweights.agents.common import AgentConfig, OffPolicyAgent, adam, mlp
+from rlweights.agents.common import AgentConfig, OffPolicyAgent, adam
+from rlweights.agents.networks import mlp
 from torch import Tensor, nn
 from torch.nn import functional as F
 
@@ -95,20 +95,22 @@ class DQN(OffPolicyAgent):
         return (network or self.q)(obs).argmax(-1)
 
     def update(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
-        cfg = self.config
-        with torch.no_grad():
-            next_q = self.networks["q_target"](batch["next_obs"]).max(-1)[0]
-            target = batch["rewards"] + cfg.gamma * (1 - batch["dones"]) * next_q
+        """One gradient step of the Q-network (then the policy EMA); the target update is
+        not part of it (:meth:`on_env_step`)."""
+        target = self.td_target(batch)
         q = self.q(batch["obs"]).gather(-1, batch["actions"].long().unsqueeze(-1)).squeeze(-1)
         loss = F.smooth_l1_loss(q, target)
-        optimizer = self.optimizers["q"]
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        nn.utils.clip_grad_norm_(self.q.parameters(), cfg.max_grad_norm, foreach=True)
-        optimizer.step()
-        self.after_policy_step()
+        self.optimizer_step("q", loss, max_grad_norm=self.config.max_grad_norm)
+        self.average_policy()
         self.gradient_updates += 1
         return {"loss": loss}
 
+    @torch.no_grad()
+    def td_target(self, batch: dict[str, Tensor]) -> Tensor:
+        """reward + gamma * max over actions of the target network."""
+        next_q = self.networks["q_target"](batch["next_obs"]).max(-1)[0]
+        return batch["rewards"] + self.config.gamma * (1 - batch["dones"]) * next_q
+
     def on_env_step(self) -> None:
-        self.target_update.step()
+        """DQN's update point: the target routine counts environment steps."""
+        self.target_routine.step()

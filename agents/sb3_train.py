@@ -1,12 +1,13 @@
 """``rlweights train --impl sb3``: the SB3 algorithm of the same name, rlweights attached.
 
-The same config, the same evaluation (:func:`agents.train.evaluate`, same seeds), the same
-outputs (TensorBoard events through SB3's logger, ``model.pt``, ``summary.json``) as the
-native agents, so that the two can be compared run for run. Target updates go through
-:func:`rlweights.sb3.attach`; clipping / max-norm through
+The same config, the same evaluation (:func:`rlweights.agents.train.evaluate`, same seeds),
+the same outputs (TensorBoard events through SB3's logger, ``model.pt``, ``summary.json``) as
+the native agents, so that the two can be compared run for run. Target updates go through
+:func:`rlweights.sb3.attach`, at SB3's update points (the table is in
+:mod:`rlweights.sb3.patching`); clipping / max-norm through
 :class:`rlweights.sb3.WeightConstraintCallback`; drift through
-:class:`rlweights.sb3.DriftCallback`; the policy EMA is an rlweights Polyak routine stepped by
-an optimizer post-hook of the policy's optimizer (after every policy step, as natively).
+:class:`rlweights.sb3.DriftCallback`; the policy EMA is an rlweights routine stepped by an
+optimizer post-hook of the policy's optimizer (after every policy step, as natively).
 
 ``model.pt`` holds the policy's weights (and the EMA's) for evaluation, plus what a resumed
 run needs: SB3's optimizer states, the entropy coefficient, the stored replay transitions,
@@ -18,16 +19,17 @@ from __future__ import annotations
 
 import copy
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from rlweights.agents.common import AgentConfig, parse_target_update, rng_state, set_rng_state
+from rlweights.agents.common import AgentConfig, rng_state, set_rng_state
+from rlweights.agents.target_update import TargetUpdateSpec
 from rlweights.agents.train import (
     EVAL_SEED_OFFSET,
-    _GracefulStop,
+    GracefulStop,
     evaluate,
     load_checkpoint,
     save_checkpoint,
@@ -36,13 +38,14 @@ from torch import nn
 
 import rlweights as rw
 from rlweights.files import write_json
+from rlweights.periodic import Periodic
 
 __all__ = ["build_sb3_model", "load_sb3_policy", "train_sb3"]
 
 
 def _kwargs(config: AgentConfig) -> dict[str, Any]:
     """SB3 constructor arguments equivalent to ``config``."""
-    kind, value = parse_target_update(config.target_update)
+    spec = TargetUpdateSpec.parse(config.target_update)
     kwargs: dict[str, Any] = {
         "learning_rate": config.learning_rate,
         "buffer_size": config.buffer_size,
@@ -61,12 +64,11 @@ def _kwargs(config: AgentConfig) -> dict[str, Any]:
             exploration_initial_eps=config.exploration_initial_eps,
             exploration_final_eps=config.exploration_final_eps,
             max_grad_norm=config.max_grad_norm,
-            # SB3's DQN updates every target_update_interval env steps with tau.
-            target_update_interval=int(value) if kind == "hard" else 1,
-            tau=1.0 if kind == "hard" else float(value),
+            target_update_interval=spec.every,
+            tau=spec.tau,
         )
-    else:
-        kwargs["tau"] = float(value) if kind == "polyak" else 1.0
+    else:  # hard:EVERY is a routine of its own (build_sb3_model), stepped with tau=1
+        kwargs["tau"] = spec.tau
     if config.algo == "td3":
         kwargs.update(
             policy_delay=config.policy_delay,
@@ -92,8 +94,9 @@ def build_sb3_model(config: AgentConfig) -> tuple[Any, Any]:
             np.zeros(n), config.exploration_noise * np.ones(n)
         )
     model = getattr(sb3, config.algo.upper())("MlpPolicy", vec_env, **kwargs)
-    kind, value = parse_target_update(config.target_update)
-    routine = rw.HardUpdate(every=int(value)) if kind == "hard" and config.algo != "dqn" else None
+    # None: SB3's own rule (its tau, and for DQN its target_update_interval).
+    spec = TargetUpdateSpec.parse(config.target_update)
+    routine = spec.routine() if spec.kind == "hard" and config.algo != "dqn" else None
     return model, attach(model, routine)
 
 
@@ -140,36 +143,6 @@ def _torch_variables(model: Any) -> dict[str, torch.Tensor]:
     return {name: getattr(model, name).detach().clone() for name in names}
 
 
-def _loop_callback(
-    config: AgentConfig,
-    collected: list[float],
-    progress: Callable | None,
-    stop: _GracefulStop,
-    evaluate_and_checkpoint: Callable[[int], None],
-) -> Any:
-    from stable_baselines3.common.callbacks import BaseCallback
-
-    class _Loop(BaseCallback):
-        """Episode returns, evaluation + checkpoint every ``eval_every`` steps, the progress
-        bar, and the graceful stop on Ctrl-C."""
-
-        def _on_step(self) -> bool:
-            info: dict[str, float] = {}
-            for step_info in self.locals.get("infos", ()):
-                if "episode" in step_info:  # SB3's Monitor wrapper
-                    collected.append(float(step_info["episode"]["r"]))
-                    info["return"] = collected[-1]
-            steps, previous = self.num_timesteps, self.num_timesteps - config.num_envs
-            every = config.eval_every
-            if every and steps // every > previous // every and steps < config.total_steps:
-                evaluate_and_checkpoint(steps)
-            if progress is not None:
-                progress(steps, info)
-            return not stop.requested
-
-    return _Loop()
-
-
 def train_sb3(
     config: AgentConfig,
     run_dir: str | Path,
@@ -178,143 +151,200 @@ def train_sb3(
     progress: Callable[[int, dict[str, float]], None] | None = None,
 ) -> dict[str, Any]:
     """Train SB3's algorithm for ``config`` with rlweights attached; returns the summary."""
-    from stable_baselines3.common.callbacks import CallbackList
-    from stable_baselines3.common.logger import configure
+    return _SB3Run(config, Path(run_dir), resume, progress).train()
 
-    from rlweights.sb3 import DriftCallback, WeightConstraintCallback
 
-    run_dir = Path(run_dir)
-    model, attachment = build_sb3_model(config)
-    model.set_logger(configure(str(run_dir), ["tensorboard"]))
-    algo = config.algo
-    ema = ema_average = None
-    if config.policy_ema is not None:
-        ema_average = rw.EMA(_policy_network(model, algo), tau=config.policy_ema)
-        ema = ema_average.averaged
-        hook = _policy_optimizer(model, algo).register_step_post_hook(
-            lambda _o, _a, _k: ema_average.update()
-        )
-    episodes_before: list[float] = []
-    wall_before = 0.0
-    if resume:
-        saved = load_checkpoint(run_dir / "model.pt")
+class _SB3Run:
+    """One ``--impl sb3`` run: the SB3 model with rlweights attached, the policy EMA, the
+    episode returns and the outputs. SB3's ``learn`` is the loop; after each of its
+    environment steps, :meth:`after_step` evaluates and checkpoints when due."""
+
+    def __init__(
+        self,
+        config: AgentConfig,
+        run_dir: Path,
+        resume: bool,
+        progress: Callable[[int, dict[str, float]], None] | None,
+    ):
+        from stable_baselines3.common.logger import configure
+
+        self.config, self.run_dir, self.resume, self.progress = config, run_dir, resume, progress
+        self.model, self.attachment = build_sb3_model(config)
+        self.model.set_logger(configure(str(run_dir), ["tensorboard"]))
+        self.ema_routine = self.ema_hook = None
+        if config.policy_ema is not None:
+            policy = _policy_network(self.model, config.algo)
+            self.ema_routine = rw.EMA(policy, tau=config.policy_ema)
+            optimizer = _policy_optimizer(self.model, config.algo)
+            self.ema_hook = optimizer.register_step_post_hook(
+                lambda _o, _a, _k: self.ema_routine.update()
+            )
+        self.episodes: list[float] = []  # every return (SB3 keeps only the last 100)
+        self.wall_before = 0.0
+        if resume:
+            self.restore()
+        self.session_start = time.perf_counter()
+        self.start_steps = self.model.num_timesteps
+        self.aside = 0.0  # seconds spent evaluating and checkpointing (not training)
+        self.evaluations = None
+        if config.eval_every:
+            self.evaluations = Periodic(config.eval_every, name="eval_every")
+            self.evaluations.step(self.start_steps)  # the steps of the run that is resumed
+
+    def restore(self) -> None:
+        """Continue from ``run_dir/model.pt``."""
+        model = self.model
+        saved = load_checkpoint(self.run_dir / "model.pt", resume=True)
         training = saved["training"]
         model.set_parameters(training["parameters"], exact_match=True, device=model.device)
         with torch.no_grad():
             for name, value in training["variables"].items():
                 getattr(model, name).copy_(value)
-        if ema_average is not None:
-            ema_average.load_state_dict(training["policy_ema"])
+        if self.ema_routine is not None:
+            self.ema_routine.load_state_dict(training["ema_routine"])
         _load_buffer_state(model.replay_buffer, training["buffer"])
         model.num_timesteps = saved["steps"]
         model._n_updates = training["n_updates"]
         set_rng_state(training["rng"])
-        episodes_before = list(training["episodes"])
-        wall_before = training["wall_seconds"]
+        self.episodes = list(training["episodes"])
+        self.wall_before = training["wall_seconds"]
 
-    start = time.perf_counter()
-    aside = [0.0]
-    start_steps = model.num_timesteps
+    def train(self) -> dict[str, Any]:
+        from stable_baselines3.common.callbacks import CallbackList
 
-    collected: list[float] = []  # SB3 keeps only the last 100 episodes; the callback all
+        model = self.model
+        with GracefulStop() as stop:
+            callbacks = [*self.weight_callbacks(), _after_step_callback(self, stop)]
+            model.learn(
+                self.config.total_steps - model.num_timesteps,
+                callback=CallbackList(callbacks),
+                reset_num_timesteps=not self.resume,
+            )
+            if stop.requested:
+                self.checkpoint()
+                raise KeyboardInterrupt(f"step {model.num_timesteps}")
+        train_seconds = time.perf_counter() - self.session_start - self.aside
+        results = self.evaluate()
+        self.checkpoint()
+        if self.ema_hook is not None:
+            self.ema_hook.remove()
+        self.attachment.detach()
+        summary = self.summary(results, train_seconds)
+        write_json(self.run_dir / "summary.json", summary)
+        model.logger.close()
+        model.get_env().close()
+        return summary
 
-    def episodes() -> list[float]:
-        return episodes_before + collected
+    def weight_callbacks(self) -> list[Any]:
+        """rlweights' SB3 callbacks: weight constraints and drift logging, as configured."""
+        from rlweights.sb3 import DriftCallback, WeightConstraintCallback
 
-    def run_eval(at: int) -> dict[str, np.ndarray]:
+        config, callbacks = self.config, []
+        if config.clip is not None or config.max_norm is not None:
+            modules = ("q_net",) if config.algo == "dqn" else ("actor", "critic")
+            clamp = (-config.clip, config.clip) if config.clip is not None else None
+            constraints = WeightConstraintCallback(modules, clamp=clamp, max_norm=config.max_norm)
+            callbacks.append(constraints)
+        if config.drift_every:
+            callbacks.append(DriftCallback(every=max(config.drift_every // config.num_envs, 1)))
+        return callbacks
+
+    def after_step(self, infos: Iterable[dict[str, Any]]) -> None:
+        """After each vectorised environment step: episode returns, the evaluation and
+        checkpoint every ``eval_every`` steps, the progress report."""
+        info: dict[str, float] = {}
+        for step_info in infos:
+            if "episode" in step_info:  # SB3's Monitor wrapper
+                self.episodes.append(float(step_info["episode"]["r"]))
+                info["return"] = self.episodes[-1]
+        steps = self.model.num_timesteps
+        due = self.evaluations is not None and self.evaluations.step(self.config.num_envs)
+        if due and steps < self.config.total_steps:
+            self.evaluate()
+            self.checkpoint()
+        if self.progress is not None:
+            self.progress(steps, info)
+
+    def evaluate(self) -> dict[str, np.ndarray]:
+        """Deterministic episodes of the policy (and of its EMA), with the evaluation seeds."""
         tick = time.perf_counter()
+        config, model = self.config, self.model
         seed = config.seed + EVAL_SEED_OFFSET
-        fns = {"return": _policy_fn(model, algo, _policy_network(model, algo))}
-        if ema is not None:
-            fns["ema_return"] = _policy_fn(model, algo, ema)
+        policies = {"return": _policy_fn(model, config.algo, _policy_network(model, config.algo))}
+        if self.ema_routine is not None:
+            policies["ema_return"] = _policy_fn(model, config.algo, self.ema_routine.averaged)
         results = {
-            name: evaluate(fn, config.env_id, config.eval_episodes, seed, model.device)
-            for name, fn in fns.items()
+            name: evaluate(policy, config.env_id, config.eval_episodes, seed, model.device)
+            for name, policy in policies.items()
         }
         for name, returns in results.items():
             model.logger.record(f"eval/{name}", float(returns.mean()))
-        model.logger.dump(at)
-        aside[0] += time.perf_counter() - tick
+        model.logger.dump(model.num_timesteps)
+        self.aside += time.perf_counter() - tick
         return results
 
-    def checkpoint() -> None:
+    def checkpoint(self) -> None:
+        """``run_dir/model.pt``: the policy's weights and all that a resumed run needs."""
         tick = time.perf_counter()
+        model = self.model
         weights = {"policy": model.policy.state_dict()}
-        if ema is not None:
-            weights["policy_ema"] = ema.state_dict()
         training = {
             "parameters": model.get_parameters(),
             "variables": _torch_variables(model),
             "buffer": _buffer_state(model.replay_buffer),
             "n_updates": model._n_updates,
             "rng": rng_state(),
-            "episodes": episodes(),
-            "wall_seconds": wall_before + time.perf_counter() - start,
+            "episodes": list(self.episodes),
+            "wall_seconds": self.wall_before + time.perf_counter() - self.session_start,
         }
-        if ema_average is not None:
-            training["policy_ema"] = ema_average.state_dict()
+        if self.ema_routine is not None:
+            weights["policy_ema"] = self.ema_routine.averaged.state_dict()
+            training["ema_routine"] = self.ema_routine.state_dict()
         state = {
-            "algo": algo,
+            "algo": self.config.algo,
             "impl": "sb3",
-            "config": config.to_dict(),
+            "config": self.config.to_dict(),
             "steps": model.num_timesteps,
             "weights": weights,
             "training": training,
         }
-        save_checkpoint(run_dir / "model.pt", state)
-        aside[0] += time.perf_counter() - tick
+        save_checkpoint(self.run_dir / "model.pt", state)
+        self.aside += time.perf_counter() - tick
 
-    callbacks = []
-    if config.clip is not None or config.max_norm is not None:
-        modules = ("q_net",) if algo == "dqn" else ("actor", "critic")
-        clamp = (-config.clip, config.clip) if config.clip is not None else None
-        callbacks.append(WeightConstraintCallback(modules, clamp=clamp, max_norm=config.max_norm))
-    if config.drift_every:
-        callbacks.append(DriftCallback(every=max(config.drift_every // config.num_envs, 1)))
+    def summary(self, results: dict[str, np.ndarray], train_seconds: float) -> dict[str, Any]:
+        config, model, episodes = self.config, self.model, self.episodes
+        session_steps = model.num_timesteps - self.start_steps
+        summary: dict[str, Any] = {
+            "algo": config.algo,
+            "impl": "sb3",
+            "env_id": config.env_id,
+            "seed": config.seed,
+            "steps": model.num_timesteps,
+            "final_eval_return": float(results["return"].mean()),
+            "final_eval_std": float(results["return"].std()),
+            "eval_episodes": config.eval_episodes,
+            "steps_per_second": session_steps / train_seconds if session_steps else None,
+            "wall_seconds": self.wall_before + time.perf_counter() - self.session_start,
+            "episodes": len(episodes),
+            "mean_last_10_train_returns": float(np.mean(episodes[-10:])) if episodes else None,
+            "gradient_updates": model._n_updates,
+        }
+        if "ema_return" in results:
+            summary["final_ema_eval_return"] = float(results["ema_return"].mean())
+        return summary
 
-    def evaluate_and_checkpoint(at: int) -> None:
-        run_eval(at)
-        checkpoint()
 
-    with _GracefulStop() as stop:
-        loop = _loop_callback(config, collected, progress, stop, evaluate_and_checkpoint)
-        model.learn(
-            config.total_steps - model.num_timesteps,
-            callback=CallbackList([*callbacks, loop]),
-            reset_num_timesteps=not resume,
-        )
-        if stop.requested:
-            checkpoint()
-            raise KeyboardInterrupt(f"step {model.num_timesteps}")
-    train_seconds = time.perf_counter() - start - aside[0]
-    results = run_eval(model.num_timesteps)
-    checkpoint()
-    if ema is not None:
-        hook.remove()
-    attachment.detach()
-    all_episodes = episodes()
-    session_steps = model.num_timesteps - start_steps
-    summary: dict[str, Any] = {
-        "algo": algo,
-        "impl": "sb3",
-        "env_id": config.env_id,
-        "seed": config.seed,
-        "steps": model.num_timesteps,
-        "final_eval_return": float(results["return"].mean()),
-        "final_eval_std": float(results["return"].std()),
-        "eval_episodes": config.eval_episodes,
-        "steps_per_second": session_steps / train_seconds if session_steps else None,
-        "wall_seconds": wall_before + time.perf_counter() - start,
-        "episodes": len(all_episodes),
-        "mean_last_10_train_returns": float(np.mean(all_episodes[-10:])) if all_episodes else None,
-        "gradient_updates": model._n_updates,
-    }
-    if "ema_return" in results:
-        summary["final_ema_eval_return"] = float(results["ema_return"].mean())
-    write_json(run_dir / "summary.json", summary)
-    model.logger.close()
-    model.get_env().close()
-    return summary
+def _after_step_callback(run: _SB3Run, stop: GracefulStop) -> Any:
+    """The SB3 callback that hands every environment step to ``run`` and stops ``learn`` on
+    Ctrl-C (made here: SB3 is an optional extra, imported only when it runs)."""
+    from stable_baselines3.common.callbacks import BaseCallback
+
+    class AfterStep(BaseCallback):
+        def _on_step(self) -> bool:
+            run.after_step(self.locals.get("infos", ()))
+            return not stop.requested
+
+    return AfterStep()
 
 
 def load_sb3_policy(config: AgentConfig, saved: dict[str, Any], ema: bool = False) -> Callable:

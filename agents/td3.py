@@ -1,9 +1,9 @@
 """Twin Delayed DDPG (continuous actions) built on rlweights.
 
-As in Fujimoto et al. (2018) and SB3: a deterministic actor, twin critics (batched, as in
-:mod:`agents.sac`), target policy smoothing, and delayed actor updates. Both targets (actor and
-critic) share one flat buffer, so their rlweights update every ``policy_delay`` gradient steps
-is a single pass.
+As in Fujimoto et al. (2018) and SB3: a deterministic actor, twin critics (batched,
+:class:`~rlweights.agents.networks.TwinQ`), target policy smoothing, and delayed actor
+updates. Both targets (actor and critic) share one flat buffer, so their rlweights update at
+TD3's update point (SB3's, see :mod:`rlweights.sb3.patching`) is a single pass.
 """
 
 from __future__ import annotations
@@ -13,9 +13,11 @@ from typing import ClassVar
 
 import gymnasium as gym
 import torch
-from rlweights.agents.common import AgentConfig, adam, mlp
-from rlweights.agents.sac import ContinuousAgent, TwinQ
+from rlweights.agents.common import AgentConfig, ContinuousAgent, adam
+from rlweights.agents.networks import BoundedActor, TwinQ, mlp
 from torch import Tensor, nn
+
+from rlweights.periodic import Periodic
 
 __all__ = ["TD3", "DeterministicActor", "TD3Config"]
 
@@ -48,26 +50,19 @@ class TD3Config(AgentConfig):
         }
 
 
-class DeterministicActor(nn.Module):
+class DeterministicActor(BoundedActor):
     """``tanh`` of an MLP, scaled to the action bounds."""
 
     def __init__(self, obs_dim: int, act_dim: int, hidden: tuple[int, ...], low, high):
-        super().__init__()
+        super().__init__(low, high)
         self.net = mlp([obs_dim, *hidden, act_dim])
-        low = torch.as_tensor(low, dtype=torch.float32)
-        high = torch.as_tensor(high, dtype=torch.float32)
-        self.register_buffer("scale", (high - low) / 2)
-        self.register_buffer("bias", (high + low) / 2)
 
     def forward(self, obs: Tensor) -> Tensor:
-        return torch.tanh(self.net(obs)) * self.scale + self.bias
+        return self.to_bounds(torch.tanh(self.net(obs)))
 
 
 class TD3(ContinuousAgent):
-    """Networks ``actor``, ``critic`` and their targets, optimizers and rlweights routines.
-
-    The target routine steps after every delayed actor update (SB3's update point), so
-    ``hard:EVERY`` copies every EVERY actor updates."""
+    """Networks ``actor``, ``critic`` and their targets, optimizers and rlweights routines."""
 
     name = "TD3"
 
@@ -82,44 +77,54 @@ class TD3(ContinuousAgent):
         self.optimizers["actor"] = adam(self.networks["actor"].parameters(), lr)
         self.optimizers["critic"] = adam(self.networks["critic"].parameters(), lr)
         self._setup_routines(("actor", "critic"), "actor")
+        # Counts critic steps: the actor steps at every policy_delay-th one.
+        self.actor_delay = Periodic(config.policy_delay, name="TD3 policy_delay")
 
     @torch.no_grad()
     def act(self, obs: Tensor, steps: int = 0) -> Tensor:
         action = self.actor(obs)
-        scale, bias = self.actor.scale, self.actor.bias
-        noisy = action + torch.randn_like(action) * self.config.exploration_noise * scale
-        return noisy.clamp(bias - scale, bias + scale)
+        noise = torch.randn_like(action) * self.config.exploration_noise * self.actor.scale
+        return self.actor.clamp(action + noise)
 
     @torch.no_grad()
     def policy(self, obs: Tensor, network: nn.Module | None = None) -> Tensor:
         return (network or self.actor)(obs)
 
     def update(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
-        """A critic step; every ``policy_delay`` steps an actor step and the target update."""
-        cfg = self.config
-        actor_target, critic_target = self.networks["actor_target"], self.networks["critic_target"]
-        scale, bias = self.actor.scale, self.actor.bias
-        with torch.no_grad():
-            next_actions = actor_target(batch["next_obs"])
-            noise = (torch.randn_like(next_actions) * cfg.target_policy_noise).clamp(
-                -cfg.target_noise_clip, cfg.target_noise_clip
-            )
-            # SB3 adds the noise in the [-1, 1] action scale before clipping to the bounds.
-            next_actions = (next_actions + noise * scale).clamp(bias - scale, bias + scale)
-            next_q = critic_target(torch.cat([batch["next_obs"], next_actions], -1)).min(0)[0]
-            target = batch["rewards"] + cfg.gamma * (1 - batch["dones"]) * next_q
-        critic_loss = self.critic_step(batch, target)
+        """A critic step; at every ``policy_delay``-th one, an actor step (then the policy
+        EMA) and the target update."""
+        critic_loss = self.critic_loss(batch, self.td_target(batch))
+        self.optimizer_step("critic", critic_loss)
         self.gradient_updates += 1
         losses = {"critic_loss": critic_loss}
-        if self.gradient_updates % cfg.policy_delay == 0:
+        if self.actor_delay.step():
             q_pi = self.critic(
                 torch.cat([batch["obs"], self.actor(batch["obs"])], -1), detach_weights=True
             )[0]
             actor_loss = -q_pi.mean()
-            self.optimizers["actor"].zero_grad(set_to_none=True)
-            actor_loss.backward()
-            self.optimizers["actor"].step()
-            self.after_policy_step()
-            self.target_update.step()
+            self.optimizer_step("actor", actor_loss)
+            self.average_policy()
+            self.target_routine.step()
             losses["actor_loss"] = actor_loss
         return losses
+
+    @torch.no_grad()
+    def td_target(self, batch: dict[str, Tensor]) -> Tensor:
+        """reward + gamma * min of the target critics at the target actor's smoothed action."""
+        cfg = self.config
+        actor_target = self.networks["actor_target"]
+        next_actions = actor_target(batch["next_obs"])
+        noise = (torch.randn_like(next_actions) * cfg.target_policy_noise).clamp(
+            -cfg.target_noise_clip, cfg.target_noise_clip
+        )
+        # SB3 adds the noise in the [-1, 1] action scale before clipping to the bounds.
+        next_actions = actor_target.clamp(next_actions + noise * actor_target.scale)
+        critic_target = self.networks["critic_target"]
+        next_q = critic_target(torch.cat([batch["next_obs"], next_actions], -1)).min(0)[0]
+        return batch["rewards"] + cfg.gamma * (1 - batch["dones"]) * next_q
+
+    def _extra_state(self) -> dict:
+        return {"actor_delay": self.actor_delay.state_dict()}
+
+    def _load_extra_state(self, state: dict) -> None:
+        self.actor_delay.load_state_dict(state["actor_delay"])

@@ -32,7 +32,9 @@ from rlweights.agents.dqn import DQN, DQNConfig
 from rlweights.agents.sac import SAC, SACConfig
 from rlweights.agents.td3 import TD3, TD3Config
 
+from rlweights.checks import check_int
 from rlweights.files import atomic_write, write_json
+from rlweights.periodic import Periodic
 
 if TYPE_CHECKING:
     from rlweights.agents.parallel import Learners
@@ -42,6 +44,7 @@ __all__ = [
     "CHECKPOINT_FORMAT",
     "PRESETS",
     "CheckpointError",
+    "GracefulStop",
     "build_agent",
     "evaluate",
     "load_checkpoint",
@@ -81,7 +84,9 @@ PRESETS: dict[tuple[str, str], dict[str, Any]] = {
 }
 
 CHECKPOINT_FORMAT = "rlweights-agent"
-CHECKPOINT_VERSION = 1
+# Version 2: the routines' states in the one counter format of rlweights.periodic. Older
+# checkpoints still load for evaluation; only the current version resumes.
+CHECKPOINT_VERSION = 2
 EVAL_SEED_OFFSET = 1_000_000  # evaluation episodes never reuse a training seed
 
 
@@ -148,9 +153,10 @@ def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
     atomic_write(path, lambda f: torch.save(payload, f))
 
 
-def load_checkpoint(path: str | Path) -> dict[str, Any]:
+def load_checkpoint(path: str | Path, *, resume: bool = False) -> dict[str, Any]:
     """Read a checkpoint with ``weights_only=True`` (no code from the file ever runs) and
-    check that it is an rlweights checkpoint. Raises :class:`CheckpointError`."""
+    check that it is an rlweights checkpoint, of the current version if it is to ``resume``
+    a run. Raises :class:`CheckpointError`."""
     path = Path(path)
     if path.is_dir():
         path = path / "model.pt"
@@ -165,10 +171,16 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
         raise CheckpointError(f"{path} is not a readable checkpoint ({reason})") from None
     if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
         raise CheckpointError(f"{path} is not an rlweights training checkpoint")
-    if state.get("version") != CHECKPOINT_VERSION:
+    version = state.get("version")
+    if version not in range(1, CHECKPOINT_VERSION + 1):
         raise CheckpointError(
-            f"{path} has checkpoint version {state.get('version')}, this rlweights reads "
-            f"version {CHECKPOINT_VERSION}"
+            f"{path} has checkpoint version {version}, this rlweights reads versions 1 to "
+            f"{CHECKPOINT_VERSION}"
+        )
+    if resume and version != CHECKPOINT_VERSION:
+        raise CheckpointError(
+            f"{path} was written by an earlier rlweights (checkpoint version {version}): it "
+            f"evaluates, but only version {CHECKPOINT_VERSION} resumes; start a new run"
         )
     return state
 
@@ -180,7 +192,7 @@ def config_from_checkpoint(state: dict[str, Any], **overrides: Any) -> AgentConf
     return make_config(algo, **saved)
 
 
-class _GracefulStop:
+class GracefulStop:
     """The first Ctrl-C asks the loop to stop at the next step (it then checkpoints); a
     second one interrupts at once. Only installed in the main thread."""
 
@@ -188,7 +200,7 @@ class _GracefulStop:
         self.requested = False
         self._previous: Any = None
 
-    def __enter__(self) -> _GracefulStop:
+    def __enter__(self) -> GracefulStop:
         if threading.current_thread() is threading.main_thread():
             self._previous = signal.signal(signal.SIGINT, self._handle)
         return self
@@ -203,10 +215,6 @@ class _GracefulStop:
 
 
 Monitor = Callable[[int, OffPolicyAgent], dict[str, float]]
-
-
-def _crossed(previous: int, now: int, every: int) -> bool:
-    return every > 0 and now // every > previous // every
 
 
 def train(
@@ -230,16 +238,14 @@ def train(
     end) and returns ``{tag: value}`` measurements, written to TensorBoard with the run's
     other scalars (e.g. the error of a Q-function against known optimal values).
 
-    With ``config.average_every > 0`` (under torchrun, see :mod:`agents.parallel`) this
-    process is one of several learners that average their weights every ``average_every``
-    environment steps; only rank 0 evaluates and writes to ``run_dir``, and only rank 0's
-    summary has the evaluation results.
+    With ``config.average_every > 0`` (under torchrun, see :mod:`rlweights.agents.parallel`)
+    this process is one of several learners that average their weights every
+    ``average_every`` environment steps; only rank 0 evaluates and writes to ``run_dir``, and
+    only rank 0's summary has the evaluation results.
     """
-    if isinstance(monitor_every, bool) or not isinstance(monitor_every, int) or monitor_every < 1:
-        raise ValueError(f"train: monitor_every must be an int >= 1, got {monitor_every!r}")
-    watch = (monitor, monitor_every) if monitor is not None else None
+    check_int(monitor_every, "monitor_every", "train")
     if not config.average_every:
-        return _train(config, run_dir, resume, progress, None, watch)
+        return _Run(config, run_dir, resume, progress, monitor, monitor_every).train()
     if resume:
         raise ValueError(
             "resuming a run of parallel learners is not supported: its checkpoint holds rank "
@@ -250,211 +256,288 @@ def train(
     learners = Learners(config)
     try:
         run_dir = run_dir if learners.rank == 0 else None
-        return _train(config, run_dir, False, progress, learners, watch)
+        return _Run(config, run_dir, False, progress, monitor, monitor_every, learners).train()
     finally:
         learners.close()
 
 
-def _train(
-    config: AgentConfig,
-    run_dir: str | Path | None,
-    resume: bool,
-    progress: Callable[[int, dict[str, float]], None] | None,
-    learners: Learners | None,
-    watch: tuple[Monitor, int] | None,
-) -> tuple[OffPolicyAgent, dict[str, Any]]:
-    cfg = config
-    run_dir = Path(run_dir) if run_dir is not None else None
-    device = torch.device(cfg.device)
-    rank0 = learners is None or learners.rank == 0
-    seed = cfg.seed if learners is None else learners.seed(cfg)
-    seed_everything(seed)
-    envs = make_envs(cfg.env_id, cfg.num_envs)
-    agent = build_agent(cfg, envs)
-    if learners is not None:
-        learners.start(agent)
-    buffer = ReplayBuffer(
-        min(cfg.buffer_size, cfg.total_steps),
-        envs.single_observation_space.shape,
-        envs.single_action_space.shape,
-        device,
-        action_dtype=torch.int64 if cfg.algo == "dqn" else torch.float32,
-        seed=seed,
-    )
-    action_space = envs.single_action_space
-    action_space.seed(seed)
-    steps, episodes, wall_before = 0, [], 0.0
-    if resume:
-        if run_dir is None:
-            raise ValueError("resume=True needs the run directory")
-        saved = load_checkpoint(run_dir / "model.pt")
-        agent.load_weights(saved["weights"])
-        training = saved["training"]
-        agent.load_training_state(training["agent"])
-        buffer.load_state_dict(training["buffer"])
-        set_rng_state(training["rng"])
-        action_space.np_random.bit_generator.state = training["action_space_rng"]
-        steps, episodes = saved["steps"], list(training["episodes"])
-        wall_before = training["wall_seconds"]
+class _Run:
+    """One training run: the environments, the agent, its replay buffer, the counters and the
+    outputs. :meth:`train` is the loop; each of its steps is one method."""
 
-    writer = drift = None
-    if run_dir is not None:
+    def __init__(
+        self,
+        config: AgentConfig,
+        run_dir: str | Path | None,
+        resume: bool,
+        progress: Callable[[int, dict[str, float]], None] | None,
+        monitor: Monitor | None,
+        monitor_every: int,
+        learners: Learners | None = None,
+    ):
+        cfg = self.config = config
+        self.run_dir = Path(run_dir) if run_dir is not None else None
+        self.progress, self.monitor, self.learners = progress, monitor, learners
+        self.rank0 = learners is None or learners.rank == 0
+        self.seed = cfg.seed if learners is None else learners.seed(cfg)
+        seed_everything(self.seed)
+        self.envs = make_envs(cfg.env_id, cfg.num_envs)
+        self.agent = build_agent(cfg, self.envs)
+        if learners is not None:
+            learners.start(self.agent)
+        self.buffer = ReplayBuffer(
+            min(cfg.buffer_size, cfg.total_steps),
+            self.envs.single_observation_space.shape,
+            self.envs.single_action_space.shape,
+            self.agent.device,
+            action_dtype=torch.int64 if cfg.algo == "dqn" else torch.float32,
+            seed=self.seed,
+        )
+        self.action_space = self.envs.single_action_space
+        self.action_space.seed(self.seed)
+        self.steps, self.episodes, self.wall_before = 0, [], 0.0
+        if resume:
+            self.restore()
+        self.writer = self.drift = None
+        if self.run_dir is not None:
+            self.open_outputs(resume)
+        # What happens every N environment steps, counted from the run's current step.
+        intervals = {
+            "train": cfg.train_freq,
+            "log_losses": max(cfg.train_freq, 100),
+            "average": cfg.average_every if learners is not None else 0,
+            "monitor": monitor_every if monitor is not None else 0,
+            "drift": cfg.drift_every if self.drift is not None else 0,
+            "evaluate": cfg.eval_every if self.rank0 else 0,
+        }
+        self.every = {name: Periodic(n, name=name) for name, n in intervals.items() if n}
+        for counter in self.every.values():
+            counter.step(self.steps)  # the steps done before (by the run that is resumed)
+        self.due: set[str] = set()  # what is due at this step
+        self.monitored_at: int | None = None
+        self.info: dict[str, float] = {}  # for progress(): last return, last evaluation, rate
+        self.session_start = time.perf_counter()
+        self.session_steps = 0
+        self.aside = 0.0  # seconds spent evaluating and checkpointing (not training)
+        self.drift_seconds = 0.0
+        # Episodes restart on resume; a fresh, deterministic seed per resume point.
+        self.obs, _ = self.envs.reset(seed=self.seed + self.steps)
+
+    def restore(self) -> None:
+        """Continue from ``run_dir/model.pt``."""
+        if self.run_dir is None:
+            raise ValueError("resume=True needs the run directory")
+        saved = load_checkpoint(self.run_dir / "model.pt", resume=True)
+        self.agent.load_weights(saved["weights"])
+        training = saved["training"]
+        self.agent.load_training_state(training["agent"])
+        self.buffer.load_state_dict(training["buffer"])
+        set_rng_state(training["rng"])
+        self.action_space.np_random.bit_generator.state = training["action_space_rng"]
+        self.steps, self.episodes = saved["steps"], list(training["episodes"])
+        self.wall_before = training["wall_seconds"]
+
+    def open_outputs(self, resume: bool) -> None:
+        """The TensorBoard writer (events past the resumed step are dropped) and the drift
+        logger."""
         from torch.utils.tensorboard import SummaryWriter
 
-        writer = SummaryWriter(str(run_dir), purge_step=steps if resume else None)
-        if cfg.drift_every:
+        self.writer = SummaryWriter(str(self.run_dir), purge_step=self.steps if resume else None)
+        if self.config.drift_every:
             from rlweights.drift import DriftMonitor
             from rlweights.tensorboard import DriftLogger
 
-            drift = DriftLogger(writer, DriftMonitor(*agent.drift_pairs), config=cfg.to_dict())
+            drift_monitor = DriftMonitor(*self.agent.drift_pairs)
+            self.drift = DriftLogger(self.writer, drift_monitor, config=self.config.to_dict())
 
-    def policies() -> dict[str, Callable]:
-        found = {"return": agent.policy}
-        if agent.policy_ema is not None:
-            ema = agent.networks[f"{agent.policy_name}_ema"]
-            found["ema_return"] = lambda obs: agent.policy(obs, ema)
-        return found
+    def train(self) -> tuple[OffPolicyAgent, dict[str, Any]]:
+        """The loop: one step of the environments, then each step of the algorithm that is
+        due; at the end, the final evaluation, checkpoint and summary."""
+        with GracefulStop() as stop:
+            while self.steps < self.config.total_steps:
+                if stop.requested:
+                    self.stop()
+                self.collect()
+                self.update()
+                self.average()
+                self.log()
+                self.evaluate_and_checkpoint()
+                self.report()
+        return self.finish()
 
-    def run_eval(at: int) -> dict[str, np.ndarray]:
+    def collect(self) -> None:
+        """One step of the vectorised environments: random actions until learning starts,
+        then the agent's; the transitions go to the replay buffer, and every counter counts
+        the step (``due``: the names of the counters that fired)."""
+        cfg = self.config
+        if self.steps < cfg.learning_starts:
+            actions = np.stack([self.action_space.sample() for _ in range(cfg.num_envs)])
+        else:
+            obs = torch.as_tensor(self.obs, dtype=torch.float32, device=self.agent.device)
+            actions = self.agent.act(obs, self.steps).cpu().numpy()
+        next_obs, rewards, terminated, truncated, infos = self.envs.step(actions)
+        real_next = next_obs
+        done = terminated | truncated
+        if done.any():
+            real_next = self.end_episodes(next_obs, done, infos)
+        self.buffer.add(self.obs, actions, rewards, real_next, terminated)
+        self.obs = next_obs
+        self.steps += cfg.num_envs
+        self.session_steps += cfg.num_envs
+        self.due = {name for name, counter in self.every.items() if counter.step(cfg.num_envs)}
+
+    def end_episodes(self, next_obs: np.ndarray, done: np.ndarray, infos: dict) -> np.ndarray:
+        """Record the returns of the episodes that ended; the next observations with each
+        ended episode's final observation (the vector env has already reset those)."""
+        real_next = next_obs.copy()
+        for i in np.flatnonzero(done):
+            real_next[i] = infos["final_obs"][i]
+        final = infos["final_info"]
+        for i in np.flatnonzero(final["_episode"]):
+            self.episodes.append(float(final["episode"]["r"][i]))
+            self.info["return"] = self.episodes[-1]
+            if self.writer is not None:
+                at = self.steps + self.config.num_envs
+                self.writer.add_scalar("charts/episodic_return", self.episodes[-1], at)
+                self.writer.add_scalar("charts/episodic_length", final["episode"]["l"][i], at)
+        return real_next
+
+    def update(self) -> None:
+        """The agent's per-environment-step routine (DQN's target update), then, once learning
+        has started, ``gradient_steps`` gradient steps every ``train_freq`` environment steps."""
+        cfg = self.config
+        self.agent.on_env_step()
+        if "train" not in self.due or self.steps <= cfg.learning_starts:
+            return
+        for _ in range(cfg.gradient_steps):
+            losses = self.agent.update(self.buffer.sample(cfg.batch_size))
+        if self.writer is not None and "log_losses" in self.due:
+            for name, value in losses.items():
+                self.writer.add_scalar(f"losses/{name}", value.item(), self.steps)
+
+    def average(self) -> None:
+        """Parallel learners: average the weights across them."""
+        if "average" in self.due:
+            moved = self.learners.average()
+            if self.writer is not None and moved is not None:
+                self.writer.add_scalar("distributed/distance_to_average", moved.item(), self.steps)
+
+    def log(self) -> None:
+        """The monitor's measurements and the weight drift, when due."""
+        if "monitor" in self.due:
+            self.observe()
+        if "drift" in self.due:
+            tick = time.perf_counter()
+            self.drift.log(self.steps)
+            self.drift_seconds += time.perf_counter() - tick
+
+    def observe(self) -> None:
+        for tag, value in self.monitor(self.steps, self.agent).items():
+            if self.writer is not None:
+                self.writer.add_scalar(tag, value, self.steps)
+        self.monitored_at = self.steps
+
+    def evaluate_and_checkpoint(self) -> None:
+        """Every ``eval_every`` environment steps before the end (the end has its own)."""
+        if "evaluate" not in self.due or self.steps >= self.config.total_steps:
+            return
+        tick = time.perf_counter()
+        results = self.evaluate()
+        self.info["eval"] = float(results["return"].mean())
+        self.checkpoint()
+        self.aside += time.perf_counter() - tick
+
+    def evaluate(self) -> dict[str, np.ndarray]:
+        """Deterministic episodes of the policy (and of its EMA), with the evaluation seeds."""
+        cfg = self.config
         seed = cfg.seed + EVAL_SEED_OFFSET
         results = {
-            name: evaluate(fn, cfg.env_id, cfg.eval_episodes, seed, device)
-            for name, fn in policies().items()
+            name: evaluate(policy, cfg.env_id, cfg.eval_episodes, seed, self.agent.device)
+            for name, policy in self.agent.evaluated_policies().items()
         }
-        if writer is not None:
+        if self.writer is not None:
             for name, returns in results.items():
-                writer.add_scalar(f"eval/{name}", float(returns.mean()), at)
+                self.writer.add_scalar(f"eval/{name}", float(returns.mean()), self.steps)
         return results
 
-    session_start = time.perf_counter()
-    session_steps = 0
-    aside = 0.0  # seconds spent evaluating and checkpointing (not training)
-    drift_seconds = 0.0
-
-    def checkpoint() -> None:
-        if run_dir is None:
+    def checkpoint(self) -> None:
+        """``run_dir/model.pt``: the weights and all that a resumed run needs."""
+        if self.run_dir is None:
             return
         training = {
-            "agent": agent.training_state(),
-            "buffer": buffer.state_dict(),
+            "agent": self.agent.training_state(),
+            "buffer": self.buffer.state_dict(),
             "rng": rng_state(),
-            "action_space_rng": action_space.np_random.bit_generator.state,
-            "episodes": episodes,
-            "wall_seconds": wall_before + time.perf_counter() - session_start,
+            "action_space_rng": self.action_space.np_random.bit_generator.state,
+            "episodes": self.episodes,
+            "wall_seconds": self.wall_before + time.perf_counter() - self.session_start,
         }
         save_checkpoint(
-            run_dir / "model.pt",
+            self.run_dir / "model.pt",
             {
-                "algo": cfg.algo,
+                "algo": self.config.algo,
                 "impl": "native",
-                "config": cfg.to_dict(),
-                "steps": steps,
-                "weights": agent.weights_state(),
+                "config": self.config.to_dict(),
+                "steps": self.steps,
+                "weights": self.agent.weights_state(),
                 "training": training,
             },
         )
 
-    def observe(at: int) -> None:
-        for tag, value in watch[0](at, agent).items():
-            if writer is not None:
-                writer.add_scalar(tag, value, at)
+    def report(self) -> None:
+        if self.progress is not None:
+            elapsed = time.perf_counter() - self.session_start - self.aside
+            self.info["steps_per_second"] = self.session_steps / max(elapsed, 1e-9)
+            self.progress(self.steps, self.info)
 
-    info: dict[str, float] = {}
-    losses: dict[str, torch.Tensor] = {}
-    # Episodes restart on resume; a fresh, deterministic seed per resume point.
-    obs, _ = envs.reset(seed=seed + steps)
-    with _GracefulStop() as stop:
-        while steps < cfg.total_steps:
-            if stop.requested:
-                checkpoint()
-                envs.close()
-                if writer is not None:
-                    writer.close()
-                raise KeyboardInterrupt(f"step {steps}")
-            if steps < cfg.learning_starts:
-                actions = np.stack([action_space.sample() for _ in range(cfg.num_envs)])
-            else:
-                obs_t = torch.as_tensor(obs, dtype=torch.float32, device=device)
-                actions = agent.act(obs_t, steps).cpu().numpy()
-            next_obs, rewards, terminated, truncated, infos = envs.step(actions)
-            real_next = next_obs
-            done = terminated | truncated
-            if done.any():
-                real_next = next_obs.copy()
-                for i in np.flatnonzero(done):
-                    real_next[i] = infos["final_obs"][i]
-                final = infos["final_info"]
-                for i in np.flatnonzero(final["_episode"]):
-                    episodes.append(float(final["episode"]["r"][i]))
-                    info["return"] = episodes[-1]
-                    if writer is not None:
-                        at = steps + cfg.num_envs
-                        writer.add_scalar("charts/episodic_return", episodes[-1], at)
-                        writer.add_scalar("charts/episodic_length", final["episode"]["l"][i], at)
-            buffer.add(obs, actions, rewards, real_next, terminated)
-            obs = next_obs
-            previous, steps = steps, steps + cfg.num_envs
-            session_steps += cfg.num_envs
-            agent.on_env_step()
-            if steps > cfg.learning_starts and _crossed(previous, steps, cfg.train_freq):
-                for _ in range(cfg.gradient_steps):
-                    losses = agent.update(buffer.sample(cfg.batch_size))
-                if writer is not None and _crossed(previous, steps, max(cfg.train_freq, 100)):
-                    for name, value in losses.items():
-                        writer.add_scalar(f"losses/{name}", value.item(), steps)
-            if learners is not None and _crossed(previous, steps, cfg.average_every):
-                moved = learners.average()
-                if writer is not None and moved is not None:
-                    writer.add_scalar("distributed/distance_to_average", moved.item(), steps)
-            if watch is not None and _crossed(previous, steps, watch[1]):
-                observe(steps)
-            if drift is not None and _crossed(previous, steps, cfg.drift_every):
-                tick = time.perf_counter()
-                drift.log(steps)
-                drift_seconds += time.perf_counter() - tick
-            if rank0 and _crossed(previous, steps, cfg.eval_every) and steps < cfg.total_steps:
-                tick = time.perf_counter()
-                results = run_eval(steps)
-                info["eval"] = float(results["return"].mean())
-                checkpoint()
-                aside += time.perf_counter() - tick
-            if progress is not None:
-                elapsed = time.perf_counter() - session_start - aside
-                info["steps_per_second"] = session_steps / max(elapsed, 1e-9)
-                progress(steps, info)
-    train_seconds = time.perf_counter() - session_start - aside
-    if watch is not None and steps % watch[1]:  # the end, unless just observed
-        observe(steps)
-    if not rank0:
-        envs.close()
-        return agent, {"rank": learners.rank, "steps": steps, "averages": learners.averages}
-    results = run_eval(steps)
-    envs.close()
-    wall = wall_before + time.perf_counter() - session_start
-    summary: dict[str, Any] = {
-        "algo": cfg.algo,
-        "impl": "native",
-        "env_id": cfg.env_id,
-        "seed": cfg.seed,
-        "steps": steps,
-        "final_eval_return": float(results["return"].mean()),
-        "final_eval_std": float(results["return"].std()),
-        "eval_episodes": cfg.eval_episodes,
-        "steps_per_second": session_steps / train_seconds if session_steps else None,
-        "wall_seconds": wall,
-        "train_seconds": train_seconds,
-        "drift_seconds": drift_seconds,
-        "episodes": len(episodes),
-        "mean_last_10_train_returns": float(np.mean(episodes[-10:])) if episodes else None,
-        "gradient_updates": agent.gradient_updates,
-        "target_updates": agent.target_update.updates,
-    }
-    if learners is not None:
-        summary.update(processes=learners.world, averages=learners.averages)
-    if "ema_return" in results:
-        summary["final_ema_eval_return"] = float(results["ema_return"].mean())
-    if run_dir is not None:
-        checkpoint()
-        write_json(run_dir / "summary.json", summary)
-        writer.close()
-    return agent, summary
+    def stop(self) -> None:
+        """Ctrl-C: checkpoint, close, and raise ``KeyboardInterrupt`` naming the step."""
+        self.checkpoint()
+        self.envs.close()
+        if self.writer is not None:
+            self.writer.close()
+        raise KeyboardInterrupt(f"step {self.steps}")
+
+    def finish(self) -> tuple[OffPolicyAgent, dict[str, Any]]:
+        """The last monitor call, the final evaluation, checkpoint and summary."""
+        train_seconds = time.perf_counter() - self.session_start - self.aside
+        if self.monitor is not None and self.monitored_at != self.steps:
+            self.observe()
+        if not self.rank0:
+            self.envs.close()
+            summary = {"rank": self.learners.rank, "steps": self.steps}
+            return self.agent, summary | {"averages": self.learners.averages}
+        results = self.evaluate()
+        self.envs.close()
+        summary = self.summary(results, train_seconds)
+        if self.run_dir is not None:
+            self.checkpoint()
+            write_json(self.run_dir / "summary.json", summary)
+            self.writer.close()
+        return self.agent, summary
+
+    def summary(self, results: dict[str, np.ndarray], train_seconds: float) -> dict[str, Any]:
+        cfg, episodes = self.config, self.episodes
+        summary: dict[str, Any] = {
+            "algo": cfg.algo,
+            "impl": "native",
+            "env_id": cfg.env_id,
+            "seed": cfg.seed,
+            "steps": self.steps,
+            "final_eval_return": float(results["return"].mean()),
+            "final_eval_std": float(results["return"].std()),
+            "eval_episodes": cfg.eval_episodes,
+            "steps_per_second": self.session_steps / train_seconds if self.session_steps else None,
+            "wall_seconds": self.wall_before + time.perf_counter() - self.session_start,
+            "train_seconds": train_seconds,
+            "drift_seconds": self.drift_seconds,
+            "episodes": len(episodes),
+            "mean_last_10_train_returns": float(np.mean(episodes[-10:])) if episodes else None,
+            "gradient_updates": self.agent.gradient_updates,
+            "target_updates": self.agent.target_routine.updates,
+        }
+        if self.learners is not None:
+            summary.update(processes=self.learners.world, averages=self.learners.averages)
+        if "ema_return" in results:
+            summary["final_ema_eval_return"] = float(results["ema_return"].mean())
+        return summary

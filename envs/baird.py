@@ -8,6 +8,8 @@ from typing import Any, ClassVar
 import numpy as np
 from gymnasium import Env, spaces
 
+from rlweights.checks import check_choice
+
 __all__ = ["BairdCounterexample"]
 
 N_STATES = 7
@@ -72,7 +74,7 @@ class BairdCounterexample(Env[np.ndarray, np.int64]):
 
     ```python
     >>> import gymnasium as gym
-    >>> import envs  # registers the rlweights/ environments
+    >>> import rlweights.envs  # registers the rlweights/ environments
     >>> env = gym.make("rlweights/BairdCounterexample-v0")
     >>> env.reset(seed=0)
     (array([0., 0., 0., 0., 0., 2., 0., 1.], dtype=float32), {'state': 5})
@@ -95,10 +97,12 @@ class BairdCounterexample(Env[np.ndarray, np.int64]):
     GAMMA = 0.99
 
     def __init__(self, render_mode: str | None = None):
-        if render_mode is not None and render_mode not in self.metadata["render_modes"]:
-            raise ValueError(
-                f"render_mode must be one of {self.metadata['render_modes']} or None, "
-                f"got {render_mode!r}"
+        if render_mode is not None:
+            check_choice(
+                render_mode,
+                tuple(self.metadata["render_modes"]),
+                "render_mode",
+                "BairdCounterexample",
             )
         self.render_mode = render_mode
         self.observation_space = spaces.Box(0.0, 2.0, shape=(8,), dtype=np.float32)

@@ -7,6 +7,8 @@ from typing import Any, ClassVar
 import numpy as np
 from gymnasium import Env, spaces
 
+from rlweights.checks import check_choice, check_int
+
 __all__ = ["Chain", "value_iteration"]
 
 LEFT, RIGHT = 0, 1
@@ -70,7 +72,7 @@ class Chain(Env[np.ndarray, np.int64]):
 
     ```python
     >>> import gymnasium as gym
-    >>> import envs  # registers the rlweights/ environments
+    >>> import rlweights.envs  # registers the rlweights/ environments
     >>> env = gym.make("rlweights/Chain-v0", length=5, slip=0.1)
     >>> env.reset(seed=0)
     (array([1., 0., 0., 0., 0.], dtype=float32), {'state': 0})
@@ -95,17 +97,13 @@ class Chain(Env[np.ndarray, np.int64]):
     metadata: ClassVar[dict[str, Any]] = {"render_modes": ["ansi"], "render_fps": 4}
 
     def __init__(self, length: int = 10, slip: float = 0.1, render_mode: str | None = None):
-        if isinstance(length, bool) or not isinstance(length, int) or length < 2:
-            raise ValueError(f"Chain: length must be an int >= 2, got {length!r}")
+        check_int(length, "length", "Chain", minimum=2)
         if not isinstance(slip, (int, float)) or not 0.0 <= slip < 0.5:
             raise ValueError(
                 f"Chain: slip must be in [0, 0.5) (at 0.5 the actions are the same), got {slip!r}"
             )
-        if render_mode is not None and render_mode not in self.metadata["render_modes"]:
-            raise ValueError(
-                f"render_mode must be one of {self.metadata['render_modes']} or None, "
-                f"got {render_mode!r}"
-            )
+        if render_mode is not None:
+            check_choice(render_mode, tuple(self.metadata["render_modes"]), "render_mode", "Chain")
         self.length, self.slip, self.render_mode = length, float(slip), render_mode
         self.observation_space = spaces.Box(0.0, 1.0, shape=(length,), dtype=np.float32)
         self.action_space = spaces.Discrete(2)

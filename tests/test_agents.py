@@ -6,13 +6,17 @@ from __future__ import annotations
 import gymnasium as gym
 import pytest
 import torch
-from rlweights.agents.common import ReplayBuffer, parse_target_update, rng_state, set_rng_state
+from rlweights.agents.common import ReplayBuffer, rng_state, set_rng_state
 from rlweights.agents.dqn import DQN, DQNConfig
-from rlweights.agents.sac import SAC, Actor, SACConfig, TwinQ
+from rlweights.agents.networks import TwinQ
+from rlweights.agents.sac import SAC, Actor, SACConfig
+from rlweights.agents.target_update import TargetUpdateSpec
 from rlweights.agents.td3 import TD3, TD3Config
 from torch.distributions import Normal, TransformedDistribution
 from torch.distributions.transforms import AffineTransform, TanhTransform
 from torch.testing import assert_close
+
+import rlweights as rw
 
 
 def test_twin_q_equals_two_separate_mlps():
@@ -64,7 +68,7 @@ def test_update_moves_the_target_by_tau_through_rlweights():
     online = [p.detach().double() for p in agent.critic.parameters()]
     for b, a, o in zip(before, after, online, strict=True):
         assert_close(a, b + 0.25 * (o - b))
-    assert agent.target_update.updates == 1
+    assert agent.target_routine.updates == 1
     assert rw_flat(agent)
 
 
@@ -121,7 +125,7 @@ def test_sac_policy_ema_follows_the_actor_by_tau():
     agent.update(filled_buffer().sample(32))
     for b, e, a in zip(before, doubles(ema), doubles(agent.actor), strict=True):
         assert_close(e, b + 0.3 * (a - b))
-    assert agent.policy_ema.updates == 1
+    assert agent.ema_routine.updates == 1
     assert not any(p.requires_grad for p in ema.parameters())
 
 
@@ -142,7 +146,7 @@ def test_td3_updates_actor_and_targets_every_policy_delay_steps():
     )
     losses = agent.update(batch)
     assert "actor_loss" in losses
-    assert agent.target_update.updates == 1
+    assert agent.target_routine.updates == 1
     for target, online, before in zip(targets, onlines, t0, strict=True):
         for b, t, o in zip(before, doubles(target), doubles(online), strict=True):
             assert_close(t, b + 0.2 * (o - b))
@@ -205,7 +209,7 @@ def test_dqn_hard_target_update_counts_environment_steps():
     assert all(
         torch.equal(a, b) for a, b in zip(target.parameters(), agent.q.parameters(), strict=True)
     )
-    assert agent.target_update.updates == 1
+    assert agent.target_routine.updates == 1
 
 
 def test_clip_and_max_norm_hold_after_every_optimizer_step():
@@ -255,12 +259,32 @@ def test_rng_state_round_trip():
 )
 def test_bad_target_update_specs(spec):
     with pytest.raises(ValueError, match="'polyak:TAU' with TAU in \\[0, 1\\] or 'hard:EVERY'"):
-        parse_target_update(spec)
+        TargetUpdateSpec.parse(spec)
 
 
 def test_good_target_update_specs():
-    assert parse_target_update("polyak:0.005") == ("polyak", 0.005)
-    assert parse_target_update("hard:250") == ("hard", 250)
+    assert TargetUpdateSpec.parse("polyak:0.005") == TargetUpdateSpec("polyak", tau=0.005)
+    assert TargetUpdateSpec.parse("hard:250") == TargetUpdateSpec("hard", every=250)
+
+
+def test_target_update_spec_builds_the_rlweights_routine():
+    polyak = TargetUpdateSpec.parse("polyak:0.3").routine()
+    assert isinstance(polyak, rw.PolyakUpdate) and polyak.tau == 0.3 and polyak.every == 1
+    hard = TargetUpdateSpec.parse("hard:10").routine(steps_per_call=4)
+    assert isinstance(hard, rw.HardUpdate) and hard.every == 2  # SB3's max(10 // 4, 1)
+    assert TargetUpdateSpec.parse("hard:3").routine(steps_per_call=8).every == 1
+    with pytest.raises(ValueError, match="every must be an int >= 1, got 0"):
+        TargetUpdateSpec("hard", every=0)
+
+
+def test_td3_policy_delay_counter_survives_a_checkpoint():
+    config = TD3Config(hidden=(8,), policy_delay=3)
+    agent = TD3(config, *pendulum())
+    batch = filled_buffer().sample(16)
+    assert ["actor_loss" in agent.update(batch) for _ in range(2)] == [False, False]
+    fresh = TD3(config, *pendulum())
+    fresh.load_training_state(agent.training_state())
+    assert "actor_loss" in fresh.update(batch)  # the third critic step: an actor step
 
 
 def test_bad_configs_and_wrong_spaces():
@@ -279,7 +303,7 @@ def test_bad_configs_and_wrong_spaces():
     image = gym.spaces.Box(0, 255, (8, 8, 3))
     with pytest.raises(ValueError, match="vector observations"):
         DQN(DQNConfig(), image, gym.spaces.Discrete(2))
-    with pytest.raises(ValueError, match="capacity must be >= 1"):
+    with pytest.raises(ValueError, match="capacity must be an int >= 1"):
         ReplayBuffer(0, (3,), (1,))
     with pytest.raises(ValueError, match="the buffer is empty"):
         ReplayBuffer(4, (3,), (1,)).sample(2)

@@ -1,4 +1,4 @@
-"""The learning goals of the native agents with the CLI defaults, seed 0 (slow: minutes each).
+"""The learning goals of the native agents with the CLI defaults, seed 0 (slow).
 
 Run with ``python -m pytest -m slow tests/test_learning.py``; measured results are recorded
 in docs/benchmarks.md. Same seed, same run on the CPU, so the numbers there reproduce.

@@ -138,8 +138,8 @@ def test_resume_restores_optimizers_routines_and_counters(tmp_path):
         for key in a["state"]:
             for field, value in a["state"][key].items():
                 assert torch.equal(torch.as_tensor(value), torch.as_tensor(b["state"][key][field]))
-    assert fresh.target_update.state_dict() == agent.target_update.state_dict()
-    assert fresh.policy_ema.updates == agent.policy_ema.updates == 150
+    assert fresh.target_routine.state_dict() == agent.target_routine.state_dict()
+    assert fresh.ema_routine.updates == agent.ema_routine.updates == 150
     assert fresh.gradient_updates == agent.gradient_updates
     assert torch.equal(fresh.log_alpha, agent.log_alpha)
 
@@ -358,6 +358,18 @@ def test_resume_refuses_other_settings_and_finished_runs(tmp_path, capsys):
     assert "is at step 60 of 60: pass --steps N with N > 60" in _errors(capsys)[0]
     assert main(["evaluate", str(tmp_path / "r"), "--ema"]) == 2
     assert "trained without --policy-ema" in _errors(capsys)[0]
+
+
+def test_a_version_1_checkpoint_evaluates_but_does_not_resume(tmp_path, capsys):
+    args = ["train", "--steps", "60", *TINY_FLAGS, "--logdir", str(tmp_path), "--run-name", "r"]
+    assert main(args) == 0
+    path = tmp_path / "r" / "model.pt"
+    state = torch.load(path, weights_only=True)
+    torch.save({**state, "version": 1}, path)
+    capsys.readouterr()
+    assert main(["evaluate", str(path), "--episodes", "1"]) == 0
+    assert main(["train", "--resume", str(tmp_path / "r"), "--steps", "80"]) == 2
+    assert "(checkpoint version 1): it evaluates, but only version 2 resumes" in _errors(capsys)[0]
 
 
 def test_real_process_exit_codes_and_no_traceback(tmp_path):

@@ -1,0 +1,80 @@
+"""The networks the native agents are built from: MLPs, the twin critic that SAC and TD3 share,
+and the base of their actors (actions scaled to the bounds of a Box action space)."""
+
+from __future__ import annotations
+
+import itertools
+import math
+from collections.abc import Iterable
+
+import torch
+from torch import Tensor, nn
+from torch.nn import functional as F
+
+__all__ = ["BoundedActor", "TwinQ", "mlp"]
+
+
+def mlp(sizes: Iterable[int], activate_last: bool = False) -> nn.Sequential:
+    """Linear layers with ReLU between them (and after the last one if asked)."""
+    sizes = list(sizes)
+    layers: list[nn.Module] = []
+    for i, (n_in, n_out) in enumerate(itertools.pairwise(sizes)):
+        layers.append(nn.Linear(n_in, n_out))
+        if activate_last or i < len(sizes) - 2:
+            layers.append(nn.ReLU())
+    return nn.Sequential(*layers)
+
+
+class TwinQ(nn.Module):
+    """Two Q-networks evaluated together: every layer is one batched matmul for both.
+
+    Weights are stored as (networks, inputs, outputs) so that ``baddbmm`` needs no transpose;
+    :meth:`unit_weights` gives the (outputs, inputs) view of each network's layer that a
+    per-unit constraint such as max-norm works on.
+    """
+
+    def __init__(self, in_dim: int, hidden: tuple[int, ...], n: int = 2):
+        super().__init__()
+        sizes = [in_dim, *hidden, 1]
+        self.weights = nn.ParameterList()
+        self.biases = nn.ParameterList()
+        for n_in, n_out in itertools.pairwise(sizes):
+            bound = 1 / math.sqrt(n_in)  # nn.Linear's default initialisation, per network
+            self.weights.append(nn.Parameter(torch.empty(n, n_in, n_out).uniform_(-bound, bound)))
+            self.biases.append(nn.Parameter(torch.empty(n, 1, n_out).uniform_(-bound, bound)))
+
+    def forward(self, x: Tensor, detach_weights: bool = False) -> Tensor:
+        """Q-values of shape (n, batch). ``detach_weights``: gradients flow to ``x`` only (the
+        actor's loss reads the critic without computing critic gradients it would discard)."""
+        h = x.unsqueeze(0).expand(len(self.weights[0]), -1, -1)
+        last = len(self.weights) - 1
+        for i, (w, b) in enumerate(zip(self.weights, self.biases, strict=True)):
+            if detach_weights:
+                w, b = w.detach(), b.detach()
+            h = torch.baddbmm(b, h, w)
+            if i < last:
+                h = F.relu(h)
+        return h.squeeze(-1)
+
+    def unit_weights(self) -> list[Tensor]:
+        return [w[i].t() for w in self.weights for i in range(len(w))]
+
+
+class BoundedActor(nn.Module):
+    """The base of the continuous actors: a squashed action in [-1, 1] is scaled to the action
+    space's bounds [low, high]. ``scale`` and ``bias`` are buffers, saved with the weights."""
+
+    def __init__(self, low, high):
+        super().__init__()
+        low = torch.as_tensor(low, dtype=torch.float32)
+        high = torch.as_tensor(high, dtype=torch.float32)
+        self.register_buffer("scale", (high - low) / 2)
+        self.register_buffer("bias", (high + low) / 2)
+
+    def to_bounds(self, squashed: Tensor) -> Tensor:
+        """[-1, 1] -> [low, high]."""
+        return squashed * self.scale + self.bias
+
+    def clamp(self, actions: Tensor) -> Tensor:
+        """Actions clipped to [low, high]."""
+        return actions.clamp(self.bias - self.scale, self.bias + self.scale)
