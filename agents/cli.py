@@ -13,6 +13,7 @@ from typing import Any
 import gymnasium as gym
 import numpy as np
 import torch
+
 from rlweights.agents.parallel import launched_ranks
 from rlweights.agents.train import (
     ALGOS,
@@ -22,7 +23,6 @@ from rlweights.agents.train import (
     load_checkpoint,
     make_config,
 )
-
 from rlweights.distributed import PeerError
 from rlweights.extras import require
 from rlweights.files import write_json

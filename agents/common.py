@@ -12,12 +12,12 @@ from typing import Any, ClassVar
 import gymnasium as gym
 import numpy as np
 import torch
-from rlweights.agents.networks import TwinQ
-from rlweights.agents.target_update import TargetUpdateSpec
 from torch import Tensor, nn
 from torch.nn import functional as F
 
 import rlweights as rw
+from rlweights.agents.networks import TwinQ
+from rlweights.agents.target_update import TargetUpdateSpec
 from rlweights.checks import check_int
 
 __all__ = [

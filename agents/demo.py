@@ -28,10 +28,10 @@ from typing import Any
 import gymnasium as gym
 import numpy as np
 import torch
-from rlweights.agents.target_update import TargetUpdateSpec
 from torch import nn
 
 import rlweights as rw
+from rlweights.agents.target_update import TargetUpdateSpec
 from rlweights.drift import DriftMonitor
 from rlweights.files import atomic_write, write_json
 from rlweights.periodic import Periodic

@@ -13,10 +13,11 @@ from typing import ClassVar
 import gymnasium as gym
 import numpy as np
 import torch
-from rlweights.agents.common import AgentConfig, OffPolicyAgent, adam
-from rlweights.agents.networks import mlp
 from torch import Tensor, nn
 from torch.nn import functional as F
+
+from rlweights.agents.common import AgentConfig, OffPolicyAgent, adam
+from rlweights.agents.networks import mlp
 
 __all__ = ["DQN", "DQNConfig"]
 

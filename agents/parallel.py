@@ -20,10 +20,10 @@ from datetime import timedelta
 
 import torch
 import torch.distributed as dist
-from rlweights.agents.common import AgentConfig, OffPolicyAgent
 from torch import Tensor, nn
 
 import rlweights as rw
+from rlweights.agents.common import AgentConfig, OffPolicyAgent
 
 __all__ = ["Learners", "launched_ranks"]
 

@@ -16,10 +16,11 @@ from typing import ClassVar
 
 import gymnasium as gym
 import torch
-from rlweights.agents.common import AgentConfig, ContinuousAgent, adam
-from rlweights.agents.networks import BoundedActor, TwinQ, mlp
 from torch import Tensor, nn
 from torch.nn import functional as F
+
+from rlweights.agents.common import AgentConfig, ContinuousAgent, adam
+from rlweights.agents.networks import BoundedActor, TwinQ, mlp
 
 __all__ = ["SAC", "Actor", "SACConfig"]
 

@@ -25,6 +25,9 @@ from typing import Any
 
 import numpy as np
 import torch
+from torch import nn
+
+import rlweights as rw
 from rlweights.agents.common import AgentConfig, rng_state, set_rng_state
 from rlweights.agents.target_update import TargetUpdateSpec
 from rlweights.agents.train import (
@@ -34,9 +37,6 @@ from rlweights.agents.train import (
     load_checkpoint,
     save_checkpoint,
 )
-from torch import nn
-
-import rlweights as rw
 from rlweights.files import write_json
 from rlweights.periodic import Periodic
 

@@ -13,10 +13,10 @@ from typing import ClassVar
 
 import gymnasium as gym
 import torch
-from rlweights.agents.common import AgentConfig, ContinuousAgent, adam
-from rlweights.agents.networks import BoundedActor, TwinQ, mlp
 from torch import Tensor, nn
 
+from rlweights.agents.common import AgentConfig, ContinuousAgent, adam
+from rlweights.agents.networks import BoundedActor, TwinQ, mlp
 from rlweights.periodic import Periodic
 
 __all__ = ["TD3", "DeterministicActor", "TD3Config"]

@@ -18,8 +18,9 @@ from typing import TYPE_CHECKING, Any
 
 import gymnasium as gym
 import numpy as np
-import rlweights.envs as _rlweights_envs  # noqa: F401  (registers the rlweights/ environments)
 import torch
+
+import rlweights.envs as _rlweights_envs  # noqa: F401  (registers the rlweights/ environments)
 from rlweights.agents.common import (
     AgentConfig,
     OffPolicyAgent,
@@ -31,7 +32,6 @@ from rlweights.agents.common import (
 from rlweights.agents.dqn import DQN, DQNConfig
 from rlweights.agents.sac import SAC, SACConfig
 from rlweights.agents.td3 import TD3, TD3Config
-
 from rlweights.checks import check_int
 from rlweights.files import atomic_write, write_json
 from rlweights.periodic import Periodic

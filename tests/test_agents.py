@@ -6,17 +6,17 @@ from __future__ import annotations
 import gymnasium as gym
 import pytest
 import torch
+from torch.distributions import Normal, TransformedDistribution
+from torch.distributions.transforms import AffineTransform, TanhTransform
+from torch.testing import assert_close
+
+import rlweights as rw
 from rlweights.agents.common import ReplayBuffer, rng_state, set_rng_state
 from rlweights.agents.dqn import DQN, DQNConfig
 from rlweights.agents.networks import TwinQ
 from rlweights.agents.sac import SAC, Actor, SACConfig
 from rlweights.agents.target_update import TargetUpdateSpec
 from rlweights.agents.td3 import TD3, TD3Config
-from torch.distributions import Normal, TransformedDistribution
-from torch.distributions.transforms import AffineTransform, TanhTransform
-from torch.testing import assert_close
-
-import rlweights as rw
 
 
 def test_twin_q_equals_two_separate_mlps():

@@ -13,12 +13,12 @@ import gymnasium as gym
 import numpy as np
 import pytest
 import torch
-from rlweights.agents.demo import DIVERGED_NORM, baird_td, chain_dqn, chain_q_error
-from rlweights.agents.train import make_config, train
-from rlweights.envs.baird import BairdCounterexample as Baird
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+from rlweights.agents.demo import DIVERGED_NORM, baird_td, chain_dqn, chain_q_error
+from rlweights.agents.train import make_config, train
 from rlweights.cli import main
+from rlweights.envs.baird import BairdCounterexample as Baird
 
 ROOT = Path(__file__).resolve().parents[1]
 

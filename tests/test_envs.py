@@ -10,8 +10,9 @@ import warnings
 import gymnasium as gym
 import numpy as np
 import pytest
-import rlweights.envs as envs
 from gymnasium.utils.env_checker import check_env
+
+import rlweights.envs as envs
 from rlweights.envs.baird import BairdCounterexample
 from rlweights.envs.chain import Chain
 

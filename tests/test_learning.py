@@ -7,6 +7,7 @@ in docs/benchmarks.md. Same seed, same run on the CPU, so the numbers there repr
 from __future__ import annotations
 
 import pytest
+
 from rlweights.agents.train import make_config, train
 
 pytestmark = pytest.mark.slow

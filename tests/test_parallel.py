@@ -12,9 +12,9 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import launch
-from rlweights.agents.train import load_checkpoint, make_config, train
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+from rlweights.agents.train import load_checkpoint, make_config, train
 from rlweights.cli import main
 from rlweights.distributed import PeerError
 

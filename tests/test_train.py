@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from rlweights.agents.train import load_checkpoint, make_config, train
 
+from rlweights.agents.train import load_checkpoint, make_config, train
 from rlweights.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
