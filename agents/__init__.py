@@ -9,3 +9,7 @@ commands (``rlweights.agents.cli``).
 >>> from rlweights.agents.train import make_config, train
 >>> agent, summary = train(make_config("sac", total_steps=10_000), "runs/my-sac")
 """
+
+from rlweights.extras import require
+
+require("gymnasium", "agents", "rlweights.agents")

@@ -15,7 +15,11 @@
 
 from __future__ import annotations
 
-from gymnasium.envs.registration import register, registry
+from rlweights.extras import require
+
+require("gymnasium", "agents", "rlweights.envs")
+
+from gymnasium.envs.registration import register, registry  # noqa: E402
 
 __all__ = ["IDS"]
 

@@ -134,7 +134,13 @@ def test_core_works_without_any_extra():
 
 @pytest.mark.parametrize(
     ("module", "extra"),
-    [("rlweights.sb3", "sb3"), ("rlweights.tensorboard", "tensorboard")],
+    [
+        ("rlweights.sb3", "sb3"),
+        ("rlweights.tensorboard", "tensorboard"),
+        ("rlweights.agents", "agents"),
+        ("rlweights.agents.train", "agents"),
+        ("rlweights.envs", "agents"),
+    ],
 )
 def test_an_integration_without_its_extra_names_it(module, extra):
     done = _python(
