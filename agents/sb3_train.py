@@ -35,6 +35,7 @@ from rlweights.agents.train import (
     GracefulStop,
     evaluate,
     load_checkpoint,
+    run_summary,
     save_checkpoint,
 )
 from rlweights.files import write_json
@@ -312,25 +313,18 @@ class _SB3Run:
         self.aside += time.perf_counter() - tick
 
     def summary(self, results: dict[str, np.ndarray], train_seconds: float) -> dict[str, Any]:
-        config, model, episodes = self.config, self.model, self.episodes
-        session_steps = model.num_timesteps - self.start_steps
-        summary: dict[str, Any] = {
-            "algo": config.algo,
-            "impl": "sb3",
-            "env_id": config.env_id,
-            "seed": config.seed,
-            "steps": model.num_timesteps,
-            "final_eval_return": float(results["return"].mean()),
-            "final_eval_std": float(results["return"].std()),
-            "eval_episodes": config.eval_episodes,
-            "steps_per_second": session_steps / train_seconds if session_steps else None,
-            "wall_seconds": self.wall_before + time.perf_counter() - self.session_start,
-            "episodes": len(episodes),
-            "mean_last_10_train_returns": float(np.mean(episodes[-10:])) if episodes else None,
-            "gradient_updates": model._n_updates,
-        }
-        if "ema_return" in results:
-            summary["final_ema_eval_return"] = float(results["ema_return"].mean())
+        model = self.model
+        summary = run_summary(
+            self.config,
+            "sb3",
+            model.num_timesteps,
+            results,
+            model.num_timesteps - self.start_steps,
+            train_seconds,
+            self.wall_before + time.perf_counter() - self.session_start,
+            self.episodes,
+        )
+        summary["gradient_updates"] = model._n_updates
         return summary
 
 

@@ -50,6 +50,7 @@ __all__ = [
     "load_checkpoint",
     "make_config",
     "make_envs",
+    "run_summary",
     "train",
 ]
 
@@ -259,6 +260,37 @@ def train(
         return _Run(config, run_dir, False, progress, monitor, monitor_every, learners).train()
     finally:
         learners.close()
+
+
+def run_summary(
+    config: AgentConfig,
+    impl: str,
+    steps: int,
+    results: dict[str, np.ndarray],
+    session_steps: int,
+    train_seconds: float,
+    wall_seconds: float,
+    episodes: list[float],
+) -> dict[str, Any]:
+    """What ``summary.json`` holds for every run, native or SB3: the final evaluation
+    (``results``: returns per policy), the speed of this session, the training episodes."""
+    summary: dict[str, Any] = {
+        "algo": config.algo,
+        "impl": impl,
+        "env_id": config.env_id,
+        "seed": config.seed,
+        "steps": steps,
+        "final_eval_return": float(results["return"].mean()),
+        "final_eval_std": float(results["return"].std()),
+        "eval_episodes": config.eval_episodes,
+        "steps_per_second": session_steps / train_seconds if session_steps else None,
+        "wall_seconds": wall_seconds,
+        "episodes": len(episodes),
+        "mean_last_10_train_returns": float(np.mean(episodes[-10:])) if episodes else None,
+    }
+    if "ema_return" in results:
+        summary["final_ema_eval_return"] = float(results["ema_return"].mean())
+    return summary
 
 
 class _Run:
@@ -517,27 +549,22 @@ class _Run:
         return self.agent, summary
 
     def summary(self, results: dict[str, np.ndarray], train_seconds: float) -> dict[str, Any]:
-        cfg, episodes = self.config, self.episodes
-        summary: dict[str, Any] = {
-            "algo": cfg.algo,
-            "impl": "native",
-            "env_id": cfg.env_id,
-            "seed": cfg.seed,
-            "steps": self.steps,
-            "final_eval_return": float(results["return"].mean()),
-            "final_eval_std": float(results["return"].std()),
-            "eval_episodes": cfg.eval_episodes,
-            "steps_per_second": self.session_steps / train_seconds if self.session_steps else None,
-            "wall_seconds": self.wall_before + time.perf_counter() - self.session_start,
+        summary = run_summary(
+            self.config,
+            "native",
+            self.steps,
+            results,
+            self.session_steps,
+            train_seconds,
+            self.wall_before + time.perf_counter() - self.session_start,
+            self.episodes,
+        )
+        summary |= {
             "train_seconds": train_seconds,
             "drift_seconds": self.drift_seconds,
-            "episodes": len(episodes),
-            "mean_last_10_train_returns": float(np.mean(episodes[-10:])) if episodes else None,
             "gradient_updates": self.agent.gradient_updates,
             "target_updates": self.agent.target_routine.updates,
         }
         if self.learners is not None:
             summary.update(processes=self.learners.world, averages=self.learners.averages)
-        if "ema_return" in results:
-            summary["final_ema_eval_return"] = float(results["ema_return"].mean())
         return summary
