@@ -459,10 +459,13 @@ def _normalised(coefficients: Sequence[float] | None, n: int, op: str) -> list[f
     relative = "Coefficients are relative (normalised to sum to 1)."
     for i, c in enumerate(values):
         check_number(c, f"coefficients[{i}]", op, minimum=0.0, finite=True, fix=relative)
-    total = float(sum(values))
-    if total <= 0.0:
-        raise ValueError(f"{op}: coefficients sum to {total}; at least one must be positive.")
-    return [float(c) / total for c in values]
+    largest = max(float(c) for c in values)
+    if largest <= 0.0:
+        raise ValueError(f"{op}: coefficients are all 0; at least one must be positive.")
+    # Scaled by the largest first, so that the sum cannot overflow (1e308 + 1e308 is inf).
+    scaled = [float(c) / largest for c in values]
+    total = sum(scaled)
+    return [c / total for c in scaled]
 
 
 def _average_into(t: Tensor, sources: list[Tensor], coefficients: list[float]) -> None:
@@ -474,14 +477,16 @@ def _average_into(t: Tensor, sources: list[Tensor], coefficients: list[float]) -
             acc.add_(s, alpha=ci)
         t.copy_(acc)
         return
-    ptr = t.data_ptr()
-    alias = next((i for i, s in enumerate(sources) if s.data_ptr() == ptr and t.numel()), None)
-    if alias is None:
-        torch.mul(sources[0], c[0], out=t)
-        rest = range(1, len(sources))
+    # Sources that are the target itself (it may appear several times) are read before the
+    # first write: their coefficients are summed into one scaling of the target.
+    key = (t.data_ptr(), t.stride())
+    itself = [t.numel() > 0 and (s.data_ptr(), s.stride()) == key for s in sources]
+    rest = [i for i, same in enumerate(itself) if not same]
+    if any(itself):
+        t.mul_(sum(ci for ci, same in zip(c, itself, strict=True) if same))
     else:
-        t.mul_(c[alias])
-        rest = (i for i in range(len(sources)) if i != alias)
+        first = rest.pop(0)
+        torch.mul(sources[first], c[first], out=t)
     for i in rest:
         t.add_(sources[i], alpha=c[i])
 

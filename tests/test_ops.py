@@ -207,7 +207,7 @@ def test_average_uniform_by_default_and_validates_coefficients():
         ([1.0, -1.0, 1.0], r"coefficients\[1\] must be a finite number >= 0, got -1.0"),
         ([1.0, float("nan"), 1.0], r"coefficients\[1\] must be a finite number >= 0, got nan"),
         ([1.0, float("inf"), 1.0], r"got inf\. Coefficients are relative"),
-        ([0.0, 0.0, 0.0], r"coefficients sum to 0.0"),
+        ([0.0, 0.0, 0.0], r"coefficients are all 0"),
     ]:
         with pytest.raises(ValueError, match=msg):
             rw.average_(out, [a, b, c], bad)
@@ -324,3 +324,39 @@ def test_average_buffer_policies(policy):
     tracked = (t0 if policy == "skip" else refs[0])["1.num_batches_tracked"]
     assert torch.equal(got["1.num_batches_tracked"], tracked)
     assert_close(got["0.weight"], (refs[0]["0.weight"] + refs[1]["0.weight"]) / 2)
+
+
+@pytest.mark.parametrize("flat", [False, True], ids=["plain", "flat"])
+@pytest.mark.parametrize(
+    ("order", "coefficients"),
+    [
+        ("tt", None),  # the target twice: the weighted mean of itself is itself
+        ("tst", None),  # (2 target + source) / 3
+        ("tts", [1.0, 2.0, 3.0]),
+        ("stt", [0.5, 0.25, 0.25]),
+        ("ts", [1e308, 1e308]),  # coefficients whose sum overflows a float
+    ],
+)
+def test_average_equals_the_mean_of_the_values_before_the_call(flat, order, coefficients):
+    """Issue 13: whatever aliasing there is between the target and the sources, the result is
+    the weighted mean of the sources' values from before the call (float64 reference)."""
+    torch.manual_seed(0)
+    target, other = nn.Linear(3, 4), nn.Linear(3, 4)
+    if flat:
+        rw.flatten_(target)
+        rw.flatten_(other)
+    sources = [target if ch == "t" else other for ch in order]
+    c = torch.tensor(coefficients or [1.0] * len(sources), dtype=torch.float64)
+    c = c / c.max()
+    c = c / c.sum()
+    before = {id(m): {k: v.double().clone() for k, v in m.state_dict().items()} for m in sources}
+    want = {
+        k: sum(ci * before[id(m)][k] for ci, m in zip(c, sources, strict=True))
+        for k in before[id(target)]
+    }
+    rw.average_(target, sources, coefficients)
+    for k, v in target.state_dict().items():
+        assert_close(v.double(), want[k], rtol=1e-6, atol=1e-7)
+    if order == "tt":  # exactly unchanged, not merely close
+        for k, v in target.state_dict().items():
+            assert torch.equal(v.double(), before[id(target)][k])

@@ -35,6 +35,19 @@ def test_weighted_average_of_state_dicts_matches_float64(tmp_path, capsys):
     assert "wrote the average of 3 state_dict checkpoints" in capsys.readouterr().out
 
 
+def test_huge_coefficients_are_normalised_without_overflow(tmp_path):
+    """Issue 13: 1e308 + 1e308 overflows; the mean must come out, not zeros."""
+    nets = [mlp(i) for i in range(2)]
+    paths = [save(tmp_path, f"{i}.pt", n.state_dict()) for i, n in enumerate(nets)]
+    out = tmp_path / "soup.pt"
+    args = ["--out", str(out), "--coefficients", "1e308", "1e308"]
+    assert main(["average", *map(str, paths), *args]) == 0
+    got = torch.load(out, weights_only=True)
+    for key, value in nets[0].state_dict().items():
+        want = (value.double() + nets[1].state_dict()[key].double()) / 2
+        assert_close(got[key].double(), want, rtol=1e-6, atol=1e-7)
+
+
 def test_average_of_training_checkpoints_evaluates(tmp_path, capsys):
     from rlweights.agents.train import make_config, train
 
