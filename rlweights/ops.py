@@ -554,12 +554,23 @@ def _single(weights: Weights, op: str) -> tuple[list[Tensor], list[Tensor]]:
     """
     layout = layout_of(weights)
     if layout is not None:
+        for flat in layout.param_flats:
+            if flat.is_complex():
+                raise WeightMismatchError(
+                    f"{op}: a flat buffer of the module is {flat.dtype}; {op} needs real "
+                    "floating-point weights, and nothing was written."
+                )
         return list(layout.param_flats), layout.param_views
     found, _ = entries(weights, "weights")
     out, kept = [], []
     for e in found:
         if e.kind == "buffer":
             continue
+        if e.tensor.is_complex():  # refused before anything is written (no order is bitwise)
+            raise WeightMismatchError(
+                f"{op}: tensor {e.name!r} is {e.tensor.dtype}; {op} needs real floating-point "
+                "tensors, and nothing was written."
+            )
         if not is_float(e.tensor):
             if e.kind in ("tensor", "state"):
                 raise WeightMismatchError(
@@ -610,9 +621,10 @@ def max_norm_(weights: Weights, max_norm: float) -> None:
     """
     op = "max_norm_"
     bound = check_number(max_norm, "max_norm", op, minimum=0.0)
+    tensors, _ = _single(weights, op)  # validates everything before the first write
     layout = layout_of(weights)
-    # Write through the Parameters themselves (views when flat): autograd sees every write.
-    tensors = layout.param_views if layout is not None else _single(weights, op)[0]
+    if layout is not None:  # write through the Parameters themselves: autograd sees it
+        tensors = layout.param_views
     with _no_grad():
         for t in tensors:
             if t.dim() < 2 or t.numel() == 0:

@@ -184,3 +184,26 @@ def test_plain_module_changes_are_seen_between_calls():
     source.extra = None  # unregistering keeps the attribute name, with no tensor
     rw.polyak_(target, source, 1.0)
     assert torch.equal(target[0].weight, source[0].weight)
+
+
+@pytest.mark.parametrize("flat", [False, True], ids=["plain", "flat"])
+@pytest.mark.parametrize(
+    "call",
+    [lambda w: rw.clamp_(w, -0.1, 0.1), lambda w: rw.max_norm_(w, 0.01)],
+    ids=["clamp_", "max_norm_"],
+)
+def test_constraints_refuse_complex_tensors_before_writing(call, flat):
+    """Issue 13: a float tensor was clamped, then the complex one raised NotImplementedError."""
+    torch.manual_seed(0)
+    net = nn.Module()
+    net.real = nn.Parameter(torch.randn(4, 3))
+    net.cplx = nn.Parameter(torch.randn(4, 3, dtype=torch.complex64))
+    if flat:
+        rw.flatten_(net)
+    sets = [net] if flat else [net, [net.real.detach(), net.cplx.detach()]]
+    for weights in sets:
+        before = [p.detach().clone() for p in net.parameters()]
+        with pytest.raises(rw.WeightMismatchError, match=r"complex64.*real floating-point"):
+            call(weights)
+        for p, b in zip(net.parameters(), before, strict=True):
+            assert torch.equal(p.detach(), b)
