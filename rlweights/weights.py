@@ -28,6 +28,7 @@ __all__ = [
     "NonFiniteError",
     "WeightMismatchError",
     "Weights",
+    "check_apart",
     "check_no_overlap",
     "entries",
     "group_by_device_dtype",
@@ -244,6 +245,13 @@ def match(
         )
     if writes:  # modules list each tensor once already (tied weights deduplicated)
         check_no_overlap([t for t, _ in pairs if t.kind in ("tensor", "state")], op)
+        # Tensors passed by the user (sequences, state_dicts) may be views of each other;
+        # two modules share memory only through shared Parameters (not checked: too costly
+        # for the per-call path of modules that are not flattened).
+        if not (target_named and source_named) or any(
+            e.kind in ("tensor", "state") for pair in pairs[:1] for e in pair
+        ):
+            check_apart(pairs, op)
     return pairs
 
 
@@ -268,16 +276,7 @@ def check_no_overlap(written: list[Entry], op: str) -> None:
     Conservative: the memory span of each tensor is compared, so two strided views that
     interleave without sharing an element are refused too.
     """
-    spans = []
-    for e in written:
-        t = e.tensor
-        if t.numel() == 0:
-            continue
-        extent = 1 + sum(
-            (size - 1) * abs(stride) for size, stride in zip(t.shape, t.stride(), strict=False)
-        )
-        start = t.data_ptr()
-        spans.append((t.device, start, start + extent * t.element_size(), e.name))
+    spans = [(*_span(e.tensor), e.name) for e in written if e.tensor.numel()]
     spans.sort(key=lambda s: (str(s[0]), s[1]))
     for (dev_a, _, end_a, name_a), (dev_b, start_b, _, name_b) in itertools.pairwise(spans):
         if dev_a == dev_b and start_b < end_a:
@@ -285,6 +284,36 @@ def check_no_overlap(written: list[Entry], op: str) -> None:
                 f"{op}: target tensors {name_a!r} and {name_b!r} overlap in memory, so they "
                 "would be written twice; pass each tensor once (modules already count tied "
                 "weights once)."
+            )
+
+
+def _span(t: Tensor) -> tuple[torch.device, int, int]:
+    """The device and the byte range ``[start, end)`` a non-empty tensor's elements lie in."""
+    extent = 1 + sum(
+        (size - 1) * abs(stride) for size, stride in zip(t.shape, t.stride(), strict=False)
+    )
+    start = t.data_ptr()
+    return t.device, start, start + extent * t.element_size()
+
+
+def check_apart(pairs: list[tuple[Entry, Entry]], op: str) -> None:
+    """Refuse a target tensor that shares memory with a source tensor, unless it *is* its own
+    source (same address, shape and strides): writing it would change values that are still
+    to be read, so the result would depend on the order of the writes, or an op would fail
+    halfway. Conservative, like :func:`check_no_overlap` (memory spans are compared)."""
+    targets = [(_span(t.tensor), i, t) for i, (t, _) in enumerate(pairs) if t.tensor.numel()]
+    sources = [(_span(s.tensor), j, s) for j, (_, s) in enumerate(pairs) if s.tensor.numel()]
+    for (dev_t, t0, t1), i, t in targets:
+        for (dev_s, s0, s1), j, s in sources:
+            if dev_t != dev_s or s0 >= t1 or t0 >= s1:
+                continue
+            a, b = t.tensor, s.tensor
+            if i == j and a.data_ptr() == b.data_ptr() and a.stride() == b.stride():
+                continue  # the target is its own source: every op reads before it writes
+            raise WeightMismatchError(
+                f"{op}: target tensor {t.name!r} and source tensor {s.name!r} share memory "
+                "(one is a view of the other, or they overlap), so writing the target would "
+                "change the source before it is read; pass a copy of the source (.clone())."
             )
 
 

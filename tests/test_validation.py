@@ -207,3 +207,39 @@ def test_constraints_refuse_complex_tensors_before_writing(call, flat):
             call(weights)
         for p, b in zip(net.parameters(), before, strict=True):
             assert torch.equal(p.detach(), b)
+
+
+@pytest.mark.parametrize(
+    "call",
+    [
+        lambda t, s: rw.polyak_(t, s, 0.5),
+        lambda t, s: rw.copy_(t, s),
+        lambda t, s: rw.average_(t, [s, s]),
+    ],
+    ids=["polyak_", "copy_", "average_"],
+)
+@pytest.mark.parametrize("case", ["shifted-view", "swapped", "state_dict"])
+def test_a_target_sharing_memory_with_a_source_is_refused_before_writing(call, case):
+    """Issue 13: polyak_([t0, x[1:]], [ones, x[:-1]]) wrote t0, then raised RuntimeError."""
+    torch.manual_seed(0)
+    x, t0, a, b = torch.randn(3), torch.zeros(2), torch.randn(2), torch.randn(2)
+    if case == "shifted-view":  # target 1 partially overlaps source 1
+        target, source = [t0, x[1:]], [torch.ones(2), x[:-1]]
+    elif case == "swapped":  # each target is the other pair's source
+        target, source = [a, b], [b, a]
+    else:  # a state_dict whose tensor is a view of the target's
+        target, source = {"w": x[1:]}, {"w": x[:-1]}
+    tensors = [x, t0, a, b]
+    before = [t.clone() for t in tensors]
+    with pytest.raises(rw.WeightMismatchError, match="share memory"):
+        call(target, source)
+    for t, b0 in zip(tensors, before, strict=True):
+        assert torch.equal(t, b0)
+
+
+def test_a_target_that_is_its_own_source_is_allowed():
+    x = torch.randn(4)
+    want = x.clone()
+    rw.polyak_([x], [x], 0.3)
+    rw.average_([x], [[x], [x.clone()]])
+    assert torch.equal(x, want)
