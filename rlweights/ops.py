@@ -503,8 +503,9 @@ def average_(
     """Weighted mean of N weight sets, written into ``target`` in place.
 
     ``target <- sum_i c_i * sources[i]`` with the ``coefficients`` ``c`` normalised to sum to
-    1 (uniform when None). ``target`` may be one of the sources (averaging into the online
-    network). fp16/bf16 are accumulated in float32. Floating buffers are averaged by default
+    1 (uniform when None): the mean of the sources' values from before the call. ``target``
+    may be among the sources, even several times (averaging into the online network).
+    fp16/bf16 are accumulated in float32. Floating buffers are averaged by default
     (``buffers="copy"`` takes the first source's, ``"skip"`` leaves them); integer buffers are
     copied from the first source.
     """
