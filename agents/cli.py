@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import sys
 import time
 from pathlib import Path
@@ -43,6 +44,8 @@ table: python -m pydoc rlweights.sb3.patching).
 
 Parallel learners: torchrun --nproc_per_node=N -m rlweights train ... --average-every K.
 """
+
+MAX_RUN_NAME = 200  # bytes; file systems allow 255 per name
 
 EVALUATE_DESCRIPTION = "Run deterministic episodes with a saved agent and print the mean return."
 
@@ -191,7 +194,23 @@ def _check_env(algo: str, env_id: str) -> None:
         env.close()
 
 
+def _check_run_name(name: str) -> None:
+    """A run name is one folder inside --logdir: no path, not hidden, not too long."""
+    if (
+        not name
+        or name.startswith(".")
+        or "/" in name
+        or os.sep in name
+        or len(name.encode()) > MAX_RUN_NAME
+    ):
+        raise UsageError(
+            f"--run-name {name[:60]!r}{'...' if len(name) > 60 else ''}: must be one folder "
+            f"name inside --logdir (no '/', not starting with '.', at most {MAX_RUN_NAME} bytes)"
+        )
+
+
 def _prepare_run_dir(logdir: str, name: str) -> Path:
+    _check_run_name(name)
     parent = Path(logdir)
     if parent.exists() and not parent.is_dir():
         raise UsageError(f"--logdir {logdir}: exists and is not a directory")
@@ -287,6 +306,8 @@ def _prepare_train(args: argparse.Namespace) -> tuple[Any, Path, str, int]:
                 "--no-progress may be given with it"
             )
         run_dir = Path(args.resume)
+        if run_dir.name == "model.pt" and run_dir.is_file():  # the checkpoint itself is fine too
+            run_dir = run_dir.parent
         saved = load_checkpoint(run_dir / "model.pt", resume=True)
         try:
             config = config_from_checkpoint(saved, total_steps=args.total_steps, device=device)
@@ -309,7 +330,8 @@ def _prepare_train(args: argparse.Namespace) -> tuple[Any, Path, str, int]:
     _check_parallel(config, impl)
     stamp = time.strftime("%Y%m%d-%H%M%S")
     suffix = "-sb3" if impl == "sb3" else ""
-    name = args.run_name or f"{config.algo}-{config.env_id}-s{config.seed}{suffix}-{stamp}"
+    env = re.sub(r"[^A-Za-z0-9._-]+", "-", config.env_id)  # rlweights/Chain-v0, mod:Env-v0
+    name = args.run_name or f"{config.algo}-{env}-s{config.seed}{suffix}-{stamp}"
     if _rank() != 0:  # the other learners write nothing
         return config, Path(args.logdir) / name, impl, 0
     run_dir = _prepare_run_dir(args.logdir, name)

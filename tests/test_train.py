@@ -440,3 +440,26 @@ def test_ctrl_c_on_the_command_checkpoints_and_resume_finishes(tmp_path):
     assert 0 < steps < 100_000
     assert main(["train", "--resume", str(run), "--steps", str(steps + 50), "--no-progress"]) == 0
     assert json.loads((run / "summary.json").read_text())["steps"] == steps + 50
+
+
+@pytest.mark.parametrize("name", ["a/b", "../escaped", ".hidden", "x" * 300])
+def test_a_run_name_is_one_folder_inside_logdir(tmp_path, capsys, name):
+    """Issue 13: --run-name a/b failed with a traceback, ../escaped wrote outside --logdir."""
+    code = main(["train", "--run-name", name, "--logdir", str(tmp_path / "runs"), "--steps", "10"])
+    assert code == 2
+    (line,) = _errors(capsys)
+    assert line.startswith("rlweights train: error: --run-name") and "one folder name" in line
+    assert sorted(p.name for p in tmp_path.iterdir()) == []  # nothing written anywhere
+
+
+def test_default_run_name_of_an_env_id_with_a_slash_and_resume_from_the_file(tmp_path, capsys):
+    """Issue 13: the default name of rlweights/Chain-v0 held a '/' (FileNotFoundError), and
+    --resume RUN/model.pt looked for RUN/model.pt/model.pt."""
+    args = ["train", "--algo", "dqn", "--env", "rlweights/Chain-v0", "--steps", "60"]
+    args += [*TINY_FLAGS, "--logdir", str(tmp_path)]
+    assert main(args) == 0
+    (run,) = tmp_path.iterdir()
+    assert run.name.startswith("dqn-rlweights-Chain-v0-s0-") and (run / "model.pt").is_file()
+    resume = ["train", "--resume", str(run / "model.pt"), "--steps", "90", "--no-progress"]
+    assert main(resume) == 0
+    assert json.loads((run / "summary.json").read_text())["steps"] == 90
