@@ -4,7 +4,6 @@ saved as a normal SB3 model."""
 
 from __future__ import annotations
 
-import importlib
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any, Literal
@@ -18,7 +17,7 @@ import rlweights as rw
 from rlweights.checks import check_choice, check_fraction, check_int
 from rlweights.files import atomic_write
 from rlweights.periodic import Periodic
-from rlweights.sb3.patching import algorithm_names, refresh_batch_norm_stats
+from rlweights.sb3.patching import algorithm_names, matching_row, refresh_batch_norm_stats
 
 __all__ = ["ACTING_OPTIMIZERS", "PolicyAveragingCallback"]
 
@@ -51,13 +50,9 @@ def _acting_optimizer(model: Any) -> Optimizer:
             f"PolicyAveragingCallback works with Stable-Baselines3 models ({names}), "
             f"got {type(model).__name__}"
         )
-    for package, name, attr in ACTING_OPTIMIZERS:
-        try:
-            cls = getattr(importlib.import_module(package), name)
-        except (ImportError, AttributeError):
-            continue
-        if isinstance(model, cls):
-            return getattr(model, attr).optimizer
+    row = matching_row(model, ACTING_OPTIMIZERS)
+    if row is not None:
+        return getattr(model, row[2]).optimizer
     raise TypeError(
         f"PolicyAveragingCallback does not know which optimizer trains the policy of "
         f"{type(model).__name__}; it supports {names} (and their subclasses, e.g. DDPG)."

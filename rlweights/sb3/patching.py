@@ -42,6 +42,7 @@ __all__ = [
     "algorithm_names",
     "attach",
     "detach",
+    "matching_row",
     "polyak_update",
     "refresh_batch_norm_stats",
 ]
@@ -148,6 +149,20 @@ def _check_version() -> None:
         )
 
 
+def matching_row(model: object, table: Iterable[tuple]) -> tuple | None:
+    """The first row ``(package, class name, ...)`` of ``table`` whose class ``model`` is an
+    instance of (subclasses match through their base: DDPG is a TD3); rows of packages that
+    are not installed are skipped."""
+    for row in table:
+        try:
+            cls = getattr(importlib.import_module(row[0]), row[1])
+        except (ImportError, AttributeError):
+            continue
+        if isinstance(model, cls):
+            return row
+    return None
+
+
 def algorithm_names(model: object) -> tuple[str, str, tuple, tuple]:
     """(class name, module path, pairs, BN lists) of the supported algorithm of ``model``."""
     from stable_baselines3.common.base_class import BaseAlgorithm
@@ -157,13 +172,9 @@ def algorithm_names(model: object) -> tuple[str, str, tuple, tuple]:
             f"attach takes a Stable-Baselines3 model (SAC, TD3, DDPG, DQN, TQC, QRDQN), "
             f"got {type(model).__name__}"
         )
-    for package, name, module_path, pairs, bn in SUPPORTED:
-        try:
-            cls = getattr(importlib.import_module(package), name)
-        except ImportError:
-            continue
-        if isinstance(model, cls):
-            return name, module_path, pairs, bn
+    row = matching_row(model, SUPPORTED)
+    if row is not None:
+        return row[1:]
     raise ValueError(
         f"{type(model).__name__} has no target networks, so there is nothing to attach to: "
         "rlweights.sb3.attach works with SAC, TD3, DDPG, DQN and sb3-contrib's TQC and QRDQN."
