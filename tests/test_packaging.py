@@ -110,10 +110,10 @@ def test_core_works_without_any_extra():
             rw.SWA(online),
         ):
             for _ in range(3):
-                routine.step() if hasattr(routine, "step") else routine.update()
-            type(routine)  # repr and state round trip
-            routine.load_state_dict(routine.state_dict())
-            repr(routine)
+                routine.step()
+            state = routine.state_dict()
+            routine.load_state_dict(state)
+            assert routine.steps == 3 and state["counter"]["steps"] == 3, repr(routine)
         optimizer = torch.optim.Adam(online.parameters())
         handle = rw.constrain(optimizer, online, rw.constraints.MaxNorm(1.0))
         online(torch.randn(5, 3)).sum().backward()
