@@ -74,3 +74,118 @@ def test_clamp_and_distance_random_structures(shape_list, lo, hi, seed):
     rw.clamp_(a, lo, hi)
     for p, r in zip(a.parameters(), ref, strict=True):
         assert torch.equal(p.detach(), r)
+
+
+# A raising call writes nothing: random mixes of valid and invalid members.
+MEMBER_KINDS = [
+    "ok",
+    "shape",
+    "dtype",
+    "int",
+    "complex",
+    "overlap_source",
+    "overlap_targets",
+    "nan",
+    "device",
+]
+PAIR_OPS = ("polyak_", "copy_", "average_")
+CUDA = torch.cuda.is_available()
+
+
+def _invalid(kind: str, op: str, nonfinite: str) -> bool:
+    """Whether a member of this kind makes ``op`` refuse the call (the spec, written out)."""
+    if kind == "ok":
+        return False
+    if kind == "overlap_targets":
+        return True  # two targets share memory: they would be written twice
+    if op in PAIR_OPS:
+        if kind in ("shape", "dtype", "overlap_source", "device"):
+            return True
+        if kind == "int":
+            return op != "copy_"  # only copy_ takes integer tensors in a sequence
+        if kind == "nan":
+            return op != "copy_" and nonfinite == "raise"
+        return False  # complex values interpolate
+    return kind in ("int", "complex")  # clamp_ / max_norm_ need real floating weights
+
+
+def _members(kinds: list[str], width: int, gen: torch.Generator):
+    """(targets, sources, second sources, every base tensor) for the member kinds."""
+    targets, sources, bases = [], [], []
+
+    def fresh(dtype=torch.float32, extra=0, device="cpu"):
+        base = torch.randn(2, width + extra, generator=gen, dtype=torch.float64)
+        base = (base * 4).to(dtype) if not dtype.is_complex else base.to(dtype)
+        base = base.to(device)
+        bases.append(base)
+        return base
+
+    for kind in kinds:
+        if kind == "overlap_source":
+            base = fresh(extra=1)
+            targets.append(base[:, 1:])
+            sources.append(base[:, :-1])
+            continue
+        if kind == "overlap_targets":
+            base = fresh(extra=1)
+            targets += [base[:, 1:], base[:, :-1]]
+            sources += [fresh(), fresh()]
+            continue
+        dtype = {"int": torch.int64, "complex": torch.complex64}.get(kind, torch.float32)
+        targets.append(fresh(dtype))
+        if kind == "shape":
+            sources.append(fresh(extra=1))
+        elif kind == "dtype":
+            sources.append(fresh(torch.float64))
+        elif kind == "device":
+            sources.append(fresh(device="cuda" if CUDA else "meta"))
+        elif kind == "nan":
+            source = fresh()
+            source[0, 0] = float("nan")
+            sources.append(source)
+        else:
+            sources.append(fresh(dtype))
+    others = [s.clone() if s.device.type != "meta" else s for s in sources]
+    bases += [o for o in others if o.device.type != "meta"]
+    return targets, sources, others, [b for b in bases if b.device.type != "meta"]
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    st.lists(st.sampled_from(MEMBER_KINDS), min_size=1, max_size=5),
+    st.sampled_from(["polyak_", "copy_", "average_", "clamp_", "max_norm_"]),
+    st.sampled_from(["propagate", "raise"]),
+    st.booleans(),
+    st.integers(1, 4),
+    st.integers(0, 2**16),
+)
+def test_a_raising_call_leaves_every_tensor_bit_identical(
+    kinds, op, nonfinite, as_mapping, width, seed
+):
+    if "device" in kinds and not CUDA and op not in PAIR_OPS:
+        kinds = [k for k in kinds if k != "device"] or ["ok"]
+    targets, sources, others, bases = _members(kinds, width, torch.Generator().manual_seed(seed))
+    if as_mapping:  # a state_dict-like mapping, matched by name
+        names = [f"w{i}" for i in range(len(targets))]
+        targets, sources, others = (
+            dict(zip(names, x, strict=True)) for x in (targets, sources, others)
+        )
+    before = [b.clone() for b in bases]
+    calls = {
+        "polyak_": lambda: rw.polyak_(targets, sources, 0.3, nonfinite=nonfinite),
+        "copy_": lambda: rw.copy_(targets, sources),
+        "average_": lambda: rw.average_(targets, [sources, others], nonfinite=nonfinite),
+        "clamp_": lambda: rw.clamp_(targets, -0.5, 0.5),
+        "max_norm_": lambda: rw.max_norm_(targets, 0.5),
+    }
+    expected_to_raise = any(_invalid(kind, op, nonfinite) for kind in kinds)
+    try:
+        calls[op]()
+    except (ValueError, TypeError, RuntimeError, NotImplementedError) as exc:
+        assert expected_to_raise, f"{op} refused a valid call: {exc}"
+        for base, old in zip(bases, before, strict=True):
+            assert torch.equal(base.view(torch.uint8), old.view(torch.uint8)), (
+                f"{op} raised {type(exc).__name__} after writing part of the target"
+            )
+    else:
+        assert not expected_to_raise, f"{op} accepted {kinds} (nonfinite={nonfinite})"

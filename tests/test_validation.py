@@ -218,7 +218,7 @@ def test_constraints_refuse_complex_tensors_before_writing(call, flat):
     ],
     ids=["polyak_", "copy_", "average_"],
 )
-@pytest.mark.parametrize("case", ["shifted-view", "swapped", "state_dict"])
+@pytest.mark.parametrize("case", ["shifted-view", "swapped", "state_dict", "modules"])
 def test_a_target_sharing_memory_with_a_source_is_refused_before_writing(call, case):
     """Issue 13: polyak_([t0, x[1:]], [ones, x[:-1]]) wrote t0, then raised RuntimeError."""
     torch.manual_seed(0)
@@ -227,8 +227,12 @@ def test_a_target_sharing_memory_with_a_source_is_refused_before_writing(call, c
         target, source = [t0, x[1:]], [torch.ones(2), x[:-1]]
     elif case == "swapped":  # each target is the other pair's source
         target, source = [a, b], [b, a]
-    else:  # a state_dict whose tensor is a view of the target's
+    elif case == "state_dict":  # a state_dict whose tensor is a view of the target's
         target, source = {"w": x[1:]}, {"w": x[:-1]}
+    else:  # two modules whose Parameters are overlapping views of one tensor
+        target, source = nn.Module(), nn.Module()
+        target.w, target.v = nn.Parameter(t0), nn.Parameter(x[1:])
+        source.w, source.v = nn.Parameter(torch.ones(2)), nn.Parameter(x[:-1])
     tensors = [x, t0, a, b]
     before = [t.clone() for t in tensors]
     with pytest.raises(rw.WeightMismatchError, match="share memory"):
