@@ -6,8 +6,10 @@ import argparse
 import json
 import os
 import re
+import signal
 import sys
 import time
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
@@ -15,14 +17,27 @@ import gymnasium as gym
 import numpy as np
 import torch
 
+from rlweights.agents.common import MAX_SEED
 from rlweights.agents.parallel import launched_ranks
+from rlweights.agents.run_folder import (
+    clean_temporaries,
+    holding,
+    never_checkpointed,
+    reset_for_rerun,
+)
 from rlweights.agents.train import (
     ALGOS,
     CheckpointError,
+    GracefulStop,
+    Stopped,
+    available_memory,
+    checkpoint_steps,
     config_from_checkpoint,
     evaluate,
     load_checkpoint,
     make_config,
+    memory_needed,
+    spaces_of,
 )
 from rlweights.distributed import PeerError
 from rlweights.extras import require
@@ -59,10 +74,30 @@ __all__ = [
     "train_main",
 ]
 
+
+class UsageError(Exception):
+    """Bad input from the user: reported in one line, exit code 2."""
+
+
+def _count(text: str) -> int:
+    """An integer flag: 1000000, 1_000_000 or 1e6."""
+    try:
+        return int(text)
+    except ValueError:
+        pass  # 1e6
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not (value.is_integer() and abs(value) < 2**63):
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}")
+    return int(value)
+
+
 # Flags that set a hyperparameter: (flag, config field, type, metavar, help).
 HYPERPARAMETERS: list[tuple[str, str, Any, str, str]] = [
-    ("--steps", "total_steps", int, "N", "environment steps in total (summed over --num-envs)"),
-    ("--num-envs", "num_envs", int, "N", "environments stepped side by side (gymnasium.vector)"),
+    ("--steps", "total_steps", _count, "N", "environment steps in total (summed over --num-envs)"),
+    ("--num-envs", "num_envs", _count, "N", "environments stepped side by side (gymnasium.vector)"),
     (
         "--target-update",
         "target_update",
@@ -86,20 +121,32 @@ HYPERPARAMETERS: list[tuple[str, str, Any, str, str]] = [
         "VALUE",
         "rescale each unit's incoming weights to L2 norm <= VALUE after each optimizer step",
     ),
-    ("--drift-every", "drift_every", int, "N", "log weight drift every N env steps (0: never)"),
-    ("--eval-every", "eval_every", int, "N", "evaluate + checkpoint every N env steps (0: at end)"),
-    ("--eval-episodes", "eval_episodes", int, "K", "deterministic episodes per evaluation"),
+    ("--drift-every", "drift_every", _count, "N", "log weight drift every N env steps (0: never)"),
+    (
+        "--eval-every",
+        "eval_every",
+        _count,
+        "N",
+        "evaluate + checkpoint every N env steps (0: at end)",
+    ),
+    ("--eval-episodes", "eval_episodes", _count, "K", "deterministic episodes per evaluation"),
     ("--learning-rate", "learning_rate", float, "LR", "Adam learning rate"),
-    ("--batch-size", "batch_size", int, "N", "replay batch size"),
-    ("--buffer-size", "buffer_size", int, "N", "replay buffer capacity (transitions)"),
-    ("--learning-starts", "learning_starts", int, "N", "random-action steps before learning"),
+    ("--batch-size", "batch_size", _count, "N", "replay batch size"),
+    (
+        "--buffer-size",
+        "buffer_size",
+        _count,
+        "N",
+        "replay capacity in transitions (at most --steps)",
+    ),
+    ("--learning-starts", "learning_starts", _count, "N", "random-action steps before learning"),
     ("--gamma", "gamma", float, "GAMMA", "discount factor"),
-    ("--train-freq", "train_freq", int, "N", "env steps between training phases"),
-    ("--gradient-steps", "gradient_steps", int, "N", "gradient steps per training phase"),
+    ("--train-freq", "train_freq", _count, "N", "env steps between training phases"),
+    ("--gradient-steps", "gradient_steps", _count, "N", "gradient steps per training phase"),
     (
         "--average-every",
         "average_every",
-        int,
+        _count,
         "K",
         "under torchrun --nproc_per_node=N: the N learners average all their networks every K "
         "env steps (rank 0 evaluates, logs and checkpoints)",
@@ -107,15 +154,11 @@ HYPERPARAMETERS: list[tuple[str, str, Any, str, str]] = [
     (
         "--peer-timeout",
         "peer_timeout",
-        int,
+        _count,
         "SECONDS",
         "with --average-every: how long a learner waits for the others before it stops (300)",
     ),
 ]
-
-
-class UsageError(Exception):
-    """Bad input from the user: reported in one line, exit code 2."""
 
 
 def _hidden(text: str) -> tuple[int, ...]:
@@ -179,19 +222,57 @@ def _device(name: str) -> str:
     return name
 
 
-def _check_env(algo: str, env_id: str) -> None:
-    """Make the environment once: unknown ids and wrong action spaces fail before any file
-    is written."""
+def _check_env(
+    config: Any, spaces: dict[str, str] | None = None, impl: str | None = "native"
+) -> None:
+    """Make the environment once, before any file is written: unknown ids, modules that do
+    not import, wrong action spaces, spaces other than the resumed run's (``spaces``), and
+    runs too large for this machine's memory (unless ``impl`` is None) fail here."""
+    env_id = config.env_id
     try:
         env = gym.make(env_id)
-    except gym.error.Error as exc:
-        raise UsageError(f"environment {env_id!r}: {exc}") from None
+    except (gym.error.Error, ImportError) as exc:
+        first = str(exc).strip().split("\n")[0]
+        raise UsageError(f"environment {env_id!r}: {first}") from None
     try:
-        ALGOS[algo][1].check_spaces(env_id, env.observation_space, env.action_space)
+        ALGOS[config.algo][1].check_spaces(env_id, env.observation_space, env.action_space)
+        here = spaces_of(env)
+        if spaces is not None and spaces != here:
+            raise UsageError(
+                f"environment {env_id!r} here has observation space {here['observation']} and "
+                f"action space {here['action']}, but the run was trained with "
+                f"{spaces['observation']} and {spaces['action']}: resume it where its "
+                "environment is the same"
+            )
+        if impl is not None:
+            _check_memory(config, env.observation_space, env.action_space, impl)
     except ValueError as exc:
         raise UsageError(str(exc)) from None
     finally:
         env.close()
+
+
+def _size(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB", "PiB"):
+        if n < 1024 or unit == "PiB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{n:.0f} B"
+        n /= 1024
+    raise AssertionError
+
+
+def _check_memory(config: Any, observation_space: Any, action_space: Any, impl: str) -> None:
+    """Refuse, from the sizes alone, a replay buffer and networks that cannot be allocated."""
+    need = memory_needed(config, observation_space, action_space, impl)
+    total = sum(need.values())
+    free = available_memory(config.device)
+    if free is not None and total > free:
+        where = "GPU memory" if config.device.startswith("cuda") else "memory"
+        raise UsageError(
+            f"this run needs about {_size(total)} of {where} (replay buffer "
+            f"{_size(need['replay buffer'])}, networks and optimizers "
+            f"{_size(need['networks'])}), more than the {_size(free)} available: lower "
+            "--buffer-size or --hidden"
+        )
 
 
 def _check_run_name(name: str) -> None:
@@ -209,12 +290,18 @@ def _check_run_name(name: str) -> None:
         )
 
 
-def _prepare_run_dir(logdir: str, name: str) -> Path:
+def _prepare_run_dir(logdir: str, name: str, stack: ExitStack) -> Path:
+    """Create the run folder (or take over the folder of the same name that a stopped run
+    left without a checkpoint) and lock it for this process (released by ``stack``)."""
     _check_run_name(name)
     parent = Path(logdir)
     if parent.exists() and not parent.is_dir():
         raise UsageError(f"--logdir {logdir}: exists and is not a directory")
     run_dir = parent / name
+    if run_dir.is_dir() and never_checkpointed(run_dir):
+        stack.enter_context(holding(run_dir))
+        reset_for_rerun(run_dir)
+        return run_dir
     if run_dir.exists():
         raise UsageError(
             f"run directory {run_dir} already exists: continue it with --resume {run_dir} "
@@ -225,8 +312,12 @@ def _prepare_run_dir(logdir: str, name: str) -> Path:
         probe = parent / f".rlweights-write-test-{os.getpid()}"
         probe.touch()
         probe.unlink()
+        run_dir.mkdir()
+    except FileExistsError:
+        raise UsageError(f"run directory {run_dir} was created by another process") from None
     except OSError as exc:
         raise UsageError(f"--logdir {logdir}: not writable ({exc.strerror})") from None
+    stack.enter_context(holding(run_dir))
     return run_dir
 
 
@@ -288,45 +379,74 @@ def _check_impl(impl: str) -> None:
         require("stable_baselines3", "sb3", "rlweights train --impl sb3")
 
 
-def _prepare_train(args: argparse.Namespace) -> tuple[Any, Path, str, int]:
-    """Check every input and create the run directory: (config, run_dir, impl, start step).
-    Under torchrun only rank 0 creates it."""
-    device = _device(args.device)
-    if args.resume and launched_ranks() > 1:
+def _resume_dir(given: str) -> Path:
+    run_dir = Path(given)
+    if run_dir.name == "model.pt" and run_dir.is_file():  # the checkpoint itself is fine too
+        run_dir = run_dir.parent
+    if not run_dir.is_dir():
+        raise UsageError(f"--resume {given}: no run folder there")
+    return run_dir
+
+
+def _prepare_resume(
+    args: argparse.Namespace, device: str, stack: ExitStack
+) -> tuple[Any, Path, str, int]:
+    """--resume: lock the run, clean what a kill left, read and check its checkpoint (or its
+    config.json, for a run stopped before its first checkpoint)."""
+    if launched_ranks() > 1:
         raise UsageError(
             "--resume of parallel learners is not supported (the checkpoint holds rank 0's "
             "learner only); evaluate or average it, or start a new run"
         )
-    if args.resume:
-        given = [k for k, v in _overrides(args).items() if v is not None and k != "total_steps"]
-        others = (args.algo, args.env, args.run_name, args.seed, args.impl)
-        if given or any(value is not None for value in others):
-            raise UsageError(
-                "--resume continues a run with its own settings: only --steps, --device and "
-                "--no-progress may be given with it"
-            )
-        run_dir = Path(args.resume)
-        if run_dir.name == "model.pt" and run_dir.is_file():  # the checkpoint itself is fine too
-            run_dir = run_dir.parent
-        saved = load_checkpoint(run_dir / "model.pt", resume=True)
-        try:
-            config = config_from_checkpoint(saved, total_steps=args.total_steps, device=device)
-        except (KeyError, TypeError) as exc:
-            raise CheckpointError(f"{run_dir}/model.pt: its config is unreadable ({exc})") from None
-        impl, initial = saved["impl"], saved["steps"]
+    given = [k for k, v in _overrides(args).items() if v is not None and k != "total_steps"]
+    others = (args.algo, args.env, args.run_name, args.seed, args.impl)
+    if given or any(value is not None for value in others):
+        raise UsageError(
+            "--resume continues a run with its own settings: only --steps, --device and "
+            "--no-progress may be given with it"
+        )
+    run_dir = _resume_dir(args.resume)
+    stack.enter_context(holding(run_dir))
+    if never_checkpointed(run_dir):  # stopped before its first checkpoint: start it again
+        saved = json.loads((run_dir / "config.json").read_text())
+        impl = saved.pop("impl", "native")
+        config = config_from_checkpoint(
+            {"config": saved}, total_steps=args.total_steps, device=device
+        )
         _check_impl(impl)
-        if config.total_steps <= initial:
-            raise UsageError(
-                f"{run_dir} is at step {initial} of {config.total_steps}: pass --steps N with "
-                f"N > {initial} to train further"
-            )
-        return config, run_dir, impl, initial
+        _check_env(config, impl=impl)
+        reset_for_rerun(run_dir)
+        return config, run_dir, impl, 0
+    clean_temporaries(run_dir)
+    saved = load_checkpoint(run_dir / "model.pt", resume=True)
+    try:
+        config = config_from_checkpoint(saved, total_steps=args.total_steps, device=device)
+    except (KeyError, TypeError) as exc:
+        raise CheckpointError(f"{run_dir}/model.pt: its config is unreadable ({exc})") from None
+    impl, initial = saved["impl"], saved["steps"]
+    _check_impl(impl)
+    _check_env(config, saved.get("spaces"), impl)
+    finished = (run_dir / "summary.json").is_file()
+    if config.total_steps < initial or (config.total_steps == initial and finished):
+        raise UsageError(
+            f"{run_dir} is at step {initial} of {config.total_steps}: pass --steps N with "
+            f"N > {initial} to train further"
+        )
+    return config, run_dir, impl, initial
+
+
+def _prepare_train(args: argparse.Namespace, stack: ExitStack) -> tuple[Any, Path, str, int]:
+    """Check every input, create (or take over) the run folder and lock it: (config,
+    run_dir, impl, start step). Under torchrun only rank 0 creates it."""
+    device = _device(args.device)
+    if args.resume:
+        return _prepare_resume(args, device, stack)
     config = make_config(
         args.algo or "sac", args.env, seed=args.seed or 0, device=device, **_overrides(args)
     )
-    _check_env(config.algo, config.env_id)
     impl = args.impl or "native"
     _check_impl(impl)
+    _check_env(config, impl=impl)
     _check_parallel(config, impl)
     stamp = time.strftime("%Y%m%d-%H%M%S")
     suffix = "-sb3" if impl == "sb3" else ""
@@ -334,17 +454,47 @@ def _prepare_train(args: argparse.Namespace) -> tuple[Any, Path, str, int]:
     name = args.run_name or f"{config.algo}-{env}-s{config.seed}{suffix}-{stamp}"
     if _rank() != 0:  # the other learners write nothing
         return config, Path(args.logdir) / name, impl, 0
-    run_dir = _prepare_run_dir(args.logdir, name)
-    run_dir.mkdir()
+    run_dir = _prepare_run_dir(args.logdir, name, stack)
     write_json(run_dir / "config.json", {"impl": impl, **config.to_dict()})
     return config, run_dir, impl, 0
 
 
+def _stopped_message(run_dir: Path, stop: GracefulStop, exc: BaseException, total: int) -> str:
+    """What the user reads after a stop signal: true to the files that are there."""
+    name = signal.Signals(stop.signum).name if stop.signum else "SIGINT"
+    how = "Ctrl-C" if name == "SIGINT" else name
+    steps = exc.steps if isinstance(exc, Stopped) else checkpoint_steps(run_dir / "model.pt")
+    if steps is None:
+        return (
+            f"rlweights train: stopped by {how} before the first checkpoint; start the run "
+            f"again with: rlweights train --resume {run_dir}"
+        )
+    during = exc.during if isinstance(exc, Stopped) else "training"
+    then = "Finish it (final evaluation, summary)" if steps >= total else "Continue"
+    return (
+        f"rlweights train: stopped by {how} during {during}; the checkpoint of step {steps} "
+        f"is in {run_dir}/model.pt. {then} with: rlweights train --resume {run_dir}"
+    )
+
+
 def train_main(args: argparse.Namespace) -> int:
-    prepared = _guarded("train", _prepare_train, args)
-    if isinstance(prepared, int):
-        return prepared
-    config, run_dir, impl, initial = prepared
+    # Signals are caught from before the run folder exists: a stop during the set-up
+    # becomes a checkpoint at the first step.
+    with GracefulStop() as stop, ExitStack() as stack:
+        prepared = _guarded("train", lambda a: _prepare_train(a, stack), args)
+        if isinstance(prepared, int):
+            return prepared
+        return _train(args, stop, *prepared)
+
+
+def _train(
+    args: argparse.Namespace,
+    stop: GracefulStop,
+    config: Any,
+    run_dir: Path,
+    impl: str,
+    initial: int,
+) -> int:
     lead = _rank() == 0
     if lead:
         learners = f" ({launched_ranks()} learners)" if config.average_every else ""
@@ -353,27 +503,21 @@ def train_main(args: argparse.Namespace) -> int:
             flush=True,
         )
     progress = _Progress(config.total_steps, initial, enabled=lead and not args.no_progress)
+    resume = initial > 0
     try:
         if impl == "sb3":
             from rlweights.agents.sb3_train import train_sb3
 
-            summary = train_sb3(config, run_dir, resume=initial > 0, progress=progress)
+            summary = train_sb3(config, run_dir, resume=resume, progress=progress, stop=stop)
         else:
             from rlweights.agents.train import train
 
-            summary = train(config, run_dir, resume=initial > 0, progress=progress)[1]
-    except KeyboardInterrupt as stop:
+            summary = train(config, run_dir, resume=resume, progress=progress, stop=stop)[1]
+    except KeyboardInterrupt as exc:
         progress.close()
-        if not lead:
-            return 130
-        # The loop's own stop says where it checkpointed; a second Ctrl-C stops at once.
-        saved = f"checkpoint of {stop.args[0]}" if stop.args else "the last checkpoint"
-        print(
-            f"rlweights train: interrupted; {saved} is in {run_dir}/model.pt. "
-            f"Continue with: rlweights train --resume {run_dir}",
-            file=sys.stderr,
-        )
-        return 130
+        if lead:
+            print(_stopped_message(run_dir, stop, exc, config.total_steps), file=sys.stderr)
+        return 128 + (stop.signum or signal.SIGINT)
     except PeerError as exc:
         progress.close()
         print(f"rlweights train: error: {exc}", file=sys.stderr)
@@ -382,11 +526,13 @@ def train_main(args: argparse.Namespace) -> int:
     if not lead:
         return 0
     ema = summary.get("final_ema_eval_return")
+    rate = summary["steps_per_second"]
     print(
-        f"final eval return {summary['final_eval_return']:.1f} +- {summary['final_eval_std']:.1f}"
-        f" over {summary['eval_episodes']} episodes"
-        + (f" (policy EMA: {ema:.1f})" if ema is not None else "")
-        + f"; {summary['steps']} steps at {summary['steps_per_second']:.0f} steps/s"
+        f"final eval return {_number(summary['final_eval_return'])} +- "
+        f"{_number(summary['final_eval_std'])} over {summary['eval_episodes']} episodes"
+        + (f" (policy EMA: {_number(ema)})" if ema is not None else "")
+        + f"; {summary['steps']} steps"
+        + (f" at {rate:.0f} steps/s" if rate else " (none in this session)")
         + (
             f" per learner, {summary['processes']} learners averaged {summary['averages']} times"
             if "processes" in summary
@@ -398,17 +544,23 @@ def train_main(args: argparse.Namespace) -> int:
     return 0
 
 
+def _number(value: float) -> str:
+    return f"{value:.1f}" if np.isfinite(value) else f"{value} (the run diverged)"
+
+
 def _prepare_evaluate(args: argparse.Namespace) -> tuple[Any, Any, dict[str, Any]]:
     """Check the inputs and load the policy: (config, policy, checkpoint)."""
     if args.episodes < 1:
         raise UsageError(f"--episodes must be >= 1, got {args.episodes}")
+    if not 0 <= args.seed <= MAX_SEED:
+        raise UsageError(f"--seed must be in [0, {MAX_SEED}], got {args.seed}")
     device = _device(args.device)
     saved = load_checkpoint(args.checkpoint)
     try:
         config = config_from_checkpoint(saved, device=device)
     except (KeyError, TypeError, ValueError) as exc:
         raise CheckpointError(f"{args.checkpoint}: its config is unreadable ({exc})") from None
-    _check_env(config.algo, config.env_id)
+    _check_env(config, saved.get("spaces"), impl=None)
     if saved["impl"] == "sb3":
         from rlweights.agents.sb3_train import load_sb3_policy
 

@@ -4,6 +4,7 @@ EMA, weight constraints) that each algorithm's gradient step calls."""
 
 from __future__ import annotations
 
+import math
 import random
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, fields
@@ -21,6 +22,7 @@ from rlweights.agents.target_update import TargetUpdateSpec
 from rlweights.checks import check_int
 
 __all__ = [
+    "MAX_SEED",
     "AgentConfig",
     "ContinuousAgent",
     "OffPolicyAgent",
@@ -31,6 +33,11 @@ __all__ = [
     "seed_everything",
     "set_rng_state",
 ]
+
+
+# Seeds are 31-bit: numpy takes up to 2**32 - 1, and parallel learners add their rank's
+# offset (rlweights.agents.parallel) to the seed.
+MAX_SEED = 2**31 - 1
 
 
 def seed_everything(seed: int) -> None:
@@ -118,7 +125,7 @@ class AgentConfig:
         return {
             "env_id": bool(self.env_id),
             "total_steps": self.total_steps >= 1,
-            "seed": self.seed >= 0,
+            "seed": 0 <= self.seed <= MAX_SEED,
             "num_envs": self.num_envs >= 1,
             "buffer_size": self.buffer_size >= 1,
             "batch_size": self.batch_size >= 1,
@@ -140,6 +147,16 @@ class AgentConfig:
 
     def checks(self) -> None:
         TargetUpdateSpec.parse(self.target_update)
+        infinite = [
+            f"{f.name}={value!r}"
+            for f in fields(self)
+            if isinstance(value := getattr(self, f.name), float) and not math.isfinite(value)
+        ]
+        if infinite:
+            raise ValueError(
+                f"{type(self).__name__}: {', '.join(infinite)}: hyperparameters must be finite "
+                "numbers"
+            )
         bad = [name for name, ok in self._rules().items() if not ok]
         if bad:
             values = ", ".join(f"{name}={getattr(self, name)!r}" for name in bad)

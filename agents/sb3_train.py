@@ -33,10 +33,12 @@ from rlweights.agents.target_update import TargetUpdateSpec
 from rlweights.agents.train import (
     EVAL_SEED_OFFSET,
     GracefulStop,
+    Stopped,
     evaluate,
     load_checkpoint,
     run_summary,
     save_checkpoint,
+    spaces_of,
 )
 from rlweights.files import write_json
 from rlweights.periodic import Periodic
@@ -150,9 +152,16 @@ def train_sb3(
     *,
     resume: bool = False,
     progress: Callable[[int, dict[str, float]], None] | None = None,
+    stop: GracefulStop | None = None,
 ) -> dict[str, Any]:
-    """Train SB3's algorithm for ``config`` with rlweights attached; returns the summary."""
-    return _SB3Run(config, Path(run_dir), resume, progress).train()
+    """Train SB3's algorithm for ``config`` with rlweights attached; returns the summary.
+
+    Training stops at ``config.total_steps`` (SB3's ``learn`` would finish its rollout: up to
+    ``train_freq`` steps more). Stop signals act as in :func:`rlweights.agents.train.train`.
+    """
+    stop = stop or GracefulStop()
+    with stop:
+        return _SB3Run(config, Path(run_dir), resume, progress).train(stop)
 
 
 class _SB3Run:
@@ -187,6 +196,7 @@ class _SB3Run:
         self.session_start = time.perf_counter()
         self.start_steps = self.model.num_timesteps
         self.aside = 0.0  # seconds spent evaluating and checkpointing (not training)
+        self.stopping = GracefulStop()  # the one train() is given replaces it
         self.evaluations = None
         if config.eval_every:
             self.evaluations = Periodic(config.eval_every, name="eval_every")
@@ -210,23 +220,29 @@ class _SB3Run:
         self.episodes = list(training["episodes"])
         self.wall_before = training["wall_seconds"]
 
-    def train(self) -> dict[str, Any]:
+    def train(self, stop: GracefulStop) -> dict[str, Any]:
         from stable_baselines3.common.callbacks import CallbackList
 
         model = self.model
-        with GracefulStop() as stop:
+        self.stopping = stop
+        if stop.requested:  # a signal while the model was being built
+            self.checkpoint()
+            raise Stopped(model.num_timesteps, stop.signum)
+        if model.num_timesteps < self.config.total_steps:
             callbacks = [*self.weight_callbacks(), _after_step_callback(self, stop)]
             model.learn(
                 self.config.total_steps - model.num_timesteps,
                 callback=CallbackList(callbacks),
                 reset_num_timesteps=not self.resume,
             )
-            if stop.requested:
-                self.checkpoint()
-                raise KeyboardInterrupt(f"step {model.num_timesteps}")
-        train_seconds = time.perf_counter() - self.session_start - self.aside
-        results = self.evaluate()
         self.checkpoint()
+        if stop.requested:
+            raise Stopped(model.num_timesteps, stop.signum)
+        train_seconds = time.perf_counter() - self.session_start - self.aside
+        try:
+            results = self.evaluate(interruptible=True)
+        except KeyboardInterrupt:
+            raise Stopped(model.num_timesteps, stop.signum, "the final evaluation") from None
         if self.ema_hook is not None:
             self.ema_hook.remove()
         self.attachment.detach()
@@ -263,19 +279,23 @@ class _SB3Run:
         if due and steps < self.config.total_steps:
             self.evaluate()
             self.checkpoint()
-        if self.progress is not None:
+        if self.progress is not None and not self.stopping.requested:  # SIGHUP: no terminal
             self.progress(steps, info)
 
-    def evaluate(self) -> dict[str, np.ndarray]:
-        """Deterministic episodes of the policy (and of its EMA), with the evaluation seeds."""
+    def evaluate(self, interruptible: bool = False) -> dict[str, np.ndarray]:
+        """Deterministic episodes of the policy (and of its EMA), with the evaluation seeds;
+        ``interruptible``: a stop signal ends it."""
         tick = time.perf_counter()
         config, model = self.config, self.model
+        interrupted = (lambda: self.stopping.requested) if interruptible else None
         seed = config.seed + EVAL_SEED_OFFSET
         policies = {"return": _policy_fn(model, config.algo, _policy_network(model, config.algo))}
         if self.ema_routine is not None:
             policies["ema_return"] = _policy_fn(model, config.algo, self.ema_routine.averaged)
         results = {
-            name: evaluate(policy, config.env_id, config.eval_episodes, seed, model.device)
+            name: evaluate(
+                policy, config.env_id, config.eval_episodes, seed, model.device, interrupted
+            )
             for name, policy in policies.items()
         }
         for name, returns in results.items():
@@ -305,6 +325,7 @@ class _SB3Run:
             "algo": self.config.algo,
             "impl": "sb3",
             "config": self.config.to_dict(),
+            "spaces": spaces_of(model.get_env()),
             "steps": model.num_timesteps,
             "weights": weights,
             "training": training,
@@ -336,7 +357,9 @@ def _after_step_callback(run: _SB3Run, stop: GracefulStop) -> Any:
     class AfterStep(BaseCallback):
         def _on_step(self) -> bool:
             run.after_step(self.locals.get("infos", ()))
-            return not stop.requested
+            # False ends learn(): on a stop signal, and at the asked step count (SB3 would
+            # finish its rollout, up to train_freq steps more).
+            return not stop.requested and self.num_timesteps < run.config.total_steps
 
     return AfterStep()
 

@@ -9,6 +9,8 @@ counters and RNG states.
 
 from __future__ import annotations
 
+import itertools
+import os
 import signal
 import threading
 import time
@@ -33,7 +35,7 @@ from rlweights.agents.dqn import DQN, DQNConfig
 from rlweights.agents.sac import SAC, SACConfig
 from rlweights.agents.td3 import TD3, TD3Config
 from rlweights.checks import check_int
-from rlweights.files import atomic_write, write_json
+from rlweights.files import atomic_write, checksum, write_json
 from rlweights.periodic import Periodic
 
 if TYPE_CHECKING:
@@ -45,12 +47,17 @@ __all__ = [
     "PRESETS",
     "CheckpointError",
     "GracefulStop",
+    "Stopped",
+    "available_memory",
     "build_agent",
+    "checkpoint_steps",
     "evaluate",
     "load_checkpoint",
     "make_config",
     "make_envs",
+    "memory_needed",
     "run_summary",
+    "spaces_of",
     "train",
 ]
 
@@ -120,6 +127,53 @@ def make_envs(env_id: str, num_envs: int) -> gym.vector.SyncVectorEnv:
     )
 
 
+def _mlp_parameters(sizes: list[int]) -> int:
+    return sum((a + 1) * b for a, b in itertools.pairwise(sizes))
+
+
+def memory_needed(
+    config: AgentConfig,
+    observation_space: gym.Space,
+    action_space: gym.Space,
+    impl: str = "native",
+) -> dict[str, int]:
+    """Bytes the run will allocate, from the sizes alone (an upper estimate): the replay
+    buffer (the native agents' holds at most ``total_steps`` transitions, SB3's always
+    ``buffer_size``), and the networks with their targets, gradients and Adam's moments."""
+    obs = int(np.prod(observation_space.shape))
+    discrete = isinstance(action_space, gym.spaces.Discrete)
+    act = int(action_space.n) if discrete else int(np.prod(action_space.shape))
+    hidden = list(config.hidden)
+    if config.algo == "dqn":
+        networks = 5 * _mlp_parameters([obs, *hidden, act])  # online, target, grad, Adam x2
+    else:
+        actor = _mlp_parameters([obs, *hidden, 2 * act])
+        critic = 2 * _mlp_parameters([obs + act, *hidden, 1])
+        networks = 5 * (actor + critic) + (actor if config.policy_ema else 0)
+    capacity = config.buffer_size
+    if impl == "native":
+        capacity = min(capacity, config.total_steps)
+    row = 4 * (2 * obs + 2) + (8 if discrete else 4 * act)  # obs, next obs, reward, done, action
+    return {"replay buffer": capacity * row, "networks": 4 * networks}
+
+
+def available_memory(device: str) -> int | None:
+    """Bytes that can still be allocated on ``device`` (None where it cannot be told)."""
+    if device.startswith("cuda"):
+        return torch.cuda.mem_get_info(torch.device(device))[0]
+    try:
+        with open("/proc/meminfo") as info:
+            for line in info:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
 def build_agent(config: AgentConfig, envs: gym.vector.VectorEnv) -> OffPolicyAgent:
     return ALGOS[config.algo][1](config, envs.single_observation_space, envs.single_action_space)
 
@@ -130,15 +184,19 @@ def evaluate(
     episodes: int,
     seed: int,
     device: torch.device | str = "cpu",
+    interrupted: Callable[[], bool] | None = None,
 ) -> np.ndarray:
     """Returns of ``episodes`` episodes with the deterministic ``policy``, run side by side
-    (one environment per episode, seeded ``seed``, ``seed + 1``, ...)."""
+    (one environment per episode, seeded ``seed``, ``seed + 1``, ...). When
+    ``interrupted()`` becomes true the evaluation stops with ``KeyboardInterrupt``."""
     envs = make_envs(env_id, episodes)
     try:
         obs, _ = envs.reset(seed=seed)
         returns = np.zeros(episodes)
         done = np.zeros(episodes, dtype=bool)
         while not done.all():
+            if interrupted is not None and interrupted():
+                raise KeyboardInterrupt("evaluation")
             with torch.no_grad():
                 actions = policy(torch.as_tensor(obs, dtype=torch.float32, device=device))
             obs, rewards, terminated, truncated, _ = envs.step(actions.cpu().numpy())
@@ -150,8 +208,20 @@ def evaluate(
 
 
 def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
+    """Write ``state`` atomically, with the format, the version and the checksum of its
+    content (checked when it is loaded)."""
     payload = {"format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION, **state}
+    payload["checksum"] = checksum(payload)
     atomic_write(path, lambda f: torch.save(payload, f))
+
+
+def checkpoint_steps(path: Path) -> int | None:
+    """The step of the checkpoint at ``path`` (memory-mapped, nothing checked), or None."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        return int(state["steps"])
+    except Exception:  # no file, or not a checkpoint
+        return None
 
 
 def load_checkpoint(path: str | Path, *, resume: bool = False) -> dict[str, Any]:
@@ -172,6 +242,12 @@ def load_checkpoint(path: str | Path, *, resume: bool = False) -> dict[str, Any]
         raise CheckpointError(f"{path} is not a readable checkpoint ({reason})") from None
     if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
         raise CheckpointError(f"{path} is not an rlweights training checkpoint")
+    stored = state.pop("checksum", None)  # checkpoints before rlweights 0.2 have none
+    if stored is not None and stored != checksum(state):
+        raise CheckpointError(
+            f"{path} is damaged: its content does not match the checksum written with it "
+            "(a changed or corrupted file); use an intact copy"
+        )
     version = state.get("version")
     if version not in range(1, CHECKPOINT_VERSION + 1):
         raise CheckpointError(
@@ -183,7 +259,24 @@ def load_checkpoint(path: str | Path, *, resume: bool = False) -> dict[str, Any]
             f"{path} was written by an earlier rlweights (checkpoint version {version}): it "
             f"evaluates, but only version {CHECKPOINT_VERSION} resumes; start a new run"
         )
+    if resume and "training" not in state:
+        made = "an average of checkpoints" if "averaged_from" in state else "a checkpoint"
+        raise CheckpointError(
+            f"{path} is {made} without training state (optimizers, replay buffer): it "
+            "evaluates, but does not resume; start a new run"
+        )
     return state
+
+
+def spaces_of(envs: Any) -> dict[str, str]:
+    """The observation and action space of one environment, as text (kept in checkpoints:
+    a run resumes only where its environment has the same spaces). ``envs``: a Gymnasium
+    environment, a Gymnasium vector environment or an SB3 VecEnv."""
+    single = getattr(envs, "single_observation_space", None) is not None
+    return {
+        "observation": str(envs.single_observation_space if single else envs.observation_space),
+        "action": str(envs.single_action_space if single else envs.action_space),
+    }
 
 
 def config_from_checkpoint(state: dict[str, Any], **overrides: Any) -> AgentConfig:
@@ -193,26 +286,52 @@ def config_from_checkpoint(state: dict[str, Any], **overrides: Any) -> AgentConf
     return make_config(algo, **saved)
 
 
+# What a user, a scheduler (SLURM, Kubernetes, docker stop, timeout) or a closed terminal sends.
+STOP_SIGNALS = ("SIGINT", "SIGTERM", "SIGHUP")
+
+
+class Stopped(KeyboardInterrupt):
+    """A run stopped on a signal after writing its checkpoint: ``steps`` is the checkpoint's
+    step, ``during`` what was running ("training" or "the final evaluation")."""
+
+    def __init__(self, steps: int, signum: int | None, during: str = "training"):
+        super().__init__(f"step {steps}")
+        self.steps, self.signum, self.during = steps, signum, during
+
+
 class GracefulStop:
-    """The first Ctrl-C asks the loop to stop at the next step (it then checkpoints); a
-    second one interrupts at once. Only installed in the main thread."""
+    """The first SIGINT (Ctrl-C), SIGTERM or SIGHUP asks the run to stop at the next step (it
+    then checkpoints); a second one of the same signal acts at once, as without rlweights
+    (Ctrl-C raises ``KeyboardInterrupt``, the others end the process). A signal that the
+    process ignores (``nohup``) stays ignored. Re-entrant; only installed in the main thread.
+    """
 
     def __init__(self) -> None:
         self.requested = False
-        self._previous: Any = None
+        self.signum: int | None = None  # the first signal received
+        self._previous: dict[int, Any] = {}
+        self._depth = 0
 
     def __enter__(self) -> GracefulStop:
-        if threading.current_thread() is threading.main_thread():
-            self._previous = signal.signal(signal.SIGINT, self._handle)
+        self._depth += 1
+        if self._depth == 1 and threading.current_thread() is threading.main_thread():
+            for name in STOP_SIGNALS:
+                signum = getattr(signal, name, None)  # Windows has no SIGHUP
+                if signum is not None and signal.getsignal(signum) is not signal.SIG_IGN:
+                    self._previous[signum] = signal.signal(signum, self._handle)
         return self
 
     def _handle(self, signum: int, frame: Any) -> None:
         self.requested = True
-        signal.signal(signal.SIGINT, self._previous)
+        self.signum = self.signum or signum
+        signal.signal(signum, self._previous[signum])
 
     def __exit__(self, *exc: object) -> None:
-        if self._previous is not None:
-            signal.signal(signal.SIGINT, self._previous)
+        self._depth -= 1
+        if not self._depth:
+            for signum, previous in self._previous.items():
+                signal.signal(signum, previous)
+            self._previous = {}
 
 
 Monitor = Callable[[int, OffPolicyAgent], dict[str, float]]
@@ -226,6 +345,7 @@ def train(
     progress: Callable[[int, dict[str, float]], None] | None = None,
     monitor: Monitor | None = None,
     monitor_every: int = 1000,
+    stop: GracefulStop | None = None,
 ) -> tuple[OffPolicyAgent, dict[str, Any]]:
     """Train a native agent; returns it and the run's summary.
 
@@ -233,8 +353,10 @@ def train(
     ``model.pt`` at every evaluation and at the end, ``summary.json`` at the end. With
     ``resume=True`` the run continues from ``run_dir/model.pt`` (weights, optimizers,
     routines, replay buffer, counters, RNG); the environments restart their episodes.
-    ``progress(steps, info)`` is called after every environment step. Ctrl-C stops at the
-    next step, writes the checkpoint and raises ``KeyboardInterrupt``.
+    ``progress(steps, info)`` is called after every environment step. Ctrl-C, SIGTERM or
+    SIGHUP stops at the next step, writes the checkpoint and raises :class:`Stopped`; during
+    the final evaluation (after the final checkpoint) it stops the evaluation. ``stop``: a
+    :class:`GracefulStop` already installed by the caller (from before the run is built).
     ``monitor(steps, agent)`` is called every ``monitor_every`` environment steps (and at the
     end) and returns ``{tag: value}`` measurements, written to TensorBoard with the run's
     other scalars (e.g. the error of a Q-function against known optimal values).
@@ -245,8 +367,9 @@ def train(
     only rank 0's summary has the evaluation results.
     """
     check_int(monitor_every, "monitor_every", "train")
+    stop = stop or GracefulStop()
     if not config.average_every:
-        return _Run(config, run_dir, resume, progress, monitor, monitor_every).train()
+        return _Run(config, run_dir, resume, progress, monitor, monitor_every).train(stop)
     if resume:
         raise ValueError(
             "resuming a run of parallel learners is not supported: its checkpoint holds rank "
@@ -257,7 +380,8 @@ def train(
     learners = Learners(config)
     try:
         run_dir = run_dir if learners.rank == 0 else None
-        return _Run(config, run_dir, False, progress, monitor, monitor_every, learners).train()
+        run = _Run(config, run_dir, False, progress, monitor, monitor_every, learners)
+        return run.train(stop)
     finally:
         learners.close()
 
@@ -290,6 +414,8 @@ def run_summary(
     }
     if "ema_return" in results:
         summary["final_ema_eval_return"] = float(results["ema_return"].mean())
+    # NaN or infinite returns (the weights diverged) are written as null in summary.json.
+    summary["diverged"] = not all(np.isfinite(r).all() for r in results.values())
     return summary
 
 
@@ -350,6 +476,7 @@ class _Run:
         self.info: dict[str, float] = {}  # for progress(): last return, last evaluation, rate
         self.session_start = time.perf_counter()
         self.session_steps = 0
+        self.stopping = GracefulStop()  # the one train() is given replaces it
         self.aside = 0.0  # seconds spent evaluating and checkpointing (not training)
         self.drift_seconds = 0.0
         # Episodes restart on resume; a fresh, deterministic seed per resume point.
@@ -382,10 +509,11 @@ class _Run:
             drift_monitor = DriftMonitor(*self.agent.drift_pairs)
             self.drift = DriftLogger(self.writer, drift_monitor, config=self.config.to_dict())
 
-    def train(self) -> tuple[OffPolicyAgent, dict[str, Any]]:
+    def train(self, stop: GracefulStop) -> tuple[OffPolicyAgent, dict[str, Any]]:
         """The loop: one step of the environments, then each step of the algorithm that is
-        due; at the end, the final evaluation, checkpoint and summary."""
-        with GracefulStop() as stop:
+        due; at the end, the final checkpoint, evaluation and summary."""
+        self.stopping = stop
+        with stop:
             while self.steps < self.config.total_steps:
                 if stop.requested:
                     self.stop()
@@ -395,7 +523,7 @@ class _Run:
                 self.log()
                 self.evaluate_and_checkpoint()
                 self.report()
-        return self.finish()
+            return self.finish()
 
     def collect(self) -> None:
         """One step of the vectorised environments: random actions until learning starts,
@@ -479,12 +607,16 @@ class _Run:
         self.checkpoint()
         self.aside += time.perf_counter() - tick
 
-    def evaluate(self) -> dict[str, np.ndarray]:
-        """Deterministic episodes of the policy (and of its EMA), with the evaluation seeds."""
+    def evaluate(self, interruptible: bool = False) -> dict[str, np.ndarray]:
+        """Deterministic episodes of the policy (and of its EMA), with the evaluation seeds;
+        ``interruptible``: a stop signal ends it."""
         cfg = self.config
         seed = cfg.seed + EVAL_SEED_OFFSET
+        interrupted = (lambda: self.stopping.requested) if interruptible else None
         results = {
-            name: evaluate(policy, cfg.env_id, cfg.eval_episodes, seed, self.agent.device)
+            name: evaluate(
+                policy, cfg.env_id, cfg.eval_episodes, seed, self.agent.device, interrupted
+            )
             for name, policy in self.agent.evaluated_policies().items()
         }
         if self.writer is not None:
@@ -510,6 +642,7 @@ class _Run:
                 "algo": self.config.algo,
                 "impl": "native",
                 "config": self.config.to_dict(),
+                "spaces": spaces_of(self.envs),
                 "steps": self.steps,
                 "weights": self.agent.weights_state(),
                 "training": training,
@@ -517,21 +650,26 @@ class _Run:
         )
 
     def report(self) -> None:
-        if self.progress is not None:
+        # After a stop signal nothing is drawn: SIGHUP may have closed the terminal.
+        if self.progress is not None and not self.stopping.requested:
             elapsed = time.perf_counter() - self.session_start - self.aside
             self.info["steps_per_second"] = self.session_steps / max(elapsed, 1e-9)
             self.progress(self.steps, self.info)
 
     def stop(self) -> None:
-        """Ctrl-C: checkpoint, close, and raise ``KeyboardInterrupt`` naming the step."""
+        """A stop signal: checkpoint, close, and raise :class:`Stopped` naming the step."""
         self.checkpoint()
+        self.close()
+        raise Stopped(self.steps, self.stopping.signum)
+
+    def close(self) -> None:
         self.envs.close()
         if self.writer is not None:
             self.writer.close()
-        raise KeyboardInterrupt(f"step {self.steps}")
 
     def finish(self) -> tuple[OffPolicyAgent, dict[str, Any]]:
-        """The last monitor call, the final evaluation, checkpoint and summary."""
+        """The last monitor call, the final checkpoint (first: a stop signal during the
+        evaluation loses nothing), the final evaluation and the summary."""
         train_seconds = time.perf_counter() - self.session_start - self.aside
         if self.monitor is not None and self.monitored_at != self.steps:
             self.observe()
@@ -539,11 +677,15 @@ class _Run:
             self.envs.close()
             summary = {"rank": self.learners.rank, "steps": self.steps}
             return self.agent, summary | {"averages": self.learners.averages}
-        results = self.evaluate()
+        self.checkpoint()
+        try:
+            results = self.evaluate(interruptible=True)
+        except KeyboardInterrupt:
+            self.close()
+            raise Stopped(self.steps, self.stopping.signum, "the final evaluation") from None
         self.envs.close()
         summary = self.summary(results, train_seconds)
         if self.run_dir is not None:
-            self.checkpoint()
             write_json(self.run_dir / "summary.json", summary)
             self.writer.close()
         return self.agent, summary

@@ -1,21 +1,42 @@
-"""Atomic file writes: a reader, or a crash, never sees a half-written file."""
+"""Atomic file writes (a reader, or a crash, never sees a half-written file) and checksums
+of what checkpoints hold."""
 
 from __future__ import annotations
 
+import hashlib
 import json
+import math
 import os
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import IO, Any
 
-__all__ = ["atomic_write", "write_json"]
+import numpy as np
+import torch
+
+__all__ = ["atomic_write", "checksum", "finite_or_none", "write_json"]
+
+
+def _umask() -> int:
+    """The process's umask (read without changing it where Linux allows)."""
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o022)  # elsewhere: set and restore at once
+    os.umask(mask)
+    return mask
 
 
 def atomic_write(path: str | Path, write: Callable[[IO], None], mode: str = "wb") -> None:
     """Call ``write(file)`` on a temporary file in ``path``'s directory, flush it to disk, then
-    rename it over ``path`` (atomic on POSIX and Windows). On any error the temporary file is
-    removed and ``path`` is left as it was."""
+    rename it over ``path`` (atomic on POSIX and Windows). The file gets the permissions any
+    new file gets (``0o666`` less the umask: 644 under the usual 022). On any error the
+    temporary file is removed and ``path`` is left as it was."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
@@ -24,12 +45,55 @@ def atomic_write(path: str | Path, write: Callable[[IO], None], mode: str = "wb"
             write(f)
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes it 600
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
 
 
+def finite_or_none(data: Any) -> Any:
+    """``data`` with every NaN or infinite float replaced by None (JSON has no NaN)."""
+    if isinstance(data, float):
+        return data if math.isfinite(data) else None
+    if isinstance(data, dict):
+        return {key: finite_or_none(value) for key, value in data.items()}
+    if isinstance(data, (list, tuple)):
+        return [finite_or_none(value) for value in data]
+    return data
+
+
 def write_json(path: str | Path, data: Any) -> None:
-    """``data`` as indented JSON, written atomically."""
-    atomic_write(path, lambda f: f.write(json.dumps(data, indent=2) + "\n"), mode="w")
+    """``data`` as indented, strict JSON (a non-finite float becomes ``null``), written
+    atomically."""
+    text = json.dumps(finite_or_none(data), indent=2, allow_nan=False) + "\n"
+    atomic_write(path, lambda f: f.write(text), mode="w")
+
+
+def _digest(value: Any, sha: Any) -> None:
+    if isinstance(value, torch.Tensor):
+        value = value.detach().cpu().contiguous()
+        sha.update(f"T{value.dtype}{tuple(value.shape)}".encode())
+        sha.update(value.reshape(-1).view(torch.uint8).numpy().tobytes() if value.numel() else b"")
+    elif isinstance(value, np.ndarray):
+        sha.update(f"A{value.dtype}{value.shape}".encode())
+        sha.update(np.ascontiguousarray(value).tobytes())
+    elif isinstance(value, dict):
+        sha.update(f"D{len(value)}".encode())
+        for key in sorted(value, key=repr):
+            sha.update(repr(key).encode())
+            _digest(value[key], sha)
+    elif isinstance(value, (list, tuple)):
+        sha.update(f"L{len(value)}".encode())
+        for item in value:
+            _digest(item, sha)
+    else:
+        sha.update(f"V{value!r}".encode())
+
+
+def checksum(state: Any) -> str:
+    """SHA-256 of everything ``state`` holds (tensors byte for byte, with their dtypes and
+    shapes; arrays; nested dicts, lists and plain values): one changed byte changes it."""
+    sha = hashlib.sha256()
+    _digest(state, sha)
+    return sha.hexdigest()

@@ -29,7 +29,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from rlweights.files import atomic_write
+from rlweights.files import atomic_write, checksum
 from rlweights.ops import average_
 from rlweights.weights import WeightMismatchError
 
@@ -66,6 +66,9 @@ def load_any(path: Path) -> tuple[str, dict[str, Tensor], Any]:
             raise SoupError(f"{path} is not a readable zip archive ({exc})") from None
     state = _torch_load(path, str(path))
     if isinstance(state, dict) and state.get("format") == AGENT_FORMAT:
+        stored = state.pop("checksum", None)
+        if stored is not None and stored != checksum(state):
+            raise SoupError(f"{path} is damaged: its content does not match its checksum")
         flat = {
             f"{net}/{key}": value
             for net, weights in state["weights"].items()
@@ -122,9 +125,11 @@ def average_checkpoints(
         for name, value in result.items():
             net, key = name.split("/", 1)
             nets.setdefault(net, {})[key] = value
-        out = {k: v for k, v in first.items() if k != "training"}  # a soup cannot resume
+        # A soup cannot resume: no training state; its checksum is its own.
+        out = {k: v for k, v in first.items() if k not in ("training", "checksum")}
         out["weights"] = nets
         out["averaged_from"] = [str(p) for p in paths]
+        out["checksum"] = checksum(out)
         return kind, out
     return kind, result
 
@@ -157,11 +162,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _check_out(out: Path, inputs: list[Path]) -> None:
+    """The output must not replace an input (a run's resumable checkpoint, a model)."""
+    if out.exists() and out.is_dir():
+        raise SoupError(f"--out {out} is a directory; give a file path")
+    for path in inputs:
+        if out.resolve() == path.resolve() or (out.exists() and out.samefile(path)):
+            raise SoupError(
+                f"--out {out} is one of the checkpoints to average: writing there would "
+                "replace it; give another path"
+            )
+
+
 def main_from_args(args: argparse.Namespace) -> int:
     try:
+        _check_out(args.out, args.checkpoints)
         kind, result = average_checkpoints(args.checkpoints, args.coefficients)
-        if args.out.exists() and args.out.is_dir():
-            raise SoupError(f"--out {args.out} is a directory; give a file path")
         _write(kind, result, args.checkpoints[0], args.out)
     except (SoupError, OSError) as exc:
         print(f"rlweights average: error: {exc}", file=sys.stderr)

@@ -3,6 +3,9 @@ every refusal (exit 2, no output file, no code run)."""
 
 from __future__ import annotations
 
+import os
+import stat
+
 import torch
 from conftest import cnn_bn, mlp
 from torch.testing import assert_close
@@ -75,6 +78,23 @@ def test_average_of_training_checkpoints_evaluates(tmp_path, capsys):
     assert "training" not in soup and soup["averaged_from"] == [str(r) for r in runs]
     capsys.readouterr()
     assert main(["evaluate", str(out), "--episodes", "1"]) == 0
+    # Issue 13: --out equal to an input replaced a run's resumable checkpoint, and --resume
+    # of an average ended in a KeyError traceback.
+    original = runs[0].read_bytes()
+    for same in (runs[0], runs[0].parent / ".." / "r0" / "model.pt"):
+        assert main(["average", *map(str, runs), "--out", str(same)]) == 2
+        (line,) = capsys.readouterr().err.strip().splitlines()
+        assert line == (
+            f"rlweights average: error: --out {same} is one of the checkpoints to average: "
+            "writing there would replace it; give another path"
+        )
+    assert runs[0].read_bytes() == original
+    assert main(["train", "--resume", str(out.parent), "--steps", "200"]) == 2
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert line.endswith(
+        "is an average of checkpoints without training state (optimizers, replay buffer): it "
+        "evaluates, but does not resume; start a new run"
+    )
 
 
 def test_average_of_sb3_models_loads_in_sb3(tmp_path):
@@ -86,7 +106,14 @@ def test_average_of_sb3_models_loads_in_sb3(tmp_path):
         model.save(tmp_path / f"m{seed}.zip")
         paths.append(tmp_path / f"m{seed}.zip")
     out = tmp_path / "soup.zip"
-    assert main(["average", *map(str, paths), "--out", str(out)]) == 0
+    out.write_bytes(b"an older soup")
+    out.chmod(0o600)
+    mask = os.umask(0o022)
+    try:
+        assert main(["average", *map(str, paths), "--out", str(out)]) == 0
+    finally:
+        os.umask(mask)
+    assert stat.S_IMODE(out.stat().st_mode) == 0o644  # issue 13: the umask, like any tool
     soup = DQN.load(out)
     m0, m1 = DQN.load(paths[0]), DQN.load(paths[1])
     for key, value in soup.policy.state_dict().items():

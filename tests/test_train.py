@@ -7,11 +7,14 @@ import dataclasses
 import json
 import os
 import signal
+import stat
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+import gymnasium as gym
+import numpy as np
 import pytest
 import torch
 
@@ -264,6 +267,14 @@ def _errors(capsys) -> list[str]:
         (["--target-update", "polyak:2"], "'polyak:TAU' with TAU in [0, 1]"),
         (["--target-update", "hard:0"], "'hard:EVERY' with an integer EVERY >= 1"),
         (["--hidden", "0,4"], "hidden=(0, 4)"),
+        # issue 13: these wrote a run folder, raised a traceback or ran out of memory
+        (["--env", "nosuchmod:Env-v0"], "environment 'nosuchmod:Env-v0': No module named"),
+        (["--seed", "4294967296"], "seed=4294967296"),
+        (["--steps", "1e11", "--buffer-size", "1e11"], "needs about 3.3 TiB of memory (replay"),
+        (["--impl", "sb3", "--buffer-size", "1e11"], "needs about 3.3 TiB of memory (replay"),
+        (["--hidden", "1000000,1000000"], "needs about 54.6 TiB of memory"),
+        (["--learning-rate", "inf"], "learning_rate=inf: hyperparameters must be finite"),
+        (["--gamma", "nan"], "gamma=nan: hyperparameters must be finite"),
         *([] if torch.cuda.is_available() else [(["--device", "cuda"], "no CUDA device")]),
     ],
 )
@@ -365,6 +376,7 @@ def test_a_version_1_checkpoint_evaluates_but_does_not_resume(tmp_path, capsys):
     assert main(args) == 0
     path = tmp_path / "r" / "model.pt"
     state = torch.load(path, weights_only=True)
+    state.pop("checksum")  # version 1 had none
     torch.save({**state, "version": 1}, path)
     capsys.readouterr()
     assert main(["evaluate", str(path), "--episodes", "1"]) == 0
@@ -435,7 +447,8 @@ def test_ctrl_c_on_the_command_checkpoints_and_resume_finishes(tmp_path):
     finally:
         proc.kill()
     assert proc.returncode == 130
-    assert "interrupted; checkpoint of step" in err and "Traceback" not in err
+    assert "stopped by Ctrl-C during training; the checkpoint of step" in err
+    assert "Traceback" not in err
     steps = load_checkpoint(run)["steps"]
     assert 0 < steps < 100_000
     assert main(["train", "--resume", str(run), "--steps", str(steps + 50), "--no-progress"]) == 0
@@ -463,3 +476,135 @@ def test_default_run_name_of_an_env_id_with_a_slash_and_resume_from_the_file(tmp
     resume = ["train", "--resume", str(run / "model.pt"), "--steps", "90", "--no-progress"]
     assert main(resume) == 0
     assert json.loads((run / "summary.json").read_text())["steps"] == 90
+
+
+def test_integer_flags_take_scientific_notation(tmp_path):
+    args = ["train", "--steps", "6e1", *TINY_FLAGS, "--logdir", str(tmp_path), "--run-name", "r"]
+    assert main([*args, "--eval-every", "3e1"]) == 0
+    summary = json.loads((tmp_path / "r" / "summary.json").read_text())
+    assert summary["steps"] == 60
+    with pytest.raises(SystemExit) as exit_code:  # argparse's one line
+        main(["train", "--steps", "1.5"])
+    assert exit_code.value.code == 2
+
+
+def test_evaluate_refuses_a_negative_seed(tmp_path, capsys):
+    args = ["train", "--steps", "60", *TINY_FLAGS, "--logdir", str(tmp_path), "--run-name", "r"]
+    assert main(args) == 0
+    capsys.readouterr()
+    assert main(["evaluate", str(tmp_path / "r"), "--seed", "-1"]) == 2
+    (line,) = _errors(capsys)
+    assert line == "rlweights evaluate: error: --seed must be in [0, 2147483647], got -1"
+
+
+class _Sized(gym.Env):
+    """An environment whose observation size is set at registration."""
+
+    action_space = gym.spaces.Box(-1.0, 1.0, (1,), np.float32)
+
+    def __init__(self, size: int = 3):
+        self.observation_space = gym.spaces.Box(-1.0, 1.0, (size,), np.float32)
+
+    def reset(self, *, seed=None, options=None):
+        super().reset(seed=seed)
+        return np.zeros(self.observation_space.shape, np.float32), {}
+
+    def step(self, action):
+        return np.zeros(self.observation_space.shape, np.float32), 0.0, False, False, {}
+
+
+def test_resume_where_the_environment_is_missing_or_different_is_one_line(tmp_path, capsys):
+    """Issue 13: --resume with the run's environment not installed, or with other spaces,
+    ended in a traceback."""
+    env_id = "rlweights-test/Sized-v0"
+    gym.register(env_id, entry_point=_Sized, max_episode_steps=20, kwargs={"size": 3})
+    try:
+        args = ["train", "--env", env_id, "--steps", "60", *TINY_FLAGS]
+        assert main([*args, "--logdir", str(tmp_path), "--run-name", "r"]) == 0
+        run = tmp_path / "r"
+        before = {p.name: p.stat().st_mtime_ns for p in run.iterdir()}
+        gym.registry.pop(env_id)
+        gym.register(env_id, entry_point=_Sized, max_episode_steps=20, kwargs={"size": 4})
+        capsys.readouterr()
+        assert main(["train", "--resume", str(run), "--steps", "90"]) == 2
+        (line,) = _errors(capsys)
+        assert line.startswith(f"rlweights train: error: environment '{env_id}' here has ")
+        assert "(3,), float32) and Box(" in line and "resume it where its environment" in line
+        assert main(["evaluate", str(run)]) == 2
+        assert "resume it where its environment is the same" in _errors(capsys)[0]
+        gym.registry.pop(env_id)
+        assert main(["train", "--resume", str(run), "--steps", "90"]) == 2
+        (line,) = _errors(capsys)
+        assert line.startswith(f"rlweights train: error: environment '{env_id}': ")
+        assert {p.name: p.stat().st_mtime_ns for p in run.iterdir()} == before
+    finally:
+        gym.registry.pop(env_id, None)
+
+
+def test_files_of_a_run_honour_the_umask(tmp_path):
+    """Issue 13: config.json, model.pt and summary.json were 600 (mkstemp's), events 644."""
+    mask = os.umask(0o027)
+    try:
+        args = ["train", "--steps", "60", *TINY_FLAGS, "--logdir", str(tmp_path)]
+        assert main([*args, "--run-name", "r"]) == 0
+    finally:
+        os.umask(mask)
+    modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in (tmp_path / "r").iterdir()}
+    assert {modes[name] for name in ("config.json", "model.pt", "summary.json")} == {0o640}
+
+
+def test_a_diverged_run_writes_strict_json_with_null(tmp_path):
+    """Issue 13: a NaN return went into summary.json as NaN, which is not JSON."""
+    from rlweights.agents.train import run_summary
+    from rlweights.files import write_json
+
+    config = tiny("sac")
+    results = {"return": np.array([float("nan"), 1.0]), "ema_return": np.array([2.0])}
+    summary = run_summary(config, "native", 60, results, 60, 1.0, 2.0, [float("inf")])
+    write_json(tmp_path / "summary.json", summary)
+
+    def refuse(token):
+        raise AssertionError(f"{token} in summary.json")
+
+    written = json.loads((tmp_path / "summary.json").read_text(), parse_constant=refuse)
+    assert written["final_eval_return"] is None and written["diverged"] is True
+    assert written["mean_last_10_train_returns"] is None
+    assert written["final_ema_eval_return"] == 2.0
+
+
+def test_sb3_stops_at_the_asked_step_count(tmp_path):
+    """Issue 13: --impl sb3 --algo dqn --steps 300 trained 512 steps (SB3 ends its rollout:
+    the CartPole preset collects 256 steps per rollout)."""
+    args = ["train", "--impl", "sb3", "--algo", "dqn", "--steps", "300", *TINY_FLAGS]
+    assert main([*args, "--logdir", str(tmp_path), "--run-name", "r"]) == 0
+    run = tmp_path / "r"
+    assert json.loads((run / "summary.json").read_text())["steps"] == 300
+    assert load_checkpoint(run)["steps"] == 300
+    assert main(["train", "--resume", str(run), "--steps", "400", "--no-progress"]) == 0
+    assert json.loads((run / "summary.json").read_text())["steps"] == 400
+
+
+def test_a_flipped_byte_in_the_weights_is_refused(tmp_path, capsys):
+    """Issue 13: a corrupted model.pt resumed without complaint; now a checksum of its
+    content is checked at every load."""
+    args = ["train", "--steps", "60", *TINY_FLAGS, "--logdir", str(tmp_path), "--run-name", "r"]
+    assert main(args) == 0
+    path = tmp_path / "r" / "model.pt"
+    state = torch.load(path, weights_only=True)
+    weight = next(iter(next(iter(state["weights"].values())).values()))
+    data = bytearray(path.read_bytes())
+    at = data.find(weight.numpy().tobytes())
+    assert at > 0
+    data[at + 5] ^= 0x10
+    path.write_bytes(bytes(data))
+    capsys.readouterr()
+    for command in (
+        ["train", "--resume", str(path.parent), "--steps", "90"],
+        ["evaluate", str(path)],
+    ):
+        assert main(command) == 2
+        (line,) = _errors(capsys)
+        assert line.endswith(
+            "model.pt is damaged: its content does not match the checksum written with it (a "
+            "changed or corrupted file); use an intact copy"
+        )

@@ -1,0 +1,107 @@
+"""A run folder: the files of one training run, and the lock that keeps it to one process.
+
+A run folder holds only what ``rlweights train`` writes: ``config.json``, ``model.pt``,
+``summary.json``, TensorBoard event files and, for a moment, the
+temporary files of atomic writes (``.NAME.XXXXXXXX.tmp``; a kill during a write can leave
+one behind: it is removed at the next start or resume of the run).
+
+While a process trains a run it holds an exclusive OS lock on the folder (``flock`` on the
+directory itself, so nothing is written; the operating system releases it when the process
+ends, however it ends). A second process that wants the same run is refused. Windows has no
+``flock``: there the folder is not locked.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+__all__ = [
+    "RunFolderError",
+    "clean_temporaries",
+    "holding",
+    "never_checkpointed",
+    "reset_for_rerun",
+]
+
+_TEMPORARY = re.compile(r"^\..+\.[A-Za-z0-9_]{8}\.tmp$")  # rlweights.files.atomic_write's
+_EVENTS = re.compile(r"^events\.out\.tfevents\..+")
+_OWN_FILES = {"config.json", "model.pt", "summary.json"}
+
+# The locks this process holds: folder -> (open lock file, how many holders).
+_HELD: dict[Path, list] = {}
+
+
+class RunFolderError(ValueError):
+    """A run folder that cannot be used now (another process holds it, foreign files)."""
+
+
+def _lock(run_dir: Path) -> int | None:
+    """An open descriptor of ``run_dir`` holding an exclusive ``flock`` (no file is written)."""
+    try:
+        import fcntl
+    except ImportError:  # Windows
+        return None
+    fd = os.open(run_dir, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        os.close(fd)
+        raise RunFolderError(
+            f"run {run_dir} is in use by another process: wait until it ends, or choose "
+            "another --run-name"
+        ) from None
+    return fd
+
+
+@contextmanager
+def holding(run_dir: str | Path) -> Iterator[None]:
+    """Hold the run folder's lock inside the ``with`` block (re-entrant in one process).
+    Raises :class:`RunFolderError` when another process holds it."""
+    key = Path(run_dir).resolve()
+    if key in _HELD:
+        _HELD[key][1] += 1
+    else:
+        _HELD[key] = [_lock(key), 1]
+    try:
+        yield
+    finally:
+        _HELD[key][1] -= 1
+        if not _HELD[key][1]:
+            fd = _HELD.pop(key)[0]
+            if fd is not None:
+                os.close(fd)  # closing the descriptor releases the lock
+
+
+def clean_temporaries(run_dir: str | Path) -> list[Path]:
+    """Remove what interrupted atomic writes left behind; returns the removed paths. Call it
+    while holding the lock (a live run's temporary files are in use)."""
+    removed = [p for p in Path(run_dir).iterdir() if _TEMPORARY.match(p.name) and p.is_file()]
+    for path in removed:
+        path.unlink(missing_ok=True)
+    return removed
+
+
+def never_checkpointed(run_dir: str | Path) -> bool:
+    """A folder of a run that stopped before its first checkpoint: only ``rlweights train``'s
+    files, a ``config.json`` and no ``model.pt``. The same command can start it again."""
+    run_dir = Path(run_dir)
+    if not (run_dir / "config.json").is_file() or (run_dir / "model.pt").exists():
+        return False
+    return all(
+        p.name in _OWN_FILES or _EVENTS.match(p.name) or _TEMPORARY.match(p.name)
+        for p in run_dir.iterdir()
+    )
+
+
+def reset_for_rerun(run_dir: str | Path) -> None:
+    """Empty a :func:`never_checkpointed` folder for a new start (its event files describe
+    steps that the new start does again). Call it while holding the lock."""
+    run_dir = Path(run_dir)
+    clean_temporaries(run_dir)
+    for path in run_dir.iterdir():
+        if _EVENTS.match(path.name) and path.is_file():
+            path.unlink()
