@@ -19,7 +19,10 @@ Why each piece is there:
   write into the flat buffer is invisible to autograd. Every op that writes a flat buffer bumps
   the versions of its views (``torch.autograd.graph.increment_version``): changing weights
   between a forward and its backward still raises autograd's error.
-* ``copy.deepcopy`` of a flattened module copies Parameters one by one (no views);
+* Each view gets a storage object of its own size (DLPack), over the flat buffer's memory:
+  ``torch.save`` of the module, of its ``state_dict()`` or of a submodule's, and pickling,
+  write each tensor's own elements, not the whole buffer (a saved actor does not carry the
+  critic). ``copy.deepcopy`` and unpickling give a plain module with compact tensors;
   :func:`rlweights.make_target` flattens the copy again.
 
 Limitation: replacing a tensor by writing into ``module._parameters`` / ``module._buffers``
@@ -210,15 +213,33 @@ def lives_in_other_layout(module: nn.Module) -> bool:
     own = _LAYOUTS.get(module)
     if own is not None and own.intact:
         return False
-    buffers = {
-        g.flat.untyped_storage().data_ptr()
+    spans = [
+        (g.device, g.flat.data_ptr(), g.flat.data_ptr() + g.flat.nbytes)
         for other, layout in list(_LAYOUTS.items())
         if other is not module and layout.intact
         for g in layout.groups
-    }
-    if not buffers:
+        if g.flat.numel()
+    ]
+    if not spans:
         return False
-    return any(e.tensor.untyped_storage().data_ptr() in buffers for e in module_entries(module))
+    return any(
+        device == e.tensor.device and start <= e.tensor.data_ptr() < end
+        for e in module_entries(module)
+        if e.tensor.numel()
+        for device, start, end in spans
+    )
+
+
+def _own_storage(view: Tensor) -> Tensor:
+    """The same memory as ``view``, seen through a storage object of its own size (DLPack):
+    ``torch.save``, pickling and ``state_dict`` of the module then write each tensor's
+    elements only, not the whole flat buffer it lives in. The flat buffer stays alive as
+    long as such a tensor does. Plain ``view`` where DLPack cannot carry the dtype."""
+    try:
+        own = torch.from_dlpack(view)
+    except (RuntimeError, TypeError, BufferError):
+        return view
+    return own if own.data_ptr() == view.data_ptr() else view
 
 
 def _flatten_group(role: Role, members: list[Entry]) -> FlatGroup:
@@ -231,7 +252,7 @@ def _flatten_group(role: Role, members: list[Entry]) -> FlatGroup:
         n = e.tensor.numel()
         view = flat[offset : offset + n].view(e.tensor.shape)
         view.copy_(e.tensor)
-        e.tensor.data = view  # rebinds storage; the Parameter object is kept
+        e.tensor.data = _own_storage(view)  # rebinds storage; the Parameter object is kept
         views.append(e.tensor)
         offset += n
     names = tuple(e.name for e in members)

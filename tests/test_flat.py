@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import copy
+import io
+import pickle
 
 import pytest
 import torch
@@ -29,8 +31,10 @@ def test_flatten_keeps_objects_values_and_makes_views():
     assert set(roles) == {"param", "buffer"}
     param_flat = roles["param"].flat
     assert param_flat.numel() == sum(p.numel() for p in params)
-    for p in params:  # every parameter lives inside the one flat buffer
-        assert p.untyped_storage().data_ptr() == param_flat.untyped_storage().data_ptr()
+    start, offset = param_flat.data_ptr(), 0
+    for p in params:  # every parameter lives inside the one flat buffer, in order
+        assert p.data_ptr() == start + offset * param_flat.element_size()
+        offset += p.numel()
     assert [e.name for e in handle.others] == ["1.num_batches_tracked"]
     assert rw.flatten_(net) is handle  # idempotent
     assert "intact" in repr(handle)
@@ -197,3 +201,42 @@ def test_mixed_dtypes_get_one_flat_buffer_each():
     rw.polyak_(target, online, 0.25)
     for name, t in t0.items():
         assert_close(named(target)[name], t + 0.25 * (s0[name] - t))
+
+
+def _saved_size(obj) -> int:
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    return len(buffer.getvalue())
+
+
+def _mlp(inputs: int, outputs: int) -> nn.Module:
+    return nn.Sequential(nn.Linear(inputs, 64), nn.ReLU(), nn.Linear(64, outputs))
+
+
+def test_saving_part_of_a_flattened_network_writes_only_its_weights():
+    """Issue 13: torch.save(agent.actor.state_dict()) wrote the critic's weights too (the
+    whole shared flat buffer), pickling a flattened MLP was 6x the plain one, and each
+    unpickled parameter got a storage the size of the whole buffer."""
+    torch.manual_seed(0)
+    agent = nn.ModuleDict({"actor": _mlp(17, 6), "critic": _mlp(23, 1)})
+    plain_actor = copy.deepcopy(agent.actor)
+    rw.flatten_(agent)
+    actor_bytes = 4 * sum(p.numel() for p in plain_actor.parameters())
+    for obj, plain in [
+        (agent.actor.state_dict(), plain_actor.state_dict()),
+        (agent.actor, plain_actor),
+    ]:
+        assert _saved_size(obj) == _saved_size(plain) < actor_bytes + 4096
+    assert len(pickle.dumps(agent.actor)) == len(pickle.dumps(plain_actor))
+    for loaded in (pickle.loads(pickle.dumps(agent)), copy.deepcopy(agent)):
+        for p in loaded.parameters():
+            assert p.untyped_storage().nbytes() == p.numel() * p.element_size()
+        x = torch.randn(4, 17)
+        assert torch.equal(loaded.actor(x), agent.actor(x))
+        rw.polyak_(loaded, agent, 0.5)  # a working module: ops, flattening, training
+        rw.flatten_(loaded)
+        loaded.actor(x).sum().backward()
+    # The flattened module still writes through: ops on the views reach the flat buffer.
+    rw.clamp_(agent, -0.01, 0.01)
+    assert rw.flatten_(agent).param_flats[0].abs().max() <= 0.01  # the intact layout
+    assert all(p.abs().max() <= 0.01 for p in agent.parameters())
