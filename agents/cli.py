@@ -127,7 +127,7 @@ HYPERPARAMETERS: list[tuple[str, str, Any, str, str]] = [
         "eval_every",
         _count,
         "N",
-        "evaluate + checkpoint every N env steps (0: at end)",
+        "evaluate + checkpoint every N env steps (default: 10 times per run; 0: at the end)",
     ),
     ("--eval-episodes", "eval_episodes", _count, "K", "deterministic episodes per evaluation"),
     ("--learning-rate", "learning_rate", float, "LR", "Adam learning rate"),

@@ -35,6 +35,10 @@ __all__ = [
 ]
 
 
+# Evaluations per run by default. TensorBoard's Scalars dashboard, with its default "ignore
+# outliers in chart scaling", draws no line for a series of two points: a run needs more.
+EVALUATIONS = 10
+
 # Seeds are 31-bit: numpy takes up to 2**32 - 1, and parallel learners add their rank's
 # offset (rlweights.agents.parallel) to the seed.
 MAX_SEED = 2**31 - 1
@@ -112,13 +116,17 @@ class AgentConfig:
     max_norm: float | None = None  # per-unit max-norm after each optimizer step
     device: str = "cpu"
     drift_every: int = 1000  # 0 disables drift logging
-    eval_every: int = 5000  # 0: evaluate only at the end
+    # None: EVALUATIONS evaluations (and checkpoints) per run, so that eval/ is a curve; 0:
+    # evaluate only at the end.
+    eval_every: int | None = None
     eval_episodes: int = 10
     average_every: int = 0  # >0: torchrun learners average their weights every N env steps
     peer_timeout: int = 300  # seconds a learner waits for the others before it gives up
 
     def __post_init__(self) -> None:
         self.hidden = tuple(self.hidden)
+        if self.eval_every is None:
+            self.eval_every = max(self.total_steps // EVALUATIONS, 1)
         self.checks()
 
     def _rules(self) -> dict[str, bool]:

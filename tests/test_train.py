@@ -609,3 +609,18 @@ def test_a_flipped_byte_in_the_weights_is_refused(tmp_path, capsys):
             "model.pt is damaged: its content does not match the checksum written with it (a "
             "changed or corrupted file); use an intact copy"
         )
+
+
+@pytest.mark.parametrize("impl", ["native", "sb3"])
+def test_a_default_run_draws_an_evaluation_curve(tmp_path, impl):
+    """Issue 13: the main job evaluated twice, and TensorBoard's Scalars dashboard (outliers
+    ignored in chart scaling, its default) draws no line for two points. A run evaluates
+    10 times by default (scripts/main_job_screenshot.sh shows it in Chromium)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    args = ["train", "--impl", impl, "--steps", "300", *TINY_FLAGS, "--logdir", str(tmp_path)]
+    assert main([*args, "--run-name", "r"]) == 0
+    events = EventAccumulator(str(tmp_path / "r"), size_guidance={"scalars": 0})
+    events.Reload()
+    steps = [event.step for event in events.Scalars("eval/return")]
+    assert steps == list(range(30, 301, 30))
