@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import re
 import sys
 from typing import NoReturn
 
 from rlweights import __version__
 from rlweights.extras import missing_extra
 
-__all__ = ["COMMANDS", "build_parser", "main"]
+__all__ = ["COMMANDS", "build_parser", "for_terminal", "main"]
 
 # name -> (module, function adding the arguments, handler, description or None for the
 # module's docstring, one-line summary)
@@ -86,6 +87,23 @@ COMMANDS: dict[str, tuple[str, str, str, str | None, str]] = {
 }
 
 
+# reST markup of docstrings, as a terminal shows it: :func:`x` -> x, ``x`` -> 'x'.
+_REST = [
+    (re.compile(r":[a-z]+(?::[a-z]+)?:`~?([^`]+)`"), r"\1"),
+    (re.compile(r"``([^`]+)``"), r"'\1'"),
+    (re.compile(r"`([^`]+)`_?"), r"\1"),
+]
+
+
+def for_terminal(text: str | None) -> str | None:
+    """A docstring or help text without reST markup, for ``--help``."""
+    if text is None:
+        return None
+    for pattern, replacement in _REST:
+        text = pattern.sub(replacement, text)
+    return text
+
+
 class _Parser(argparse.ArgumentParser):
     """Usage errors in one line (what was wrong, and where to read more), exit code 2."""
 
@@ -119,10 +137,14 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
         sub = commands.add_parser(
             name,
             help=summary,
-            description=getattr(module, description) if description else module.__doc__,
+            description=for_terminal(
+                getattr(module, description) if description else module.__doc__
+            ),
             formatter_class=argparse.RawDescriptionHelpFormatter,
         )
         getattr(module, add)(sub)
+        for action in sub._actions:  # argparse keeps no public list of them
+            action.help = for_terminal(action.help)
         sub.set_defaults(handler=getattr(module, handler))
     return parser
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -41,6 +42,8 @@ def test_help(command):
     done = _run(*cmd, *args)
     assert done.returncode == 0, done.stderr
     assert "usage: rlweights" in done.stdout
+    # Issue 13: help showed raw reST (``model.pt``); it is written for a terminal.
+    assert not re.search(r"``|:(func|class|mod|meth|attr):`", done.stdout), done.stdout
     if not command:
         for sub in ("train", "evaluate", "average", "demo", "bench-train", "bench-distributed"):
             assert sub in done.stdout
@@ -164,3 +167,21 @@ def test_bench_distributed_smoke(tmp_path):
     assert row["speedup"]["torch average_parameters"] == 1.0
     assert all(us > 0 for us in row["us"].values()) and len(row["us"]) == 4
     assert "| rw.all_average_ (flat module) |" in done.stdout
+
+
+def test_docstring_markup_becomes_terminal_text(monkeypatch, capsys):
+    import rlweights.soup
+    from rlweights import cli
+
+    assert (
+        cli.for_terminal(
+            "Reads ``model.pt`` with :func:`torch.load`, see :class:`~rlweights.EMA` and `docs`_."
+        )
+        == "Reads 'model.pt' with torch.load, see rlweights.EMA and docs."
+    )
+    # A command whose docstring and argument help carry markup shows them plainly.
+    monkeypatch.setattr(rlweights.soup, "__doc__", "Average ``model.pt`` files (:func:`average_`).")
+    with pytest.raises(SystemExit):
+        cli.main(["average", "--help"])
+    out = capsys.readouterr().out
+    assert "Average 'model.pt' files (average_)." in out and "``" not in out
