@@ -1,8 +1,8 @@
 """A run folder: the files of one training run, and the lock that keeps it to one process.
 
 A run folder holds only what ``rlweights train`` writes: ``config.json``, ``model.pt``,
-``summary.json``, TensorBoard event files and, for a moment, the
-temporary files of atomic writes (``.NAME.XXXXXXXX.tmp``; a kill during a write can leave
+``summary.json``, TensorBoard event files and, for a moment, the temporary files of atomic
+writes (``.NAME.XXXXXXXX.tmp``; a kill during a write can leave
 one behind: it is removed at the next start or resume of the run).
 
 While a process trains a run it holds an exclusive OS lock on the folder (``flock`` on the
@@ -31,12 +31,12 @@ _TEMPORARY = re.compile(r"^\..+\.[A-Za-z0-9_]{8}\.tmp$")  # rlweights.files.atom
 _EVENTS = re.compile(r"^events\.out\.tfevents\..+")
 _OWN_FILES = {"config.json", "model.pt", "summary.json"}
 
-# The locks this process holds: folder -> (open lock file, how many holders).
+# The locks this process holds: folder -> [open descriptor (None on Windows), holders].
 _HELD: dict[Path, list] = {}
 
 
 class RunFolderError(ValueError):
-    """A run folder that cannot be used now (another process holds it, foreign files)."""
+    """A run folder that another process holds."""
 
 
 def _lock(run_dir: Path) -> int | None:
