@@ -19,6 +19,7 @@ import torch
 
 from rlweights.agents.common import MAX_SEED
 from rlweights.agents.parallel import launched_ranks
+from rlweights.agents.presets import NOTES, preset
 from rlweights.agents.run_folder import (
     clean_temporaries,
     holding,
@@ -46,8 +47,10 @@ from rlweights.files import write_json
 TRAIN_DESCRIPTION = """\
 Train a native DQN, SAC or TD3 agent on a Gymnasium environment (with --impl sb3: SB3's
 algorithm of the same name, rlweights attached). Without arguments: SAC on Pendulum-v1.
-Hyperparameters default to rl-baselines3-zoo's for the algorithm and environment (dqn on
-CartPole-v1, sac and td3 on Pendulum-v1; the LunarLander presets need gymnasium[box2d]).
+Hyperparameters come from rl-baselines3-zoo's preset for the algorithm and environment
+(classic control, Box2D with gymnasium[box2d], MuJoCo v5 with the mujoco extra; the table:
+python -m pydoc rlweights.agents.presets); an environment without one gets the algorithm's
+defaults (the zoo's for CartPole-v1 or Pendulum-v1), and the run says so.
 
 A run writes LOGDIR/RUN-NAME/: config.json, TensorBoard events (charts/, losses/, eval/,
 drift/), model.pt (at every evaluation, at the end and on Ctrl-C; continue it with --resume)
@@ -233,6 +236,10 @@ def _check_env(
         env = gym.make(env_id)
     except (gym.error.Error, ImportError) as exc:
         first = str(exc).strip().split("\n")[0]
+        if isinstance(exc, gym.error.DependencyNotInstalled):  # name rlweights' extra
+            extra = next((e for e in ("box2d", "mujoco") if e in first.lower()), None)
+            if extra is not None:
+                first = f"it needs the '{extra}' extra: pip install 'rlweights[{extra}]'"
         raise UsageError(f"environment {env_id!r}: {first}") from None
     try:
         ALGOS[config.algo][1].check_spaces(env_id, env.observation_space, env.action_space)
@@ -502,6 +509,8 @@ def _train(
             f"rlweights train: {impl} {config.algo} on {config.env_id}{learners} -> {run_dir}",
             flush=True,
         )
+        if not args.resume:
+            print(_preset_line(config), flush=True)
     progress = _Progress(config.total_steps, initial, enabled=lead and not args.no_progress)
     resume = initial > 0
     try:
@@ -542,6 +551,19 @@ def _train(
         f"TensorBoard: tensorboard --logdir {run_dir.parent}"
     )
     return 0
+
+
+def _preset_line(config: Any) -> str:
+    """Which hyperparameters the run starts from (flags override them)."""
+    key = (config.algo, config.env_id)
+    if preset(*key) is None:
+        home = ALGOS[config.algo][0].env_id
+        return (
+            f"rlweights train: no preset for {config.algo} on {config.env_id}: "
+            f"{config.algo}'s defaults (rl-baselines3-zoo's for {home}) are used"
+        )
+    note = f"; {NOTES[key]}, which the native agents do not have" if key in NOTES else ""
+    return f"rlweights train: rl-baselines3-zoo's preset for {config.algo} on {config.env_id}{note}"
 
 
 def _number(value: float) -> str:

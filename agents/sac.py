@@ -38,6 +38,10 @@ class SACConfig(AgentConfig):
     env_id: str = "Pendulum-v1"
     total_steps: int = 10_000
     learning_rate: float = 1e-3
+    ent_coef: float | None = None  # a fixed temperature; None: tuned automatically
+
+    def _rules(self) -> dict[str, bool]:
+        return {**super()._rules(), "ent_coef": self.ent_coef is None or self.ent_coef > 0.0}
 
 
 class Actor(BoundedActor):
@@ -109,7 +113,7 @@ class SAC(ContinuousAgent):
     def update(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
         """One gradient step: critic, actor (then the policy EMA), temperature, then the
         target update."""
-        alpha = self.log_alpha.exp().detach()
+        alpha = self.alpha()
         critic_loss = self.critic_loss(batch, self.td_target(batch, alpha))
         self.optimizer_step("critic", critic_loss)
 
@@ -119,7 +123,8 @@ class SAC(ContinuousAgent):
         self.optimizer_step("actor", actor_loss)
         self.average_policy()
 
-        self.temperature_step(log_prob.detach())
+        if self.config.ent_coef is None:
+            self.temperature_step(log_prob.detach())
         self.target_routine.step()
         self.gradient_updates += 1
         return {
@@ -128,6 +133,12 @@ class SAC(ContinuousAgent):
             "alpha": alpha,
             "entropy": -log_prob.detach().mean(),
         }
+
+    def alpha(self) -> Tensor:
+        """The temperature: the fixed ``ent_coef``, or the tuned one."""
+        if self.config.ent_coef is not None:
+            return torch.full((1,), self.config.ent_coef, device=self.device)
+        return self.log_alpha.exp().detach()
 
     @torch.no_grad()
     def td_target(self, batch: dict[str, Tensor], alpha: Tensor) -> Tensor:

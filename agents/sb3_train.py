@@ -43,10 +43,10 @@ from rlweights.agents.train import (
 from rlweights.files import write_json
 from rlweights.periodic import Periodic
 
-__all__ = ["build_sb3_model", "load_sb3_policy", "train_sb3"]
+__all__ = ["build_sb3_model", "load_sb3_policy", "sb3_kwargs", "train_sb3"]
 
 
-def _kwargs(config: AgentConfig) -> dict[str, Any]:
+def sb3_kwargs(config: AgentConfig) -> dict[str, Any]:
     """SB3 constructor arguments equivalent to ``config``."""
     spec = TargetUpdateSpec.parse(config.target_update)
     kwargs: dict[str, Any] = {
@@ -72,6 +72,8 @@ def _kwargs(config: AgentConfig) -> dict[str, Any]:
         )
     else:  # hard:EVERY is a routine of its own (build_sb3_model), stepped with tau=1
         kwargs["tau"] = spec.tau
+    if config.algo == "sac" and config.ent_coef is not None:
+        kwargs["ent_coef"] = config.ent_coef
     if config.algo == "td3":
         kwargs.update(
             policy_delay=config.policy_delay,
@@ -90,7 +92,7 @@ def build_sb3_model(config: AgentConfig) -> tuple[Any, Any]:
     from rlweights.sb3 import attach
 
     vec_env = make_vec_env(config.env_id, n_envs=config.num_envs, seed=config.seed)
-    kwargs = _kwargs(config)
+    kwargs = sb3_kwargs(config)
     if config.algo == "td3":
         n = int(np.prod(vec_env.action_space.shape))
         kwargs["action_noise"] = NormalActionNoise(

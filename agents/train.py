@@ -32,6 +32,7 @@ from rlweights.agents.common import (
     set_rng_state,
 )
 from rlweights.agents.dqn import DQN, DQNConfig
+from rlweights.agents.presets import preset
 from rlweights.agents.sac import SAC, SACConfig
 from rlweights.agents.td3 import TD3, TD3Config
 from rlweights.checks import check_int
@@ -44,7 +45,6 @@ if TYPE_CHECKING:
 __all__ = [
     "ALGOS",
     "CHECKPOINT_FORMAT",
-    "PRESETS",
     "CheckpointError",
     "GracefulStop",
     "Stopped",
@@ -67,30 +67,6 @@ ALGOS: dict[str, tuple[type[AgentConfig], type[OffPolicyAgent]]] = {
     "td3": (TD3Config, TD3),
 }
 
-# rl-baselines3-zoo's hyperparameters for the longer runs (LunarLander, with gymnasium[box2d]).
-PRESETS: dict[tuple[str, str], dict[str, Any]] = {
-    ("dqn", "LunarLander-v3"): {
-        "total_steps": 100_000,
-        "learning_rate": 6.3e-4,
-        "batch_size": 128,
-        "buffer_size": 50_000,
-        "learning_starts": 0,
-        "target_update": "hard:250",
-        "train_freq": 4,
-        "gradient_steps": 4,
-        "exploration_fraction": 0.12,
-        "exploration_final_eps": 0.1,
-    },
-    ("sac", "LunarLanderContinuous-v3"): {
-        "total_steps": 500_000,
-        "learning_rate": 7.3e-4,
-        "target_update": "polyak:0.01",
-        "learning_starts": 10_000,
-        "hidden": (400, 300),
-    },
-    ("td3", "LunarLanderContinuous-v3"): {"total_steps": 300_000},
-}
-
 CHECKPOINT_FORMAT = "rlweights-agent"
 # Version 2: the routines' states in the one counter format of rlweights.periodic. Older
 # checkpoints still load for evaluation; only the current version resumes.
@@ -103,14 +79,15 @@ class CheckpointError(ValueError):
 
 
 def make_config(algo: str, env_id: str | None = None, **overrides: Any) -> AgentConfig:
-    """The algorithm's config: its defaults, the zoo preset for ``env_id`` if there is one,
-    then ``overrides`` (``None`` values are ignored). Raises ``ValueError`` on bad values."""
+    """The algorithm's config: its defaults, the zoo preset for ``env_id`` if there is one
+    (:mod:`rlweights.agents.presets`), then ``overrides`` (``None`` values are ignored).
+    Raises ``ValueError`` on bad values."""
     if algo not in ALGOS:
         raise ValueError(f"unknown algorithm {algo!r}; choose one of {', '.join(ALGOS)}")
     values: dict[str, Any] = {}
     if env_id is not None:
         values["env_id"] = env_id
-        values.update(PRESETS.get((algo, env_id), {}))
+        values.update(preset(algo, env_id) or {})
     values.update({key: value for key, value in overrides.items() if value is not None})
     return ALGOS[algo][0](**values)
 

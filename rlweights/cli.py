@@ -77,6 +77,13 @@ COMMANDS: dict[str, tuple[str, str, str, str | None, str]] = {
         None,
         "benchmark native agents' steps/s against SB3's",
     ),
+    "bench-learning": (
+        "rlweights.bench.learning",
+        "add_arguments",
+        "main_from_args",
+        None,
+        "learning curves of native agents next to SB3 over seeds, with intervals",
+    ),
     "bench-distributed": (
         "rlweights.bench.distributed",
         "add_arguments",

@@ -5,6 +5,7 @@
 * ``agents``: what the native agents and the ``rlweights train`` command need (Gymnasium,
   TensorBoard, tqdm);
 * ``mujoco``: Gymnasium's MuJoCo environments;
+* ``box2d``: Gymnasium's Box2D environments (LunarLander, BipedalWalker);
 * ``all``: everything above; ``dev``: everything and the test tools.
 
 A feature whose extra is missing raises :class:`MissingExtraError` naming the extra to
@@ -44,6 +45,8 @@ EXTRA_OF = {
     "tqdm": "agents",
     "tensorboard": "tensorboard",
     "mujoco": "mujoco",
+    "Box2D": "box2d",
+    "pygame": "box2d",
 }
 
 

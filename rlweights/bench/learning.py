@@ -1,0 +1,282 @@
+"""Learning curves of the native agents next to SB3's, over seeds.
+
+Run as 'rlweights bench-learning' or 'python scripts/bench_learning.py'. Needs the sb3 and
+agents extras (matplotlib for the PNG). For every ALGO:ENV[:STEPS] and every seed, the
+native agent and SB3's algorithm of the same name ('rlweights train --impl sb3': the same
+hyperparameters, from the environment's preset, and the same seed) train and evaluate on
+the same schedule (--points evaluations of --eval-episodes deterministic episodes).
+
+Runs go side by side, one process per worker (--workers, default: one per core), each
+with one thread. Every run is a 'rlweights train' run folder under OUT/runs: a killed
+benchmark keeps the runs that finished and resumes the others where their last checkpoint
+left them when it is started again with the same arguments.
+
+Writes OUT/curves.json (per run: the evaluation steps and returns, the final return, the
+wall-clock seconds), OUT/table.md (final return over seeds: mean with a 95 % bootstrap
+interval, interquartile mean; wall-clock time) and OUT/curves.png (mean curve over seeds with
+its 95 % bootstrap band, native next to SB3).
+
+  rlweights bench-learning --runs dqn:CartPole-v1 sac:Pendulum-v1:20000 --seeds 0 1 2 3 4
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from rlweights.files import atomic_write, write_json
+
+__all__ = ["Cell", "add_arguments", "bootstrap_interval", "iqm", "main_from_args", "summarise"]
+
+IMPLS = ("native", "sb3")
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One run of the benchmark."""
+
+    algo: str
+    env_id: str
+    budget: int | None  # steps; None: the preset's (or the algorithm's default) step count
+    impl: str
+    seed: int
+
+    @property
+    def name(self) -> str:
+        env = "".join(c if c.isalnum() or c in "._-" else "-" for c in self.env_id)
+        return f"{self.algo}-{env}-{self.impl}-s{self.seed}"
+
+
+def iqm(values: np.ndarray) -> float:
+    """Interquartile mean: the mean of the middle half (a quarter cut from each end)."""
+    values = np.sort(np.asarray(values, dtype=float))
+    cut = len(values) // 4
+    return float(values[cut : len(values) - cut].mean())
+
+
+def bootstrap_interval(
+    values: np.ndarray, level: float = 0.95, resamples: int = 10_000, seed: int = 0
+) -> tuple[float, float]:
+    """Percentile bootstrap interval of the mean of ``values`` (rows: seeds; columns, if any,
+    are bootstrapped together: one interval per column)."""
+    values = np.asarray(values, dtype=float)
+    rng = np.random.default_rng(seed)
+    picks = rng.integers(0, len(values), size=(resamples, len(values)))
+    means = values[picks].mean(axis=1)
+    tail = (1 - level) / 2 * 100
+    low, high = np.percentile(means, [tail, 100 - tail], axis=0)
+    return low, high
+
+
+def _command(cell: Cell, runs: Path, points: int, episodes: int) -> list[str]:
+    run = runs / cell.name
+    base = [sys.executable, "-m", "rlweights", "train", "--no-progress"]
+    if (run / "model.pt").is_file():  # killed before: continue where it stopped
+        return [*base, "--resume", str(run)]
+    from rlweights.agents.train import make_config
+
+    steps = cell.budget or make_config(cell.algo, cell.env_id).total_steps
+    return [
+        *base,
+        *("--algo", cell.algo, "--env", cell.env_id, "--impl", cell.impl),
+        *("--seed", str(cell.seed), "--steps", str(steps)),
+        *("--eval-every", str(max(steps // points, 1)), "--eval-episodes", str(episodes)),
+        *("--logdir", str(runs), "--run-name", cell.name),
+    ]
+
+
+def _train(cell: Cell, runs: Path, points: int, episodes: int) -> str:
+    """Train one cell (unless it finished before); returns a line for the log."""
+    if (runs / cell.name / "summary.json").is_file():
+        return f"{cell.name}: done before"
+    environ = os.environ | {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    command = _command(cell, runs, points, episodes)
+    done = subprocess.run(command, capture_output=True, text=True, env=environ)
+    if done.returncode != 0:
+        raise RuntimeError(f"{cell.name} failed ({done.returncode}): {done.stderr.strip()[-500:]}")
+    return f"{cell.name}: {done.stdout.strip().splitlines()[-1]}"
+
+
+def _curve(run: Path) -> dict:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(run), size_guidance={"scalars": 0})
+    events.Reload()
+    points = events.Scalars("eval/return")
+    summary = json.loads((run / "summary.json").read_text())
+    return {
+        "steps": [p.step for p in points],
+        "returns": [p.value for p in points],
+        "final_return": summary["final_eval_return"],
+        "wall_seconds": summary["wall_seconds"],
+    }
+
+
+def summarise(curves: list[dict]) -> list[dict]:
+    """One row per (algo, env, impl): final returns over seeds and their statistics."""
+    groups: dict[tuple, list[dict]] = {}
+    for c in curves:
+        groups.setdefault((c["algo"], c["env_id"], c["impl"]), []).append(c)
+    rows = []
+    for (algo, env_id, impl), group in groups.items():
+        finals = np.array([c["final_return"] for c in group], dtype=float)
+        low, high = bootstrap_interval(finals)
+        rows.append(
+            {
+                "algo": algo,
+                "env_id": env_id,
+                "impl": impl,
+                "steps": max(c["steps"][-1] for c in group if c["steps"]),
+                "seeds": sorted(c["seed"] for c in group),
+                "final_mean": float(finals.mean()),
+                "final_low": float(low),
+                "final_high": float(high),
+                "final_iqm": iqm(finals),
+                "finals": finals.tolist(),
+                "wall_seconds": float(np.mean([c["wall_seconds"] for c in group])),
+            }
+        )
+    return rows
+
+
+def markdown(rows: list[dict]) -> str:
+    """Native next to SB3 per (algo, env); 'not worse' when the native interval reaches the
+    SB3 interval."""
+    lines = [
+        "| algo | env | steps | seeds | native: mean [95 % CI], IQM | SB3: mean [95 % CI], IQM "
+        "| native not worse | wall s per run, native / SB3 |",
+        "|---|---|---:|---:|---|---|---|---|",
+    ]
+    by_key = {(r["algo"], r["env_id"], r["impl"]): r for r in rows}
+    for algo, env_id in dict.fromkeys((r["algo"], r["env_id"]) for r in rows):
+        native, sb3 = by_key.get((algo, env_id, "native")), by_key.get((algo, env_id, "sb3"))
+
+        def cell(r: dict | None) -> str:
+            if r is None:
+                return "-"
+            return (
+                f"{r['final_mean']:.1f} [{r['final_low']:.1f}, {r['final_high']:.1f}], "
+                f"{r['final_iqm']:.1f}"
+            )
+
+        verdict = "-"
+        if native and sb3:
+            verdict = "yes" if native["final_high"] >= sb3["final_low"] else "**no**"
+        walls = " / ".join(f"{r['wall_seconds']:.3g}" if r else "-" for r in (native, sb3))
+        some = native or sb3
+        lines.append(
+            f"| {algo} | {env_id} | {some['steps']} | {len(some['seeds'])} | {cell(native)} "
+            f"| {cell(sb3)} | {verdict} | {walls} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def plot(curves: list[dict], path: Path) -> None:
+    """Mean curve over seeds with a 95 % bootstrap band, one panel per (algo, env)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = list(dict.fromkeys((c["algo"], c["env_id"]) for c in curves))
+    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 3.6), squeeze=False)
+    for ax, (algo, env_id) in zip(axes[0], panels, strict=True):
+        for impl, color in (("native", "tab:orange"), ("sb3", "tab:blue")):
+            group = [
+                c for c in curves if (c["algo"], c["env_id"], c["impl"]) == (algo, env_id, impl)
+            ]
+            if not group:
+                continue
+            n = min(len(c["returns"]) for c in group)
+            steps = np.array(group[0]["steps"][:n])
+            returns = np.array([c["returns"][:n] for c in group])
+            low, high = bootstrap_interval(returns)
+            label = f"{'rlweights' if impl == 'native' else 'SB3'} ({len(group)} seeds)"
+            ax.plot(steps, returns.mean(axis=0), color=color, label=label)
+            ax.fill_between(steps, low, high, color=color, alpha=0.2)
+        ax.set_title(f"{algo.upper()} {env_id}")
+        ax.set_xlabel("environment steps")
+        ax.set_ylabel("evaluation return")
+        ax.legend(loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def _cells(specs: list[str], seeds: list[int], impls: list[str]) -> list[Cell]:
+    cells = []
+    for spec in specs:
+        parts = spec.split(":")
+        if len(parts) not in (2, 3) or not all(parts):
+            raise ValueError(f"--runs {spec!r}: expected ALGO:ENV or ALGO:ENV:STEPS")
+        steps = None
+        if len(parts) == 3:
+            try:
+                steps = int(float(parts[2]))
+            except ValueError:
+                raise ValueError(f"--runs {spec!r}: STEPS must be a number") from None
+        for seed in seeds:  # native and SB3 of one seed side by side: the same load
+            for impl in impls:
+                cells.append(Cell(parts[0], parts[1], steps, impl, seed))
+    return cells
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--runs",
+        nargs="+",
+        default=["dqn:CartPole-v1"],
+        metavar="ALGO:ENV[:STEPS]",
+        help="what to train (STEPS: default the preset's); default dqn:CartPole-v1",
+    )
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2, 3, 4])
+    parser.add_argument("--impls", nargs="+", choices=IMPLS, default=list(IMPLS))
+    parser.add_argument("--points", type=int, default=10, help="evaluations per run (10)")
+    parser.add_argument("--eval-episodes", type=int, default=10, help="per evaluation (10)")
+    parser.add_argument(
+        "--workers", type=int, default=os.cpu_count() or 1, help="runs side by side (cores)"
+    )
+    parser.add_argument("--out", type=Path, default=Path("bench-learning"), help="output folder")
+
+
+def main_from_args(args: argparse.Namespace) -> int:
+    try:
+        cells = _cells(args.runs, args.seeds, args.impls)
+        if args.points < 1 or args.eval_episodes < 1 or args.workers < 1:
+            raise ValueError("--points, --eval-episodes and --workers must be >= 1")
+    except ValueError as exc:
+        print(f"rlweights bench-learning: error: {exc}", file=sys.stderr)
+        return 2
+    runs = args.out / "runs"
+    runs.mkdir(parents=True, exist_ok=True)
+    failed = []
+    with ThreadPoolExecutor(args.workers) as pool:
+        futures = [
+            pool.submit(_train, cell, runs, args.points, args.eval_episodes) for cell in cells
+        ]
+        for future in futures:
+            try:
+                print(future.result(), flush=True)
+            except RuntimeError as exc:
+                failed.append(str(exc))
+                print(exc, file=sys.stderr, flush=True)
+    finished = [c for c in cells if (runs / c.name / "summary.json").is_file()]
+    curves = [{**vars(c), **_curve(runs / c.name)} for c in finished]
+    write_json(args.out / "curves.json", curves)
+    table = markdown(summarise(curves)) if curves else "no finished runs\n"
+    atomic_write(args.out / "table.md", lambda f: f.write(table), mode="w")
+    if curves:
+        plot(curves, args.out / "curves.png")
+    print(table, end="")
+    if failed:
+        print(f"rlweights bench-learning: {len(failed)} runs failed", file=sys.stderr)
+        return 1
+    return 0

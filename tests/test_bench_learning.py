@@ -1,0 +1,62 @@
+"""rlweights bench-learning on a toy budget: curves, table and PNG; a second start trains
+nothing that finished; the statistics against hand-computed references."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from rlweights.bench.learning import bootstrap_interval, iqm, markdown, summarise
+from rlweights.cli import main
+
+
+def test_iqm_and_bootstrap_against_references():
+    assert iqm(np.array([1.0, 2.0, 3.0, 4.0, 100.0])) == pytest.approx(3.0)  # 2, 3, 4
+    assert iqm(np.array([5.0, 1.0, 3.0, 7.0])) == pytest.approx(4.0)  # 3, 5
+    values = np.array([0.0, 10.0])
+    low, high = bootstrap_interval(values, resamples=20_000)
+    # Resampled means of two values are 0, 5 or 10 (1/4, 1/2, 1/4): the 2.5 % and 97.5 %
+    # percentiles are 0 and 10.
+    assert (low, high) == (0.0, 10.0)
+    same = np.full(5, 3.0)
+    assert bootstrap_interval(same) == (3.0, 3.0)
+
+
+def test_table_says_whether_native_is_worse_beyond_the_intervals():
+    curves = [
+        {
+            "algo": "dqn",
+            "env_id": "E",
+            "impl": impl,
+            "seed": s,
+            "steps": [10],
+            "returns": [r],
+            "final_return": r,
+            "wall_seconds": 1.0,
+        }
+        for impl, finals in (("native", [0.0, 1.0, 2.0]), ("sb3", [10.0, 11.0, 12.0]))
+        for s, r in enumerate(finals)
+    ]
+    table = markdown(summarise(curves))
+    assert "| dqn | E | 10 | 3 | 1.0 [0.0, 2.0], 1.0 | 11.0 [10.0, 12.0], 11.0 | **no** |" in table
+
+
+def test_a_toy_benchmark_writes_curves_table_and_png_and_resumes(tmp_path):
+    args = ["bench-learning", "--runs", "sac:Pendulum-v1:200", "--seeds", "0", "1"]
+    args += ["--points", "2", "--eval-episodes", "1", "--workers", "2", "--out", str(tmp_path)]
+    assert main(args) == 0
+    curves = json.loads((tmp_path / "curves.json").read_text())
+    assert sorted((c["impl"], c["seed"]) for c in curves) == [
+        ("native", 0),
+        ("native", 1),
+        ("sb3", 0),
+        ("sb3", 1),
+    ]
+    assert all(c["steps"] == [100, 200] for c in curves)
+    assert (tmp_path / "curves.png").stat().st_size > 10_000
+    assert "| sac | Pendulum-v1 | 200 | 2 |" in (tmp_path / "table.md").read_text()
+    stamps = {p: p.stat().st_mtime_ns for p in tmp_path.glob("runs/*/model.pt")}
+    assert main(args) == 0  # everything finished before: nothing trains again
+    assert {p: p.stat().st_mtime_ns for p in tmp_path.glob("runs/*/model.pt")} == stamps

@@ -1,0 +1,130 @@
+"""The native agents against SB3's algorithms of the same name (issue 14): identical weights,
+identical batches, and the gradient steps must agree; the same stream of environment steps,
+and the schedules (exploration, gradient steps, target copies) must agree."""
+
+from __future__ import annotations
+
+import gymnasium as gym
+import torch
+from stable_baselines3.common.logger import configure
+from stable_baselines3.common.type_aliases import ReplayBufferSamples
+from torch.testing import assert_close
+
+from rlweights.agents.sb3_train import build_sb3_model
+from rlweights.agents.train import ALGOS, make_config
+
+TOL = {"rtol": 1e-5, "atol": 1e-6}
+
+
+def _pair(algo: str, env_id: str, **overrides):
+    """An SB3 model and a native agent of one config, the native networks set to SB3's."""
+    config = make_config(algo, env_id, hidden=(16, 16), **overrides)
+    model, _ = build_sb3_model(config)
+    model.set_logger(configure(None, []))
+    env = gym.make(env_id)
+    agent = ALGOS[algo][1](config, env.observation_space, env.action_space)
+    env.close()
+    return config, model, agent
+
+
+def _linears(module: torch.nn.Module) -> list[torch.nn.Linear]:
+    return [m for m in module.modules() if isinstance(m, torch.nn.Linear)]
+
+
+def _copy_linears(source: torch.nn.Module, target: torch.nn.Module) -> None:
+    with torch.no_grad():
+        for s, t in zip(_linears(source), _linears(target), strict=True):
+            t.weight.copy_(s.weight)
+            t.bias.copy_(s.bias)
+
+
+def _batch(model, n: int, seed: int) -> tuple[dict[str, torch.Tensor], ReplayBufferSamples]:
+    """One batch of random transitions, as the native buffer and SB3's give it."""
+    gen = torch.Generator().manual_seed(seed)
+    obs_dim = model.observation_space.shape[0]
+    obs = torch.randn(n, obs_dim, generator=gen)
+    next_obs = torch.randn(n, obs_dim, generator=gen)
+    if isinstance(model.action_space, gym.spaces.Discrete):
+        actions = torch.randint(model.action_space.n, (n,), generator=gen)
+        sb3_actions = actions.unsqueeze(-1)
+    else:
+        actions = torch.rand(n, model.action_space.shape[0], generator=gen) * 2 - 1
+        sb3_actions = actions  # SB3 stores actions scaled to [-1, 1]
+    rewards = torch.randn(n, generator=gen)
+    dones = (torch.rand(n, generator=gen) < 0.1).float()
+    native = {"obs": obs, "actions": actions, "rewards": rewards, "next_obs": next_obs}
+    native["dones"] = dones
+    sb3 = ReplayBufferSamples(
+        obs, sb3_actions, next_obs, dones.unsqueeze(-1), rewards.unsqueeze(-1), None
+    )
+    return native, sb3
+
+
+def test_dqn_gradient_steps_match_sb3_on_identical_batches():
+    _, model, agent = _pair("dqn", "CartPole-v1", learning_rate=1e-2, max_grad_norm=0.5)
+    _copy_linears(model.q_net, agent.q)
+    _copy_linears(model.q_net_target, agent.networks["q_target"])
+    batches = [_batch(model, 64, seed) for seed in range(20)]
+    feed = iter(sb3 for _, sb3 in batches)
+    model.replay_buffer.sample = lambda *args, **kwargs: next(feed)
+    model.train(gradient_steps=len(batches), batch_size=64)
+    for native, _ in batches:
+        agent.update(native)
+    for s, t in zip(_linears(model.q_net), _linears(agent.q), strict=True):
+        assert_close(t.weight, s.weight, **TOL)
+        assert_close(t.bias, s.bias, **TOL)
+
+
+def test_dqn_schedule_of_gradient_steps_and_target_copies_matches_sb3(monkeypatch):
+    """On the same number of environment steps: the steps after which SB3's DQN trains (and
+    how many gradient steps), and after which it copies the target, are the native agent's."""
+    import stable_baselines3.dqn.dqn as sb3_dqn
+    from stable_baselines3 import DQN
+    from stable_baselines3.common.env_util import make_vec_env
+
+    from rlweights.agents.sb3_train import sb3_kwargs
+    from rlweights.agents.train import train
+
+    overrides = {"total_steps": 300, "learning_starts": 50, "train_freq": 16}
+    overrides |= {"gradient_steps": 3, "target_update": "hard:7", "hidden": (16,)}
+    overrides |= {"eval_every": 0, "eval_episodes": 1, "batch_size": 8}
+    config = make_config("dqn", "CartPole-v1", **overrides)
+
+    sb3_events: dict[str, list[tuple[int, int]]] = {"train": [], "target": []}
+    model = DQN("MlpPolicy", make_vec_env("CartPole-v1", n_envs=1, seed=0), **sb3_kwargs(config))
+    model.set_logger(configure(None, []))
+    original_train, original_polyak = model.train, sb3_dqn.polyak_update
+
+    def train_spy(gradient_steps: int, batch_size: int) -> None:
+        sb3_events["train"].append((model.num_timesteps, gradient_steps))
+        original_train(gradient_steps, batch_size)
+
+    def polyak_spy(params, target_params, tau):
+        params = list(params)
+        if params and params[0] is next(model.q_net.parameters()):
+            sb3_events["target"].append((model.num_timesteps, 1))
+        original_polyak(params, target_params, tau)
+
+    model.train = train_spy
+    monkeypatch.setattr(sb3_dqn, "polyak_update", polyak_spy)
+    model.learn(config.total_steps)
+
+    native_events: dict[str, list[tuple[int, int]]] = {"train": [], "target": []}
+    last = {"train": 0, "target": 0}
+
+    def monitor(steps, agent):
+        for name, count in (
+            ("train", agent.gradient_updates),
+            ("target", agent.target_routine.updates),
+        ):
+            if count > last[name]:
+                native_events[name].append((steps, count - last[name]))
+                last[name] = count
+        return {}
+
+    train(config, monitor=monitor, monitor_every=1)
+    for name in ("train", "target"):  # SB3's learn ends its last rollout past the total
+        sb3_events[name] = [e for e in sb3_events[name] if e[0] <= config.total_steps]
+    assert native_events["train"] == sb3_events["train"]
+    assert native_events["target"] == sb3_events["target"]
+    assert len(native_events["target"]) == config.total_steps // 7
