@@ -24,7 +24,7 @@ from rlweights.agents.networks import BoundedActor, TwinQ, mlp
 
 __all__ = ["SAC", "Actor", "SACConfig"]
 
-LOG_STD_MIN, LOG_STD_MAX = -5.0, 2.0
+LOG_STD_MIN, LOG_STD_MAX = -20.0, 2.0  # SB3's clamp of the policy's log standard deviation
 
 
 @dataclass
@@ -111,20 +111,20 @@ class SAC(ContinuousAgent):
         return (network or self.actor)(obs, deterministic=True)[0]
 
     def update(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
-        """One gradient step: critic, actor (then the policy EMA), temperature, then the
-        target update."""
+        """One gradient step in SB3's order: the policy's actions for the batch, the
+        temperature, the critic, the actor (through the updated critic; then the policy EMA),
+        then the target update. The temperature of all losses is the one before its step."""
+        actions, log_prob = self.actor(batch["obs"])
         alpha = self.alpha()
+        if self.config.ent_coef is None:
+            self.temperature_step(log_prob.detach())
         critic_loss = self.critic_loss(batch, self.td_target(batch, alpha))
         self.optimizer_step("critic", critic_loss)
 
-        actions, log_prob = self.actor(batch["obs"])
         q_pi = self.critic(torch.cat([batch["obs"], actions], -1), detach_weights=True).min(0)[0]
         actor_loss = (alpha * log_prob - q_pi).mean()
         self.optimizer_step("actor", actor_loss)
         self.average_policy()
-
-        if self.config.ent_coef is None:
-            self.temperature_step(log_prob.detach())
         self.target_routine.step()
         self.gradient_updates += 1
         return {
