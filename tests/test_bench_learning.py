@@ -60,3 +60,8 @@ def test_a_toy_benchmark_writes_curves_table_and_png_and_resumes(tmp_path):
     stamps = {p: p.stat().st_mtime_ns for p in tmp_path.glob("runs/*/model.pt")}
     assert main(args) == 0  # everything finished before: nothing trains again
     assert {p: p.stat().st_mtime_ns for p in tmp_path.glob("runs/*/model.pt")} == stamps
+    seeds = args.index("--seeds")
+    more = [*args[: seeds + 3], "2", *args[seeds + 3 :], "--report-only"]  # seeds 0 1 2
+    assert main(more) == 0
+    assert not (tmp_path / "runs" / "sac-Pendulum-v1-native-s2").exists()
+    assert len(json.loads((tmp_path / "curves.json").read_text())) == 4

@@ -16,6 +16,8 @@ wall-clock seconds), OUT/table.md (final return over seeds: mean with a 95 % boo
 interval, interquartile mean; wall-clock time) and OUT/curves.png (mean curve over seeds with
 its 95 % bootstrap band, native next to SB3).
 
+--report-only trains nothing and reports the runs that finished.
+
   rlweights bench-learning --runs dqn:CartPole-v1 sac:Pendulum-v1:20000 --seeds 0 1 2 3 4
 """
 
@@ -245,6 +247,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--workers", type=int, default=os.cpu_count() or 1, help="runs side by side (cores)"
     )
     parser.add_argument("--out", type=Path, default=Path("bench-learning"), help="output folder")
+    parser.add_argument(
+        "--report-only",
+        action="store_true",
+        help="train nothing: write the curves, table and PNG of the runs that finished",
+    )
 
 
 def main_from_args(args: argparse.Namespace) -> int:
@@ -258,6 +265,8 @@ def main_from_args(args: argparse.Namespace) -> int:
     runs = args.out / "runs"
     runs.mkdir(parents=True, exist_ok=True)
     failed = []
+    if args.report_only:
+        cells = [c for c in cells if (runs / c.name / "summary.json").is_file()]
     with ThreadPoolExecutor(args.workers) as pool:
         futures = [
             pool.submit(_train, cell, runs, args.points, args.eval_episodes) for cell in cells
