@@ -36,7 +36,7 @@ from rlweights.agents.presets import preset
 from rlweights.agents.sac import SAC, SACConfig
 from rlweights.agents.td3 import TD3, TD3Config
 from rlweights.checks import check_int
-from rlweights.files import atomic_write, checksum, write_json
+from rlweights.files import atomic_write, checksum_matches, sealed, write_json
 from rlweights.periodic import Periodic
 
 if TYPE_CHECKING:
@@ -187,8 +187,7 @@ def evaluate(
 def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
     """Write ``state`` atomically, with the format, the version and the checksum of its
     content (checked when it is loaded)."""
-    payload = {"format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION, **state}
-    payload["checksum"] = checksum(payload)
+    payload = sealed({"format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION, **state})
     atomic_write(path, lambda f: torch.save(payload, f))
 
 
@@ -219,8 +218,7 @@ def load_checkpoint(path: str | Path, *, resume: bool = False) -> dict[str, Any]
         raise CheckpointError(f"{path} is not a readable checkpoint ({reason})") from None
     if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
         raise CheckpointError(f"{path} is not an rlweights training checkpoint")
-    stored = state.pop("checksum", None)  # checkpoints before rlweights 0.2 have none
-    if stored is not None and stored != checksum(state):
+    if not checksum_matches(state):
         raise CheckpointError(
             f"{path} is damaged: its content does not match the checksum written with it "
             "(a changed or corrupted file); use an intact copy"

@@ -15,7 +15,7 @@ from typing import IO, Any
 import numpy as np
 import torch
 
-__all__ = ["atomic_write", "checksum", "finite_or_none", "write_json"]
+__all__ = ["atomic_write", "checksum", "checksum_matches", "finite_or_none", "sealed", "write_json"]
 
 
 def _umask() -> int:
@@ -97,3 +97,16 @@ def checksum(state: Any) -> str:
     sha = hashlib.sha256()
     _digest(state, sha)
     return sha.hexdigest()
+
+
+def sealed(state: dict[str, Any]) -> dict[str, Any]:
+    """``state`` with a ``"checksum"`` entry: the :func:`checksum` of everything else."""
+    rest = {key: value for key, value in state.items() if key != "checksum"}
+    return {**rest, "checksum": checksum(rest)}
+
+
+def checksum_matches(state: dict[str, Any]) -> bool:
+    """Remove the ``"checksum"`` entry of a :func:`sealed` ``state``; whether it matches the
+    rest (True when there is none: files written before checksums)."""
+    stored = state.pop("checksum", None)
+    return stored is None or stored == checksum(state)

@@ -29,7 +29,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from rlweights.files import atomic_write, checksum
+from rlweights.files import atomic_write, checksum_matches, sealed
 from rlweights.ops import average_
 from rlweights.weights import WeightMismatchError
 
@@ -66,8 +66,7 @@ def load_any(path: Path) -> tuple[str, dict[str, Tensor], Any]:
             raise SoupError(f"{path} is not a readable zip archive ({exc})") from None
     state = _torch_load(path, str(path))
     if isinstance(state, dict) and state.get("format") == AGENT_FORMAT:
-        stored = state.pop("checksum", None)
-        if stored is not None and stored != checksum(state):
+        if not checksum_matches(state):
             raise SoupError(f"{path} is damaged: its content does not match its checksum")
         flat = {
             f"{net}/{key}": value
@@ -126,11 +125,10 @@ def average_checkpoints(
             net, key = name.split("/", 1)
             nets.setdefault(net, {})[key] = value
         # A soup cannot resume: no training state; its checksum is its own.
-        out = {k: v for k, v in first.items() if k not in ("training", "checksum")}
+        out = {k: v for k, v in first.items() if k != "training"}
         out["weights"] = nets
         out["averaged_from"] = [str(p) for p in paths]
-        out["checksum"] = checksum(out)
-        return kind, out
+        return kind, sealed(out)
     return kind, result
 
 
