@@ -38,6 +38,7 @@ from rlweights.agents.train import (
     load_checkpoint,
     make_config,
     memory_needed,
+    route_mujoco_warnings,
     spaces_of,
 )
 from rlweights.distributed import PeerError
@@ -233,6 +234,7 @@ def _check_env(
     runs too large for this machine's memory (unless ``impl`` is None) fail here."""
     env_id = config.env_id
     try:
+        route_mujoco_warnings(env_id)
         env = gym.make(env_id)
     except (gym.error.Error, ImportError) as exc:
         first = str(exc).strip().split("\n")[0]

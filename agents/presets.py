@@ -65,6 +65,8 @@ PRESETS: dict[tuple[str, str], dict[str, Any]] = {
         "target_update": "polyak:0.01",
         "learning_starts": 0,
         "hidden": (64, 64),
+        "use_sde": True,
+        "log_std_init": -3.67,
     },
     ("sac", "LunarLanderContinuous-v3"): {
         "total_steps": 500_000,
@@ -83,6 +85,7 @@ PRESETS: dict[tuple[str, str], dict[str, Any]] = {
         "gradient_steps": 64,
         "learning_starts": 10_000,
         "hidden": (400, 300),
+        "use_sde": True,
     },
     ("sac", "HalfCheetah-v5"): _SAC_MUJOCO,
     ("sac", "Hopper-v5"): _SAC_MUJOCO,
@@ -107,8 +110,6 @@ PRESETS: dict[tuple[str, str], dict[str, Any]] = {
 
 # What the zoo does that these presets cannot (the native agents lack it).
 NOTES: dict[tuple[str, str], str] = {
-    ("sac", "MountainCarContinuous-v0"): "the zoo adds gSDE exploration (log_std_init -3.67)",
-    ("sac", "BipedalWalker-v3"): "the zoo adds gSDE exploration (log_std_init -3)",
     ("sac", "LunarLanderContinuous-v3"): "the zoo decays the learning rate linearly",
     ("td3", "MountainCarContinuous-v0"): "the zoo's exploration noise is Ornstein-Uhlenbeck",
 }

@@ -22,9 +22,11 @@ from torch.nn import functional as F
 from rlweights.agents.common import AgentConfig, ContinuousAgent, adam
 from rlweights.agents.networks import BoundedActor, TwinQ, mlp
 
-__all__ = ["SAC", "Actor", "SACConfig"]
+__all__ = ["SAC", "Actor", "SACConfig", "StateDependentActor"]
 
 LOG_STD_MIN, LOG_STD_MAX = -20.0, 2.0  # SB3's clamp of the policy's log standard deviation
+SDE_CLIP_MEAN = 2.0  # SB3's bound on the mean of a gSDE policy (its ``clip_mean``)
+SDE_VARIANCE_FLOOR = 1e-6  # SB3's epsilon added to a gSDE policy's variance
 
 
 @dataclass
@@ -39,9 +41,18 @@ class SACConfig(AgentConfig):
     total_steps: int = 10_000
     learning_rate: float = 1e-3
     ent_coef: float | None = None  # a fixed temperature; None: tuned automatically
+    # gSDE exploration (SB3's use_sde, log_std_init, sde_sample_freq): a noise matrix drawn at
+    # the start of every train_freq steps (and every sde_sample_freq steps if > 0).
+    use_sde: bool = False
+    log_std_init: float = -3.0
+    sde_sample_freq: int = -1
 
     def _rules(self) -> dict[str, bool]:
-        return {**super()._rules(), "ent_coef": self.ent_coef is None or self.ent_coef > 0.0}
+        return {
+            **super()._rules(),
+            "ent_coef": self.ent_coef is None or self.ent_coef > 0.0,
+            "sde_sample_freq": self.sde_sample_freq == -1 or self.sde_sample_freq >= 1,
+        }
 
 
 class Actor(BoundedActor):
@@ -78,6 +89,66 @@ class Actor(BoundedActor):
         return self.to_bounds(torch.tanh(pre))
 
 
+class StateDependentActor(BoundedActor):
+    """gSDE (generalized state-dependent exploration, Raffin et al. 2022; SB3's
+    ``use_sde=True``): the exploration noise is the last hidden features times a random matrix
+    ``E`` with entries N(0, exp(log_std)^2), drawn every few steps rather than every step, so
+    that exploration is smooth in time (what MountainCarContinuous needs). ``log_std`` is one
+    learned parameter per (feature, action); the mean is clipped to [-2, 2] as in SB3.
+
+    Acting uses the matrices of :meth:`reset_noise` (one per environment); a gradient step
+    draws its own with :meth:`draw_noise` (gradients reach ``log_std`` through it)."""
+
+    def __init__(
+        self, obs_dim: int, act_dim: int, hidden: tuple[int, ...], low, high, log_std_init: float
+    ):
+        super().__init__(low, high)
+        self.trunk = mlp([obs_dim, *hidden], activate_last=True)
+        self.mean = nn.Linear(hidden[-1], act_dim)
+        self.log_std = nn.Parameter(torch.full((hidden[-1], act_dim), float(log_std_init)))
+        self.acting_noise: Tensor | None = None  # (environments, features, actions)
+        self.train_noise: Tensor | None = None  # (features, actions)
+
+    def draw_noise(self) -> None:
+        """A new noise matrix for the gradient step (on the autograd graph of ``log_std``)."""
+        self.train_noise = self.log_std.exp() * torch.randn_like(self.log_std)
+
+    @torch.no_grad()
+    def reset_noise(self, n: int) -> None:
+        """New noise matrices for acting in ``n`` environments."""
+        std = self.log_std.exp()
+        self.acting_noise = std * torch.randn(n, *std.shape, device=std.device)
+
+    def _mean(self, h: Tensor) -> Tensor:
+        return F.hardtanh(self.mean(h), -SDE_CLIP_MEAN, SDE_CLIP_MEAN)
+
+    def forward(self, obs: Tensor, deterministic: bool = False) -> tuple[Tensor, Tensor]:
+        """(action, log-probability of it) with the gradient step's noise matrix."""
+        h = self.trunk(obs)
+        mean = self._mean(h)
+        if deterministic:
+            return self.to_bounds(torch.tanh(mean)), torch.zeros(len(obs), device=obs.device)
+        if self.train_noise is None:
+            self.draw_noise()
+        noise = h @ self.train_noise
+        variance = h.square() @ self.log_std.exp().square() + SDE_VARIANCE_FLOOR
+        pre = mean + noise
+        log_prob = (
+            -0.5 * noise.square() / variance - 0.5 * variance.log() - 0.5 * math.log(2 * math.pi)
+        ).sum(-1)
+        log_prob -= (2 * (math.log(2) - pre - F.softplus(-2 * pre))).sum(-1)
+        log_prob -= torch.log(self.scale).sum()
+        return self.to_bounds(torch.tanh(pre)), log_prob
+
+    def sample(self, obs: Tensor) -> Tensor:
+        """Actions for ``len(obs)`` environments, each with its own acting matrix."""
+        if self.acting_noise is None or len(self.acting_noise) != len(obs):
+            self.reset_noise(len(obs))
+        h = self.trunk(obs)
+        noise = torch.bmm(h.unsqueeze(1), self.acting_noise).squeeze(1)
+        return self.to_bounds(torch.tanh(self._mean(h) + noise))
+
+
 class SAC(ContinuousAgent):
     """Networks ``actor``, ``critic`` (+ ``critic_target``), the entropy temperature, the
     optimizers and the rlweights routines."""
@@ -87,7 +158,11 @@ class SAC(ContinuousAgent):
     def __init__(self, config: SACConfig, observation_space: gym.Space, action_space: gym.Space):
         super().__init__(config, observation_space, action_space)
         obs_dim, act_dim, hidden = self.obs_dim, self.act_dim, config.hidden
-        actor = Actor(obs_dim, act_dim, hidden, action_space.low, action_space.high)
+        bounds = action_space.low, action_space.high
+        if config.use_sde:
+            actor = StateDependentActor(obs_dim, act_dim, hidden, *bounds, config.log_std_init)
+        else:
+            actor = Actor(obs_dim, act_dim, hidden, *bounds)
         self.networks["actor"] = actor.to(self.device)
         self.networks["critic"] = TwinQ(obs_dim + act_dim, hidden).to(self.device)
         self.log_alpha = torch.zeros(1, device=self.device, requires_grad=True)
@@ -104,6 +179,12 @@ class SAC(ContinuousAgent):
 
     @torch.no_grad()
     def act(self, obs: Tensor, steps: int = 0) -> Tensor:
+        cfg = self.config
+        if cfg.use_sde:  # new matrices when SB3 draws them: at each rollout's start, and ...
+            into = steps % cfg.train_freq
+            every = cfg.sde_sample_freq  # ... every sde_sample_freq steps of a rollout
+            if into < cfg.num_envs or (every > 0 and into // cfg.num_envs % every == 0):
+                self.actor.reset_noise(len(obs))
         return self.actor.sample(obs)
 
     @torch.no_grad()
@@ -113,7 +194,10 @@ class SAC(ContinuousAgent):
     def update(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
         """One gradient step in SB3's order: the policy's actions for the batch, the
         temperature, the critic, the actor (through the updated critic; then the policy EMA),
-        then the target update. The temperature of all losses is the one before its step."""
+        then the target update. The temperature of all losses is the one before its step.
+        gSDE: one noise matrix for the step (SB3's ``reset_noise`` per gradient step)."""
+        if self.config.use_sde:
+            self.actor.draw_noise()
         actions, log_prob = self.actor(batch["obs"])
         alpha = self.alpha()
         if self.config.ent_coef is None:
@@ -127,6 +211,8 @@ class SAC(ContinuousAgent):
         self.average_policy()
         self.target_routine.step()
         self.gradient_updates += 1
+        if self.config.use_sde:
+            self.actor.train_noise = None  # the step's matrix (and its graph) is done with
         return {
             "critic_loss": critic_loss,
             "actor_loss": actor_loss,

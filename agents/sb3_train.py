@@ -36,6 +36,7 @@ from rlweights.agents.train import (
     Stopped,
     evaluate,
     load_checkpoint,
+    route_mujoco_warnings,
     run_summary,
     save_checkpoint,
     spaces_of,
@@ -74,6 +75,9 @@ def sb3_kwargs(config: AgentConfig) -> dict[str, Any]:
         kwargs["tau"] = spec.tau
     if config.algo == "sac" and config.ent_coef is not None:
         kwargs["ent_coef"] = config.ent_coef
+    if config.algo == "sac" and config.use_sde:
+        kwargs.update(use_sde=True, sde_sample_freq=config.sde_sample_freq)
+        kwargs["policy_kwargs"]["log_std_init"] = config.log_std_init
     if config.algo == "td3":
         kwargs.update(
             policy_delay=config.policy_delay,
@@ -91,6 +95,7 @@ def build_sb3_model(config: AgentConfig) -> tuple[Any, Any]:
 
     from rlweights.sb3 import attach
 
+    route_mujoco_warnings(config.env_id)
     vec_env = make_vec_env(config.env_id, n_envs=config.num_envs, seed=config.seed)
     kwargs = sb3_kwargs(config)
     if config.algo == "td3":

@@ -10,10 +10,12 @@ counters and RNG states.
 from __future__ import annotations
 
 import itertools
+import logging
 import os
 import signal
 import threading
 import time
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -92,9 +94,31 @@ def make_config(algo: str, env_id: str | None = None, **overrides: Any) -> Agent
     return ALGOS[algo][0](**values)
 
 
+def _mujoco_warning(message: str) -> None:
+    if "deprecated" in message:  # Gymnasium's models under MuJoCo 4 ('settotalmass')
+        logging.getLogger("mujoco").debug(message)
+    else:
+        warnings.warn(f"MuJoCo: {message}", RuntimeWarning, stacklevel=2)
+
+
+def route_mujoco_warnings(env_id: str) -> None:
+    """MuJoCo appends its warnings to ``MUJOCO_LOG.TXT`` in the working directory (one per
+    model compiled: every environment made). For a MuJoCo environment, send them to Python
+    instead: deprecations to the ``mujoco`` logger (debug), others as RuntimeWarnings."""
+    try:
+        spec = gym.spec(env_id)
+    except (gym.error.Error, ImportError):  # gym.make says what is wrong with the id
+        return
+    if "mujoco" in str(spec.entry_point):
+        import mujoco
+
+        mujoco.set_mju_user_warning(_mujoco_warning)
+
+
 def make_envs(env_id: str, num_envs: int) -> gym.vector.SyncVectorEnv:
     """``num_envs`` copies with episode statistics and same-step autoreset (the final
     observation of an episode comes in ``infos["final_obs"]``, so every transition is real)."""
+    route_mujoco_warnings(env_id)
 
     def make() -> gym.Env:
         return gym.wrappers.RecordEpisodeStatistics(gym.make(env_id))

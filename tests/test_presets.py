@@ -8,7 +8,7 @@ import pytest
 
 from rlweights.agents.presets import PRESETS
 from rlweights.agents.sb3_train import sb3_kwargs
-from rlweights.agents.train import ALGOS, make_config
+from rlweights.agents.train import ALGOS, make_config, route_mujoco_warnings
 from rlweights.cli import main
 
 
@@ -27,6 +27,7 @@ def test_every_preset_is_a_valid_config_for_its_environment(algo, env_id):
         assert getattr(config, field) == value, field
     if not _installed(env_id):
         pytest.skip(f"{env_id} is not installed here (gymnasium[box2d])")
+    route_mujoco_warnings(env_id)  # no MUJOCO_LOG.TXT in the working directory
     env = gym.make(env_id)
     ALGOS[algo][1].check_spaces(env_id, env.observation_space, env.action_space)
     env.close()
@@ -41,6 +42,12 @@ def test_flags_override_the_preset_and_sb3_gets_the_same_settings():
     sac = make_config("sac", "MountainCarContinuous-v0")
     assert sac.ent_coef == 0.1 and sb3_kwargs(sac)["ent_coef"] == 0.1
     assert "ent_coef" not in sb3_kwargs(make_config("sac", "Pendulum-v1"))  # SB3's "auto"
+    sde = make_config("sac", "MountainCarContinuous-v0")  # the zoo explores with gSDE there
+    assert (sde.use_sde, sde.log_std_init, sde.sde_sample_freq) == (True, -3.67, -1)
+    kwargs = sb3_kwargs(sde)
+    assert kwargs["use_sde"] and kwargs["policy_kwargs"]["log_std_init"] == -3.67
+    assert make_config("sac", "BipedalWalker-v3").use_sde
+    assert "use_sde" not in sb3_kwargs(make_config("sac", "Pendulum-v1"))
     td3 = make_config("td3", "HalfCheetah-v5")
     assert (td3.gamma, td3.hidden, td3.learning_starts) == (0.99, (400, 300), 10_000)
 
@@ -84,14 +91,20 @@ def test_a_fixed_sac_temperature_stays_fixed(tmp_path):
     assert float(agent.log_alpha) == 0.0  # never stepped
 
 
-@pytest.mark.parametrize("algo", ["sac", "td3"])
-def test_a_few_hundred_mujoco_steps_through_the_command(tmp_path, algo):
-    """HalfCheetah-v5 runs with its preset (the mujoco extra, in dev)."""
-    flags = ["--steps", "300", "--learning-starts", "100", "--hidden", "32,32"]
-    flags += ["--eval-episodes", "1", "--no-progress", "--logdir", str(tmp_path)]
+@pytest.mark.parametrize(("algo", "impl"), [("sac", "native"), ("td3", "native"), ("sac", "sb3")])
+def test_a_few_hundred_mujoco_steps_through_the_command(tmp_path, monkeypatch, algo, impl):
+    """HalfCheetah-v5 runs with its preset (the mujoco extra, in dev), and MuJoCo's warnings
+    (Gymnasium's models use an attribute MuJoCo 4 deprecates) leave no MUJOCO_LOG.TXT behind in
+    the working directory."""
+    work = tmp_path / "work"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    flags = ["--steps", "300", "--learning-starts", "100", "--hidden", "32,32", "--impl", impl]
+    flags += ["--eval-episodes", "1", "--no-progress", "--logdir", str(tmp_path / "runs")]
     assert main(["train", "--algo", algo, "--env", "HalfCheetah-v5", *flags]) == 0
-    (run,) = tmp_path.iterdir()
+    (run,) = (tmp_path / "runs").iterdir()
     assert (run / "summary.json").is_file()
+    assert list(work.iterdir()) == []
 
 
 def test_a_missing_box2d_names_the_extra(tmp_path, capsys, monkeypatch):

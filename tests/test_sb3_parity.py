@@ -7,6 +7,7 @@ from __future__ import annotations
 import dataclasses
 
 import gymnasium as gym
+import pytest
 import torch
 from stable_baselines3.common.logger import configure
 from stable_baselines3.common.type_aliases import ReplayBufferSamples
@@ -177,7 +178,7 @@ def test_sac_gradient_steps_match_sb3_on_identical_batches():
     the same noise. SB3 adds 1e-6 inside log(1 - tanh^2) and rlweights uses the exact form:
     the one difference, set to 0 here so that the rest is compared tightly."""
     model, agent = _continuous_pair(
-        "sac", learning_rate=3e-3, target_update="polyak:0.1", ent_coef=None
+        "sac", learning_rate=3e-3, target_update="polyak:0.1", ent_coef=None, use_sde=False
     )
     assert model.actor.action_dist.epsilon == 1e-6
     model.actor.action_dist.epsilon = 0.0
@@ -213,3 +214,110 @@ def test_td3_gradient_steps_match_sb3_on_identical_batches():
         rtol=1e-4,
         atol=1e-5,
     )
+
+
+def _one_matrix_per_draw(model) -> None:
+    """SB3's gSDE draws two noise matrices each time: the one that single-environment acting and
+    the gradient steps use, then one per environment for acting in several. The native agent
+    draws only what it uses; here SB3 draws the first alone (its own distribution code), so that
+    both take the same numbers from the seeded generator."""
+    from torch.distributions import Normal
+
+    dist = model.actor.action_dist
+
+    def sample_weights(log_std: torch.Tensor, batch_size: int = 1) -> None:
+        std = dist.get_std(log_std)
+        dist.weights_dist = Normal(torch.zeros_like(std), std)
+        dist.exploration_mat = dist.weights_dist.rsample()
+        dist.exploration_matrices = dist.exploration_mat.unsqueeze(0)
+
+    dist.sample_weights = sample_weights
+
+
+def test_sac_with_gsde_gradient_steps_match_sb3_on_identical_batches():
+    """gSDE (SB3's use_sde, the zoo's MountainCarContinuous preset): the clipped mean, the
+    state-dependent noise and its log-probability, the gradient reaching log_std through the
+    noise matrix and the variance, with the tuned temperature. SB3's tanh correction adds 1e-6
+    inside the log (rlweights uses the exact form): set to 0 here, as in the test above."""
+    model, agent = _continuous_pair(
+        "sac", learning_rate=3e-3, target_update="polyak:0.1", ent_coef=None
+    )
+    assert model.use_sde and agent.config.use_sde and agent.config.log_std_init == -3.67
+    with torch.no_grad():
+        agent.actor.log_std.copy_(model.actor.log_std)
+    model.actor.action_dist.bijector.epsilon = 0.0
+    _one_matrix_per_draw(model)
+    _train_both(model, agent, steps=10, seed=0)
+    for s, t in zip(_linears(model.actor), _linears(agent.actor), strict=True):
+        assert_close(t.weight, s.weight, **TOL)
+        assert_close(t.bias, s.bias, **TOL)
+    assert_close(agent.actor.log_std, model.actor.log_std, **TOL)
+    assert not torch.equal(agent.actor.log_std, torch.full_like(agent.actor.log_std, -3.67))
+    _assert_twin([model.critic.qf0, model.critic.qf1], agent.critic, **TOL)
+    assert_close(agent.log_alpha.detach(), model.log_ent_coef.detach(), **TOL)
+
+
+@pytest.mark.parametrize("sde_sample_freq", [-1, 5])
+def test_gsde_noise_matrices_are_drawn_at_sb3s_steps(sde_sample_freq):
+    """On the same environment steps, the native agent draws its acting noise matrices at the
+    steps where SB3 draws them: the start of each rollout of train_freq steps, and every
+    sde_sample_freq steps within one."""
+    from stable_baselines3 import SAC
+    from stable_baselines3.common.env_util import make_vec_env
+
+    from rlweights.agents.sb3_train import sb3_kwargs
+    from rlweights.agents.train import train
+
+    overrides = {"total_steps": 200, "learning_starts": 30, "train_freq": 16}
+    overrides |= {"gradient_steps": 1, "hidden": (8,), "batch_size": 8, "eval_every": 0}
+    overrides |= {"eval_episodes": 1, "sde_sample_freq": sde_sample_freq}
+    config = make_config("sac", "MountainCarContinuous-v0", **overrides)
+    env = make_vec_env("MountainCarContinuous-v0", n_envs=1, seed=0)
+    model = SAC("MlpPolicy", env, **sb3_kwargs(config))
+    model.set_logger(configure(None, []))
+    sb3_draws: list[int] = []
+    acting = model.actor.reset_noise
+
+    def spy(batch_size: int = 1) -> None:
+        # the draws for acting (a gradient step's draw also has batch size 1: tell them apart
+        # by the caller's state: SB3 trains only between rollouts, past learning_starts)
+        sb3_draws.append(model.num_timesteps)
+        acting(batch_size)
+
+    model.actor.reset_noise = spy
+    original_train = model.train
+
+    def train_spy(gradient_steps: int, batch_size: int) -> None:
+        model.actor.reset_noise = acting  # the gradient steps' draws are not acting's
+        original_train(gradient_steps, batch_size)
+        model.actor.reset_noise = spy
+
+    model.train = train_spy
+    model.learn(config.total_steps)
+    # the steps that act with the policy (SB3 also draws before learning_starts, and twice at
+    # a rollout's start when both rules fire: the second matrix replaces the first)
+    sb3_draws = sorted({s for s in sb3_draws if config.learning_starts < s < config.total_steps})
+
+    native_draws: list[int] = []
+    from rlweights.agents.sac import StateDependentActor
+
+    original = StateDependentActor.reset_noise
+    steps_now = {"steps": 0}
+
+    def native_spy(self, n: int) -> None:
+        native_draws.append(steps_now["steps"])
+        original(self, n)
+
+    def monitor(steps, agent):
+        steps_now["steps"] = steps
+        return {}
+
+    StateDependentActor.reset_noise = native_spy
+    try:
+        train(config, monitor=monitor, monitor_every=1)
+    finally:
+        StateDependentActor.reset_noise = original
+    # the native agent draws at its first action (SB3 uses the matrix of the rollout's start)
+    assert native_draws[0] == config.learning_starts
+    assert native_draws[1:] == sb3_draws
+    assert len(native_draws) > (config.total_steps - config.learning_starts) // 16
