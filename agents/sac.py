@@ -56,7 +56,10 @@ class SACConfig(AgentConfig):
 
 
 class Actor(BoundedActor):
-    """A tanh-squashed Gaussian policy scaled to the action bounds."""
+    """A tanh-squashed Gaussian policy scaled to the action bounds. Log-probabilities are those
+    of the squashed action in [-1, 1], before the scaling (as in SB3 and the original SAC):
+    the target entropy -dim(A) means the same whatever the bounds (Pendulum's are [-2, 2],
+    Humanoid's [-0.4, 0.4])."""
 
     def __init__(self, obs_dim: int, act_dim: int, hidden: tuple[int, ...], low, high):
         super().__init__(low, high)
@@ -75,9 +78,8 @@ class Actor(BoundedActor):
         pre = mean + log_std.exp() * noise
         squashed = torch.tanh(pre)  # before log_prob: autograd sums in the same order as ever
         log_prob = (-0.5 * noise.square() - log_std - 0.5 * math.log(2 * math.pi)).sum(-1)
-        # Change of variables for tanh and the affine scaling (numerically stable form).
+        # Change of variables for tanh (numerically stable form).
         log_prob -= (2 * (math.log(2) - pre - F.softplus(-2 * pre))).sum(-1)
-        log_prob -= torch.log(self.scale).sum()
         return self.to_bounds(squashed), log_prob
 
     def sample(self, obs: Tensor) -> Tensor:
@@ -137,7 +139,6 @@ class StateDependentActor(BoundedActor):
             -0.5 * noise.square() / variance - 0.5 * variance.log() - 0.5 * math.log(2 * math.pi)
         ).sum(-1)
         log_prob -= (2 * (math.log(2) - pre - F.softplus(-2 * pre))).sum(-1)
-        log_prob -= torch.log(self.scale).sum()
         return self.to_bounds(torch.tanh(pre)), log_prob
 
     def sample(self, obs: Tensor) -> Tensor:

@@ -193,6 +193,23 @@ def test_sac_gradient_steps_match_sb3_on_identical_batches():
     assert_close(agent.log_alpha.detach(), model.log_ent_coef.detach(), **tol)
 
 
+def test_sac_log_probabilities_are_sb3s_whatever_the_action_bounds():
+    """Pendulum-v1's actions lie in [-2, 2]: the native actor's actions are SB3's normalised
+    ones scaled to the bounds, and its log-probabilities are SB3's (those of the action in
+    [-1, 1]), so the tuned temperature chases the same target entropy."""
+    _, model, agent = _pair("sac", "Pendulum-v1")
+    assert agent.actor.scale.item() == 2.0
+    _copy_linears(model.actor, agent.actor)
+    model.actor.action_dist.epsilon = 0.0  # SB3's 1e-6 inside log(1 - tanh^2), as above
+    obs = torch.randn(256, 3, generator=torch.Generator().manual_seed(0))
+    torch.manual_seed(1)
+    sb3_actions, sb3_log_prob = model.actor.action_log_prob(obs)
+    torch.manual_seed(1)
+    actions, log_prob = agent.actor(obs)
+    assert_close(actions, 2 * sb3_actions, **TOL)
+    assert_close(log_prob, sb3_log_prob, rtol=1e-4, atol=1e-4)
+
+
 def test_td3_gradient_steps_match_sb3_on_identical_batches():
     """Critic steps, the delayed actor step and both targets (target smoothing noise off,
     the one random part of TD3's step). SB3's critic loss is the sum over the two critics,
