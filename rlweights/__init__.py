@@ -8,6 +8,7 @@ name), a sequence of tensors (matched by position), a ``state_dict`` or the hand
 
 from rlweights import constraints, distributed
 from rlweights.averaging import EMA, SWA
+from rlweights.capture import LayoutChangedError
 from rlweights.constraints import constrain, reset_optimizer_state_
 from rlweights.flat import FlatLayoutWarning, FlatWeights, flatten_
 from rlweights.ops import average_, clamp_, copy_, distance, distances, max_norm_, polyak_
@@ -22,6 +23,7 @@ __all__ = [
     "FlatLayoutWarning",
     "FlatWeights",
     "HardUpdate",
+    "LayoutChangedError",
     "NonFiniteError",
     "PolyakUpdate",
     "WeightMismatchError",

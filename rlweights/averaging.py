@@ -23,8 +23,11 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from torch import nn
+import torch
+from torch import Tensor, nn
+from torch.compiler import is_compiling
 
+from rlweights.capture import FrozenPlan, frozen_plan, lerp_when, plan_device
 from rlweights.checks import check_choice, check_fraction
 from rlweights.ops import BufferPolicy, polyak_
 from rlweights.periodic import PeriodicRoutine
@@ -39,22 +42,58 @@ class _Average(PeriodicRoutine):
     subclasses give the schedule of tau. The state is ``{"counter": ..., "updates": ...,
     "averaged": <the averaged module's state_dict>}``."""
 
-    def __init__(self, module: nn.Module, buffers: BufferPolicy, every: int, start: int = 0):
+    def __init__(
+        self,
+        module: nn.Module,
+        buffers: BufferPolicy,
+        every: int,
+        start: int = 0,
+        capturable: bool = False,
+    ):
+        name = type(self).__name__
         if not isinstance(module, nn.Module):
-            raise TypeError(f"{type(self).__name__} averages an nn.Module, got {module!r}")
-        check_choice(buffers, ("copy", "polyak", "skip"), "buffers", type(self).__name__)
-        super().__init__(every, start=start)
+            raise TypeError(f"{name} averages an nn.Module, got {module!r}")
+        check_choice(buffers, ("copy", "polyak", "skip"), "buffers", name)
         self.module = module
         self.buffers = buffers
         self.averaged = make_target(module)
+        self.plan: FrozenPlan | None = None
+        device = None
+        if capturable:
+            self.plan = frozen_plan(self.averaged, module, name)
+            device = plan_device(self.plan, name)
+        super().__init__(every, start=start, capturable=capturable, device=device)
 
     def _tau(self, updates: int) -> float:
+        raise NotImplementedError
+
+    def _tau_tensor(self, updates: Tensor) -> Tensor:
+        """The capturable form of :meth:`_tau` (float64, on the device)."""
         raise NotImplementedError
 
     def _run(self) -> None:
         polyak_(self.averaged, self.module, self._tau(self.updates), buffers=self.buffers)
 
-    update = PeriodicRoutine.step  # the name averages have: "count a step, move when due"
+    def _run_when(self, due: Tensor) -> None:
+        assert self.plan is not None
+        tau = self._tau_tensor(self.updates)  # type: ignore[arg-type]
+        always = self.every == 1 and self.start == 0
+        lerp_when(self.plan, due, tau, buffers=self.buffers, always=always)
+
+    def check(self) -> None:
+        """Capturable averages: raise :class:`~rlweights.LayoutChangedError` if the weights
+        moved since the average was built."""
+        if self.plan is not None:
+            self.plan.check()
+
+    def update(self) -> bool | Tensor:
+        """Count a step; move the average when due. Returns whether it moved (a 0-dim bool
+        tensor for capturable averages)."""
+        if self.plan is not None and not is_compiling():
+            self.plan.check()
+        return PeriodicRoutine.step(self)
+
+    step = update
 
     def _extra_state(self) -> dict[str, Any]:
         return {"averaged": self.averaged.state_dict()}
@@ -88,6 +127,10 @@ class EMA(_Average):
     (also timm's and many RL codebases'): ``tau_n = max(tau, 1 - (1 + n) / (10 + n))``, so
     early updates follow the online weights closely instead of averaging in the random
     initialisation for thousands of steps. ``every=k`` updates on every k-th call.
+
+    ``capturable=True``: the form for compiled and captured steps (as for
+    :class:`~rlweights.PolyakUpdate`): ``tau`` in a device tensor (``ema.tau = x`` writes it
+    in place), the warm-up schedule computed there from the update count.
     """
 
     def __init__(
@@ -98,20 +141,41 @@ class EMA(_Average):
         warmup: bool = False,
         every: int = 1,
         buffers: BufferPolicy = "copy",
+        capturable: bool = False,
     ):
-        self.tau = float(check_fraction(tau, "tau", "EMA", tensor=False))
+        self._tau_t: Tensor | None = None
+        self.tau = tau
         self.warmup = bool(warmup)
-        super().__init__(module, buffers, every)
+        super().__init__(module, buffers, every, capturable=capturable)
+        if self.capturable:
+            self._tau_t = torch.tensor(self.tau, dtype=torch.float64, device=self.updates.device)
+
+    @property
+    def tau(self) -> float:
+        return self._tau_value
+
+    @tau.setter
+    def tau(self, value: float) -> None:
+        self._tau_value = float(check_fraction(value, "tau", "EMA", tensor=False))
+        if self._tau_t is not None:
+            self._tau_t.fill_(self._tau_value)
 
     def _tau(self, updates: int) -> float:
         if self.warmup:
             return max(self.tau, 1.0 - (1.0 + updates) / (10.0 + updates))
         return self.tau
 
+    def _tau_tensor(self, updates: Tensor) -> Tensor:
+        assert self._tau_t is not None
+        if not self.warmup:
+            return self._tau_t
+        n = updates.to(torch.float64)
+        return torch.maximum(self._tau_t, 1.0 - (1.0 + n) / (10.0 + n))
+
     def __repr__(self) -> str:
         return (
             f"EMA({type(self.module).__name__}, tau={self.tau}, warmup={self.warmup}, "
-            f"updates={self.updates})"
+            f"updates={int(self.updates)})"
         )
 
 
@@ -123,12 +187,21 @@ class SWA(_Average):
     """
 
     def __init__(
-        self, module: nn.Module, *, start: int = 0, every: int = 1, buffers: BufferPolicy = "copy"
+        self,
+        module: nn.Module,
+        *,
+        start: int = 0,
+        every: int = 1,
+        buffers: BufferPolicy = "copy",
+        capturable: bool = False,
     ):
-        super().__init__(module, buffers, every, start)
+        super().__init__(module, buffers, every, start, capturable)
 
     def _tau(self, updates: int) -> float:
         return 1.0 / (updates + 1)
+
+    def _tau_tensor(self, updates: Tensor) -> Tensor:
+        return 1.0 / (updates.to(torch.float64) + 1.0)
 
     @property
     def calls(self) -> int:
@@ -138,5 +211,5 @@ class SWA(_Average):
     def __repr__(self) -> str:
         return (
             f"SWA({type(self.module).__name__}, start={self.start}, calls={self.calls}, "
-            f"updates={self.updates})"
+            f"updates={int(self.updates)})"
         )

@@ -35,7 +35,7 @@ from torch import Tensor
 from torch.compiler import is_compiling
 
 from rlweights.checks import check_choice, check_fraction, check_number
-from rlweights.flat import FlatWeights, bump_versions, layout_of
+from rlweights.flat import _LAYOUTS, FlatWeights, bump_versions, layout_of
 from rlweights.registration import GENERATION, overwrites_params
 from rlweights.weights import (
     Entry,
@@ -303,6 +303,46 @@ def _eager(fn: Callable[_P, _R]) -> Callable[_P, _R]:
     return wrapper
 
 
+@torch.compiler.assume_constant_result
+def _flat_pair_at_trace(target: Weights, source: Weights) -> bool:
+    """Whether ``target`` and ``source`` share an intact flat layout. Inside torch.compile
+    this runs once, for real, when the function is traced (the pointer checks cannot be
+    traced), and its answer is built into the compiled code: re-flattening or moving the
+    weights afterwards calls for a new compile (``torch._dynamo.reset()``), as for capturable
+    routines (see :mod:`rlweights.capture`)."""
+    return _shared_layouts(target, source) is not None
+
+
+def _traced_layout(weights: Weights) -> FlatWeights:
+    return weights if isinstance(weights, FlatWeights) else _LAYOUTS[weights]  # type: ignore[index]
+
+
+def _write_flat_traced(
+    target: Weights, source: Weights, tau: float | Tensor | None, buffers: str
+) -> None:
+    """The traceable form of the flat path (inside torch.compile, after
+    :func:`_flat_pair_at_trace`): ``lerp_`` (``tau``) or ``copy_`` (None) of every tensor,
+    written through the views themselves, not their flat buffers. Each view has a storage
+    object of its own (see :mod:`rlweights.flat`), so the compiler cannot see that a buffer
+    aliases the tensors the step reads; writing the views keeps every read and write in
+    order, and the compiler fuses the writes into a few kernels anyway."""
+    tl, sl = _traced_layout(target), _traced_layout(source)
+    with torch.no_grad():
+        for t, s in zip(tl.param_views, sl.param_views, strict=True):
+            if tau is None:
+                t.copy_(s)
+            else:
+                t.lerp_(s, tau)
+        if buffers != "skip":
+            for t, s in zip(tl.buffer_views, sl.buffer_views, strict=True):
+                if buffers == "polyak" and tau is not None:
+                    t.lerp_(s, tau)
+                else:
+                    t.copy_(s)
+            for te, se in zip(tl.others, sl.others, strict=True):
+                te.tensor.copy_(se.tensor)
+
+
 def _grad_off(plan: PairPlan) -> AbstractContextManager[None]:
     # Flat buffers never require grad, so writing them records nothing: skip the toggle.
     return _NULL if plan.flat else _no_grad()
@@ -328,7 +368,13 @@ def polyak_(
     ``"skip"``. Integer buffers (``num_batches_tracked``) are copied, never interpolated
     (skipped with ``buffers="skip"``). See the module docstring for ``nonfinite``.
     """
-    if is_compiling():  # run eagerly inside torch.compile (a graph break), see _eager
+    if is_compiling():
+        # Flat layouts trace (no graph break); anything else runs eagerly (a break, see _eager).
+        if nonfinite == "propagate" and _flat_pair_at_trace(target, source):
+            check_choice(buffers, ("copy", "polyak", "skip"), "buffers", "polyak_")
+            return _write_flat_traced(
+                target, source, check_fraction(tau, "tau", "polyak_"), buffers
+            )
         return _polyak_eager(target, source, tau, buffers=buffers, nonfinite=nonfinite)
     if type(tau) is float and nonfinite == "propagate" and 0.0 < tau <= 1.0:
         # The hot path (a target update every gradient step): nothing but the integrity
@@ -401,7 +447,6 @@ def polyak_as_sb3_(target: Weights, source: Weights, tau: float) -> None:
 _polyak_eager = _eager(polyak_)
 
 
-@_eager
 def copy_(
     target: Weights,
     source: Weights,
@@ -416,7 +461,15 @@ def copy_(
     partial transfer, e.g. copying a pretrained feature extractor into a new network whose
     head differs: only the selected names must match. ``source`` may be a ``state_dict``
     (load it with ``torch.load(path, weights_only=True)``).
+
+    Inside ``torch.compile`` a copy between two weight sets of one flat layout traces (no
+    graph break); other calls run eagerly there.
     """
+    if is_compiling():
+        plain = include is None and exclude is None and nonfinite == "propagate"
+        if plain and _flat_pair_at_trace(target, source):
+            return _write_flat_traced(target, source, None, "copy")
+        return _copy_eager(target, source, include=include, exclude=exclude, nonfinite=nonfinite)
     op = "copy_"
     check_choice(nonfinite, ("propagate", "raise", "skip"), "nonfinite", op)
     if include is None and exclude is None:
@@ -443,6 +496,9 @@ def copy_(
             t.copy_(s)
         bump_versions(plan.bump_params)
         bump_versions(plan.bump_buffers)
+
+
+_copy_eager = _eager(copy_)
 
 
 def _normalised(coefficients: Sequence[float] | None, n: int, op: str) -> list[float]:

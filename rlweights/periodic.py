@@ -5,15 +5,22 @@ Target updates (``PolyakUpdate`` / ``HardUpdate``), EMA and SWA, averaging acros
 averaged policy) all count with :class:`Periodic`, so they agree on when "every N" fires and
 save their counters in one format. The routines among them share :class:`PeriodicRoutine`:
 count, act when due, save ``{"counter": ..., "updates": ...}``.
+
+:class:`DevicePeriodic` is the same counter with its count in a device tensor, for the
+capturable routines (``capturable=True``): counting and "is it due" are tensor arithmetic,
+so they trace with ``torch.compile(fullgraph=True)`` and record into CUDA graphs.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
+import torch
+from torch import Tensor
+
 from rlweights.checks import check_int
 
-__all__ = ["Periodic", "PeriodicRoutine"]
+__all__ = ["DevicePeriodic", "Periodic", "PeriodicRoutine"]
 
 
 class Periodic:
@@ -76,7 +83,7 @@ class Periodic:
         return self.fired > before
 
     def state_dict(self) -> dict[str, int]:
-        return {"every": self._every, "start": self._start, "steps": self._steps}
+        return {"every": self._every, "start": self._start, "steps": self.steps}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore :meth:`state_dict`; validated first, so a bad state changes nothing. A
@@ -105,6 +112,55 @@ class Periodic:
         return f"Periodic(every={self._every}{start}, steps={self._steps})"
 
 
+class DevicePeriodic(Periodic):
+    """:class:`Periodic` with its count in a 0-dim int64 tensor on ``device``: :meth:`step`
+    adds to it and returns a 0-dim bool tensor (due or not) without reading anything back to
+    the host, so it can run inside a compiled or captured step. Reading :attr:`steps` or
+    :attr:`fired` syncs; the state is :class:`Periodic`'s."""
+
+    __slots__ = ("count",)
+
+    def __init__(
+        self,
+        every: int,
+        *,
+        start: int = 0,
+        name: str = "Periodic",
+        device: torch.device | str | None = None,
+    ):
+        self.count = torch.zeros((), dtype=torch.int64, device=device)
+        super().__init__(every, start=start, name=name)
+
+    @property
+    def steps(self) -> int:
+        return int(self.count)
+
+    @property
+    def fired(self) -> int:
+        return max(self.steps - self._start, 0) // self._every
+
+    def _set_steps(self, steps: int) -> None:
+        self.count.fill_(steps)
+
+    def _fired(self) -> Tensor:
+        return (self.count - self._start).clamp(min=0) // self._every
+
+    def step(self, n: int = 1) -> Tensor:  # type: ignore[override]
+        """Count ``n`` steps (a Python int); a 0-dim bool tensor: whether a due step was among
+        them."""
+        if n == 1:
+            self.count.add_(1)
+            return (self.count > self._start) & ((self.count - self._start) % self._every == 0)
+        check_int(n, "n", f"{self.name}.step", minimum=0)
+        before = self._fired()
+        self.count.add_(n)
+        return self._fired() > before
+
+    def __repr__(self) -> str:
+        start = f", start={self._start}" if self._start else ""
+        return f"DevicePeriodic(every={self._every}{start}, device={self.count.device})"
+
+
 class PeriodicRoutine:
     """Base of the routines that act on the due steps of a :class:`Periodic` counter (target
     updates, averages, averaging across processes).
@@ -114,11 +170,28 @@ class PeriodicRoutine:
     ``{"counter": <Periodic's state>, "updates": n}`` plus what a subclass adds
     (:meth:`_extra_state`), and :meth:`load_state_dict` validates all of it before it changes
     anything.
+
+    ``capturable=True``: the counter is a :class:`DevicePeriodic` on ``device``, ``updates``
+    a 0-dim int64 tensor there, and :meth:`step` runs :meth:`_run_when` (the subclass's
+    tensor-only form, given the due flag) on every call and returns the flag as a tensor.
     """
 
-    def __init__(self, every: int, *, start: int = 0):
-        self.counter = Periodic(every, start=start, name=type(self).__name__)
-        self.updates = 0
+    def __init__(
+        self,
+        every: int,
+        *,
+        start: int = 0,
+        capturable: bool = False,
+        device: torch.device | str | None = None,
+    ):
+        name = type(self).__name__
+        self.capturable = bool(capturable)
+        if self.capturable:
+            self.counter: Periodic = DevicePeriodic(every, start=start, name=name, device=device)
+            self.updates: int | Tensor = torch.zeros((), dtype=torch.int64, device=device)
+        else:
+            self.counter = Periodic(every, start=start, name=name)
+            self.updates = 0
 
     @property
     def every(self) -> int:
@@ -136,8 +209,19 @@ class PeriodicRoutine:
     def _run(self) -> None:
         raise NotImplementedError
 
-    def step(self) -> bool:
-        """Count one step; when it is due, run. Returns whether it ran."""
+    def _run_when(self, due: Tensor) -> None:
+        """The capturable form of :meth:`_run`: act where ``due`` (a 0-dim bool tensor) is
+        true, without reading it on the host."""
+        raise NotImplementedError
+
+    def step(self) -> bool | Tensor:
+        """Count one step; when it is due, run. Returns whether it ran (capturable: as a 0-dim
+        bool tensor, which stays on the device)."""
+        if self.capturable:
+            due = self.counter.step()
+            self._run_when(due)
+            self.updates.add_(due.to(torch.int64))  # type: ignore[union-attr]
+            return due
         if not self.counter.step():
             return False
         self._run()
@@ -148,7 +232,7 @@ class PeriodicRoutine:
         """The counter, the number of runs and the subclass's settings."""
         return {
             "counter": self.counter.state_dict(),
-            "updates": self.updates,
+            "updates": int(self.updates),
             **self._extra_state(),
         }
 
@@ -163,7 +247,10 @@ class PeriodicRoutine:
         self.counter.check_state(state["counter"])
         self._load_extra_state(state)
         self.counter.load_state_dict(state["counter"])  # checked above: cannot raise now
-        self.updates = updates
+        if isinstance(self.updates, Tensor):
+            self.updates.fill_(updates)
+        else:
+            self.updates = updates
 
     def _extra_state(self) -> dict[str, Any]:
         return {}

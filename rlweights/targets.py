@@ -6,8 +6,11 @@ import copy
 from collections.abc import Callable
 from typing import Any
 
+import torch
 from torch import Tensor, nn
+from torch.compiler import is_compiling
 
+from rlweights.capture import FrozenPlan, copy_when, frozen_plan, lerp_when, plan_device
 from rlweights.checks import check_choice, check_fraction
 from rlweights.flat import flatten_, lives_in_other_layout
 from rlweights.ops import BufferPolicy, NonFinite, copy_, pair_plan, polyak_
@@ -45,6 +48,11 @@ def _weights_name(weights: Weights) -> str:
     return type(weights).__name__
 
 
+def _always(routine: TargetRoutine) -> bool:
+    """Due at every step: the write needs no ``torch.where``."""
+    return routine.every == 1 and routine.start == 0
+
+
 class TargetRoutine(PeriodicRoutine):
     """Counts ``step()`` calls and updates the target on every due step: every ``every``-th
     one (as SB3's DQN does: the first update happens at step ``every``), after the first
@@ -58,29 +66,57 @@ class TargetRoutine(PeriodicRoutine):
     :class:`~rlweights.periodic.Periodic` does.
     """
 
-    def __init__(self, source: Weights | None, target: Weights | None, every: int, start: int = 0):
-        super().__init__(every, start=start)
+    def __init__(
+        self,
+        source: Weights | None,
+        target: Weights | None,
+        every: int,
+        start: int = 0,
+        capturable: bool = False,
+    ):
+        name = type(self).__name__
         if (source is None) != (target is None):
-            raise ValueError(f"{type(self).__name__}: pass both source and target, or neither")
+            raise ValueError(f"{name}: pass both source and target, or neither")
+        self.plan: FrozenPlan | None = None
+        device = None
         if source is not None:
             # Pair and validate now, not at the first due step (maybe thousands later).
-            pair_plan(target, source, type(self).__name__, ints_ok=True)
+            if capturable:
+                self.plan = frozen_plan(target, source, name)
+                device = plan_device(self.plan, name)
+            else:
+                pair_plan(target, source, name, ints_ok=True)
+        super().__init__(every, start=start, capturable=capturable, device=device)
         self.source = source
         self.target = target
 
     def bind(self, source: Weights, target: Weights) -> TargetRoutine:
         """A copy of this routine's settings, fresh counters, acting on ``source -> target``."""
         bound = copy.copy(self)
-        TargetRoutine.__init__(bound, source, target, self.every, self.start)
+        TargetRoutine.__init__(bound, source, target, self.every, self.start, self.capturable)
+        bound._bound()
         return bound
 
-    def step(self) -> bool:
-        """Count one step; update the target when due. Returns whether it updated."""
+    def _bound(self) -> None:
+        """What a subclass keeps per bound pair (the capturable form's coefficient tensor)."""
+
+    def check(self) -> None:
+        """Capturable routines: raise :class:`~rlweights.LayoutChangedError` if the weights
+        moved since the routine was built (called on every eager step; call it before
+        compiling or capturing a step that holds the routine)."""
+        if self.plan is not None:
+            self.plan.check()
+
+    def step(self) -> bool | Tensor:
+        """Count one step; update the target when due. Returns whether it updated (a 0-dim bool
+        tensor on the weights' device for capturable routines)."""
         if self.source is None:
             raise ValueError(
                 f"{type(self).__name__} has no source and target: pass them when making it, "
                 "use .bind(source, target), or attach it to an SB3 model (rlweights.sb3.attach)."
             )
+        if self.plan is not None and not is_compiling():
+            self.plan.check()
         return PeriodicRoutine.step(self)  # not super(): cheaper, and this runs every step
 
     def _repr_extra(self) -> str:
@@ -93,9 +129,10 @@ class TargetRoutine(PeriodicRoutine):
             else f"{_weights_name(self.source)} -> {_weights_name(self.target)}"
         )
         start = f", start={self.start}" if self.start else ""
+        capturable = ", capturable=True" if self.capturable else ""
         return (
             f"{type(self).__name__}({pair}{self._repr_extra()}, every={self.every}{start}, "
-            f"steps={self.steps}, updates={self.updates})"
+            f"steps={self.steps}, updates={int(self.updates)}{capturable})"
         )
 
 
@@ -107,6 +144,15 @@ class PolyakUpdate(TargetRoutine):
     (validated at every update). It can be changed at any time (``routine.tau = 0.01``).
     ``start=s`` holds the first update back to step ``s + every`` (how SWA starts averaging
     late). ``buffers`` / ``nonfinite`` are those of :func:`rlweights.polyak_`.
+
+    ``capturable=True``: the form for compiled and captured training steps (see
+    :mod:`rlweights.capture`). The pair is resolved and validated here; ``tau`` lives in a
+    0-dim float64 tensor on the weights' device, which ``routine.tau = x`` overwrites in place
+    (compiled and captured steps see the new value); the counters are device tensors, and
+    :meth:`step` returns the due flag as a tensor. Off the every-step case the write is a
+    ``torch.where`` over the due flag. Schedules and ``nonfinite="raise"`` need the host at
+    every update and are refused; ``tau=0`` then adds ``0 * (source - target)`` (the weights
+    stay equal, but a non-finite source makes NaN).
 
     >>> target = rw.make_target(critic)
     >>> update = rw.PolyakUpdate(critic, target, tau=0.005)
@@ -124,13 +170,30 @@ class PolyakUpdate(TargetRoutine):
         start: int = 0,
         buffers: BufferPolicy = "copy",
         nonfinite: NonFinite = "propagate",
+        capturable: bool = False,
     ):
         check_choice(buffers, ("copy", "polyak", "skip"), "buffers", "PolyakUpdate")
         check_choice(nonfinite, ("propagate", "raise", "skip"), "nonfinite", "PolyakUpdate")
+        self._tau_t: Tensor | None = None
         self.tau = tau
-        super().__init__(source, target, every, start)
+        if capturable:
+            if callable(self._tau) and not isinstance(self._tau, Tensor):
+                raise ValueError(
+                    "PolyakUpdate(capturable=True): a tau schedule is Python code run at every "
+                    "update; set routine.tau = value between steps instead (compiled and "
+                    "captured steps see it)."
+                )
+            _refuse_raise(nonfinite, "PolyakUpdate")
+        super().__init__(source, target, every, start, capturable)
         self.buffers = buffers
         self.nonfinite = nonfinite
+        self._bound()
+
+    def _bound(self) -> None:
+        if self.capturable and self.plan is not None:
+            device = self.counter.count.device  # type: ignore[attr-defined]
+            self._tau_t = torch.zeros((), dtype=torch.float64, device=device)
+            self._tau_t.copy_(torch.as_tensor(self._tau, dtype=torch.float64))
 
     @property
     def tau(self) -> float | Tensor | Callable[[int], float]:
@@ -141,7 +204,11 @@ class PolyakUpdate(TargetRoutine):
         if value is None:
             raise ValueError("PolyakUpdate: tau is required (a float in [0, 1], e.g. 0.005)")
         is_schedule = callable(value) and not isinstance(value, Tensor)
+        if is_schedule and getattr(self, "capturable", False):
+            raise ValueError("PolyakUpdate(capturable=True): tau must be a number, not a schedule")
         self._tau = value if is_schedule else check_fraction(value, "tau", "PolyakUpdate")
+        if self._tau_t is not None:  # capturable: in place, so compiled steps see it
+            self._tau_t.copy_(torch.as_tensor(self._tau, dtype=torch.float64))
 
     def current_tau(self) -> float | Tensor:
         """The coefficient the next update uses (the schedule's value, if tau is one)."""
@@ -153,8 +220,22 @@ class PolyakUpdate(TargetRoutine):
         tau = self.current_tau()
         polyak_(self.target, self.source, tau, buffers=self.buffers, nonfinite=self.nonfinite)
 
+    def _run_when(self, due: Tensor) -> None:
+        assert self.plan is not None and self._tau_t is not None
+        skip = self.nonfinite == "skip"
+        lerp_when(
+            self.plan,
+            due,
+            self._tau_t,
+            buffers=self.buffers,
+            always=_always(self),
+            skip_nonfinite=skip,
+        )
+
     def _extra_state(self) -> dict[str, Any]:
         # A schedule is code, not state: it is kept by the routine, not saved.
+        if self._tau_t is not None:
+            return {"tau": float(self._tau_t)}
         return {"tau": self._tau if isinstance(self._tau, (float, Tensor)) else None}
 
     def _load_extra_state(self, state: dict[str, Any]) -> None:
@@ -178,6 +259,10 @@ class HardUpdate(TargetRoutine):
     ``start`` as for :class:`PolyakUpdate`.
 
     >>> update = rw.HardUpdate(q_net, q_target, every=1000)
+
+    ``capturable=True``: the form for compiled and captured steps (as for
+    :class:`PolyakUpdate`): every call is one ``torch.where`` per tensor over the due flag of
+    the device counter, no host branch.
     """
 
     def __init__(
@@ -188,10 +273,25 @@ class HardUpdate(TargetRoutine):
         *,
         start: int = 0,
         nonfinite: NonFinite = "propagate",
+        capturable: bool = False,
     ):
         check_choice(nonfinite, ("propagate", "raise", "skip"), "nonfinite", "HardUpdate")
-        super().__init__(source, target, every, start)
+        if capturable:
+            _refuse_raise(nonfinite, "HardUpdate")
         self.nonfinite = nonfinite
+        super().__init__(source, target, every, start, capturable)
 
     def _run(self) -> None:
         copy_(self.target, self.source, nonfinite=self.nonfinite)
+
+    def _run_when(self, due: Tensor) -> None:
+        assert self.plan is not None
+        copy_when(self.plan, due, always=_always(self), skip_nonfinite=self.nonfinite == "skip")
+
+
+def _refuse_raise(nonfinite: str, name: str) -> None:
+    if nonfinite == "raise":
+        raise ValueError(
+            f"{name}(capturable=True): nonfinite='raise' reads the sources on the host at every "
+            "update; use 'skip' (no host sync) or 'propagate'."
+        )

@@ -1,0 +1,228 @@
+"""The capturable form of the weight ops (``capturable=True`` on a routine or a constraint).
+
+A capturable routine resolves, pairs and validates its tensors once, when it is built, into a
+:class:`FrozenPlan`; its per-step work is then pure tensor code: the coefficient and the
+counters live in tensors on the weights' device, "every N" is arithmetic on the counter, and
+nothing reads a value back to the host or branches on one. So it traces with
+``torch.compile(fullgraph=True)`` and records into a CUDA graph.
+
+What the plan fixed (the tensors and their memory) can be invalidated afterwards by
+re-flattening a module, ``.to()``, ``load_state_dict(assign=True)`` and the like. A compiled or
+captured step would then keep writing the old memory without anyone noticing, so the plan is
+checked (:meth:`FrozenPlan.check`, a few pointer comparisons) on every eager call and when a
+compiled step is built, and a changed layout raises :class:`LayoutChangedError` naming the
+fix, never silently.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+from torch.compiler import is_compiling
+
+from rlweights.flat import FlatWeights
+from rlweights.ops import pair_plan
+from rlweights.registration import GENERATION, overwrites_params
+from rlweights.weights import Weights, is_float
+
+__all__ = ["FrozenPlan", "LayoutChangedError", "frozen_plan", "single_plan"]
+
+
+class LayoutChangedError(RuntimeError):
+    """The tensors a capturable routine or constraint was built on have moved (re-flattened,
+    ``.to()``, ``load_state_dict(assign=True)``, replaced): build it again, and recompile or
+    recapture the step that uses it."""
+
+
+@dataclass(slots=True)
+class FrozenPlan:
+    """The (target, source) tensor pairs of a capturable routine, by role: floating
+    parameters (flat buffers when both sides share a flat layout), floating buffers, and
+    non-floating tensors (copied, never interpolated). ``bump`` lists the views whose
+    autograd version a write must bump (flat layouts only; other tensors are written
+    directly, which bumps their own). ``watched`` / ``ptrs`` are what :meth:`check`
+    compares.
+
+    Inside torch.compile the writes go through the tensors themselves, ``view_params`` and
+    ``view_buffers`` (the flat buffers' views; the same pairs as ``params`` / ``buffers``
+    where there is no flat layout): each view has a storage object of its own, so the
+    compiler cannot tell that a flat buffer aliases the weights a step reads, and writing it
+    could be ordered before those reads. The compiler fuses the per-tensor writes anyway."""
+
+    op: str
+    params: list[tuple[Tensor, Tensor]]
+    buffers: list[tuple[Tensor, Tensor]]
+    others: list[tuple[Tensor, Tensor]]
+    view_params: list[tuple[Tensor, Tensor]] = field(default_factory=list)
+    view_buffers: list[tuple[Tensor, Tensor]] = field(default_factory=list)
+    bump_params: list[Tensor] = field(default_factory=list)
+    bump_buffers: list[Tensor] = field(default_factory=list)
+    layouts: tuple[FlatWeights, ...] = ()
+    watched: list[Tensor] = field(default_factory=list)
+    ptrs: list[int] = field(default_factory=list)
+    # Without a flat layout: the weight sets, re-resolved when a registration anywhere may
+    # have replaced one of their tensors (load_state_dict(assign=True), a new Parameter).
+    weights: tuple[Weights, Weights] | None = None
+    generation: int = 0
+
+    @property
+    def devices(self) -> list[torch.device]:
+        """The devices of the written tensors, in order of first appearance."""
+        found: list[torch.device] = []
+        for t, _ in self.params + self.buffers + self.others:
+            if t.device not in found:
+                found.append(t.device)
+        return found
+
+    def check(self) -> None:
+        """Raise :class:`LayoutChangedError` unless every tensor is where the plan found it."""
+        intact = all(layout.intact for layout in self.layouts)
+        intact = intact and list(map(Tensor.data_ptr, self.watched)) == self.ptrs
+        moved = self.generation != GENERATION[0] or overwrites_params()
+        if intact and self.weights is not None and moved:
+            again = pair_plan(*self.weights, self.op, ints_ok=True, flat=False)
+            found = [x for g in again.params + again.buffers for side in g for x in side]
+            found += [x for pair in again.others for x in pair]
+            mine = [x for pair in self.params + self.buffers + self.others for x in pair]
+            intact = sorted(map(id, found)) == sorted(map(id, mine))
+            if intact:
+                self.generation = GENERATION[0]
+        if intact:
+            return
+        raise LayoutChangedError(
+            f"{self.op}: the weights it was built on have moved since (re-flattened, .to(), "
+            "load_state_dict(assign=True), replaced tensors); build it again after the change, "
+            "and recompile or recapture the step that uses it."
+        )
+
+
+def _pairs(groups: list[tuple[list[Tensor], list[Tensor]]]) -> list[tuple[Tensor, Tensor]]:
+    return [(t, s) for ts, ss in groups for t, s in zip(ts, ss, strict=True)]
+
+
+def frozen_plan(target: Weights, source: Weights, op: str) -> FrozenPlan:
+    """Pair and validate ``target`` with ``source`` (as the eager ops do, raising
+    :class:`~rlweights.WeightMismatchError`) and fix the tensors for capturable use."""
+    plan = pair_plan(target, source, op, ints_ok=True)
+    params, buffers = _pairs(plan.params), _pairs(plan.buffers)
+    if plan.flat:
+        watched = list(plan.views)
+        tl, sl = plan.layouts
+        view_params = list(zip(tl.param_views, sl.param_views, strict=True))
+        view_buffers = list(zip(tl.buffer_views, sl.buffer_views, strict=True))
+    else:
+        watched = [x for pair in params + buffers + plan.others for x in pair]
+        view_params, view_buffers = params, buffers
+    weights = None if plan.flat else (target, source)
+    return FrozenPlan(
+        op,
+        params,
+        buffers,
+        list(plan.others),
+        view_params=view_params,
+        view_buffers=view_buffers,
+        bump_params=list(plan.bump_params),
+        bump_buffers=list(plan.bump_buffers),
+        layouts=plan.layouts,
+        watched=watched,
+        ptrs=list(map(Tensor.data_ptr, watched)),
+        weights=weights,
+        generation=GENERATION[0],
+    )
+
+
+def single_plan(tensors: list[Tensor], bump: list[Tensor], op: str) -> FrozenPlan:
+    """A plan over one weight set (a constraint's): ``tensors`` are written in place (their
+    pairs are ``(t, t)``), ``bump`` the flat views to bump after a write."""
+    watched = [*tensors, *bump]
+    return FrozenPlan(
+        op,
+        [(t, t) for t in tensors if is_float(t)],
+        [],
+        [],
+        view_params=[(v, v) for v in bump] if bump else [(t, t) for t in tensors if is_float(t)],
+        bump_params=list(bump),
+        watched=watched,
+        ptrs=list(map(Tensor.data_ptr, watched)),
+    )
+
+
+def bump(tensors: list[Tensor]) -> None:
+    """Bump autograd's version counters of flat views after a write (traceable)."""
+    if tensors:
+        torch.autograd.graph.increment_version(tensors)
+
+
+def plan_device(plan: FrozenPlan, name: str) -> torch.device | None:
+    """The one device of a plan's tensors (None for an empty plan); several are refused: a
+    capturable routine keeps its counters on one device."""
+    devices = plan.devices
+    if len(devices) > 1:
+        raise ValueError(
+            f"{name}(capturable=True): the weights are on {', '.join(map(str, devices))}; a "
+            "capturable routine keeps its counter on one device, so put them on one."
+        )
+    return devices[0] if devices else None
+
+
+def _finite_due(due: Tensor, sources: list[Tensor]) -> Tensor:
+    """``due`` and every source finite (no host sync)."""
+    if not sources:
+        return due
+    return due & torch.stack([torch.isfinite(s).all() for s in sources]).all()
+
+
+def lerp_when(
+    plan: FrozenPlan,
+    due: Tensor,
+    tau: Tensor,
+    *,
+    buffers: str = "copy",
+    always: bool = False,
+    skip_nonfinite: bool = False,
+) -> None:
+    """Where ``due``: parameters move ``tau`` of the way to their sources; floating buffers
+    are copied (``buffers="copy"``), moved as well (``"polyak"``) or left (``"skip"``);
+    non-floating tensors are copied unless ``"skip"``. ``always`` (due at every call, never
+    skipped) writes without ``torch.where``; ``skip_nonfinite`` leaves everything when a read
+    source is not finite."""
+    with_buffers = buffers != "skip"
+    traced = is_compiling()
+    params = plan.view_params if traced else plan.params
+    buffer_pairs = plan.view_buffers if traced else plan.buffers
+    with torch.no_grad():
+        if skip_nonfinite:
+            read = [s for _, s in params + (buffer_pairs if with_buffers else [])]
+            due = _finite_due(due, read)
+            always = False
+        for t, s in params:
+            if always:
+                t.lerp_(s, tau)
+            else:
+                t.copy_(torch.where(due, torch.lerp(t, s, tau), t))
+        if with_buffers:
+            for t, s in buffer_pairs:
+                new = torch.lerp(t, s, tau) if buffers == "polyak" else s
+                t.copy_(new if always else torch.where(due, new, t))
+            for t, s in plan.others:
+                t.copy_(s if always else torch.where(due, s, t))
+    if not traced:  # written through the views when traced: their own counters moved
+        bump(plan.bump_params + (plan.bump_buffers if with_buffers else []))
+
+
+def copy_when(
+    plan: FrozenPlan, due: Tensor, *, always: bool = False, skip_nonfinite: bool = False
+) -> None:
+    """Where ``due``: every tensor becomes its source's value (see :func:`lerp_when`)."""
+    traced = is_compiling()
+    pairs = plan.view_params + plan.view_buffers if traced else plan.params + plan.buffers
+    with torch.no_grad():
+        if skip_nonfinite:
+            due = _finite_due(due, [s for _, s in pairs])
+            always = False
+        for t, s in pairs + plan.others:
+            t.copy_(s if always else torch.where(due, s, t))
+    if not traced:
+        bump(plan.bump_params + plan.bump_buffers)

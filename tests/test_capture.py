@@ -1,0 +1,277 @@
+"""The capturable form of the routines (``capturable=True``, issue 15): the same results as the
+eager routines, traced by ``torch.compile(fullgraph=True)``, no graph break of rlweights'
+making inside a compiled training step, changed layouts refused."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import NETS, named, snapshot
+from torch import nn
+from torch.testing import assert_close
+
+import rlweights as rw
+from rlweights.periodic import DevicePeriodic, Periodic
+
+RLWEIGHTS = str(Path(rw.__file__).parent)
+
+
+@pytest.mark.parametrize(("every", "start", "n"), [(1, 0, 1), (3, 0, 1), (4, 5, 1), (3, 2, 2)])
+def test_device_counter_fires_where_the_host_counter_does(every, start, n):
+    host, device = Periodic(every, start=start), DevicePeriodic(every, start=start)
+    fired = [(host.step(n), bool(device.step(n))) for _ in range(30)]
+    assert [h for h, _ in fired] == [d for _, d in fired] and any(h for h, _ in fired)
+    assert device.state_dict() == host.state_dict() and device.fired == host.fired
+    restored = DevicePeriodic(every, start=start)
+    restored.load_state_dict(host.state_dict())
+    assert [bool(restored.step(n)) for _ in range(9)] == [host.step(n) for _ in range(9)]
+
+
+def _routines(source: nn.Module, target: nn.Module, policy: nn.Module, capturable: bool):
+    """A routine of each kind, with settings that exercise the due flag and the buffers."""
+    hard_target = copy.deepcopy(target)
+    slow_target = copy.deepcopy(target)
+    return [
+        rw.PolyakUpdate(source, target, tau=0.05, capturable=capturable),
+        rw.PolyakUpdate(
+            source, slow_target, tau=0.2, every=3, start=2, buffers="polyak", capturable=capturable
+        ),
+        rw.HardUpdate(source, hard_target, every=4, capturable=capturable),
+        rw.EMA(policy, tau=0.01, warmup=True, capturable=capturable),
+        rw.SWA(policy, start=3, every=2, capturable=capturable),
+    ]
+
+
+def _written(routine) -> nn.Module:
+    return routine.averaged if isinstance(routine, rw.EMA | rw.SWA) else routine.target
+
+
+def _nudge(*modules: nn.Module, seed: int) -> None:
+    """Move the online weights and statistics (as an optimizer step and a forward would)."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for module in modules:
+            for t in [*module.parameters(), *module.buffers()]:
+                if t.is_floating_point():
+                    t.add_(torch.randn(t.shape, generator=gen) * 0.1)
+                else:
+                    t.add_(1)
+
+
+@pytest.mark.parametrize("kind", ["mlp", "cnn_bn"])
+def test_capturable_routines_give_the_eager_routines_results(kind):
+    """Bit for bit, step by step: the due flags, the updates counted, every written tensor
+    (float buffers per the policy, integer buffers copied)."""
+    pairs = {}
+    for capturable in (False, True):
+        source, target, policy = NETS[kind](1), NETS[kind](0), NETS[kind](2)
+        pairs[capturable] = (source, policy, _routines(source, target, policy, capturable))
+    for step in range(14):
+        flags = {}
+        for capturable, (source, policy, routines) in pairs.items():
+            _nudge(source, policy, seed=step)
+            flags[capturable] = [bool(r.step()) for r in routines]
+        assert flags[True] == flags[False]
+        eager, captured = pairs[False][2], pairs[True][2]
+        for e, c in zip(eager, captured, strict=True):
+            assert int(c.updates) == e.updates
+            for a, b in zip(snapshot(_written(e)), snapshot(_written(c)), strict=True):
+                assert torch.equal(a, b)
+    assert all(int(r.updates) > 1 for r in pairs[True][2])
+
+
+def test_capturable_state_is_the_eager_state():
+    source, target = NETS["mlp"](1), NETS["mlp"](0)
+    captured = rw.PolyakUpdate(source, target, tau=0.1, every=2, capturable=True)
+    for _ in range(5):
+        captured.step()
+    state = captured.state_dict()
+    assert state == {"counter": {"every": 2, "start": 0, "steps": 5}, "updates": 2, "tau": 0.1}
+    eager = rw.PolyakUpdate(source, copy.deepcopy(target), tau=0.3, every=2)
+    eager.load_state_dict(state)
+    assert (eager.steps, eager.updates, eager.tau) == (5, 2, 0.1)
+    again = rw.PolyakUpdate(source, copy.deepcopy(target), tau=0.3, every=2, capturable=True)
+    again.load_state_dict(eager.state_dict())
+    assert again.state_dict() == state and bool(again.step())  # step 6 is due
+
+
+def test_tau_set_at_run_time_reaches_a_compiled_step():
+    torch._dynamo.reset()
+    source, target = NETS["mlp"](1), NETS["mlp"](0)
+    routine = rw.PolyakUpdate(source, target, tau=0.5, capturable=True)
+    step = torch.compile(routine.step, fullgraph=True)
+    before = named(target)
+    step()
+    routine.tau = 0.25
+    step()
+    for name, t in before.items():
+        once = t + 0.5 * (named(source)[name] - t)
+        assert_close(named(target)[name], once + 0.25 * (named(source)[name] - once))
+
+
+def test_a_function_holding_every_routine_compiles_with_fullgraph():
+    """One traced graph for all five routines; it gives the eager routines' weights."""
+    torch._dynamo.reset()
+    built = {}
+    for capturable in (False, True):
+        source, target, policy = NETS["mlp"](1), NETS["mlp"](0), NETS["mlp"](2)
+        built[capturable] = (source, policy, _routines(source, target, policy, capturable))
+
+    def step_all(routines):
+        for routine in routines:
+            routine.step()
+
+    compiled = torch.compile(step_all, fullgraph=True)
+    for step in range(12):
+        for capturable, (source, policy, routines) in built.items():
+            _nudge(source, policy, seed=step)
+            (compiled if capturable else step_all)(routines)
+    for e, c in zip(built[False][2], built[True][2], strict=True):
+        assert int(c.updates) == e.updates
+        for a, b in zip(snapshot(_written(e)), snapshot(_written(c)), strict=True):
+            assert_close(b, a, rtol=1e-6, atol=1e-7)
+
+
+def test_functional_ops_on_flat_layouts_compile_with_fullgraph():
+    """rw.polyak_ with a tensor coefficient and rw.copy_ between two modules of one flat
+    layout trace without a graph break, and write what the formula says."""
+    torch._dynamo.reset()
+    source, target, other = NETS["mlp"](1), NETS["mlp"](0), NETS["mlp"](3)
+    for module in (source, target, other):
+        rw.flatten_(module)
+    t0, s0 = named(target), named(source)
+
+    def update(tau):
+        rw.polyak_(target, source, tau)
+        rw.copy_(other, target)
+
+    torch.compile(update, fullgraph=True)(torch.tensor(0.3))
+    for name, t in t0.items():
+        want = t.double() + 0.3 * (s0[name].double() - t.double())
+        assert_close(named(target)[name].double(), want, rtol=1e-6, atol=1e-7)
+        assert torch.equal(named(other)[name], named(target)[name])
+
+
+class _Critic(nn.Module):
+    def __init__(self, seed: int):
+        super().__init__()
+        torch.manual_seed(seed)
+        self.net = nn.Sequential(nn.Linear(4, 32), nn.ReLU(), nn.Linear(32, 1))
+
+    def forward(self, x):
+        return self.net(x)
+
+
+def _training(capturable: bool):
+    """A DQN-like gradient step on a flattened online network: TD loss through the target,
+    Adam, then a Polyak target, a hard-copied second target (every 7 steps) and an EMA."""
+    online = _Critic(0)
+    target, hard = rw.make_target(online), rw.make_target(online)
+    optimizer = torch.optim.Adam(online.parameters(), lr=1e-3)
+    polyak = rw.PolyakUpdate(online, target, tau=0.05, capturable=capturable)
+    copy_every = rw.HardUpdate(online, hard, every=7, capturable=capturable)
+    ema = rw.EMA(online, tau=0.02, warmup=True, capturable=capturable)
+
+    def step(x, y):
+        with torch.no_grad():
+            bootstrap = torch.minimum(target(x), hard(x))
+        loss = (online(x) - (y + 0.9 * bootstrap)).pow(2).mean()
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        polyak.step()
+        copy_every.step()
+        ema.update()
+        return loss.detach()
+
+    return step, (online, target, hard, ema.averaged), (polyak, copy_every, ema)
+
+
+def test_a_compiled_training_step_breaks_nowhere_in_rlweights_and_matches_eager():
+    """Backward and the optimizer step break the graph in this torch; rlweights must not.
+    Over 120 steps (the hard copy fires 17 times; tau changes at step 60) the compiled run
+    with capturable routines stays with the eager run with the eager routines."""
+    torch._dynamo.reset()
+    gen = torch.Generator().manual_seed(0)
+    batches = [(torch.randn(32, 4, generator=gen), torch.randn(32, 1, generator=gen))]
+    batches += [(torch.randn(32, 4, generator=gen), torch.randn(32, 1, generator=gen))]
+
+    probe, _, _ = _training(capturable=True)
+    explained = torch._dynamo.explain(probe)(*batches[0])
+    inside = [
+        reason.reason
+        for reason in explained.break_reasons
+        if any(frame.filename.startswith(RLWEIGHTS) for frame in reason.user_stack)
+    ]
+    assert inside == [], inside
+
+    torch._dynamo.reset()
+    eager_step, eager_nets, eager_routines = _training(capturable=False)
+    step, nets, routines = _training(capturable=True)
+    compiled = torch.compile(step)
+    for i in range(120):
+        if i == 60:
+            eager_routines[0].tau = routines[0].tau = 0.2
+        x, y = batches[i % 2]
+        assert_close(compiled(x, y), eager_step(x, y), rtol=1e-4, atol=1e-5)
+    assert int(routines[1].updates) == eager_routines[1].updates == 120 // 7
+    for got, want in zip(nets, eager_nets, strict=True):
+        for a, b in zip(snapshot(got), snapshot(want), strict=True):
+            assert_close(a, b, rtol=1e-4, atol=1e-5)
+    online, _, hard, _ = nets
+    for name, t in named(hard).items():  # the last copy (step 119) made hard = online then
+        assert not torch.equal(t, named(online)[name])
+
+
+def test_a_changed_layout_is_refused_and_nothing_is_written():
+    source, target = NETS["mlp"](1), NETS["mlp"](0)
+    routine = rw.PolyakUpdate(source, rw.make_target(source), tau=0.5, capturable=True)
+    hard = rw.HardUpdate(source, target, every=1, capturable=True)
+    # new Parameter objects: the flat layout breaks, and the routines' tensors are not the
+    # module's any more
+    source.load_state_dict(copy.deepcopy(source.state_dict()), assign=True)
+    before = snapshot(routine.target), snapshot(target)
+    for r in (routine, hard):
+        with pytest.raises(rw.LayoutChangedError, match="build it again"):
+            r.step()
+        with pytest.raises(rw.LayoutChangedError):
+            r.check()
+    assert all(torch.equal(a, b) for a, b in zip(before[0], snapshot(routine.target), strict=True))
+    assert all(torch.equal(a, b) for a, b in zip(before[1], snapshot(target), strict=True))
+    assert int(routine.updates) == 0 and routine.steps == 0
+    rw.flatten_(source)  # as the warning of the broken layout says; then build them again
+    polyak = rw.PolyakUpdate(source, routine.target, tau=0.5, capturable=True)
+    for rebuilt in (polyak, rw.HardUpdate(source, routine.target, capturable=True)):
+        assert bool(rebuilt.step())
+    assert all(
+        torch.equal(a, b) for a, b in zip(snapshot(source), snapshot(routine.target), strict=True)
+    )
+
+
+def test_what_needs_the_host_every_update_is_refused_when_capturable():
+    source, target = NETS["mlp"](1), NETS["mlp"](0)
+    with pytest.raises(ValueError, match="schedule"):
+        rw.PolyakUpdate(source, target, tau=lambda n: 0.1, capturable=True)
+    for make in (rw.PolyakUpdate, rw.HardUpdate):
+        kwargs = {"tau": 0.1} if make is rw.PolyakUpdate else {}
+        with pytest.raises(ValueError, match="nonfinite='raise'"):
+            make(source, target, nonfinite="raise", capturable=True, **kwargs)
+    routine = rw.PolyakUpdate(source, target, tau=0.1, capturable=True)
+    with pytest.raises(ValueError, match="schedule"):
+        routine.tau = lambda n: 0.2
+    with pytest.raises(ValueError, match="tau"):
+        routine.tau = 1.5
+    assert routine.state_dict()["tau"] == 0.1
+
+
+def test_skip_leaves_the_target_when_a_source_is_not_finite_without_a_host_sync():
+    source, target = NETS["mlp"](1), NETS["mlp"](0)
+    routine = rw.PolyakUpdate(source, target, tau=0.5, nonfinite="skip", capturable=True)
+    before = snapshot(target)
+    with torch.no_grad():
+        next(source.parameters())[0, 0] = float("nan")
+    assert bool(routine.step())  # due, but skipped: the target keeps its weights
+    assert all(torch.equal(a, b) for a, b in zip(before, snapshot(target), strict=True))
