@@ -16,14 +16,16 @@ fix, never silently.
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
 from torch.compiler import is_compiling
 
-from rlweights.flat import FlatWeights
-from rlweights.ops import pair_plan
+from rlweights.flat import FlatWeights, layout_of
+from rlweights.ops import _single, pair_plan
 from rlweights.registration import GENERATION, overwrites_params
 from rlweights.weights import Weights, is_float
 
@@ -62,9 +64,11 @@ class FrozenPlan:
     layouts: tuple[FlatWeights, ...] = ()
     watched: list[Tensor] = field(default_factory=list)
     ptrs: list[int] = field(default_factory=list)
-    # Without a flat layout: the weight sets, re-resolved when a registration anywhere may
-    # have replaced one of their tensors (load_state_dict(assign=True), a new Parameter).
-    weights: tuple[Weights, Weights] | None = None
+    # Without a flat layout: how to find the weight sets' tensors again, when a registration
+    # anywhere may have replaced one (load_state_dict(assign=True), a new Parameter), and
+    # the ids of those found when the plan was made.
+    resolve: Callable[[], list[Tensor]] | None = None
+    ids: list[int] = field(default_factory=list)
     generation: int = 0
 
     @property
@@ -81,12 +85,8 @@ class FrozenPlan:
         intact = all(layout.intact for layout in self.layouts)
         intact = intact and list(map(Tensor.data_ptr, self.watched)) == self.ptrs
         moved = self.generation != GENERATION[0] or overwrites_params()
-        if intact and self.weights is not None and moved:
-            again = pair_plan(*self.weights, self.op, ints_ok=True, flat=False)
-            found = [x for g in again.params + again.buffers for side in g for x in side]
-            found += [x for pair in again.others for x in pair]
-            mine = [x for pair in self.params + self.buffers + self.others for x in pair]
-            intact = sorted(map(id, found)) == sorted(map(id, mine))
+        if intact and self.resolve is not None and moved:
+            intact = sorted(map(id, self.resolve())) == self.ids
             if intact:
                 self.generation = GENERATION[0]
         if intact:
@@ -115,7 +115,7 @@ def frozen_plan(target: Weights, source: Weights, op: str) -> FrozenPlan:
     else:
         watched = [x for pair in params + buffers + plan.others for x in pair]
         view_params, view_buffers = params, buffers
-    weights = None if plan.flat else (target, source)
+    resolve = None if plan.flat else functools.partial(_pair_tensors, target, source, op)
     return FrozenPlan(
         op,
         params,
@@ -128,15 +128,26 @@ def frozen_plan(target: Weights, source: Weights, op: str) -> FrozenPlan:
         layouts=plan.layouts,
         watched=watched,
         ptrs=list(map(Tensor.data_ptr, watched)),
-        weights=weights,
+        resolve=resolve,
+        ids=sorted(map(id, resolve())) if resolve is not None else [],
         generation=GENERATION[0],
     )
 
 
-def single_plan(tensors: list[Tensor], bump: list[Tensor], op: str) -> FrozenPlan:
-    """A plan over one weight set (a constraint's): ``tensors`` are written in place (their
-    pairs are ``(t, t)``), ``bump`` the flat views to bump after a write."""
+def _pair_tensors(target: Weights, source: Weights, op: str) -> list[Tensor]:
+    again = pair_plan(target, source, op, ints_ok=True, flat=False)
+    found = [x for ts, ss in again.params + again.buffers for x in (*ts, *ss)]
+    return found + [x for pair in again.others for x in pair]
+
+
+def single_plan(weights: Weights, op: str) -> FrozenPlan:
+    """A plan over one weight set (a constraint's): its floating parameters are written in
+    place (pairs ``(t, t)``): the flat buffers when it is flattened (their views to bump
+    after a write), else the tensors themselves. Validated as the eager constraints are."""
+    tensors, bump = _single(weights, op)
+    layout = layout_of(weights) if bump else None
     watched = [*tensors, *bump]
+    resolve = None if layout is not None else functools.partial(_single_tensors, weights, op)
     return FrozenPlan(
         op,
         [(t, t) for t in tensors if is_float(t)],
@@ -144,9 +155,17 @@ def single_plan(tensors: list[Tensor], bump: list[Tensor], op: str) -> FrozenPla
         [],
         view_params=[(v, v) for v in bump] if bump else [(t, t) for t in tensors if is_float(t)],
         bump_params=list(bump),
+        layouts=(layout,) if layout is not None else (),
         watched=watched,
         ptrs=list(map(Tensor.data_ptr, watched)),
+        resolve=resolve,
+        ids=sorted(map(id, resolve())) if resolve is not None else [],
+        generation=GENERATION[0],
     )
+
+
+def _single_tensors(weights: Weights, op: str) -> list[Tensor]:
+    return _single(weights, op)[0]
 
 
 def bump(tensors: list[Tensor]) -> None:

@@ -16,15 +16,18 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch.compiler import is_compiling
 from torch.optim import Optimizer
 from torch.utils.hooks import RemovableHandle
 
+from rlweights.capture import FrozenPlan, single_plan
 from rlweights.checks import check_number
 from rlweights.flat import FlatWeights, bump_versions, layout_of
-from rlweights.ops import clamp_, max_norm_
+from rlweights.ops import clamp_, max_norm_, unit_norms_
 from rlweights.weights import Weights, entries
 
 __all__ = [
+    "BoundConstraint",
     "Clamp",
     "Constraint",
     "InitClip",
@@ -45,62 +48,147 @@ def _parameters(weights: Weights, op: str) -> list[Tensor]:
 
 
 class Constraint:
-    """Base class: ``constraint(weights)`` projects the weights in place."""
+    """Base class: ``constraint(weights)`` projects the weights in place.
+
+    ``capturable=True`` (for compiled and captured training steps, see
+    :mod:`rlweights.capture`): :meth:`bind` resolves and validates the weights once and gives
+    a :class:`BoundConstraint` whose call is pure tensor code (no host sync, no graph break
+    inside ``torch.compile``); :func:`constrain` binds a capturable constraint when it
+    attaches it, and calling the constraint on weights binds them on first use.
+    """
+
+    capturable = False
 
     def __call__(self, weights: Weights) -> None:
+        if self.capturable:
+            bound = getattr(self, "_bound", None)
+            if bound is None or bound.weights is not weights:
+                bound = self._bound = self.bind(weights)
+            bound()
+            return
+        self._apply(weights)
+
+    def _apply(self, weights: Weights) -> None:
+        """The eager, validated form."""
         raise NotImplementedError
+
+    def _apply_tensors(self, tensors: list[Tensor]) -> None:
+        """The capturable form on resolved tensors (the weights themselves, or the flat
+        buffers holding them where the constraint is elementwise): pure tensor code."""
+        raise NotImplementedError
+
+    def _apply_bound(self, bound: BoundConstraint) -> None:
+        """An eager call of a bound constraint (after its layout check)."""
+        with torch.no_grad():
+            self._apply_tensors(bound.flats)
+        bump_versions(bound.plan.bump_params)
+
+    def bind(self, weights: Weights) -> BoundConstraint:
+        """This constraint fixed to ``weights``: resolved and validated now."""
+        return BoundConstraint(self, weights)
 
     def __repr__(self) -> str:
         fields = ", ".join(f"{k}={v!r}" for k, v in vars(self).items() if not k.startswith("_"))
         return f"{type(self).__name__}({fields})"
 
 
+class BoundConstraint:
+    """A constraint fixed to one weight set (:meth:`Constraint.bind`). Calling it applies the
+    constraint: on the flat buffers when eager (one kernel per buffer where the constraint
+    allows it), through the weights themselves inside torch.compile (so that the compiler
+    sees what aliases what). Every eager call first checks that the weights are where they
+    were (:class:`~rlweights.LayoutChangedError` if not); :meth:`check` does it on demand."""
+
+    def __init__(self, constraint: Constraint, weights: Weights):
+        name = type(constraint).__name__
+        self.constraint = constraint
+        self.weights = weights
+        self.plan: FrozenPlan = single_plan(weights, name)  # validated, as the eager ops
+        self.flats = [t for t, _ in self.plan.params]
+        self.views = [v for v, _ in self.plan.view_params]
+
+    def check(self) -> None:
+        self.plan.check()
+
+    def __call__(self) -> None:
+        if is_compiling():
+            with torch.no_grad():
+                self.constraint._apply_tensors(self.views)
+            return
+        self.plan.check()
+        self.constraint._apply_bound(self)
+
+    def __repr__(self) -> str:
+        return f"{self.constraint!r} bound to {type(self.weights).__name__}"
+
+
 class Clamp(Constraint):
     """Clip every weight into ``[min, max]`` (WGAN's critic clipping); either may be None."""
 
-    def __init__(self, min: float | None = None, max: float | None = None):
+    def __init__(
+        self, min: float | None = None, max: float | None = None, *, capturable: bool = False
+    ):
         clamp_([], min, max)  # validates the bounds
         self.min, self.max = min, max
+        self.capturable = bool(capturable)
 
-    def __call__(self, weights: Weights) -> None:
+    def _apply(self, weights: Weights) -> None:
         clamp_(weights, self.min, self.max)
+
+    def _apply_tensors(self, tensors: list[Tensor]) -> None:
+        for t in tensors:
+            t.clamp_(self.min, self.max)
 
 
 class NonNeg(Clamp):
     """Weights >= 0 (Keras ``NonNeg``)."""
 
-    def __init__(self) -> None:
-        super().__init__(min=0.0)
+    def __init__(self, *, capturable: bool = False) -> None:
+        super().__init__(min=0.0, capturable=capturable)
 
     def __repr__(self) -> str:
-        return "NonNeg()"
+        return "NonNeg(capturable=True)" if self.capturable else "NonNeg()"
 
 
-class MaxNorm(Constraint):
+class _UnitConstraint(Constraint):
+    """A constraint on each output unit's norm: it needs the weights' own shapes."""
+
+    def bind(self, weights: Weights) -> BoundConstraint:
+        bound = super().bind(weights)
+        bound.flats = bound.views  # per unit: always the weights themselves
+        bound.plan.bump_params = []
+        return bound
+
+
+class MaxNorm(_UnitConstraint):
     """Each output unit's incoming weights (a slice along dim 0 of every tensor with 2 or more
     dims) to L2 norm at most ``max_norm`` (Keras ``MaxNorm``); biases untouched."""
 
-    def __init__(self, max_norm: float):
+    def __init__(self, max_norm: float, *, capturable: bool = False):
         max_norm_([], max_norm)  # validates the bound
         self.max_norm = max_norm
+        self.capturable = bool(capturable)
 
-    def __call__(self, weights: Weights) -> None:
+    def _apply(self, weights: Weights) -> None:
         max_norm_(weights, self.max_norm)
 
+    def _apply_tensors(self, tensors: list[Tensor]) -> None:
+        unit_norms_(tensors, float(self.max_norm), at_most=True)
 
-class UnitNorm(Constraint):
+
+class UnitNorm(_UnitConstraint):
     """Each output unit's incoming weights to L2 norm exactly 1 (Keras ``UnitNorm``); an
     all-zero unit stays zero; biases untouched."""
 
-    def __call__(self, weights: Weights) -> None:
+    def __init__(self, *, capturable: bool = False):
+        self.capturable = bool(capturable)
+
+    def _apply(self, weights: Weights) -> None:
         with torch.no_grad():
-            for t in _parameters(weights, "UnitNorm"):
-                if t.dim() < 2 or t.numel() == 0:
-                    continue
-                acc = torch.float64 if t.dtype == torch.float64 else torch.float32
-                norms = torch.linalg.vector_norm(t.reshape(t.shape[0], -1), dim=1, dtype=acc)
-                scale = torch.where(norms > 0, 1.0 / norms, torch.zeros_like(norms))
-                t.mul_(scale.to(t.dtype).view(-1, *([1] * (t.dim() - 1))))
+            unit_norms_(_parameters(weights, "UnitNorm"), 1.0, at_most=False)
+
+    def _apply_tensors(self, tensors: list[Tensor]) -> None:
+        unit_norms_(tensors, 1.0, at_most=False)
 
 
 class InitClip(Constraint):
@@ -119,10 +207,13 @@ class InitClip(Constraint):
     alone. Pass ``bounds={name: bound}`` for networks initialised otherwise.
     """
 
-    def __init__(self, kappa: float, bounds: dict[str, float] | None = None):
+    def __init__(
+        self, kappa: float, bounds: dict[str, float] | None = None, *, capturable: bool = False
+    ):
         self.kappa = check_number(kappa, "kappa", "InitClip", minimum=0.0, strict=True)
         self._bounds = dict(bounds) if bounds is not None else None
         self._limits: tuple[FlatWeights, list[tuple[Tensor, Tensor, Tensor]]] | None = None
+        self.capturable = bool(capturable)
 
     @staticmethod
     def default_bounds(module: nn.Module) -> dict[str, float]:
@@ -141,7 +232,8 @@ class InitClip(Constraint):
                 found[f"{dot}bias"] = bound
         return found
 
-    def __call__(self, weights: Weights) -> None:
+    def _bounded(self, weights: Weights) -> dict[str, Tensor]:
+        """The module's parameters by name, once the bounds are known and all present."""
         if not isinstance(weights, nn.Module):
             raise TypeError("InitClip needs the module (its layers give the bounds)")
         if self._bounds is None:
@@ -150,6 +242,26 @@ class InitClip(Constraint):
         missing = sorted(set(self._bounds) - set(params))
         if missing:
             raise ValueError(f"InitClip: the module has no parameter {', '.join(missing)}")
+        return params
+
+    def bind(self, weights: Weights) -> BoundConstraint:
+        params = self._bounded(weights)
+        bound = BoundConstraint(self, weights)
+        # traced: one clamp per bounded parameter, through the parameter itself
+        bound.views = [params[name] for name in self._bounds]
+        return bound
+
+    def _apply_bound(self, bound: BoundConstraint) -> None:
+        self._apply(bound.weights)  # the flat path (limits built once), or per parameter
+
+    def _apply_tensors(self, tensors: list[Tensor]) -> None:
+        assert self._bounds is not None
+        for t, bound in zip(tensors, self._bounds.values(), strict=True):
+            limit = self.kappa * bound
+            t.clamp_(-limit, limit)
+
+    def _apply(self, weights: Weights) -> None:
+        params = self._bounded(weights)
         layout = layout_of(weights)
         if layout is not None and set(self._bounds) <= set(_flat_names(layout)):
             self._clip_flat(layout)
@@ -195,7 +307,8 @@ def _check_trained(optimizer: Optimizer, tensors: list[Tensor], op: str) -> None
 
 def constrain(optimizer: Optimizer, weights: Weights, constraint: Any) -> RemovableHandle:
     """Apply ``constraint(weights)`` after every ``optimizer.step()`` (an optimizer step
-    post-hook). Returns the handle; ``handle.remove()`` stops it.
+    post-hook). Returns the handle; ``handle.remove()`` stops it. A capturable constraint is
+    bound to ``weights`` here (:meth:`Constraint.bind`).
 
     ``weights`` must be trained by ``optimizer`` (at least one of its tensors), so that a
     constraint is never attached to the wrong optimizer by mistake.
@@ -203,6 +316,9 @@ def constrain(optimizer: Optimizer, weights: Weights, constraint: Any) -> Remova
     if not callable(constraint):
         raise TypeError(f"constrain: the constraint must be callable, got {constraint!r}")
     _check_trained(optimizer, _parameters(weights, "constrain"), "constrain")
+    if getattr(constraint, "capturable", False):  # resolved and validated now, once
+        bound = constraint.bind(weights)
+        return optimizer.register_step_post_hook(lambda _opt, _args, _kwargs: bound())
     return optimizer.register_step_post_hook(lambda _opt, _args, _kwargs: constraint(weights))
 
 

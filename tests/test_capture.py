@@ -275,3 +275,65 @@ def test_skip_leaves_the_target_when_a_source_is_not_finite_without_a_host_sync(
         next(source.parameters())[0, 0] = float("nan")
     assert bool(routine.step())  # due, but skipped: the target keeps its weights
     assert all(torch.equal(a, b) for a, b in zip(before, snapshot(target), strict=True))
+
+
+def _constraints(capturable: bool) -> list:
+    c = rw.constraints
+    return [
+        c.Clamp(-0.05, 0.08, capturable=capturable),
+        c.NonNeg(capturable=capturable),
+        c.MaxNorm(0.3, capturable=capturable),
+        c.UnitNorm(capturable=capturable),
+        c.InitClip(0.5, capturable=capturable),
+    ]
+
+
+@pytest.mark.parametrize("flat", [False, True])
+def test_capturable_constraints_give_the_eager_results(flat):
+    for eager, captured in zip(_constraints(False), _constraints(True), strict=True):
+        nets = [NETS["mlp"](4), NETS["mlp"](4)]
+        if flat:
+            for net in nets:
+                rw.flatten_(net)
+        optimizers = [torch.optim.SGD(net.parameters(), lr=0.5) for net in nets]
+        x = torch.randn(8, 5, generator=torch.Generator().manual_seed(0))
+        for net, optimizer, constraint in zip(nets, optimizers, (eager, captured), strict=True):
+            rw.constrain(optimizer, net, constraint)
+            net(x).sum().backward()
+            optimizer.step()
+        for a, b in zip(snapshot(nets[0]), snapshot(nets[1]), strict=True):
+            assert torch.equal(a, b), eager
+        with torch.no_grad():  # off the constraint again, then project directly
+            for net in nets:
+                for t in net.parameters():
+                    t.mul_(-3.0).add_(0.01)
+        before = snapshot(nets[0])
+        captured(nets[1])  # called directly: binds on first use, then the same projection
+        eager(nets[0])
+        assert any(not torch.equal(a, b) for a, b in zip(before, snapshot(nets[0]), strict=True))
+        for a, b in zip(snapshot(nets[0]), snapshot(nets[1]), strict=True):
+            assert torch.equal(a, b), eager
+
+
+def test_bound_constraints_compile_with_fullgraph_and_refuse_a_changed_layout():
+    torch._dynamo.reset()
+    nets = [NETS["mlp"](4), NETS["mlp"](4)]
+    rw.flatten_(nets[0])
+    with torch.no_grad():
+        for net in nets:
+            for p in net.parameters():
+                p.mul_(3.0)
+    bound = [c.bind(nets[0]) for c in _constraints(True)[2:]]  # MaxNorm, UnitNorm, InitClip
+
+    def project():
+        for b in bound:
+            b()
+
+    torch.compile(project, fullgraph=True)()
+    for c in _constraints(False)[2:]:
+        c(nets[1])
+    for a, b in zip(snapshot(nets[0]), snapshot(nets[1]), strict=True):
+        assert_close(a, b, rtol=1e-6, atol=1e-7)
+    nets[0].load_state_dict(copy.deepcopy(nets[0].state_dict()), assign=True)
+    with pytest.raises(rw.LayoutChangedError):
+        bound[0]()
