@@ -205,6 +205,13 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--hidden", type=_hidden, metavar="SIZES", help="hidden layer sizes, e.g. 256,256"
     )
+    parser.add_argument(
+        "--compile",
+        action="store_const",
+        const=True,
+        help="compile the whole gradient step (losses, gradients, Adam, temperature, "
+        "constraints, policy EMA, target update) as one torch.compile graph",
+    )
 
 
 def add_evaluate_arguments(parser: argparse.ArgumentParser) -> None:
@@ -358,7 +365,7 @@ class _Progress:
 
 
 def _overrides(args: argparse.Namespace) -> dict[str, Any]:
-    fields = [field for _, field, _, _, _ in HYPERPARAMETERS] + ["hidden"]
+    fields = [field for _, field, _, _, _ in HYPERPARAMETERS] + ["hidden", "compile"]
     return {field: getattr(args, field) for field in fields}
 
 
@@ -455,6 +462,8 @@ def _prepare_train(args: argparse.Namespace, stack: ExitStack) -> tuple[Any, Pat
     )
     impl = args.impl or "native"
     _check_impl(impl)
+    if config.compile and impl != "native":
+        raise UsageError("--compile compiles the native agents' step, not --impl sb3")
     _check_env(config, impl=impl)
     _check_parallel(config, impl)
     stamp = time.strftime("%Y%m%d-%H%M%S")

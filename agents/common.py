@@ -14,12 +14,14 @@ import gymnasium as gym
 import numpy as np
 import torch
 from torch import Tensor, nn
+from torch.func import functional_call
 from torch.nn import functional as F
 
 import rlweights as rw
 from rlweights.agents.networks import TwinQ
 from rlweights.agents.target_update import TargetUpdateSpec
 from rlweights.checks import check_int
+from rlweights.ops import unit_norms_
 
 __all__ = [
     "MAX_SEED",
@@ -122,6 +124,7 @@ class AgentConfig:
     eval_episodes: int = 10
     average_every: int = 0  # >0: torchrun learners average their weights every N env steps
     peer_timeout: int = 300  # seconds a learner waits for the others before it gives up
+    compile: bool = False  # the whole gradient step as one torch.compile graph (agents.compiled)
 
     def __post_init__(self) -> None:
         self.hidden = tuple(self.hidden)
@@ -340,15 +343,31 @@ class OffPolicyAgent:
         self.flat_units += [source, target]
         spec = TargetUpdateSpec.parse(cfg.target_update)
         steps_per_call = cfg.num_envs if per_env_step else 1
-        self.target_routine = spec.routine(source, target, steps_per_call=steps_per_call)
+        # --compile: the capturable forms, which run inside the compiled step (and eagerly)
+        capturable = cfg.compile
+        self.target_routine = spec.routine(
+            source, target, steps_per_call=steps_per_call, capturable=capturable
+        )
         self.online_names, self.policy_name = online, policy
         self.ema_routine: rw.EMA | None = None
         if cfg.policy_ema is not None:
             # make_target inside leaves a policy that shares a flat buffer with another
             # online network (TD3's actor and critic) where it is.
-            self.ema_routine = rw.EMA(self.networks[policy], tau=cfg.policy_ema)
+            self.ema_routine = rw.EMA(
+                self.networks[policy], tau=cfg.policy_ema, capturable=capturable
+            )
             self.networks[f"{policy}_ema"] = self.ema_routine.averaged
             self.flat_units.append(self.ema_routine.averaged)
+        # The weight constraints, bound to each trained network (capturable, for --compile).
+        self.bound_constraints: dict[str, list[rw.constraints.BoundConstraint]] = {}
+        if capturable:
+            for name in (n for n in self.optimizers if n in self.networks):
+                net = self.networks[name]
+                bound = []
+                if cfg.clip is not None:
+                    clamp = rw.constraints.Clamp(-cfg.clip, cfg.clip, capturable=True)
+                    bound.append(clamp.bind(net))
+                self.bound_constraints[name] = bound
 
     def optimizer_step(self, name: str, loss: Tensor, max_grad_norm: float | None = None) -> None:
         """One optimizer step of network ``name`` down ``loss`` (its gradient norm clipped to
@@ -369,6 +388,18 @@ class OffPolicyAgent:
             rw.clamp_(net, -cfg.clip, cfg.clip)
         if cfg.max_norm is not None:
             rw.max_norm_(_constraint_tensors(net), cfg.max_norm)
+
+    def constrain_bound(self, name: str) -> None:
+        """The compiled step's form of :meth:`constrain`: network ``name``'s bound capturable
+        clip, then the per-unit max-norm on views made here, inside the traced step (views
+        made outside it would alias the weights behind the compiler's back)."""
+        for constraint in self.bound_constraints.get(name, ()):
+            constraint()
+        if self.config.max_norm is not None:
+            with torch.no_grad():
+                unit_norms_(
+                    _constraint_tensors(self.networks[name]), self.config.max_norm, at_most=True
+                )
 
     def average_policy(self) -> None:
         """Advance the policy EMA (if the config keeps one): after each policy step."""
@@ -473,8 +504,12 @@ class ContinuousAgent(OffPolicyAgent):
     def critic(self) -> TwinQ:
         return self.networks["critic"]
 
-    def critic_loss(self, batch: dict[str, Tensor], target: Tensor) -> Tensor:
+    def critic_loss(
+        self, batch: dict[str, Tensor], target: Tensor, params: dict[str, Tensor] | None = None
+    ) -> Tensor:
         """The twin critic's loss toward the TD ``target``: the mean over both networks'
-        squared errors (SB3's 0.5 * (mse_1 + mse_2))."""
-        q = self.critic(torch.cat([batch["obs"], batch["actions"]], -1))
+        squared errors (SB3's 0.5 * (mse_1 + mse_2)); ``params``: the critic's parameters to
+        use instead of its own (the compiled step differentiates with respect to them)."""
+        x = torch.cat([batch["obs"], batch["actions"]], -1)
+        q = self.critic(x) if params is None else functional_call(self.critic, params, (x,))
         return F.mse_loss(q, target.expand_as(q))

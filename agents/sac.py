@@ -17,9 +17,11 @@ from typing import ClassVar
 import gymnasium as gym
 import torch
 from torch import Tensor, nn
+from torch.func import functional_call, grad_and_value
 from torch.nn import functional as F
 
 from rlweights.agents.common import AgentConfig, ContinuousAgent, adam
+from rlweights.agents.compiled import CompiledStep, adam_, prepare_adam
 from rlweights.agents.networks import BoundedActor, TwinQ, mlp
 
 __all__ = ["SAC", "Actor", "SACConfig", "StateDependentActor"]
@@ -67,14 +69,18 @@ class Actor(BoundedActor):
         self.mean = nn.Linear(hidden[-1], act_dim)
         self.log_std = nn.Linear(hidden[-1], act_dim)
 
-    def forward(self, obs: Tensor, deterministic: bool = False) -> tuple[Tensor, Tensor]:
-        """(action, log-probability of it)."""
+    def forward(
+        self, obs: Tensor, deterministic: bool = False, noise: Tensor | None = None
+    ) -> tuple[Tensor, Tensor]:
+        """(action, log-probability of it); ``noise``: the standard normal draw (drawn here
+        if not given)."""
         h = self.trunk(obs)
         mean = self.mean(h)
         if deterministic:
             return self.to_bounds(torch.tanh(mean)), torch.zeros(len(obs), device=obs.device)
         log_std = self.log_std(h).clamp(LOG_STD_MIN, LOG_STD_MAX)
-        noise = torch.randn_like(mean)
+        if noise is None:
+            noise = torch.randn_like(mean)
         pre = mean + log_std.exp() * noise
         squashed = torch.tanh(pre)  # before log_prob: autograd sums in the same order as ever
         log_prob = (-0.5 * noise.square() - log_std - 0.5 * math.log(2 * math.pi)).sum(-1)
@@ -99,7 +105,8 @@ class StateDependentActor(BoundedActor):
     learned parameter per (feature, action); the mean is clipped to [-2, 2] as in SB3.
 
     Acting uses the matrices of :meth:`reset_noise` (one per environment); a gradient step
-    draws its own with :meth:`draw_noise` (gradients reach ``log_std`` through it)."""
+    draws its own standard normal matrix with :meth:`draw_noise`, scaled by ``exp(log_std)``
+    in :meth:`forward` (gradients reach ``log_std`` through it)."""
 
     def __init__(
         self, obs_dim: int, act_dim: int, hidden: tuple[int, ...], low, high, log_std_init: float
@@ -109,11 +116,11 @@ class StateDependentActor(BoundedActor):
         self.mean = nn.Linear(hidden[-1], act_dim)
         self.log_std = nn.Parameter(torch.full((hidden[-1], act_dim), float(log_std_init)))
         self.acting_noise: Tensor | None = None  # (environments, features, actions)
-        self.train_noise: Tensor | None = None  # (features, actions)
+        self.train_noise: Tensor | None = None  # (features, actions), standard normal
 
     def draw_noise(self) -> None:
-        """A new noise matrix for the gradient step (on the autograd graph of ``log_std``)."""
-        self.train_noise = self.log_std.exp() * torch.randn_like(self.log_std)
+        """A new standard normal matrix for the gradient step."""
+        self.train_noise = torch.randn_like(self.log_std)
 
     @torch.no_grad()
     def reset_noise(self, n: int) -> None:
@@ -124,15 +131,20 @@ class StateDependentActor(BoundedActor):
     def _mean(self, h: Tensor) -> Tensor:
         return F.hardtanh(self.mean(h), -SDE_CLIP_MEAN, SDE_CLIP_MEAN)
 
-    def forward(self, obs: Tensor, deterministic: bool = False) -> tuple[Tensor, Tensor]:
-        """(action, log-probability of it) with the gradient step's noise matrix."""
+    def forward(
+        self, obs: Tensor, deterministic: bool = False, noise: Tensor | None = None
+    ) -> tuple[Tensor, Tensor]:
+        """(action, log-probability of it) with the gradient step's noise matrix (``noise``:
+        its standard normal draw, else the one of :meth:`draw_noise`)."""
         h = self.trunk(obs)
         mean = self._mean(h)
         if deterministic:
             return self.to_bounds(torch.tanh(mean)), torch.zeros(len(obs), device=obs.device)
-        if self.train_noise is None:
-            self.draw_noise()
-        noise = h @ self.train_noise
+        if noise is None:
+            if self.train_noise is None:
+                self.draw_noise()
+            noise = self.train_noise
+        noise = h @ (self.log_std.exp() * noise)
         variance = h.square() @ self.log_std.exp().square() + SDE_VARIANCE_FLOOR
         pre = mean + noise
         log_prob = (
@@ -173,6 +185,11 @@ class SAC(ContinuousAgent):
         self.optimizers["critic"] = adam(self.networks["critic"].parameters(), lr)
         self.optimizers["alpha"] = adam([self.log_alpha], lr)
         self._setup_routines(("critic",), "actor")
+        self.compiled: CompiledStep | None = None
+        if config.compile:
+            for optimizer in self.optimizers.values():
+                prepare_adam(optimizer)
+            self.compiled = CompiledStep(self.functional_update, "SAC's gradient step")
 
     @property
     def critic_target(self) -> TwinQ:
@@ -196,7 +213,21 @@ class SAC(ContinuousAgent):
         """One gradient step in SB3's order: the policy's actions for the batch, the
         temperature, the critic, the actor (through the updated critic; then the policy EMA),
         then the target update. The temperature of all losses is the one before its step.
-        gSDE: one noise matrix for the step (SB3's ``reset_noise`` per gradient step)."""
+        gSDE: one noise matrix for the step (SB3's ``reset_noise`` per gradient step).
+        ``--compile``: :meth:`functional_update`, compiled, with the same draws."""
+        if self.compiled is not None and not self.compiled.failed:
+            if self.config.use_sde:
+                noise = next_noise = torch.randn_like(self.actor.log_std)
+            else:
+                noise = torch.randn(len(batch["obs"]), self.act_dim, device=self.device)
+                next_noise = torch.randn_like(noise)
+            fields = [batch[k] for k in ("obs", "actions", "rewards", "next_obs", "dones")]
+            out = self.compiled(*fields, noise, next_noise)
+            if out is not None:
+                self.gradient_updates += 1
+                return dict(
+                    zip(("critic_loss", "actor_loss", "alpha", "entropy"), out, strict=True)
+                )
         if self.config.use_sde:
             self.actor.draw_noise()
         actions, log_prob = self.actor(batch["obs"])
@@ -221,6 +252,55 @@ class SAC(ContinuousAgent):
             "entropy": -log_prob.detach().mean(),
         }
 
+    def functional_update(
+        self,
+        obs: Tensor,
+        actions: Tensor,
+        rewards: Tensor,
+        next_obs: Tensor,
+        dones: Tensor,
+        noise: Tensor,
+        next_noise: Tensor,
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """:meth:`update` written for ``torch.compile(fullgraph=True)`` (see
+        :mod:`rlweights.agents.compiled`): the same steps in the same order, gradients by
+        ``torch.func``, Adam on the optimizers' state, the capturable routines and constraints.
+        ``noise`` / ``next_noise``: the policy's standard normal draws for ``obs`` and
+        ``next_obs`` (gSDE: the step's one matrix, twice)."""
+        batch = {"obs": obs, "actions": actions, "rewards": rewards, "next_obs": next_obs}
+        batch["dones"] = dones
+        actor, critic = self.actor, self.critic
+        actor_params = dict(actor.named_parameters())
+        critic_params = dict(critic.named_parameters())
+        with torch.no_grad():
+            _, log_prob = actor(obs, noise=noise)
+            alpha = self.alpha()
+            if self.config.ent_coef is None:
+                grad = -(log_prob + self.target_entropy).mean().reshape(1)
+                adam_(self.optimizers["alpha"], [self.log_alpha], [grad])
+            target = self.td_target(batch, alpha, next_noise)
+
+        def critic_loss(params: dict[str, Tensor]) -> Tensor:
+            return self.critic_loss(batch, target, params)
+
+        detached = {name: p.detach() for name, p in critic_params.items()}
+        grads, critic_loss_value = grad_and_value(critic_loss)(detached)
+        adam_(self.optimizers["critic"], list(critic_params.values()), grads.values())
+        self.constrain_bound("critic")
+
+        def actor_loss(params: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
+            acts, lp = functional_call(actor, params, (obs,), {"noise": noise})
+            q_pi = critic(torch.cat([obs, acts], -1), detach_weights=True).min(0)[0]
+            return (alpha * lp - q_pi).mean(), lp
+
+        detached = {name: p.detach() for name, p in actor_params.items()}
+        grads, (actor_loss_value, lp) = grad_and_value(actor_loss, has_aux=True)(detached)
+        adam_(self.optimizers["actor"], list(actor_params.values()), grads.values())
+        self.constrain_bound("actor")
+        self.average_policy()
+        self.target_routine.step()
+        return critic_loss_value.detach(), actor_loss_value.detach(), alpha, -lp.mean()
+
     def alpha(self) -> Tensor:
         """The temperature: the fixed ``ent_coef``, or the tuned one."""
         if self.config.ent_coef is not None:
@@ -228,9 +308,12 @@ class SAC(ContinuousAgent):
         return self.log_alpha.exp().detach()
 
     @torch.no_grad()
-    def td_target(self, batch: dict[str, Tensor], alpha: Tensor) -> Tensor:
-        """The soft TD target: reward + gamma * (min of the target critics - alpha * log pi)."""
-        next_actions, next_log_prob = self.actor(batch["next_obs"])
+    def td_target(
+        self, batch: dict[str, Tensor], alpha: Tensor, noise: Tensor | None = None
+    ) -> Tensor:
+        """The soft TD target: reward + gamma * (min of the target critics - alpha * log pi)
+        (``noise``: the policy's draw for the next observations, drawn here if not given)."""
+        next_actions, next_log_prob = self.actor(batch["next_obs"], noise=noise)
         next_q = self.critic_target(torch.cat([batch["next_obs"], next_actions], -1)).min(0)[0]
         soft = next_q - alpha * next_log_prob
         return batch["rewards"] + self.config.gamma * (1 - batch["dones"]) * soft

@@ -59,6 +59,7 @@ class TargetUpdateSpec:
         target: Weights | None = None,
         *,
         steps_per_call: int = 1,
+        capturable: bool = False,
     ) -> rw.PolyakUpdate | rw.HardUpdate:
         """The rlweights routine moving ``target`` toward ``source`` (without them: a template,
         as :func:`rlweights.sb3.attach` takes).
@@ -66,8 +67,11 @@ class TargetUpdateSpec:
         ``steps_per_call``: how many counted steps one ``step()`` call stands for (DQN steps
         its routine once per step of ``num_envs`` environments, while ``EVERY`` counts
         environment steps); ``EVERY`` is divided by it, to at least 1, as SB3 does.
+        ``capturable``: the routine's capturable form (``rlweights train --compile``).
         """
         if self.kind == "polyak":
-            return rw.PolyakUpdate(source, target, tau=self.tau, every=self.every)
+            return rw.PolyakUpdate(
+                source, target, tau=self.tau, every=self.every, capturable=capturable
+            )
         every = max(self.every // check_int(steps_per_call, "steps_per_call", "routine"), 1)
-        return rw.HardUpdate(source, target, every=every)
+        return rw.HardUpdate(source, target, every=every, capturable=capturable)

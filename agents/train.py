@@ -704,7 +704,7 @@ class _Run:
             "train_seconds": train_seconds,
             "drift_seconds": self.drift_seconds,
             "gradient_updates": self.agent.gradient_updates,
-            "target_updates": self.agent.target_routine.updates,
+            "target_updates": int(self.agent.target_routine.updates),
         }
         if self.learners is not None:
             summary.update(processes=self.learners.world, averages=self.learners.averages)

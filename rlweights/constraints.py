@@ -104,6 +104,14 @@ class BoundConstraint:
         self.constraint = constraint
         self.weights = weights
         self.plan: FrozenPlan = single_plan(weights, name)  # validated, as the eager ops
+        views = [t for t, _ in self.plan.params if t._base is not None]
+        if views:
+            raise ValueError(
+                f"{name}.bind: {len(views)} of the tensors are views of other tensors (e.g. "
+                "rows or slices of a weight); inside a compiled step such views alias the "
+                "weights without the compiler knowing. Bind the module or the parameters "
+                "themselves, or make the views inside the compiled function."
+            )
         self.flats = [t for t, _ in self.plan.params]
         self.views = [v for v, _ in self.plan.view_params]
 

@@ -1,0 +1,98 @@
+"""A native agent's whole gradient step compiled as one unit (``rlweights train --compile``).
+
+In this torch, ``loss.backward()`` and ``optimizer.step()`` break a ``torch.compile`` graph, and
+compiling an eager step piece by piece is slower than not compiling it (measured on this
+project's CPU: 0.65x). So the compiled step is written functionally: gradients with
+``torch.func.grad_and_value`` over the networks' parameters (``functional_call`` of the same
+modules the eager step uses), Adam as tensor code on the ``torch.optim.Adam`` objects' own
+state (checkpoints and ``--resume`` see the same optimizer state either way), and the
+capturable rlweights routines and constraints (:mod:`rlweights.capture`) for the target
+update, the policy EMA and the weight constraints. The whole step is one graph,
+``torch.compile(fullgraph=True)``: no host sync, no graph break.
+
+Random draws (the policy's noise) are made outside the graph, in the eager step's order, so
+that a compiled run draws the numbers the eager one draws.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor
+
+__all__ = ["CompiledStep", "adam_", "prepare_adam"]
+
+
+def prepare_adam(optimizer: torch.optim.Optimizer) -> None:
+    """Create the state an Adam step writes (``torch.optim.Adam`` creates it lazily, at its
+    first step): step count, first and second moments, as the fused and capturable forms keep
+    them (the step count a float32 tensor on the parameter's device)."""
+    for group in optimizer.param_groups:
+        if group.get("amsgrad") or group.get("weight_decay") or group.get("maximize"):
+            raise ValueError("the compiled step takes Adam without amsgrad, weight decay, maximize")
+        for p in group["params"]:
+            if not optimizer.state[p]:
+                optimizer.state[p] = {
+                    "step": torch.zeros((), dtype=torch.float32, device=p.device),
+                    "exp_avg": torch.zeros_like(p, memory_format=torch.preserve_format),
+                    "exp_avg_sq": torch.zeros_like(p, memory_format=torch.preserve_format),
+                }
+
+
+def adam_(
+    optimizer: torch.optim.Optimizer, params: Sequence[Tensor], grads: Iterable[Tensor]
+) -> None:
+    """One Adam step of ``params`` (all in the optimizer's first group) down ``grads``, as
+    ``torch.optim.Adam`` takes it, written as tensor code on the optimizer's state (see
+    :func:`prepare_adam`): traceable, no host sync."""
+    group = optimizer.param_groups[0]
+    beta1, beta2 = group["betas"]
+    lr, eps = group["lr"], group["eps"]
+    with torch.no_grad():
+        for p, g in zip(params, grads, strict=True):
+            state = optimizer.state[p]
+            step = state["step"]
+            step.add_(1)
+            state["exp_avg"].lerp_(g, 1 - beta1)
+            state["exp_avg_sq"].mul_(beta2).addcmul_(g, g, value=1 - beta2)
+            bias1 = 1 - beta1**step
+            bias2_sqrt = (1 - beta2**step).sqrt()
+            denom = (state["exp_avg_sq"].sqrt() / bias2_sqrt).add_(eps)
+            p.sub_((lr / bias1) * state["exp_avg"] / denom)
+
+
+class CompiledStep:
+    """``fn`` compiled with ``torch.compile(fullgraph=True)``. Where compiling is impossible
+    here (no C++ compiler for the CPU backend, an unsupported torch), the first call says so
+    in one line and returns None from then on: the caller goes on eagerly."""
+
+    def __init__(self, fn: Callable[..., Any], name: str):
+        self.fn = torch.compile(fn, fullgraph=True)
+        self.name = name
+        self.failed = False
+        self._tried = False
+
+    def __call__(self, *args: Any) -> Any:
+        if self.failed:
+            return None
+        if self._tried:
+            return self.fn(*args)
+        from torch._dynamo.exc import BackendCompilerFailed, TorchRuntimeError, Unsupported
+
+        try:
+            out = self.fn(*args)  # a failure to compile raises before the step runs
+        except (BackendCompilerFailed, TorchRuntimeError, Unsupported) as exc:
+            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+            print(
+                f"rlweights train: --compile: {self.name} could not be compiled here "
+                f"({first[:160]}); training eagerly",
+                file=sys.stderr,
+                flush=True,
+            )
+            self.failed = True
+            return None
+        self._tried = True
+        return out

@@ -1,0 +1,126 @@
+"""--compile: an agent's whole gradient step as one torch.compile(fullgraph=True) graph
+(rlweights.agents.compiled) takes the eager step's steps (issue 15)."""
+
+from __future__ import annotations
+
+import gymnasium as gym
+import pytest
+import torch
+from torch.testing import assert_close
+
+import rlweights as rw
+from rlweights.agents.compiled import adam_, prepare_adam
+from rlweights.agents.train import ALGOS, make_config
+
+
+def test_functional_adam_takes_torch_adams_steps():
+    torch.manual_seed(0)
+    params = [torch.nn.Parameter(torch.randn(7, 3)), torch.nn.Parameter(torch.randn(3))]
+    mine = [torch.nn.Parameter(p.detach().clone()) for p in params]
+    reference = torch.optim.Adam(params, lr=3e-3, betas=(0.8, 0.99), eps=1e-6)
+    optimizer = torch.optim.Adam(mine, lr=3e-3, betas=(0.8, 0.99), eps=1e-6)
+    prepare_adam(optimizer)
+    for step in range(25):
+        grads = [
+            torch.randn(p.shape, generator=torch.Generator().manual_seed(step)) for p in params
+        ]
+        for p, g in zip(params, grads, strict=True):
+            p.grad = g
+        reference.step()
+        adam_(optimizer, mine, grads)
+    for a, b in zip(params, mine, strict=True):
+        assert_close(b, a, rtol=1e-5, atol=1e-6)
+    for a, b in zip(params, mine, strict=True):  # the same state: checkpoints carry over
+        for key in ("exp_avg", "exp_avg_sq", "step"):
+            assert_close(optimizer.state[b][key], reference.state[a][key])
+
+
+def _agent(algo: str, env_id: str, compile: bool, **overrides):
+    config = make_config(algo, env_id, hidden=(32, 32), compile=compile, **overrides)
+    env = gym.make(env_id)
+    torch.manual_seed(0)
+    agent = ALGOS[algo][1](config, env.observation_space, env.action_space)
+    env.close()
+    return agent
+
+
+def _batch(agent, n: int, seed: int) -> dict[str, torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    obs_dim = agent.obs_dim if hasattr(agent, "obs_dim") else agent.q[0].in_features
+    if hasattr(agent, "act_dim"):
+        actions = torch.rand(n, agent.act_dim, generator=gen) * 2 - 1
+    else:
+        actions = torch.randint(agent.n_actions, (n,), generator=gen).float()
+    return {
+        "obs": torch.randn(n, obs_dim, generator=gen),
+        "actions": actions,
+        "rewards": torch.randn(n, generator=gen),
+        "next_obs": torch.randn(n, obs_dim, generator=gen),
+        "dones": (torch.rand(n, generator=gen) < 0.1).float(),
+    }
+
+
+CASES = [
+    ("sac", "Pendulum-v1", {"policy_ema": 0.05, "clip": 0.5, "max_norm": 2.0}),
+    ("sac", "MountainCarContinuous-v0", {}),  # gSDE, a fixed temperature
+    ("td3", "Pendulum-v1", {"policy_ema": 0.05, "max_norm": 2.0}),  # two graphs: policy delay
+    ("dqn", "CartPole-v1", {"clip": 0.3}),  # gradient norm clipping
+]
+
+
+@pytest.mark.parametrize(("algo", "env_id", "overrides"), CASES)
+def test_a_compiled_agent_takes_the_eager_steps(algo, env_id, overrides):
+    """The same batches and draws: over 30 gradient steps the compiled step gives the eager
+    step's losses, networks, targets, temperature, policy EMA and optimizer state."""
+    torch._dynamo.reset()
+    eager = _agent(algo, env_id, False, **overrides)
+    compiled = _agent(algo, env_id, True, **overrides)
+    compiled.load_weights(eager.weights_state())
+    for step in range(30):
+        batch = _batch(eager, 64, step)
+        torch.manual_seed(1000 + step)
+        want = eager.update(batch)
+        torch.manual_seed(1000 + step)
+        got = compiled.update(batch)
+        assert got.keys() == want.keys()
+        for key in want:
+            assert_close(got[key], want[key], rtol=1e-3, atol=1e-4, msg=f"{key} at {step}")
+    steps = compiled.compiled if isinstance(compiled.compiled, tuple) else (compiled.compiled,)
+    assert not any(step.failed for step in steps)
+    assert compiled.gradient_updates == eager.gradient_updates == 30
+    for name, net in eager.networks.items():
+        theirs = compiled.networks[name].state_dict().values()
+        pairs = zip(net.state_dict().items(), theirs, strict=True)
+        for (key, a), b in pairs:
+            assert_close(b, a, rtol=1e-3, atol=1e-4, msg=f"{name}.{key}")
+    if algo == "sac":
+        assert_close(compiled.log_alpha, eager.log_alpha, rtol=1e-4, atol=1e-5)
+    state, want_state = compiled.training_state(), eager.training_state()
+    assert_close(state["routines"], want_state["routines"], rtol=1e-3, atol=1e-4)
+    for name, optimizer in want_state["optimizers"].items():
+        for k, st in optimizer["state"].items():
+            got_state = state["optimizers"][name]["state"][k]
+            assert got_state["step"].item() == st["step"].item()
+            assert_close(got_state["exp_avg_sq"], st["exp_avg_sq"], rtol=1e-3, atol=1e-6)
+
+
+def test_the_command_takes_compile_and_refuses_it_for_sb3(tmp_path, capsys):
+    from rlweights.agents.cli import _overrides
+    from rlweights.cli import build_parser, main
+
+    args = build_parser().parse_args(["train", "--compile"])
+    assert _overrides(args)["compile"] is True
+    assert _overrides(build_parser().parse_args(["train"]))["compile"] is None
+    assert main(["train", "--compile", "--impl", "sb3", "--logdir", str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert (
+        err == "rlweights train: error: --compile compiles the native agents' step, not --impl sb3"
+    )
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_constraint_bound_to_views_of_weights_is_refused():
+    weight = torch.nn.Parameter(torch.randn(2, 4, 3))
+    with pytest.raises(ValueError, match="views of other tensors"):
+        rw.constraints.MaxNorm(1.0, capturable=True).bind([weight[0].t(), weight[1].t()])
+    rw.constraints.MaxNorm(1.0, capturable=True).bind([weight])  # the parameter itself: fine
