@@ -25,7 +25,7 @@ from torch import Tensor
 from torch.compiler import is_compiling
 
 from rlweights.flat import FlatWeights, layout_of
-from rlweights.ops import _single, pair_plan
+from rlweights.ops import constrained_tensors, pair_plan
 from rlweights.registration import GENERATION, overwrites_params
 from rlweights.weights import Weights, is_float
 
@@ -144,7 +144,7 @@ def single_plan(weights: Weights, op: str) -> FrozenPlan:
     """A plan over one weight set (a constraint's): its floating parameters are written in
     place (pairs ``(t, t)``): the flat buffers when it is flattened (their views to bump
     after a write), else the tensors themselves. Validated as the eager constraints are."""
-    tensors, bump = _single(weights, op)
+    tensors, bump = constrained_tensors(weights, op)
     layout = layout_of(weights) if bump else None
     watched = [*tensors, *bump]
     resolve = None if layout is not None else functools.partial(_single_tensors, weights, op)
@@ -165,7 +165,7 @@ def single_plan(weights: Weights, op: str) -> FrozenPlan:
 
 
 def _single_tensors(weights: Weights, op: str) -> list[Tensor]:
-    return _single(weights, op)[0]
+    return constrained_tensors(weights, op)[0]
 
 
 def bump(tensors: list[Tensor]) -> None:

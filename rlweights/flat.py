@@ -59,6 +59,7 @@ __all__ = [
     "flatten_",
     "layout_of",
     "lives_in_other_layout",
+    "registered_layout",
 ]
 
 Role = Literal["param", "buffer"]
@@ -204,6 +205,13 @@ def layout_of(weights: object) -> FlatWeights | None:
             stacklevel=3,
         )
     return None
+
+
+def registered_layout(module: nn.Module) -> FlatWeights | None:
+    """The layout :func:`flatten_` made for ``module``, without checking that it is still
+    intact (:func:`layout_of` checks): a dictionary lookup that ``torch.compile`` can trace,
+    for code that checked the layout before (see :mod:`rlweights.capture`)."""
+    return _LAYOUTS.get(module)
 
 
 def lives_in_other_layout(module: nn.Module) -> bool:

@@ -35,7 +35,7 @@ from torch import Tensor
 from torch.compiler import is_compiling
 
 from rlweights.checks import check_choice, check_fraction, check_number
-from rlweights.flat import _LAYOUTS, FlatWeights, bump_versions, layout_of
+from rlweights.flat import FlatWeights, bump_versions, layout_of, registered_layout
 from rlweights.registration import GENERATION, overwrites_params
 from rlweights.weights import (
     Entry,
@@ -54,6 +54,7 @@ __all__ = [
     "PairPlan",
     "average_",
     "clamp_",
+    "constrained_tensors",
     "copy_",
     "distance",
     "distances",
@@ -315,7 +316,7 @@ def _flat_pair_at_trace(target: Weights, source: Weights) -> bool:
 
 
 def _traced_layout(weights: Weights) -> FlatWeights:
-    return weights if isinstance(weights, FlatWeights) else _LAYOUTS[weights]  # type: ignore[index]
+    return weights if isinstance(weights, FlatWeights) else registered_layout(weights)  # type: ignore[arg-type,return-value]
 
 
 def _write_flat_traced(
@@ -604,7 +605,7 @@ def average_(
         bump_versions(first.bump_params)
 
 
-def _single(weights: Weights, op: str) -> tuple[list[Tensor], list[Tensor]]:
+def constrained_tensors(weights: Weights, op: str) -> tuple[list[Tensor], list[Tensor]]:
     """The floating tensors a constraint acts on, and the flat views to bump (if flat).
 
     Modules contribute their floating parameters (not buffers); sequences and mappings every
@@ -656,7 +657,7 @@ def clamp_(weights: Weights, min: float | None = None, max: float | None = None)
         raise ValueError(f"{op}: give min, max or both.")
     if lo is not None and hi is not None and lo > hi:
         raise ValueError(f"{op}: min={lo} is greater than max={hi}; pass min <= max.")
-    tensors, bump = _single(weights, op)
+    tensors, bump = constrained_tensors(weights, op)
     with _no_grad():
         if len(tensors) == 1:
             tensors[0].clamp_(lo, hi)
@@ -679,7 +680,7 @@ def max_norm_(weights: Weights, max_norm: float) -> None:
     """
     op = "max_norm_"
     bound = check_number(max_norm, "max_norm", op, minimum=0.0)
-    tensors, _ = _single(weights, op)  # validates everything before the first write
+    tensors, _ = constrained_tensors(weights, op)  # validates everything before the first write
     layout = layout_of(weights)
     if layout is not None:  # write through the Parameters themselves: autograd sees it
         tensors = layout.param_views
