@@ -83,6 +83,12 @@ class UsageError(Exception):
     """Bad input from the user: reported in one line, exit code 2."""
 
 
+# One thread per training process: a 2-thread run next to any other busy process slows down
+# about 25x on a 2-core machine (OpenMP threads waiting on each other), while 1-thread runs
+# side by side keep their speed (measurements in docs/benchmarks.md).
+DEFAULT_THREADS = 1
+
+
 def _count(text: str) -> int:
     """An integer flag: 1000000, 1_000_000 or 1e6."""
     try:
@@ -204,6 +210,29 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
         parser.add_argument(flag, dest=field, type=kind, metavar=metavar, help=text)
     parser.add_argument(
         "--hidden", type=_hidden, metavar="SIZES", help="hidden layer sizes, e.g. 256,256"
+    )
+    parser.add_argument(
+        "--threads",
+        type=_count,
+        default=DEFAULT_THREADS,
+        metavar="N",
+        help=f"torch threads of the training process (default {DEFAULT_THREADS}: runs side by "
+        "side, or next to other busy processes, do not slow each other down; "
+        "docs/benchmarks.md has the numbers)",
+    )
+    parser.add_argument(
+        "--seeds",
+        type=int,
+        nargs="+",
+        metavar="S",
+        help="train one run per seed, each in its own run folder, --workers at a time "
+        "(instead of --seed)",
+    )
+    parser.add_argument(
+        "--workers",
+        type=_count,
+        metavar="N",
+        help="with --seeds: runs side by side (default: the CPU cores divided by --threads)",
     )
     parser.add_argument(
         "--compile",
@@ -451,25 +480,32 @@ def _prepare_resume(
     return config, run_dir, impl, initial
 
 
+def _checked_config(args: argparse.Namespace, seed: int, device: str) -> tuple[Any, str]:
+    """(config, impl) of a new run with ``seed``, every input checked."""
+    config = make_config(args.algo or "sac", args.env, seed=seed, device=device, **_overrides(args))
+    impl = args.impl or "native"
+    _check_impl(impl)
+    if config.compile and impl != "native":
+        raise UsageError("--compile compiles the native agents' step, not --impl sb3")
+    _check_env(config, impl=impl)
+    return config, impl
+
+
+def _default_run_name(config: Any, impl: str, stamp: str) -> str:
+    suffix = "-sb3" if impl == "sb3" else ""
+    env = re.sub(r"[^A-Za-z0-9._-]+", "-", config.env_id)  # rlweights/Chain-v0, mod:Env-v0
+    return f"{config.algo}-{env}-s{config.seed}{suffix}-{stamp}"
+
+
 def _prepare_train(args: argparse.Namespace, stack: ExitStack) -> tuple[Any, Path, str, int]:
     """Check every input, create (or take over) the run folder and lock it: (config,
     run_dir, impl, start step). Under torchrun only rank 0 creates it."""
     device = _device(args.device)
     if args.resume:
         return _prepare_resume(args, device, stack)
-    config = make_config(
-        args.algo or "sac", args.env, seed=args.seed or 0, device=device, **_overrides(args)
-    )
-    impl = args.impl or "native"
-    _check_impl(impl)
-    if config.compile and impl != "native":
-        raise UsageError("--compile compiles the native agents' step, not --impl sb3")
-    _check_env(config, impl=impl)
+    config, impl = _checked_config(args, args.seed or 0, device)
     _check_parallel(config, impl)
-    stamp = time.strftime("%Y%m%d-%H%M%S")
-    suffix = "-sb3" if impl == "sb3" else ""
-    env = re.sub(r"[^A-Za-z0-9._-]+", "-", config.env_id)  # rlweights/Chain-v0, mod:Env-v0
-    name = args.run_name or f"{config.algo}-{env}-s{config.seed}{suffix}-{stamp}"
+    name = args.run_name or _default_run_name(config, impl, time.strftime("%Y%m%d-%H%M%S"))
     if _rank() != 0:  # the other learners write nothing
         return config, Path(args.logdir) / name, impl, 0
     run_dir = _prepare_run_dir(args.logdir, name, stack)
@@ -496,6 +532,12 @@ def _stopped_message(run_dir: Path, stop: GracefulStop, exc: BaseException, tota
 
 
 def train_main(args: argparse.Namespace) -> int:
+    if args.threads < 1:
+        print("rlweights train: error: --threads must be >= 1", file=sys.stderr)
+        return 2
+    torch.set_num_threads(args.threads)
+    if args.seeds is not None or args.workers is not None:
+        return _train_seeds(args)
     # Signals are caught from before the run folder exists: a stop during the set-up
     # becomes a checkpoint at the first step.
     with GracefulStop() as stop, ExitStack() as stack:
@@ -503,6 +545,117 @@ def train_main(args: argparse.Namespace) -> int:
         if isinstance(prepared, int):
             return prepared
         return _train(args, stop, *prepared)
+
+
+def _child_arguments(args: argparse.Namespace) -> list[str]:
+    """The flags given to ``rlweights train`` (but the seeds' own), for its runs of one
+    seed each."""
+    out = []
+    for flag in ("algo", "env", "logdir", "device", "impl", "threads"):
+        value = getattr(args, flag)
+        if value is not None:
+            out += [f"--{flag}", str(value)]
+    for flag, field, _, _, _ in HYPERPARAMETERS:
+        value = getattr(args, field)
+        if value is not None:
+            out += [flag, str(value)]
+    if args.hidden is not None:
+        out += ["--hidden", ",".join(map(str, args.hidden))]
+    if args.compile:
+        out.append("--compile")
+    return out
+
+
+def _prepare_seeds(args: argparse.Namespace) -> tuple[list[int], list[Path], list[list[str]]]:
+    """Check the input of ``--seeds`` once, before anything runs: (seeds, run folders, the
+    command of each)."""
+    if args.seeds is None:
+        raise UsageError("--workers goes with --seeds")
+    if args.seed is not None or args.resume:
+        raise UsageError("--seeds trains new runs: give it without --seed and --resume")
+    seeds = list(args.seeds)
+    if len(set(seeds)) != len(seeds):
+        raise UsageError(f"--seeds {' '.join(map(str, seeds))}: each seed once")
+    device = _device(args.device)
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    folders, commands = [], []
+    for seed in seeds:
+        config, impl = _checked_config(args, seed, device)  # seeds out of range fail here
+        if config.average_every:
+            raise UsageError("--seeds runs independent learners: not with --average-every")
+        name = (
+            f"{args.run_name}-s{seed}" if args.run_name else _default_run_name(config, impl, stamp)
+        )
+        _check_run_name(name)
+        if (Path(args.logdir) / name).exists():
+            raise UsageError(f"{Path(args.logdir) / name} exists: pick another --run-name")
+        folders.append(Path(args.logdir) / name)
+        commands.append(
+            [
+                *(sys.executable, "-m", "rlweights", "train", *_child_arguments(args)),
+                *("--seed", str(seed), "--run-name", name, "--no-progress"),
+            ]
+        )
+    return seeds, folders, commands
+
+
+def _train_seeds(args: argparse.Namespace) -> int:
+    """``--seeds``: one ``rlweights train`` process per seed, ``--workers`` at a time, each
+    with ``--threads`` threads and its own run folder; then the seeds' final returns and the
+    steps per second of them all."""
+    from rlweights.agents.side_by_side import SideBySide
+
+    prepared = _guarded("train", _prepare_seeds, args)
+    if isinstance(prepared, int):
+        return prepared
+    seeds, folders, commands = prepared
+    workers = args.workers or max((os.cpu_count() or 1) // args.threads, 1)
+    print(
+        f"rlweights train: {len(seeds)} seeds, {min(workers, len(seeds))} at a time with "
+        f"{args.threads} thread(s) each -> {Path(args.logdir)}",
+        flush=True,
+    )
+
+    def done(finished: Any) -> None:
+        lines = (finished.stdout.strip().splitlines() or ["(no output)"])[-1:]
+        if finished.returncode != 0:
+            lines = (finished.stderr.strip().splitlines() or lines)[-1:]
+        print(f"  seed {seeds[finished.index]}: {lines[0]}", flush=True)
+
+    runner = SideBySide(workers, args.threads)
+    start = time.perf_counter()
+    results = runner.run(commands, on_done=done)
+    wall = time.perf_counter() - start
+    summaries = {}
+    for seed, folder in zip(seeds, folders, strict=True):
+        if (folder / "summary.json").is_file():
+            summaries[seed] = json.loads((folder / "summary.json").read_text())
+    if summaries:
+        returns = [s["final_eval_return"] for s in summaries.values()]
+        finite = [r for r in returns if r is not None]
+        mean = f"{np.mean(finite):.1f}" if finite else "n/a"
+        steps = sum(s["steps"] for s in summaries.values())
+        print(
+            f"rlweights train: {len(summaries)} of {len(seeds)} seeds finished: final eval "
+            f"return mean {mean} (per seed: "
+            + ", ".join(
+                f"{k}: {'n/a' if r is None else f'{r:.1f}'}"
+                for k, r in zip(summaries, returns, strict=True)
+            )
+            + f"); {steps} steps in {wall:.0f} s, {steps / wall:.0f} steps/s in total",
+            flush=True,
+        )
+    if runner.stopped is not None:
+        unfinished = [
+            str(f) for f, r in zip(folders, results, strict=True) if r.returncode not in (0, None)
+        ]
+        print(
+            "rlweights train: stopped; resume each stopped run with: rlweights train --resume RUN"
+            + (f" ({', '.join(unfinished)})" if unfinished else ""),
+            file=sys.stderr,
+        )
+        return 128 + runner.stopped
+    return 0 if all(r.returncode == 0 for r in results) else 1
 
 
 def _train(

@@ -26,11 +26,10 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -93,18 +92,6 @@ def _command(cell: Cell, runs: Path, points: int, episodes: int) -> list[str]:
         *("--eval-every", str(max(steps // points, 1)), "--eval-episodes", str(episodes)),
         *("--logdir", str(runs), "--run-name", cell.name),
     ]
-
-
-def _train(cell: Cell, runs: Path, points: int, episodes: int) -> str:
-    """Train one cell (unless it finished before); returns a line for the log."""
-    if (runs / cell.name / "summary.json").is_file():
-        return f"{cell.name}: done before"
-    environ = os.environ | {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
-    command = _command(cell, runs, points, episodes)
-    done = subprocess.run(command, capture_output=True, text=True, env=environ)
-    if done.returncode != 0:
-        raise RuntimeError(f"{cell.name} failed ({done.returncode}): {done.stderr.strip()[-500:]}")
-    return f"{cell.name}: {done.stdout.strip().splitlines()[-1]}"
 
 
 def _curve(run: Path) -> dict:
@@ -267,16 +254,28 @@ def main_from_args(args: argparse.Namespace) -> int:
     failed = []
     if args.report_only:
         cells = [c for c in cells if (runs / c.name / "summary.json").is_file()]
-    with ThreadPoolExecutor(args.workers) as pool:
-        futures = [
-            pool.submit(_train, cell, runs, args.points, args.eval_episodes) for cell in cells
-        ]
-        for future in futures:
-            try:
-                print(future.result(), flush=True)
-            except RuntimeError as exc:
-                failed.append(str(exc))
-                print(exc, file=sys.stderr, flush=True)
+    for cell in cells:
+        if (runs / cell.name / "summary.json").is_file():
+            print(f"{cell.name}: done before", flush=True)
+    todo = [c for c in cells if not (runs / c.name / "summary.json").is_file()]
+
+    def done(finished: Any) -> None:
+        name = todo[finished.index].name
+        if finished.returncode == 0:
+            print(f"{name}: {finished.stdout.strip().splitlines()[-1]}", flush=True)
+        else:
+            line = f"{name} failed ({finished.returncode}): {finished.stderr.strip()[-500:]}"
+            failed.append(line)
+            print(line, file=sys.stderr, flush=True)
+
+    from rlweights.agents.side_by_side import SideBySide
+
+    commands = [_command(c, runs, args.points, args.eval_episodes) for c in todo]
+    runner = SideBySide(args.workers, threads=1)  # one thread per run, runs on every core
+    runner.run(commands, on_done=done)
+    if runner.stopped is not None:
+        print("rlweights bench-learning: stopped; run it again to go on", file=sys.stderr)
+        return 128 + runner.stopped
     finished = [c for c in cells if (runs / c.name / "summary.json").is_file()]
     curves = [{**vars(c), **_curve(runs / c.name)} for c in finished]
     write_json(args.out / "curves.json", curves)

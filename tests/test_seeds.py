@@ -1,0 +1,89 @@
+"""rlweights train --seeds / --workers / --threads (issue 15): several seeds in one command,
+one process each, side by side, each with its own run folder; a stop reaches them all."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from rlweights.agents.cli import _child_arguments
+from rlweights.agents.train import load_checkpoint
+from rlweights.cli import build_parser, main
+
+TINY = ["--hidden", "16,16", "--batch-size", "32", "--learning-starts", "50"]
+TINY += ["--eval-episodes", "1"]
+
+
+def test_several_seeds_train_side_by_side_in_their_own_folders(tmp_path, capsys):
+    args = ["train", "--seeds", "3", "5", "--steps", "200", *TINY, "--threads", "1"]
+    assert main([*args, "--logdir", str(tmp_path), "--run-name", "pend"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0] == f"rlweights train: 2 seeds, 2 at a time with 1 thread(s) each -> {tmp_path}"
+    assert out[1].startswith("  seed ") and out[2].startswith("  seed ")
+    assert out[3].startswith("rlweights train: 2 of 2 seeds finished: final eval return mean")
+    assert out[3].endswith("steps/s in total") and "400 steps in" in out[3]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["pend-s3", "pend-s5"]
+    for seed in (3, 5):
+        config = json.loads((tmp_path / f"pend-s{seed}" / "config.json").read_text())
+        assert config["seed"] == seed and config["hidden"] == [16, 16]
+        summary = json.loads((tmp_path / f"pend-s{seed}" / "summary.json").read_text())
+        assert summary["steps"] == 200
+
+
+def test_each_seed_gets_the_flags_given(tmp_path):
+    flags = ["--algo", "td3", "--seeds", "0", "1", "--steps", "1e3", "--compile"]
+    flags += ["--policy-ema", "0.01", "--hidden", "8,8", "--threads", "2", "--workers", "1"]
+    args = build_parser().parse_args(["train", *flags])
+    child = _child_arguments(args)
+    assert child[:2] == ["--algo", "td3"] and "--seeds" not in child and "--workers" not in child
+    for pair in (["--steps", "1000"], ["--policy-ema", "0.01"], ["--hidden", "8,8"]):
+        i = child.index(pair[0])
+        assert child[i : i + 2] == pair
+    assert child[child.index("--threads") + 1] == "2" and "--compile" in child
+
+
+@pytest.mark.parametrize(
+    ("flags", "line"),
+    [
+        (["--seeds", "0", "0"], "--seeds 0 0: each seed once"),
+        (["--workers", "2"], "--workers goes with --seeds"),
+        (["--seeds", "0", "--seed", "1"], "--seeds trains new runs: give it without --seed"),
+        (["--seeds", "0", "-1"], "seed"),
+        (["--threads", "0"], "--threads must be >= 1"),
+    ],
+)
+def test_bad_seeds_workers_or_threads_are_refused_before_anything_runs(
+    tmp_path, capsys, flags, line
+):
+    assert main(["train", *flags, "--logdir", str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("rlweights train: error: ") and line in err and "\n" not in err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_stop_signal_reaches_every_seed_and_each_keeps_a_checkpoint(tmp_path):
+    command = [sys.executable, "-m", "rlweights", "train", "--seeds", "0", "1"]
+    command += ["--steps", "100000", "--eval-every", "100", *TINY]
+    command += ["--logdir", str(tmp_path), "--run-name", "r"]
+    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not all((tmp_path / f"r-s{s}" / "model.pt").exists() for s in (0, 1)):
+            assert time.monotonic() < deadline and proc.poll() is None, "did not start"
+            time.sleep(0.1)  # the first checkpoint (step 100) is written: both train
+        time.sleep(1)
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    assert proc.returncode == 128 + signal.SIGTERM, err
+    assert "stopped; resume each stopped run with: rlweights train --resume RUN" in err
+    for seed in (0, 1):
+        steps = load_checkpoint(tmp_path / f"r-s{seed}")["steps"]
+        assert 100 <= steps < 100_000
+        assert not (tmp_path / f"r-s{seed}" / "summary.json").exists()
