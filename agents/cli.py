@@ -535,9 +535,17 @@ def train_main(args: argparse.Namespace) -> int:
     if args.threads < 1:
         print("rlweights train: error: --threads must be >= 1", file=sys.stderr)
         return 2
+    before = torch.get_num_threads()
     torch.set_num_threads(args.threads)
-    if args.seeds is not None or args.workers is not None:
-        return _train_seeds(args)
+    try:
+        if args.seeds is not None or args.workers is not None:
+            return _train_seeds(args)
+        return _train_one(args)
+    finally:
+        torch.set_num_threads(before)  # for callers of main() in this process
+
+
+def _train_one(args: argparse.Namespace) -> int:
     # Signals are caught from before the run folder exists: a stop during the set-up
     # becomes a checkpoint at the first step.
     with GracefulStop() as stop, ExitStack() as stack:

@@ -87,3 +87,28 @@ def test_a_stop_signal_reaches_every_seed_and_each_keeps_a_checkpoint(tmp_path):
         steps = load_checkpoint(tmp_path / f"r-s{seed}")["steps"]
         assert 100 <= steps < 100_000
         assert not (tmp_path / f"r-s{seed}" / "summary.json").exists()
+
+
+def test_threads_sets_the_training_threads_and_restores_them(tmp_path, monkeypatch):
+    import torch
+
+    import rlweights.agents.train as train_module
+
+    seen = []
+    real = train_module.train
+
+    def spy(*args, **kwargs):
+        seen.append(torch.get_num_threads())
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(train_module, "train", spy)
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        flags = ["--steps", "60", *TINY, "--logdir", str(tmp_path), "--no-progress"]
+        assert main(["train", "--threads", "1", *flags, "--run-name", "a"]) == 0
+        assert seen == [1] and torch.get_num_threads() == 2
+        assert main(["train", *flags, "--run-name", "b"]) == 0  # the default: one thread
+        assert seen == [1, 1]
+    finally:
+        torch.set_num_threads(before)
