@@ -47,6 +47,8 @@ EXTRA_OF = {
     "mujoco": "mujoco",
     "Box2D": "box2d",
     "pygame": "box2d",
+    "sbx": "bench",
+    "jax": "bench",
 }
 
 

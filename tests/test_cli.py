@@ -142,16 +142,24 @@ def test_bench_train_smoke(tmp_path):
     done = _run(
         sys.executable,
         "scripts/bench_train.py",
-        *("--algos", "sac", "--rounds", "1", "--steps", "200", "--json", str(out)),
+        *("--algos", "sac", "--impls", "native", "sb3", "--rounds", "1", "--steps", "400"),
+        *("--json", str(out)),
     )
     assert done.returncode == 0, done.stderr
     result = json.loads(out.read_text())
     sac = result["algos"]["sac"]
-    assert sac["steps"] == 200 and sac["hidden"] == [256, 256]
+    assert sac["steps"] == 400 and sac["hidden"] == [256, 256]
     assert sac["speedup"] == pytest.approx(
         sac["steps_per_second"]["native"] / sac["steps_per_second"]["sb3"]
     )
-    assert "| SAC | Pendulum-v1 | 256-256 | 256 | 200 |" in done.stdout
+    bound = sac["bound"]
+    # SAC's update at 256-256, batch 256: about half a GFLOP (critic, actor, targets)
+    assert 3e8 < bound["flops_per_update"] < 9e8
+    assert bound["bound_updates_per_second"] == pytest.approx(
+        bound["matmul_flops_per_second"] / bound["flops_per_update"]
+    )
+    assert 0 < bound["updates_per_second"] < bound["bound_updates_per_second"]
+    assert "| SAC | Pendulum-v1 | 256-256 | 256 | 400 |" in done.stdout
 
 
 def test_bench_distributed_smoke(tmp_path):

@@ -1,28 +1,42 @@
-"""Environment steps per second of the native agents against SB3, side by side.
+"""Environment steps per second of the native agents (eager and ``--compile``) against SB3
+and SBX, side by side, and how close one update comes to this machine's matmul limit.
 
 Run as 'rlweights bench-train' or 'python scripts/bench_train.py'. Needs the sb3 and agents
-extras. For each algorithm the native agent and SB3's algorithm (plain, without rlweights
-attached: what a user has today) train with the same network sizes, batch size, update
-ratio and learning start on the same environment, on the CPU, in one process, alternating
-which goes first each round. Neither logs nor evaluates while timed. The table reports the
-median of per-round speed-ups.
+extras; SBX (JAX) joins where the ``bench`` extra (``sbx-rl``) is installed. For each
+algorithm every implementation trains with the same network sizes, batch size, update ratio,
+learning start and environment, on the CPU, in this process, in an order that rotates each
+round; none logs or evaluates while timed. Speeds are steady-state rates, timed after the
+first 100 training steps, so that compiling (torch.compile, JAX's jit) is not in them; the
+seconds compiling took are reported on their own. The table reports medians over rounds and
+each implementation's ratio to SB3 (median of per-round ratios).
+
+The bound: the floating-point operations of one eager update (``FlopCounterMode``) over this
+machine's rate for a matmul of the update's sizes (batch x hidden by hidden x hidden) give the
+updates per second a step made only of such matmuls would reach; the row says what fraction
+of it the eager and the compiled update reach, timed alone on fixed batches.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import importlib.util
+import itertools
 import platform
 import statistics
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from rlweights.agents.train import make_config, train
 from rlweights.files import write_json
 
-__all__ = ["markdown", "run"]
+__all__ = ["IMPLS", "markdown", "run"]
+
+IMPLS = ("native", "compile", "sb3", "sbx")
+WARMUP = 100  # training steps before the timing starts (compiling happens in them)
 
 # Algorithm -> settings for the timed runs: the CLI defaults, but learning starts after 100
 # steps so that the timing covers training (TD3's zoo setting waits 10k steps).
@@ -33,24 +47,133 @@ SETTINGS = {
 }
 
 
-def _native(config) -> float:
-    _, summary = train(config)
-    return summary["steps"] / summary["train_seconds"]
+def _steady(marks: list[tuple[int, float]], start_at: int) -> tuple[float, float]:
+    """(steps per second after ``start_at`` steps, the longest pause between two marks less
+    the typical one: what a one-off compile cost)."""
+    after = [(s, t) for s, t in marks if s >= start_at]
+    if len(after) < 2:
+        after = marks[-2:]
+    (s0, t0), (s1, t1) = after[0], after[-1]
+    gaps = [b[1] - a[1] for a, b in itertools.pairwise(marks)]
+    pause = max(gaps) - statistics.median(gaps) if gaps else 0.0
+    return (s1 - s0) / (t1 - t0), pause
 
 
-def _sb3(config) -> float:
+def _native(config: Any, compile: bool) -> dict[str, float]:
+    marks: list[tuple[int, float]] = []
+
+    def monitor(steps: int, agent: Any) -> dict:
+        marks.append((steps, time.perf_counter()))
+        return {}
+
+    train(dataclasses.replace(config, compile=compile), monitor=monitor, monitor_every=1)
+    rate, pause = _steady(marks, config.learning_starts + WARMUP)
+    return {"steps_per_second": rate, "compile_seconds": pause}
+
+
+def _timed_learn(model: Any, steps: int, start_at: int) -> dict[str, float]:
+    from stable_baselines3.common.callbacks import BaseCallback
+
+    marks: list[tuple[int, float]] = []
+
+    class Marks(BaseCallback):
+        def _on_step(self) -> bool:
+            marks.append((self.num_timesteps, time.perf_counter()))
+            return True
+
+    model.learn(steps, callback=Marks())
+    rate, pause = _steady(marks, start_at)
+    return {"steps_per_second": rate, "compile_seconds": pause}
+
+
+def _sb3(config: Any) -> dict[str, float]:
     from rlweights.agents.sb3_train import build_sb3_model
 
     model, attachment = build_sb3_model(config)
     attachment.detach()  # plain SB3: its own polyak_update
-    start = time.perf_counter()
-    model.learn(config.total_steps)
-    seconds = time.perf_counter() - start
+    out = _timed_learn(model, config.total_steps, config.learning_starts + WARMUP)
     model.get_env().close()
-    return model.num_timesteps / seconds
+    return out
 
 
-def run(algos: list[str], rounds: int, steps: dict[str, int]) -> dict:
+def _sbx(config: Any) -> dict[str, float]:
+    import sbx
+    from stable_baselines3.common.env_util import make_vec_env
+
+    from rlweights.agents.sb3_train import sb3_kwargs
+
+    kwargs = sb3_kwargs(config)
+    for key in ("device", "max_grad_norm"):
+        kwargs.pop(key, None)
+    env = make_vec_env(config.env_id, n_envs=config.num_envs, seed=config.seed)
+    model = getattr(sbx, config.algo.upper())("MlpPolicy", env, **kwargs)
+    out = _timed_learn(model, config.total_steps, config.learning_starts + WARMUP)
+    env.close()
+    return out
+
+
+def update_bound(config: Any, compiled: bool = True, repeats: int = 30) -> dict[str, float]:
+    """FLOPs of one eager update, the matmul rate at its sizes, and the updates per second of
+    the eager update (and of the compiled one if ``compiled``): fixed batches, timed alone,
+    after a warm-up."""
+    import gymnasium as gym
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from rlweights.agents.train import ALGOS
+
+    env = gym.make(config.env_id)
+    obs_dim = int(torch.tensor(env.observation_space.shape).prod())
+    discrete = isinstance(env.action_space, gym.spaces.Discrete)
+    act_shape = () if discrete else env.action_space.shape
+    gen = torch.Generator().manual_seed(0)
+    n = config.batch_size
+    batch = {
+        "obs": torch.randn(n, obs_dim, generator=gen),
+        "actions": (
+            torch.randint(env.action_space.n, (n,), generator=gen).float()
+            if discrete
+            else torch.rand(n, *act_shape, generator=gen) * 2 - 1
+        ),
+        "rewards": torch.randn(n, generator=gen),
+        "next_obs": torch.randn(n, obs_dim, generator=gen),
+        "dones": torch.zeros(n),
+    }
+    out: dict[str, float] = {}
+    for compile in (False, True) if compiled else (False,):
+        cfg = dataclasses.replace(config, compile=compile)
+        agent = ALGOS[config.algo][1](cfg, env.observation_space, env.action_space)
+        if not compile:
+            with FlopCounterMode(display=False) as counter:
+                agent.update(batch)
+            out["flops_per_update"] = float(counter.get_total_flops())
+        for _ in range(3):  # warm-up (compiles)
+            agent.update(batch)
+        start = time.perf_counter()
+        for _ in range(repeats):
+            agent.update(batch)
+        out["compiled_updates_per_second" if compile else "updates_per_second"] = repeats / (
+            time.perf_counter() - start
+        )
+    env.close()
+    h = config.hidden[0]
+    a, b = torch.randn(n, h), torch.randn(h, h)
+    for _ in range(20):
+        a @ b
+    start = time.perf_counter()
+    for _ in range(200):
+        a @ b
+    out["matmul_flops_per_second"] = 2 * n * h * h * 200 / (time.perf_counter() - start)
+    out["bound_updates_per_second"] = out["matmul_flops_per_second"] / out["flops_per_update"]
+    return out
+
+
+def available(impls: list[str]) -> list[str]:
+    """The implementations of ``impls`` that this environment can run (SBX needs sbx-rl)."""
+    return [i for i in impls if i != "sbx" or importlib.util.find_spec("sbx") is not None]
+
+
+def run(algos: list[str], rounds: int, steps: dict[str, int], impls: list[str]) -> dict:
+    impls = available(impls)
     results: dict = {
         "machine": {
             "platform": platform.platform(),
@@ -58,7 +181,14 @@ def run(algos: list[str], rounds: int, steps: dict[str, int]) -> dict:
             "threads": torch.get_num_threads(),
         },
         "rounds": rounds,
+        "impls": impls,
         "algos": {},
+    }
+    timers = {
+        "native": lambda c: _native(c, compile=False),
+        "compile": lambda c: _native(c, compile=True),
+        "sb3": _sb3,
+        "sbx": _sbx,
     }
     for algo in algos:
         config = make_config(
@@ -69,14 +199,14 @@ def run(algos: list[str], rounds: int, steps: dict[str, int]) -> dict:
             drift_every=0,
             **SETTINGS[algo],
         )
-        speeds: dict[str, list[float]] = {"native": [], "sb3": []}
+        runs: dict[str, list[dict[str, float]]] = {impl: [] for impl in impls}
         for r in range(rounds):
-            order = ["native", "sb3"] if r % 2 == 0 else ["sb3", "native"]
+            order = impls[r % len(impls) :] + impls[: r % len(impls)]
             for impl in order:
-                cfg = dataclasses.replace(config, seed=r)
-                speeds[impl].append(_native(cfg) if impl == "native" else _sb3(cfg))
-        ratios = [n / s for n, s in zip(speeds["native"], speeds["sb3"], strict=True)]
-        results["algos"][algo] = {
+                torch._dynamo.reset()  # every compiled run pays its own compile
+                runs[impl].append(timers[impl](dataclasses.replace(config, seed=r)))
+        speeds = {k: [x["steps_per_second"] for x in v] for k, v in runs.items()}
+        row = {
             "env_id": config.env_id,
             "steps": config.total_steps,
             "hidden": list(config.hidden),
@@ -85,25 +215,45 @@ def run(algos: list[str], rounds: int, steps: dict[str, int]) -> dict:
             "gradient_steps": config.gradient_steps,
             "steps_per_second": {k: statistics.median(v) for k, v in speeds.items()},
             "all_steps_per_second": speeds,
-            "speedup": statistics.median(ratios),
-            "speedups": ratios,
+            "compile_seconds": {
+                k: statistics.median(x["compile_seconds"] for x in v) for k, v in runs.items()
+            },
         }
+        if "sb3" in speeds:
+            row["vs_sb3"] = {
+                k: statistics.median(a / b for a, b in zip(v, speeds["sb3"], strict=True))
+                for k, v in speeds.items()
+            }
+            row["speedup"] = row["vs_sb3"].get("native")
+        row["bound"] = update_bound(config, compiled="compile" in impls)
+        results["algos"][algo] = row
     return results
 
 
 def markdown(result: dict) -> str:
+    impls = result["impls"]
+    head = " | ".join(f"{i} steps/s" for i in impls)
     lines = [
-        "| algorithm | env | network | batch | steps | native steps/s | SB3 steps/s | "
-        "native / SB3 (median of rounds) |",
-        "|---|---|---|---|---|---|---|---|",
+        f"| algorithm | env | network | batch | steps | {head} | vs SB3 (median of rounds) | "
+        "update / bound (eager, compiled) |",
+        "|---|---|---|---|---|" + "---|" * len(impls) + "---|---|",
     ]
     for algo, r in result["algos"].items():
-        per_round = ", ".join(f"{x:.2f}" for x in r["speedups"])
+        speeds = " | ".join(f"{r['steps_per_second'][i]:.0f}" for i in impls)
+        vs = ", ".join(f"{i} {x:.2f}x" for i, x in r.get("vs_sb3", {}).items() if i != "sb3")
+        b = r["bound"]
+        fractions = [
+            f"{b[k] / b['bound_updates_per_second']:.0%}"
+            for k in ("updates_per_second", "compiled_updates_per_second")
+            if k in b
+        ]
+        bound = f"{', '.join(fractions)} of {b['bound_updates_per_second']:.0f}/s"
         lines.append(
             f"| {algo.upper()} | {r['env_id']} | {'-'.join(map(str, r['hidden']))} | "
-            f"{r['batch_size']} | {r['steps']} | {r['steps_per_second']['native']:.0f} | "
-            f"{r['steps_per_second']['sb3']:.0f} | **{r['speedup']:.2f}x** ({per_round}) |"
+            f"{r['batch_size']} | {r['steps']} | {speeds} | {vs or '-'} | {bound} |"
         )
+    if "sbx" not in impls:
+        lines.append("\n(SBX not installed here: pip install 'rlweights[bench]' adds it.)")
     return "\n".join(lines) + "\n"
 
 
@@ -111,7 +261,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--algos", nargs="+", choices=sorted(SETTINGS), default=["sac", "td3", "dqn"]
     )
-    parser.add_argument("--rounds", type=int, default=3, help="runs of each, alternating (3)")
+    parser.add_argument(
+        "--impls",
+        nargs="+",
+        choices=IMPLS,
+        default=list(IMPLS),
+        help="native, compile (native --compile), sb3, sbx (when sbx-rl is installed)",
+    )
+    parser.add_argument("--rounds", type=int, default=3, help="runs of each, rotating (3)")
     parser.add_argument(
         "--steps", type=int, default=1500, help="env steps per SAC/TD3 run (1500; DQN: 10x)"
     )
@@ -119,10 +276,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def main_from_args(args: argparse.Namespace) -> int:
-    if args.rounds < 1 or args.steps < 200:
-        raise SystemExit("rlweights bench-train: --rounds must be >= 1 and --steps >= 200")
+    if args.rounds < 1 or args.steps < 400:
+        raise SystemExit("rlweights bench-train: --rounds must be >= 1 and --steps >= 400")
     steps = {"sac": args.steps, "td3": args.steps, "dqn": 10 * args.steps}
-    result = run(args.algos, args.rounds, steps)
+    result = run(args.algos, args.rounds, steps, list(args.impls))
     print(markdown(result), end="")
     if args.json:
         write_json(args.json, result)
