@@ -241,6 +241,13 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
         help="compile the whole gradient step (losses, gradients, Adam, temperature, "
         "constraints, policy EMA, target update) as one torch.compile graph",
     )
+    parser.add_argument(
+        "--cudagraphs",
+        action="store_const",
+        const=True,
+        help="with --compile on CUDA: replay the compiled step as a CUDA graph (no kernel "
+        "launches from Python, no host sync per step)",
+    )
 
 
 def add_evaluate_arguments(parser: argparse.ArgumentParser) -> None:
@@ -394,7 +401,7 @@ class _Progress:
 
 
 def _overrides(args: argparse.Namespace) -> dict[str, Any]:
-    fields = [field for _, field, _, _, _ in HYPERPARAMETERS] + ["hidden", "compile"]
+    fields = [field for _, field, _, _, _ in HYPERPARAMETERS] + ["hidden", "compile", "cudagraphs"]
     return {field: getattr(args, field) for field in fields}
 
 
@@ -482,6 +489,8 @@ def _prepare_resume(
 
 def _checked_config(args: argparse.Namespace, seed: int, device: str) -> tuple[Any, str]:
     """(config, impl) of a new run with ``seed``, every input checked."""
+    if args.cudagraphs and not (args.compile and device.startswith("cuda")):
+        raise UsageError("--cudagraphs needs --compile and a CUDA device (--device cuda)")
     config = make_config(args.algo or "sac", args.env, seed=seed, device=device, **_overrides(args))
     impl = args.impl or "native"
     _check_impl(impl)
@@ -569,8 +578,9 @@ def _child_arguments(args: argparse.Namespace) -> list[str]:
             out += [flag, str(value)]
     if args.hidden is not None:
         out += ["--hidden", ",".join(map(str, args.hidden))]
-    if args.compile:
-        out.append("--compile")
+    for flag in ("compile", "cudagraphs"):
+        if getattr(args, flag):
+            out.append(f"--{flag}")
     return out
 
 

@@ -125,6 +125,7 @@ class AgentConfig:
     average_every: int = 0  # >0: torchrun learners average their weights every N env steps
     peer_timeout: int = 300  # seconds a learner waits for the others before it gives up
     compile: bool = False  # the whole gradient step as one torch.compile graph (agents.compiled)
+    cudagraphs: bool = False  # with compile, on CUDA: the compiled step replayed as a CUDA graph
 
     def __post_init__(self) -> None:
         self.hidden = tuple(self.hidden)
@@ -154,6 +155,7 @@ class AgentConfig:
             "eval_episodes": self.eval_episodes >= 1,
             "average_every": self.average_every >= 0,
             "peer_timeout": self.peer_timeout >= 1,
+            "cudagraphs": not self.cudagraphs or (self.compile and self.device.startswith("cuda")),
         }
 
     def checks(self) -> None:

@@ -69,15 +69,22 @@ class CompiledStep:
     here (no C++ compiler for the CPU backend, an unsupported torch), the first call says so
     in one line and returns None from then on: the caller goes on eagerly."""
 
-    def __init__(self, fn: Callable[..., Any], name: str):
-        self.fn = torch.compile(fn, fullgraph=True)
+    def __init__(self, fn: Callable[..., Any], name: str, cudagraphs: bool = False):
+        # "reduce-overhead": the compiled step is recorded as a CUDA graph and replayed (the
+        # batch is copied into the graph's own input buffers; the weights, optimizer state
+        # and routines' tensors stay where they are)
+        mode = "reduce-overhead" if cudagraphs else None
+        self.fn = torch.compile(fn, fullgraph=True, mode=mode)
         self.name = name
+        self.cudagraphs = cudagraphs
         self.failed = False
         self._tried = False
 
     def __call__(self, *args: Any) -> Any:
         if self.failed:
             return None
+        if self.cudagraphs:  # a new training step: earlier outputs may be overwritten
+            torch.compiler.cudagraph_mark_step_begin()
         if self._tried:
             return self.fn(*args)
         from torch._dynamo.exc import BackendCompilerFailed, TorchRuntimeError, Unsupported

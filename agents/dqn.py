@@ -76,7 +76,9 @@ class DQN(OffPolicyAgent):
         self.compiled: CompiledStep | None = None
         if config.compile:
             prepare_adam(self.optimizers["q"])
-            self.compiled = CompiledStep(self.functional_update, "DQN's gradient step")
+            self.compiled = CompiledStep(
+                self.functional_update, "DQN's gradient step", config.cudagraphs
+            )
 
     @property
     def q(self) -> nn.Module:

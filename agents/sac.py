@@ -189,7 +189,9 @@ class SAC(ContinuousAgent):
         if config.compile:
             for optimizer in self.optimizers.values():
                 prepare_adam(optimizer)
-            self.compiled = CompiledStep(self.functional_update, "SAC's gradient step")
+            self.compiled = CompiledStep(
+                self.functional_update, "SAC's gradient step", config.cudagraphs
+            )
 
     @property
     def critic_target(self) -> TwinQ:

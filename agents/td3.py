@@ -87,9 +87,10 @@ class TD3(ContinuousAgent):
         if config.compile:
             for optimizer in self.optimizers.values():
                 prepare_adam(optimizer)
+            graphs = config.cudagraphs
             self.compiled = (
-                CompiledStep(self.functional_critic_step, "TD3's critic step"),
-                CompiledStep(self.functional_full_step, "TD3's critic and actor step"),
+                CompiledStep(self.functional_critic_step, "TD3's critic step", graphs),
+                CompiledStep(self.functional_full_step, "TD3's critic and actor step", graphs),
             )
 
     @torch.no_grad()

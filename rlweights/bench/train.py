@@ -35,7 +35,7 @@ from rlweights.files import write_json
 
 __all__ = ["IMPLS", "markdown", "run"]
 
-IMPLS = ("native", "compile", "sb3", "sbx")
+IMPLS = ("native", "compile", "cudagraphs", "sb3", "sbx")
 WARMUP = 100  # training steps before the timing starts (compiling happens in them)
 
 # Algorithm -> settings for the timed runs: the CLI defaults, but learning starts after 100
@@ -59,14 +59,15 @@ def _steady(marks: list[tuple[int, float]], start_at: int) -> tuple[float, float
     return (s1 - s0) / (t1 - t0), pause
 
 
-def _native(config: Any, compile: bool) -> dict[str, float]:
+def _native(config: Any, compile: bool, cudagraphs: bool = False) -> dict[str, float]:
     marks: list[tuple[int, float]] = []
 
     def monitor(steps: int, agent: Any) -> dict:
         marks.append((steps, time.perf_counter()))
         return {}
 
-    train(dataclasses.replace(config, compile=compile), monitor=monitor, monitor_every=1)
+    config = dataclasses.replace(config, compile=compile, cudagraphs=cudagraphs)
+    train(config, monitor=monitor, monitor_every=1)
     rate, pause = _steady(marks, config.learning_starts + WARMUP)
     return {"steps_per_second": rate, "compile_seconds": pause}
 
@@ -138,6 +139,13 @@ def update_bound(config: Any, compiled: bool = True, repeats: int = 30) -> dict[
         "next_obs": torch.randn(n, obs_dim, generator=gen),
         "dones": torch.zeros(n),
     }
+    device = torch.device(config.device)
+    batch = {k: v.to(device) for k, v in batch.items()}
+
+    def sync() -> None:
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+
     out: dict[str, float] = {}
     for compile in (False, True) if compiled else (False,):
         cfg = dataclasses.replace(config, compile=compile)
@@ -148,37 +156,51 @@ def update_bound(config: Any, compiled: bool = True, repeats: int = 30) -> dict[
             out["flops_per_update"] = float(counter.get_total_flops())
         for _ in range(3):  # warm-up (compiles)
             agent.update(batch)
+        sync()
         start = time.perf_counter()
         for _ in range(repeats):
             agent.update(batch)
+        sync()
         out["compiled_updates_per_second" if compile else "updates_per_second"] = repeats / (
             time.perf_counter() - start
         )
     env.close()
     h = config.hidden[0]
-    a, b = torch.randn(n, h), torch.randn(h, h)
+    a, b = torch.randn(n, h, device=device), torch.randn(h, h, device=device)
     for _ in range(20):
         a @ b
+    sync()
     start = time.perf_counter()
     for _ in range(200):
         a @ b
+    sync()
     out["matmul_flops_per_second"] = 2 * n * h * h * 200 / (time.perf_counter() - start)
     out["bound_updates_per_second"] = out["matmul_flops_per_second"] / out["flops_per_update"]
     return out
 
 
-def available(impls: list[str]) -> list[str]:
-    """The implementations of ``impls`` that this environment can run (SBX needs sbx-rl)."""
-    return [i for i in impls if i != "sbx" or importlib.util.find_spec("sbx") is not None]
+def available(impls: list[str], device: str = "cpu") -> list[str]:
+    """The implementations of ``impls`` that run here: SBX needs sbx-rl (and is timed on the
+    CPU only), CUDA graphs a CUDA device."""
+    cuda = device.startswith("cuda")
+    return [
+        i
+        for i in impls
+        if (i != "sbx" or (importlib.util.find_spec("sbx") is not None and not cuda))
+        and (i != "cudagraphs" or cuda)
+    ]
 
 
-def run(algos: list[str], rounds: int, steps: dict[str, int], impls: list[str]) -> dict:
-    impls = available(impls)
+def run(
+    algos: list[str], rounds: int, steps: dict[str, int], impls: list[str], device: str = "cpu"
+) -> dict:
+    impls = available(impls, device)
     results: dict = {
         "machine": {
             "platform": platform.platform(),
             "torch": torch.__version__,
             "threads": torch.get_num_threads(),
+            "device": torch.cuda.get_device_name(0) if device.startswith("cuda") else "cpu",
         },
         "rounds": rounds,
         "impls": impls,
@@ -187,6 +209,7 @@ def run(algos: list[str], rounds: int, steps: dict[str, int], impls: list[str]) 
     timers = {
         "native": lambda c: _native(c, compile=False),
         "compile": lambda c: _native(c, compile=True),
+        "cudagraphs": lambda c: _native(c, compile=True, cudagraphs=True),
         "sb3": _sb3,
         "sbx": _sbx,
     }
@@ -197,6 +220,7 @@ def run(algos: list[str], rounds: int, steps: dict[str, int], impls: list[str]) 
             eval_every=0,
             eval_episodes=1,
             drift_every=0,
+            device=device,
             **SETTINGS[algo],
         )
         runs: dict[str, list[dict[str, float]]] = {impl: [] for impl in impls}
@@ -266,8 +290,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         nargs="+",
         choices=IMPLS,
         default=list(IMPLS),
-        help="native, compile (native --compile), sb3, sbx (when sbx-rl is installed)",
+        help="native, compile (native --compile), cudagraphs (--compile --cudagraphs, on "
+        "CUDA), sb3, sbx (when sbx-rl is installed; CPU)",
     )
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     parser.add_argument("--rounds", type=int, default=3, help="runs of each, rotating (3)")
     parser.add_argument(
         "--steps", type=int, default=1500, help="env steps per SAC/TD3 run (1500; DQN: 10x)"
@@ -279,7 +305,7 @@ def main_from_args(args: argparse.Namespace) -> int:
     if args.rounds < 1 or args.steps < 400:
         raise SystemExit("rlweights bench-train: --rounds must be >= 1 and --steps >= 400")
     steps = {"sac": args.steps, "td3": args.steps, "dqn": 10 * args.steps}
-    result = run(args.algos, args.rounds, steps, list(args.impls))
+    result = run(args.algos, args.rounds, steps, list(args.impls), args.device)
     print(markdown(result), end="")
     if args.json:
         write_json(args.json, result)
