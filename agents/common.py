@@ -391,6 +391,15 @@ class OffPolicyAgent:
         if cfg.max_norm is not None:
             rw.max_norm_(_constraint_tensors(net), cfg.max_norm)
 
+    def layout_checks(self) -> list[Callable[[], None]]:
+        """The layout checks of the capturable routines and constraints (``--compile``), run
+        before every compiled step."""
+        found = [self.target_routine.check]
+        if self.ema_routine is not None:
+            found.append(self.ema_routine.check)
+        found += [c.check for bound in self.bound_constraints.values() for c in bound]
+        return found
+
     def constrain_bound(self, name: str) -> None:
         """The compiled step's form of :meth:`constrain`: network ``name``'s bound capturable
         clip, then the per-unit max-norm on views made here, inside the traced step (views

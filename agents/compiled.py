@@ -65,11 +65,21 @@ def adam_(
 
 
 class CompiledStep:
-    """``fn`` compiled with ``torch.compile(fullgraph=True)``. Where compiling is impossible
-    here (no C++ compiler for the CPU backend, an unsupported torch), the first call says so
-    in one line and returns None from then on: the caller goes on eagerly."""
+    """``fn`` compiled with ``torch.compile(fullgraph=True)``. Every call first runs
+    ``checks`` (the capturable routines' and constraints' layout checks: a few pointer
+    comparisons), so that weights moved since the step was built raise
+    :class:`~rlweights.LayoutChangedError` instead of a compiled write into old memory. Where
+    compiling is impossible here (no C++ compiler for the CPU backend, an unsupported torch),
+    the first call says so in one line and returns None from then on: the caller goes on
+    eagerly."""
 
-    def __init__(self, fn: Callable[..., Any], name: str, cudagraphs: bool = False):
+    def __init__(
+        self,
+        fn: Callable[..., Any],
+        name: str,
+        cudagraphs: bool = False,
+        checks: Sequence[Callable[[], None]] = (),
+    ):
         # "reduce-overhead": the compiled step is recorded as a CUDA graph and replayed (the
         # batch is copied into the graph's own input buffers; the weights, optimizer state
         # and routines' tensors stay where they are)
@@ -77,12 +87,15 @@ class CompiledStep:
         self.fn = torch.compile(fn, fullgraph=True, mode=mode)
         self.name = name
         self.cudagraphs = cudagraphs
+        self.checks = list(checks)
         self.failed = False
         self._tried = False
 
     def __call__(self, *args: Any) -> Any:
         if self.failed:
             return None
+        for check in self.checks:  # a moved layout: LayoutChangedError, before any write
+            check()
         if self.cudagraphs:  # a new training step: earlier outputs may be overwritten
             torch.compiler.cudagraph_mark_step_begin()
         if self._tried:

@@ -77,7 +77,10 @@ class DQN(OffPolicyAgent):
         if config.compile:
             prepare_adam(self.optimizers["q"])
             self.compiled = CompiledStep(
-                self.functional_update, "DQN's gradient step", config.cudagraphs
+                self.functional_update,
+                "DQN's gradient step",
+                config.cudagraphs,
+                self.layout_checks(),
             )
 
     @property

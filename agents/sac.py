@@ -190,7 +190,10 @@ class SAC(ContinuousAgent):
             for optimizer in self.optimizers.values():
                 prepare_adam(optimizer)
             self.compiled = CompiledStep(
-                self.functional_update, "SAC's gradient step", config.cudagraphs
+                self.functional_update,
+                "SAC's gradient step",
+                config.cudagraphs,
+                self.layout_checks(),
             )
 
     @property

@@ -87,10 +87,12 @@ class TD3(ContinuousAgent):
         if config.compile:
             for optimizer in self.optimizers.values():
                 prepare_adam(optimizer)
-            graphs = config.cudagraphs
+            graphs, checks = config.cudagraphs, self.layout_checks()
             self.compiled = (
-                CompiledStep(self.functional_critic_step, "TD3's critic step", graphs),
-                CompiledStep(self.functional_full_step, "TD3's critic and actor step", graphs),
+                CompiledStep(self.functional_critic_step, "TD3's critic step", graphs, checks),
+                CompiledStep(
+                    self.functional_full_step, "TD3's critic and actor step", graphs, checks
+                ),
             )
 
     @torch.no_grad()

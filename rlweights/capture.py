@@ -42,9 +42,9 @@ class LayoutChangedError(RuntimeError):
 class FrozenPlan:
     """The (target, source) tensor pairs of a capturable routine, by role: floating
     parameters (flat buffers when both sides share a flat layout), floating buffers, and
-    non-floating tensors (copied, never interpolated). ``bump`` lists the views whose
-    autograd version a write must bump (flat layouts only; other tensors are written
-    directly, which bumps their own). ``watched`` / ``ptrs`` are what :meth:`check`
+    non-floating tensors (copied, never interpolated). ``bump_params`` / ``bump_buffers``
+    list the views whose autograd version a write must bump (flat layouts only; other tensors
+    are written directly, which bumps their own). ``watched`` / ``ptrs`` are what :meth:`check`
     compares.
 
     Inside torch.compile the writes go through the tensors themselves, ``view_params`` and

@@ -124,3 +124,18 @@ def test_a_constraint_bound_to_views_of_weights_is_refused():
     with pytest.raises(ValueError, match="views of other tensors"):
         rw.constraints.MaxNorm(1.0, capturable=True).bind([weight[0].t(), weight[1].t()])
     rw.constraints.MaxNorm(1.0, capturable=True).bind([weight])  # the parameter itself: fine
+
+
+def test_a_compiled_step_refuses_weights_moved_since_it_was_built():
+    """The capturable routines' layout checks run before every compiled step: replacing the
+    Q-network's parameters raises instead of a compiled write into the old memory."""
+    torch._dynamo.reset()
+    agent = _agent("dqn", "CartPole-v1", True)
+    agent.update(_batch(agent, 32, 0))
+    q = agent.networks["q"]
+    before = {k: v.clone() for k, v in agent.networks["q_target"].state_dict().items()}
+    q.load_state_dict({k: v.clone() for k, v in q.state_dict().items()}, assign=True)
+    with pytest.raises(rw.LayoutChangedError, match="build it again"):
+        agent.update(_batch(agent, 32, 1))
+    for key, value in agent.networks["q_target"].state_dict().items():
+        assert torch.equal(value, before[key])
