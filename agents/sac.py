@@ -249,7 +249,7 @@ class SAC(ContinuousAgent):
         self.target_routine.step()
         self.gradient_updates += 1
         if self.config.use_sde:
-            self.actor.train_noise = None  # the step's matrix (and its graph) is done with
+            self.actor.train_noise = None  # the next step draws its own matrix
         return {
             "critic_loss": critic_loss,
             "actor_loss": actor_loss,
