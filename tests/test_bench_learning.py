@@ -41,6 +41,23 @@ def test_table_says_whether_native_is_worse_beyond_the_intervals():
     ]
     table = markdown(summarise(curves))
     assert "| dqn | E | 10 | 3 | 1.0 [0.0, 2.0], 1.0 | 11.0 [10.0, 12.0], 11.0 | **no** |" in table
+    assert "--compile" not in table
+    # runs of the native agent under --compile: their column, and a verdict against eager
+    for s, r in enumerate([1.5, 2.5, 3.5]):
+        curves.append({**curves[0], "impl": "compile", "seed": s, "returns": [r]})
+        curves[-1]["final_return"] = r
+    table = markdown(summarise(curves))
+    assert "native --compile: mean [95 % CI], IQM | compiled not worse than eager |" in table
+    assert table.splitlines()[2].endswith("| 2.5 [1.5, 3.5], 2.5 | yes |")
+
+
+def test_a_compile_cell_trains_the_native_agent_with_compile(tmp_path):
+    from rlweights.bench.learning import Cell, _command
+
+    command = _command(Cell("sac", "Pendulum-v1", 300, "compile", 1), tmp_path, 3, 1)
+    i = command.index("--impl")
+    assert command[i : i + 3] == ["--impl", "native", "--compile"]
+    assert Cell("sac", "Pendulum-v1", 300, "compile", 1).name == "sac-Pendulum-v1-compile-s1"
 
 
 def test_a_toy_benchmark_writes_curves_table_and_png_and_resumes(tmp_path):

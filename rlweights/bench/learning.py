@@ -37,7 +37,8 @@ from rlweights.files import atomic_write, write_json
 
 __all__ = ["Cell", "add_arguments", "bootstrap_interval", "iqm", "main_from_args", "summarise"]
 
-IMPLS = ("native", "sb3")
+IMPLS = ("native", "compile", "sb3")  # compile: the native agent with --compile
+DEFAULT_IMPLS = ("native", "sb3")
 
 
 @dataclass(frozen=True)
@@ -85,9 +86,10 @@ def _command(cell: Cell, runs: Path, points: int, episodes: int) -> list[str]:
     from rlweights.agents.train import make_config
 
     steps = cell.budget or make_config(cell.algo, cell.env_id).total_steps
+    impl = ["--impl", "native", "--compile"] if cell.impl == "compile" else ["--impl", cell.impl]
     return [
         *base,
-        *("--algo", cell.algo, "--env", cell.env_id, "--impl", cell.impl),
+        *("--algo", cell.algo, "--env", cell.env_id, *impl),
         *("--seed", str(cell.seed), "--steps", str(steps)),
         *("--eval-every", str(max(steps // points, 1)), "--eval-episodes", str(episodes)),
         *("--logdir", str(runs), "--run-name", cell.name),
@@ -136,17 +138,28 @@ def summarise(curves: list[dict]) -> list[dict]:
     return rows
 
 
+def _reaches(a: dict | None, b: dict | None) -> str:
+    """'yes' when ``a``'s interval reaches ``b``'s (``a`` not worse), '-' when one is missing."""
+    if not (a and b):
+        return "-"
+    return "yes" if a["final_high"] >= b["final_low"] else "**no**"
+
+
 def markdown(rows: list[dict]) -> str:
     """Native next to SB3 per (algo, env); 'not worse' when the native interval reaches the
-    SB3 interval."""
+    SB3 interval. With runs of the native agent under ``--compile``, two more columns: their
+    returns, and whether they are not worse than the eager runs'."""
+    compiled = any(r["impl"] == "compile" for r in rows)
+    extra = " native --compile: mean [95 % CI], IQM | compiled not worse than eager |"
     lines = [
         "| algo | env | steps | seeds | native: mean [95 % CI], IQM | SB3: mean [95 % CI], IQM "
-        "| native not worse | wall s per run, native / SB3 |",
-        "|---|---|---:|---:|---|---|---|---|",
+        "| native not worse | wall s per run, native / SB3 |" + (extra if compiled else ""),
+        "|---|---|---:|---:|---|---|---|---|" + ("---|---|" if compiled else ""),
     ]
     by_key = {(r["algo"], r["env_id"], r["impl"]): r for r in rows}
     for algo, env_id in dict.fromkeys((r["algo"], r["env_id"]) for r in rows):
         native, sb3 = by_key.get((algo, env_id, "native")), by_key.get((algo, env_id, "sb3"))
+        fast = by_key.get((algo, env_id, "compile"))
 
         def cell(r: dict | None) -> str:
             if r is None:
@@ -156,15 +169,15 @@ def markdown(rows: list[dict]) -> str:
                 f"{r['final_iqm']:.1f}"
             )
 
-        verdict = "-"
-        if native and sb3:
-            verdict = "yes" if native["final_high"] >= sb3["final_low"] else "**no**"
         walls = " / ".join(f"{r['wall_seconds']:.3g}" if r else "-" for r in (native, sb3))
-        some = native or sb3
-        lines.append(
+        some = native or sb3 or fast
+        line = (
             f"| {algo} | {env_id} | {some['steps']} | {len(some['seeds'])} | {cell(native)} "
-            f"| {cell(sb3)} | {verdict} | {walls} |"
+            f"| {cell(sb3)} | {_reaches(native, sb3)} | {walls} |"
         )
+        if compiled:
+            line += f" {cell(fast)} | {_reaches(fast, native)} |"
+        lines.append(line)
     return "\n".join(lines) + "\n"
 
 
@@ -178,7 +191,12 @@ def plot(curves: list[dict], path: Path) -> None:
     panels = list(dict.fromkeys((c["algo"], c["env_id"]) for c in curves))
     fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 3.6), squeeze=False)
     for ax, (algo, env_id) in zip(axes[0], panels, strict=True):
-        for impl, color in (("native", "tab:orange"), ("sb3", "tab:blue")):
+        labels = {"native": "rlweights", "compile": "rlweights --compile", "sb3": "SB3"}
+        for impl, color in (
+            ("native", "tab:orange"),
+            ("compile", "tab:green"),
+            ("sb3", "tab:blue"),
+        ):
             group = [
                 c for c in curves if (c["algo"], c["env_id"], c["impl"]) == (algo, env_id, impl)
             ]
@@ -188,7 +206,7 @@ def plot(curves: list[dict], path: Path) -> None:
             steps = np.array(group[0]["steps"][:n])
             returns = np.array([c["returns"][:n] for c in group])
             low, high = bootstrap_interval(returns)
-            label = f"{'rlweights' if impl == 'native' else 'SB3'} ({len(group)} seeds)"
+            label = f"{labels[impl]} ({len(group)} seeds)"
             ax.plot(steps, returns.mean(axis=0), color=color, label=label)
             ax.fill_between(steps, low, high, color=color, alpha=0.2)
         ax.set_title(f"{algo.upper()} {env_id}")
@@ -227,7 +245,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="what to train (STEPS: default the preset's); default dqn:CartPole-v1",
     )
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2, 3, 4])
-    parser.add_argument("--impls", nargs="+", choices=IMPLS, default=list(IMPLS))
+    parser.add_argument(
+        "--impls",
+        nargs="+",
+        choices=IMPLS,
+        default=list(DEFAULT_IMPLS),
+        help="native, sb3 (default both), compile (the native agent with --compile)",
+    )
     parser.add_argument("--points", type=int, default=10, help="evaluations per run (10)")
     parser.add_argument("--eval-episodes", type=int, default=10, help="per evaluation (10)")
     parser.add_argument(
