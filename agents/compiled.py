@@ -23,7 +23,12 @@ from typing import Any
 import torch
 from torch import Tensor
 
-__all__ = ["CompiledStep", "adam_", "prepare_adam"]
+__all__ = ["BACKEND", "CompiledStep", "adam_", "prepare_adam"]
+
+# torch.compile's backend for the compiled steps: inductor generates the fused kernels; the
+# tests also use "aot_eager" (the same tracing and functionalization, no code generation,
+# seconds instead of a minute of compiling).
+BACKEND = "inductor"
 
 
 def prepare_adam(optimizer: torch.optim.Optimizer) -> None:
@@ -84,7 +89,7 @@ class CompiledStep:
         # batch is copied into the graph's own input buffers; the weights, optimizer state
         # and routines' tensors stay where they are)
         mode = "reduce-overhead" if cudagraphs else None
-        self.fn = torch.compile(fn, fullgraph=True, mode=mode)
+        self.fn = torch.compile(fn, fullgraph=True, mode=mode, backend=BACKEND)
         self.name = name
         self.cudagraphs = cudagraphs
         self.checks = list(checks)

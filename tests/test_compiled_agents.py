@@ -68,10 +68,35 @@ CASES = [
 ]
 
 
+INDUCTOR = {"dqn"}  # compiled to kernels in the default run; all cases under -m slow
+
+
+def _backend(monkeypatch, algo: str, slow: bool = False) -> None:
+    """Inductor (the real code generation) for DQN's case, and for every case under ``-m
+    slow``; otherwise "aot_eager": the same tracing, functionalization and aliasing analysis,
+    without a minute of code generation per graph."""
+    import rlweights.agents.compiled as compiled
+
+    if not slow and algo not in INDUCTOR:
+        monkeypatch.setattr(compiled, "BACKEND", "aot_eager")
+
+
 @pytest.mark.parametrize(("algo", "env_id", "overrides"), CASES)
-def test_a_compiled_agent_takes_the_eager_steps(algo, env_id, overrides):
+def test_a_compiled_agent_takes_the_eager_steps(monkeypatch, algo, env_id, overrides):
     """The same batches and draws: over 30 gradient steps the compiled step gives the eager
     step's losses, networks, targets, temperature, policy EMA and optimizer state."""
+    _backend(monkeypatch, algo)
+    _check_compiled_against_eager(algo, env_id, overrides)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("algo", "env_id", "overrides"), CASES[:3])
+def test_a_compiled_agent_takes_the_eager_steps_with_inductor(algo, env_id, overrides):
+    """The cases above, compiled to kernels by inductor (a minute of compiling each)."""
+    _check_compiled_against_eager(algo, env_id, overrides)
+
+
+def _check_compiled_against_eager(algo: str, env_id: str, overrides: dict) -> None:
     torch._dynamo.reset()
     eager = _agent(algo, env_id, False, **overrides)
     compiled = _agent(algo, env_id, True, **overrides)
