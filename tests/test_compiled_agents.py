@@ -71,13 +71,13 @@ CASES = [
 INDUCTOR = {"dqn"}  # compiled to kernels in the default run; all cases under -m slow
 
 
-def _backend(monkeypatch, algo: str, slow: bool = False) -> None:
-    """Inductor (the real code generation) for DQN's case, and for every case under ``-m
-    slow``; otherwise "aot_eager": the same tracing, functionalization and aliasing analysis,
-    without a minute of code generation per graph."""
+def _backend(monkeypatch, algo: str) -> None:
+    """Inductor (the real code generation) for DQN's case (every case: the slow test below);
+    otherwise "aot_eager": the same tracing, functionalization and aliasing analysis, without
+    a minute of code generation per graph."""
     import rlweights.agents.compiled as compiled
 
-    if not slow and algo not in INDUCTOR:
+    if algo not in INDUCTOR:
         monkeypatch.setattr(compiled, "BACKEND", "aot_eager")
 
 
