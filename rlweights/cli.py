@@ -75,7 +75,7 @@ COMMANDS: dict[str, tuple[str, str, str, str | None, str]] = {
         "add_arguments",
         "main_from_args",
         None,
-        "benchmark native agents' steps/s against SB3's",
+        "benchmark native agents' steps/s (eager, --compile) against SB3's and SBX's",
     ),
     "bench-learning": (
         "rlweights.bench.learning",
