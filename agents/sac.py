@@ -271,18 +271,16 @@ class SAC(ContinuousAgent):
         :mod:`rlweights.agents.compiled`): the same steps in the same order, gradients by
         ``torch.func``, Adam on the optimizers' state, the capturable routines and constraints.
         ``noise`` / ``next_noise``: the policy's standard normal draws for ``obs`` and
-        ``next_obs`` (gSDE: the step's one matrix, twice)."""
+        ``next_obs`` (gSDE: the step's one matrix, twice). The policy runs forward on ``obs``
+        once, inside the actor's gradient: the temperature's step, which needs only those
+        log-probabilities and changes no loss of this step, comes after the actor's."""
         batch = {"obs": obs, "actions": actions, "rewards": rewards, "next_obs": next_obs}
         batch["dones"] = dones
         actor, critic = self.actor, self.critic
         actor_params = dict(actor.named_parameters())
         critic_params = dict(critic.named_parameters())
         with torch.no_grad():
-            _, log_prob = actor(obs, noise=noise)
-            alpha = self.alpha()
-            if self.config.ent_coef is None:
-                grad = -(log_prob + self.target_entropy).mean().reshape(1)
-                adam_(self.optimizers["alpha"], [self.log_alpha], [grad])
+            alpha = self.alpha()  # the temperature before its step, for all losses
             target = self.td_target(batch, alpha, next_noise)
 
         def critic_loss(params: dict[str, Tensor]) -> Tensor:
@@ -302,6 +300,9 @@ class SAC(ContinuousAgent):
         grads, (actor_loss_value, lp) = grad_and_value(actor_loss, has_aux=True)(detached)
         adam_(self.optimizers["actor"], list(actor_params.values()), grads.values())
         self.constrain_bound("actor")
+        if self.config.ent_coef is None:  # lp: the policy's log-probabilities before its step
+            grad = -(lp.detach() + self.target_entropy).mean().reshape(1)
+            adam_(self.optimizers["alpha"], [self.log_alpha], [grad])
         self.average_policy()
         self.target_routine.step()
         return critic_loss_value.detach(), actor_loss_value.detach(), alpha, -lp.mean()
