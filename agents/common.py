@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import math
 import random
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, fields
 from typing import Any, ClassVar
 
@@ -244,12 +244,31 @@ class ReplayBuffer:
         self.position = (self.position + n) % self.capacity
         self.size = min(self.size + n, self.capacity)
 
+    # The most bytes one draw of several batches gathers at once (:meth:`batches`).
+    GATHER_BYTES = 64 * 2**20
+
     def sample(self, batch_size: int) -> dict[str, Tensor]:
         """A uniformly sampled batch (with replacement)."""
+        return next(self.batches(1, batch_size))
+
+    def batches(self, count: int, batch_size: int) -> Iterator[dict[str, Tensor]]:
+        """``count`` uniformly sampled batches (with replacement) for as many gradient steps,
+        drawn together: one index draw and one gather per field for all of them (in chunks
+        of at most :attr:`GATHER_BYTES`), not one per step. On the CPU the batches are
+        exactly those of ``count`` calls of :meth:`sample` (the generator's stream is the
+        same); on CUDA they are other uniform draws."""
         if self.size == 0:
             raise ValueError("ReplayBuffer.sample: the buffer is empty")
-        idx = torch.randint(self.size, (batch_size,), device=self.device, generator=self.generator)
-        return {name: getattr(self, name)[idx] for name in self.FIELDS}
+        row = sum(getattr(self, name)[:1].nbytes for name in self.FIELDS)
+        chunk = max(1, min(count, self.GATHER_BYTES // max(1, row * batch_size)))
+        for start in range(0, count, chunk):
+            steps = min(chunk, count - start)
+            idx = torch.randint(
+                self.size, (steps, batch_size), device=self.device, generator=self.generator
+            )
+            drawn = {name: getattr(self, name)[idx] for name in self.FIELDS}
+            for i in range(steps):
+                yield {name: values[i] for name, values in drawn.items()}
 
     def state_dict(self) -> dict[str, Any]:
         """The stored rows only (not the empty capacity), the ring position and the sampler."""

@@ -568,8 +568,8 @@ class _Run:
         self.agent.on_env_step()
         if "train" not in self.due or self.steps <= cfg.learning_starts:
             return
-        for _ in range(cfg.gradient_steps):
-            losses = self.agent.update(self.buffer.sample(cfg.batch_size))
+        for batch in self.buffer.batches(cfg.gradient_steps, cfg.batch_size):
+            losses = self.agent.update(batch)
         if self.writer is not None and "log_losses" in self.due:
             for name, value in losses.items():
                 self.writer.add_scalar(f"losses/{name}", value.item(), self.steps)

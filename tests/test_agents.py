@@ -240,6 +240,25 @@ def test_replay_buffer_state_round_trip():
         ReplayBuffer(4, (3,), (1,)).load_state_dict(buffer.state_dict())
 
 
+@pytest.mark.parametrize("gather_bytes", [None, 1000])
+def test_replay_buffer_draws_many_batches_as_single_samples_draw_them(monkeypatch, gather_bytes):
+    # --gradient-steps K draws its K batches at once (in chunks when they are large): on the
+    # CPU they are the batches of K calls of sample(), and each row is a stored transition
+    if gather_bytes is not None:  # 1000 bytes: chunks of one batch's worth of rows or less
+        monkeypatch.setattr(ReplayBuffer, "GATHER_BYTES", gather_bytes)
+    one, many = filled_buffer(n=50, seed=3), filled_buffer(n=50, seed=3)
+    singles = [one.sample(7) for _ in range(5)]
+    drawn = list(many.batches(5, 7))
+    assert len(drawn) == 5
+    stored = torch.cat([many.obs, many.next_obs], -1)
+    for single, batch in zip(singles, drawn, strict=True):
+        for name in ReplayBuffer.FIELDS:
+            assert torch.equal(single[name], batch[name])
+        rows = torch.cat([batch["obs"], batch["next_obs"]], -1)
+        assert (rows[:, None] == stored[None]).all(-1).any(-1).all()
+    assert torch.equal(one.generator.get_state(), many.generator.get_state())
+
+
 def test_rng_state_round_trip():
     import random
 
