@@ -162,6 +162,29 @@ def test_bench_train_smoke(tmp_path):
     assert "| SAC | Pendulum-v1 | 256-256 | 256 | 400 |" in done.stdout
 
 
+def test_bench_train_update_ratio_row_trains_sac_at_20_updates_per_step(monkeypatch):
+    from rlweights.bench import train as bench
+
+    seen = []
+
+    def timed(config, compile, cudagraphs=False):
+        seen.append(config)
+        return {"steps_per_second": 12.5, "compile_seconds": 0.0}
+
+    monkeypatch.setattr(bench, "_native", timed)
+    monkeypatch.setattr(bench, "update_bound", lambda config, compiled: {"n": len(seen)})
+    result = bench.run(["sac", "sac-utd20"], 1, {"sac": 400, "sac-utd20": 300}, ["native"])
+    sac, utd = seen
+    assert (sac.algo, sac.gradient_steps, sac.train_freq) == ("sac", 1, 1)
+    assert (utd.algo, utd.gradient_steps, utd.train_freq, utd.total_steps) == ("sac", 20, 1, 300)
+    assert utd.env_id == sac.env_id and utd.hidden == sac.hidden
+    # the same update: its bound is measured once, for the SAC row
+    assert result["algos"]["sac-utd20"]["bound"] is result["algos"]["sac"]["bound"]
+    bound = {"bound_updates_per_second": 400.0, "updates_per_second": 100.0}
+    result["algos"] = {"sac-utd20": {**result["algos"]["sac-utd20"], "bound": bound}}
+    assert "| 12 (250 updates/s) | - | 25% of 400/s |" in bench.markdown(result)
+
+
 def test_bench_distributed_smoke(tmp_path):
     out = tmp_path / "bench-distributed.json"
     done = _run(
