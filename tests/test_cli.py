@@ -152,13 +152,16 @@ def test_bench_train_smoke(tmp_path):
     assert sac["speedup"] == pytest.approx(
         sac["steps_per_second"]["native"] / sac["steps_per_second"]["sb3"]
     )
-    bound = sac["bound"]
+    flops = sac["bound"]["flops_per_update"]
     # SAC's update at 256-256, batch 256: about half a GFLOP (critic, actor, targets)
-    assert 3e8 < bound["flops_per_update"] < 9e8
-    assert bound["bound_updates_per_second"] == pytest.approx(
-        bound["matmul_flops_per_second"] / bound["flops_per_update"]
-    )
-    assert 0 < bound["updates_per_second"] < bound["bound_updates_per_second"]
+    assert 3e8 < flops < 9e8
+    threads = sac["bound"]["threads"]
+    assert set(threads) == {"1", str(result["machine"]["threads"])}  # one thread and the run's
+    for bound in threads.values():
+        assert bound["bound_updates_per_second"] == pytest.approx(
+            bound["matmul_flops_per_second"] / flops
+        )
+        assert 0 < bound["updates_per_second"] < bound["bound_updates_per_second"]
     assert "| SAC | Pendulum-v1 | 256-256 | 256 | 400 |" in done.stdout
 
 
@@ -181,8 +184,10 @@ def test_bench_train_update_ratio_row_trains_sac_at_20_updates_per_step(monkeypa
     # the same update: its bound is measured once, for the SAC row
     assert result["algos"]["sac-utd20"]["bound"] is result["algos"]["sac"]["bound"]
     bound = {"bound_updates_per_second": 400.0, "updates_per_second": 100.0}
+    bound = {"threads": {"1": bound, "2": {**bound, "updates_per_second": 80.0}}}
     result["algos"] = {"sac-utd20": {**result["algos"]["sac-utd20"], "bound": bound}}
-    assert "| 12 (250 updates/s) | - | 25% of 400/s |" in bench.markdown(result)
+    row = "| 12 (250 updates/s) | - | 1 thread: 25% of 400/s; 2 threads: 20% of 400/s |"
+    assert row in bench.markdown(result)
 
 
 def test_bench_distributed_smoke(tmp_path):

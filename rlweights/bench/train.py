@@ -13,7 +13,8 @@ each implementation's ratio to SB3 (median of per-round ratios).
 The bound: the floating-point operations of one eager update (``FlopCounterMode``) over this
 machine's rate for a matmul of the update's sizes (batch x hidden by hidden x hidden) give the
 updates per second a step made only of such matmuls would reach; the row says what fraction
-of it the eager and the compiled update reach, timed alone on fixed batches.
+of it the eager and the compiled update reach, timed alone on fixed batches, at one thread
+(the agents' default) and at the benchmark's thread count.
 """
 
 from __future__ import annotations
@@ -121,10 +122,15 @@ def _sbx(config: Any) -> dict[str, float]:
     return out
 
 
-def update_bound(config: Any, compiled: bool = True, repeats: int = 30) -> dict[str, float]:
-    """FLOPs of one eager update, the matmul rate at its sizes, and the updates per second of
-    the eager update (and of the compiled one if ``compiled``): fixed batches, timed alone,
-    after a warm-up."""
+def update_bound(
+    config: Any, compiled: bool = True, repeats: int = 30, threads: tuple[int, ...] = ()
+) -> dict[str, Any]:
+    """FLOPs of one eager update, and for each thread count in ``threads`` (default: one
+    thread and torch's current count) the matmul rate at the update's sizes and the updates
+    per second of the eager update (and of the compiled one if ``compiled``): fixed batches,
+    timed alone, after a warm-up. The rate and the bound grow with threads; the update's
+    small elementwise kernels and thin layers hardly do, so the fraction reached depends on
+    the thread count as well."""
     import gymnasium as gym
     from torch.utils.flop_counter import FlopCounterMode
 
@@ -154,36 +160,46 @@ def update_bound(config: Any, compiled: bool = True, repeats: int = 30) -> dict[
         if device.type == "cuda":
             torch.cuda.synchronize()
 
-    out: dict[str, float] = {}
-    for compile in (False, True) if compiled else (False,):
-        cfg = dataclasses.replace(config, compile=compile)
-        agent = ALGOS[config.algo][1](cfg, env.observation_space, env.action_space)
-        if not compile:
-            with FlopCounterMode(display=False) as counter:
-                agent.update(batch)
-            out["flops_per_update"] = float(counter.get_total_flops())
-        for _ in range(3):  # warm-up (compiles)
-            agent.update(batch)
+    def rate(fn: Any, count: int) -> float:
+        for _ in range(3):  # warm-up (the compiled update compiles here)
+            fn()
         sync()
         start = time.perf_counter()
-        for _ in range(repeats):
-            agent.update(batch)
+        for _ in range(count):
+            fn()
         sync()
-        out["compiled_updates_per_second" if compile else "updates_per_second"] = repeats / (
-            time.perf_counter() - start
-        )
+        return count / (time.perf_counter() - start)
+
+    agents = {}
+    for compile in (False, True) if compiled else (False,):
+        cfg = dataclasses.replace(config, compile=compile)
+        agents[compile] = ALGOS[config.algo][1](cfg, env.observation_space, env.action_space)
     env.close()
+    with FlopCounterMode(display=False) as counter:
+        agents[False].update(batch)
+    out: dict[str, Any] = {"flops_per_update": float(counter.get_total_flops())}
     h = config.hidden[0]
     a, b = torch.randn(n, h, device=device), torch.randn(h, h, device=device)
-    for _ in range(20):
-        a @ b
-    sync()
-    start = time.perf_counter()
-    for _ in range(200):
-        a @ b
-    sync()
-    out["matmul_flops_per_second"] = 2 * n * h * h * 200 / (time.perf_counter() - start)
-    out["bound_updates_per_second"] = out["matmul_flops_per_second"] / out["flops_per_update"]
+    before = torch.get_num_threads()
+    counts = threads or ((before,) if device.type == "cuda" else tuple(sorted({1, before})))
+    out["threads"] = {}
+    try:
+        for count in counts:
+            torch.set_num_threads(count)
+            row = {
+                "updates_per_second": rate(lambda: agents[False].update(batch), repeats),
+                "matmul_flops_per_second": 2 * n * h * h * rate(lambda: a @ b, 200),
+            }
+            if compiled:
+                row["compiled_updates_per_second"] = rate(
+                    lambda: agents[True].update(batch), repeats
+                )
+            row["bound_updates_per_second"] = (
+                row["matmul_flops_per_second"] / out["flops_per_update"]
+            )
+            out["threads"][str(count)] = row
+    finally:
+        torch.set_num_threads(before)
     return out
 
 
@@ -268,7 +284,7 @@ def markdown(result: dict) -> str:
     head = " | ".join(f"{i} steps/s" for i in impls)
     lines = [
         f"| algorithm | env | network | batch | steps | {head} | vs SB3 (median of rounds) | "
-        "update / bound (eager, compiled) |",
+        "update / bound (eager, compiled; timed alone) |",
         "|---|---|---|---|---|" + "---|" * len(impls) + "---|---|",
     ]
     for algo, r in result["algos"].items():
@@ -279,13 +295,18 @@ def markdown(result: dict) -> str:
             for i in impls
         )
         vs = ", ".join(f"{i} {x:.2f}x" for i, x in r.get("vs_sb3", {}).items() if i != "sb3")
-        b = r["bound"]
-        fractions = [
-            f"{b[k] / b['bound_updates_per_second']:.0%}"
-            for k in ("updates_per_second", "compiled_updates_per_second")
-            if k in b
-        ]
-        bound = f"{', '.join(fractions)} of {b['bound_updates_per_second']:.0f}/s"
+        bounds = []
+        for count, b in r["bound"]["threads"].items():
+            fractions = [
+                f"{b[k] / b['bound_updates_per_second']:.0%}"
+                for k in ("updates_per_second", "compiled_updates_per_second")
+                if k in b
+            ]
+            threads = f"{count} thread{'s' if count != '1' else ''}"
+            bounds.append(
+                f"{threads}: {', '.join(fractions)} of {b['bound_updates_per_second']:.0f}/s"
+            )
+        bound = "; ".join(bounds)
         lines.append(
             f"| {algo.upper()} | {r['env_id']} | {'-'.join(map(str, r['hidden']))} | "
             f"{r['batch_size']} | {r['steps']} | {speeds} | {vs or '-'} | {bound} |"
