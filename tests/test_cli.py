@@ -170,11 +170,11 @@ def test_bench_train_update_ratio_row_trains_sac_at_20_updates_per_step(monkeypa
 
     seen = []
 
-    def timed(config, compile, cudagraphs=False):
+    def timed(impl, config):
         seen.append(config)
         return {"steps_per_second": 12.5, "compile_seconds": 0.0}
 
-    monkeypatch.setattr(bench, "_native", timed)
+    monkeypatch.setattr(bench, "_isolated", timed)
     monkeypatch.setattr(bench, "update_bound", lambda config, compiled: {"n": len(seen)})
     result = bench.run(["sac", "sac-utd20"], 1, {"sac": 400, "sac-utd20": 300}, ["native"])
     sac, utd = seen

@@ -4,7 +4,7 @@ and SBX, side by side, and how close one update comes to this machine's matmul l
 Run as 'rlweights bench-train' or 'python scripts/bench_train.py'. Needs the sb3 and agents
 extras; SBX (JAX) joins where the ``bench`` extra (``sbx-rl``) is installed. For each
 algorithm every implementation trains with the same network sizes, batch size, update ratio,
-learning start and environment, on the CPU, in this process, in an order that rotates each
+learning start and environment, each run in a fresh process, in an order that rotates each
 round; none logs or evaluates while timed. Speeds are steady-state rates, timed after the
 first 100 training steps, so that compiling (torch.compile, JAX's jit) is not in them; the
 seconds compiling took are reported on their own. The table reports medians over rounds and
@@ -23,6 +23,7 @@ import argparse
 import dataclasses
 import importlib.util
 import itertools
+import multiprocessing
 import platform
 import statistics
 import time
@@ -120,6 +121,24 @@ def _sbx(config: Any) -> dict[str, float]:
     out = _timed_learn(model, config.total_steps, config.learning_starts + WARMUP)
     env.close()
     return out
+
+
+def _timed(impl: str, config: Any, threads: int) -> dict[str, float]:
+    torch.set_num_threads(threads)
+    if impl == "sb3":
+        return _sb3(config)
+    if impl == "sbx":
+        return _sbx(config)
+    return _native(config, compile=impl != "native", cudagraphs=impl == "cudagraphs")
+
+
+def _isolated(impl: str, config: Any) -> dict[str, float]:
+    """One timed run of ``impl`` in a fresh process (spawned) with this process's thread
+    count: no framework's thread pools, JIT or compile caches in memory from an earlier run
+    (JAX and torch are never in one process), as users run them."""
+    context = multiprocessing.get_context("spawn")
+    with context.Pool(1) as pool:
+        return pool.apply(_timed, (impl, config, torch.get_num_threads()))
 
 
 def update_bound(
@@ -230,13 +249,6 @@ def run(
         "impls": impls,
         "algos": {},
     }
-    timers = {
-        "native": lambda c: _native(c, compile=False),
-        "compile": lambda c: _native(c, compile=True),
-        "cudagraphs": lambda c: _native(c, compile=True, cudagraphs=True),
-        "sb3": _sb3,
-        "sbx": _sbx,
-    }
     for algo in algos:
         config = make_config(
             algorithm(algo),
@@ -251,8 +263,7 @@ def run(
         for r in range(rounds):
             order = impls[r % len(impls) :] + impls[: r % len(impls)]
             for impl in order:
-                torch._dynamo.reset()  # every compiled run pays its own compile
-                runs[impl].append(timers[impl](dataclasses.replace(config, seed=r)))
+                runs[impl].append(_isolated(impl, dataclasses.replace(config, seed=r)))
         speeds = {k: [x["steps_per_second"] for x in v] for k, v in runs.items()}
         row = {
             "env_id": config.env_id,
