@@ -12,6 +12,7 @@ from rlweights.capture import LayoutChangedError
 from rlweights.constraints import constrain, reset_optimizer_state_
 from rlweights.flat import FlatLayoutWarning, FlatWeights, flatten_
 from rlweights.ops import average_, clamp_, copy_, distance, distances, max_norm_, polyak_
+from rlweights.plasticity import ShrinkPerturb, reinit_, shrink_perturb_
 from rlweights.targets import HardUpdate, PolyakUpdate, make_target
 from rlweights.weights import NonFiniteError, WeightMismatchError
 
@@ -26,6 +27,7 @@ __all__ = [
     "LayoutChangedError",
     "NonFiniteError",
     "PolyakUpdate",
+    "ShrinkPerturb",
     "WeightMismatchError",
     "__version__",
     "average_",
@@ -40,5 +42,7 @@ __all__ = [
     "make_target",
     "max_norm_",
     "polyak_",
+    "reinit_",
     "reset_optimizer_state_",
+    "shrink_perturb_",
 ]

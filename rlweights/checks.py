@@ -7,10 +7,11 @@ Each raises ``ValueError`` with the value, the allowed range and, where it helps
 from __future__ import annotations
 
 import math
+from typing import Any
 
 from torch import Tensor
 
-__all__ = ["check_choice", "check_fraction", "check_int", "check_number"]
+__all__ = ["check_choice", "check_fraction", "check_int", "check_number", "check_trained"]
 
 
 def check_int(
@@ -95,3 +96,13 @@ def check_number(
             kind += " or None"
         raise ValueError(f"{op}: {name} must be {kind}, got {value!r}.{' ' + fix if fix else ''}")
     return float(value)
+
+
+def check_trained(optimizer: Any, tensors: list[Tensor], op: str) -> None:
+    """Validate that ``optimizer`` trains at least one of ``tensors``, so that optimizer state
+    is never reset, or a constraint attached, through the wrong optimizer by mistake."""
+    owned = {id(p) for group in optimizer.param_groups for p in group["params"]}
+    if not any(id(t) in owned for t in tensors):
+        raise ValueError(
+            f"{op}: the optimizer trains none of these weights; pass the optimizer that steps them"
+        )

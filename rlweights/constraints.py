@@ -21,7 +21,7 @@ from torch.optim import Optimizer
 from torch.utils.hooks import RemovableHandle
 
 from rlweights.capture import FrozenPlan, single_plan
-from rlweights.checks import check_number
+from rlweights.checks import check_number, check_trained
 from rlweights.flat import FlatWeights, bump_versions, layout_of
 from rlweights.ops import clamp_, max_norm_, unit_norms_
 from rlweights.weights import Weights, entries
@@ -305,14 +305,6 @@ def _flat_names(layout: FlatWeights) -> list[str]:
     return [name for g in layout.groups if g.role == "param" for name in g.names]
 
 
-def _check_trained(optimizer: Optimizer, tensors: list[Tensor], op: str) -> None:
-    owned = {id(p) for group in optimizer.param_groups for p in group["params"]}
-    if not any(id(t) in owned for t in tensors):
-        raise ValueError(
-            f"{op}: the optimizer trains none of these weights; pass the optimizer that steps them"
-        )
-
-
 def constrain(optimizer: Optimizer, weights: Weights, constraint: Any) -> RemovableHandle:
     """Apply ``constraint(weights)`` after every ``optimizer.step()`` (an optimizer step
     post-hook). Returns the handle; ``handle.remove()`` stops it. A capturable constraint is
@@ -323,7 +315,7 @@ def constrain(optimizer: Optimizer, weights: Weights, constraint: Any) -> Remova
     """
     if not callable(constraint):
         raise TypeError(f"constrain: the constraint must be callable, got {constraint!r}")
-    _check_trained(optimizer, _parameters(weights, "constrain"), "constrain")
+    check_trained(optimizer, _parameters(weights, "constrain"), "constrain")
     if getattr(constraint, "capturable", False):  # resolved and validated now, once
         bound = constraint.bind(weights)
         return optimizer.register_step_post_hook(lambda _opt, _args, _kwargs: bound())
@@ -341,7 +333,7 @@ def reset_optimizer_state_(optimizer: Optimizer, weights: Weights) -> int:
     parameters had state.
     """
     tensors = _parameters(weights, "reset_optimizer_state_")
-    _check_trained(optimizer, tensors, "reset_optimizer_state_")
+    check_trained(optimizer, tensors, "reset_optimizer_state_")
     reset = 0
     for t in tensors:
         if t in optimizer.state:

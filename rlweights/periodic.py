@@ -13,6 +13,9 @@ so they trace with ``torch.compile(fullgraph=True)`` and record into CUDA graphs
 
 from __future__ import annotations
 
+import bisect
+import itertools
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -25,31 +28,57 @@ __all__ = ["DevicePeriodic", "Periodic", "PeriodicRoutine"]
 
 class Periodic:
     """Counts steps; a step is *due* when the count crosses a multiple of ``every`` past
-    ``start``.
+    ``start``, or (``at=[...]`` instead of ``every``) one of the listed steps.
 
     With the default ``start=0`` the due steps are ``every, 2 * every, ...`` (as SB3's DQN
     copies its target: the first copy happens at step ``every``). ``start=s`` makes the first
-    due step ``s + every`` (SWA's late start). :meth:`step` may count several steps at once
-    (``n``, e.g. one step of ``n`` vectorised environments); it is due when any multiple was
+    due step ``s + every`` (SWA's late start). ``at=[50_000, 100_000]``: due at exactly those
+    counts (BRO's resets at fixed steps). :meth:`step` may count several steps at once
+    (``n``, e.g. one step of ``n`` vectorised environments); it is due when any due count was
     crossed.
 
-    ``state_dict()`` is ``{"every": ..., "start": ..., "steps": ...}``: every routine of
-    rlweights saves its counter in this format. ``every`` and ``start`` are settings, so
-    :meth:`load_state_dict` refuses a state saved with other ones instead of adopting them
-    (the code or the config that built the counter says how often it fires).
+    ``state_dict()`` is ``{"every": ..., "start": ..., "steps": ...}`` (``{"at": [...],
+    "steps": ...}`` for listed steps): every routine of rlweights saves its counter in this
+    format. ``every``, ``start`` and ``at`` are settings, so :meth:`load_state_dict` refuses
+    a state saved with other ones instead of adopting them (the code or the config that built
+    the counter says when it fires).
     """
 
-    __slots__ = ("_due", "_every", "_start", "_steps", "name")
+    __slots__ = ("_at", "_due", "_every", "_start", "_steps", "name")
 
-    def __init__(self, every: int, *, start: int = 0, name: str = "Periodic"):
+    def __init__(
+        self,
+        every: int | None = None,
+        *,
+        start: int = 0,
+        at: Sequence[int] | None = None,
+        name: str = "Periodic",
+    ):
         self.name = name
+        if (every is None) == (at is None):
+            raise ValueError(
+                f"{name}: give every=N (due every N steps) or at=[steps] (due at those "
+                f"counts), one of them; got every={every!r}, at={at!r}"
+            )
+        self._at: tuple[int, ...] | None = None
+        if at is not None:
+            self._at = _check_at(at, name)
+            if start:
+                raise ValueError(f"{name}: start= goes with every=; at= lists the due steps")
+            every = 1  # unused with at=; keeps the type of every
         self._every = check_int(every, "every", name)
         self._start = check_int(start, "start", name, minimum=0)
         self._set_steps(0)
 
     @property
-    def every(self) -> int:
-        return self._every
+    def every(self) -> int | None:
+        """Steps between due steps (None with ``at=``)."""
+        return None if self._at is not None else self._every
+
+    @property
+    def at(self) -> tuple[int, ...] | None:
+        """The listed due steps (None with ``every=``)."""
+        return self._at
 
     @property
     def start(self) -> int:
@@ -63,11 +92,17 @@ class Periodic:
     @property
     def fired(self) -> int:
         """How many due steps have been counted so far."""
+        if self._at is not None:
+            return bisect.bisect_right(self._at, self._steps)
         return max(self._steps - self._start, 0) // self._every
 
     def _set_steps(self, steps: int) -> None:
         self._steps = steps
-        self._due = self._start + self._every * (self.fired + 1)  # the next due count
+        if self._at is not None:  # the next listed step (-1: none left)
+            fired = self.fired
+            self._due = self._at[fired] if fired < len(self._at) else -1
+        else:
+            self._due = self._start + self._every * (self.fired + 1)  # the next due count
 
     def step(self, n: int = 1) -> bool:
         """Count ``n`` steps; return whether a due step was among them."""
@@ -75,41 +110,66 @@ class Periodic:
             self._steps += 1
             if self._steps != self._due:
                 return False
-            self._due += self._every
+            if self._at is None:
+                self._due += self._every
+            else:
+                self._set_steps(self._steps)
             return True
         check_int(n, "n", f"{self.name}.step", minimum=0)
         before = self.fired
         self._set_steps(self._steps + n)
         return self.fired > before
 
-    def state_dict(self) -> dict[str, int]:
+    def state_dict(self) -> dict[str, Any]:
+        if self._at is not None:
+            return {"at": list(self._at), "steps": self.steps}
         return {"every": self._every, "start": self._start, "steps": self.steps}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore :meth:`state_dict`; validated first, so a bad state changes nothing. A
-        state saved with another ``every`` or ``start`` is refused, naming the fix."""
+        state saved with another ``every``, ``start`` or ``at`` is refused, naming the fix."""
         self._set_steps(self.check_state(state))
 
     def check_state(self, state: dict[str, Any]) -> int:
         """Validate a :meth:`state_dict` for this counter without loading it; return its
         ``steps``. Routines call it before they change anything."""
         op = f"{self.name}.load_state_dict"
-        expected = {"every", "start", "steps"}
+        expected = set(self.state_dict())
         if not isinstance(state, dict) or set(state) != expected:
             got = sorted(state) if isinstance(state, dict) else type(state).__name__
             raise ValueError(f"{op}: expected keys {sorted(expected)}, got {got}")
-        for key, minimum in (("every", 1), ("start", 0)):
-            saved = check_int(state[key], key, op, minimum=minimum)
-            if saved != getattr(self, key):
+        if self._at is not None:
+            saved_at = _check_at(state["at"], op)
+            if saved_at != self._at:
                 raise ValueError(
-                    f"{op}: the saved state has {key}={saved}, this one {key}="
-                    f"{getattr(self, key)}; build it with {key}={saved}."
+                    f"{op}: the saved state has at={list(saved_at)}, this one "
+                    f"at={list(self._at)}; build it with at={list(saved_at)}."
                 )
+        else:
+            for key, minimum in (("every", 1), ("start", 0)):
+                saved = check_int(state[key], key, op, minimum=minimum)
+                if saved != getattr(self, key):
+                    raise ValueError(
+                        f"{op}: the saved state has {key}={saved}, this one {key}="
+                        f"{getattr(self, key)}; build it with {key}={saved}."
+                    )
         return check_int(state["steps"], "steps", op, minimum=0)
 
     def __repr__(self) -> str:
+        if self._at is not None:
+            return f"Periodic(at={list(self._at)}, steps={self._steps})"
         start = f", start={self._start}" if self._start else ""
         return f"Periodic(every={self._every}{start}, steps={self._steps})"
+
+
+def _check_at(at: object, name: str) -> tuple[int, ...]:
+    """Listed due steps: a non-empty sequence of distinct counts >= 1, in increasing order."""
+    steps = list(at) if isinstance(at, (list, tuple)) else None
+    if not steps or any(isinstance(s, bool) or not isinstance(s, int) or s < 1 for s in steps):
+        raise ValueError(f"{name}: at= must be a non-empty list of step counts >= 1, got {at!r}")
+    if any(b <= a for a, b in itertools.pairwise(steps)):
+        raise ValueError(f"{name}: at= must list distinct steps in increasing order, got {at!r}")
+    return tuple(steps)
 
 
 class DevicePeriodic(Periodic):
@@ -178,19 +238,22 @@ class PeriodicRoutine:
 
     def __init__(
         self,
-        every: int,
+        every: int | None,
         *,
         start: int = 0,
+        at: Sequence[int] | None = None,
         capturable: bool = False,
         device: torch.device | str | None = None,
     ):
         name = type(self).__name__
         self.capturable = bool(capturable)
         if self.capturable:
+            if at is not None:
+                raise ValueError(f"{name}: at= is not capturable; use every=N")
             self.counter: Periodic = DevicePeriodic(every, start=start, name=name, device=device)
             self.updates: int | Tensor = torch.zeros((), dtype=torch.int64, device=device)
         else:
-            self.counter = Periodic(every, start=start, name=name)
+            self.counter = Periodic(every, start=start, at=at, name=name)
             self.updates = 0
 
     @property
