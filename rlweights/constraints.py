@@ -34,6 +34,7 @@ __all__ = [
     "MaxNorm",
     "NonNeg",
     "UnitNorm",
+    "UnitSphere",
     "constrain",
     "reset_optimizer_state_",
 ]
@@ -184,19 +185,62 @@ class MaxNorm(_UnitConstraint):
         unit_norms_(tensors, float(self.max_norm), at_most=True)
 
 
-class UnitNorm(_UnitConstraint):
-    """Each output unit's incoming weights to L2 norm exactly 1 (Keras ``UnitNorm``); an
-    all-zero unit stays zero; biases untouched."""
+class UnitSphere(_UnitConstraint):
+    """Projection onto the unit hypersphere (SimbaV2 projects its weights after every step):
+    each unit's weights to L2 norm exactly 1, an all-zero unit staying zero. ``dim=0`` (the
+    default): a unit is an output unit, the incoming weights of one neuron (a row of a Linear
+    weight, an output channel of a Conv weight: the slices ``max_norm_`` takes); another
+    ``dim``: the slices along that dimension; ``dim=None``: each whole tensor. Tensors with
+    fewer than 2 dims (biases, gains) are left alone in every mode.
 
-    def __init__(self, *, capturable: bool = False):
+    >>> rw.constrain(optimizer, critic, rw.constraints.UnitSphere())
+    """
+
+    def __init__(self, dim: int | None = 0, *, capturable: bool = False):
+        if dim is not None and (isinstance(dim, bool) or not isinstance(dim, int)):
+            raise ValueError(
+                f"{type(self).__name__}: dim must be an int (the dimension whose slices are "
+                f"projected; 0: each output unit) or None (whole tensors), got {dim!r}"
+            )
+        self.dim = dim
         self.capturable = bool(capturable)
 
+    def _check_dims(self, tensors: list[Tensor]) -> None:
+        if self.dim is None:
+            return
+        short = [
+            tuple(t.shape) for t in tensors if t.dim() >= 2 and not -t.dim() <= self.dim < t.dim()
+        ]
+        if short:
+            raise ValueError(
+                f"{type(self).__name__}: dim={self.dim} does not exist in weights of shape "
+                f"{short[0]}; use a dim every weight with 2 or more dims has, or dim=None"
+            )
+
+    def bind(self, weights: Weights) -> BoundConstraint:
+        bound = super().bind(weights)
+        self._check_dims(bound.views)
+        return bound
+
     def _apply(self, weights: Weights) -> None:
+        tensors = _parameters(weights, type(self).__name__)
+        self._check_dims(tensors)
         with torch.no_grad():
-            unit_norms_(_parameters(weights, "UnitNorm"), 1.0, at_most=False)
+            unit_norms_(tensors, 1.0, at_most=False, dim=self.dim)
 
     def _apply_tensors(self, tensors: list[Tensor]) -> None:
-        unit_norms_(tensors, 1.0, at_most=False)
+        unit_norms_(tensors, 1.0, at_most=False, dim=self.dim)
+
+
+class UnitNorm(UnitSphere):
+    """Each output unit's incoming weights to L2 norm exactly 1 (Keras ``UnitNorm``): the
+    default :class:`UnitSphere`."""
+
+    def __init__(self, *, capturable: bool = False):
+        super().__init__(0, capturable=capturable)
+
+    def __repr__(self) -> str:
+        return f"UnitNorm(capturable={self.capturable})"
 
 
 class InitClip(Constraint):

@@ -688,21 +688,26 @@ def max_norm_(weights: Weights, max_norm: float) -> None:
         unit_norms_(tensors, bound, at_most=True)
 
 
-def unit_norms_(tensors: Sequence[Tensor], norm: float, *, at_most: bool) -> None:
-    """Scale each output unit (slice along dim 0) of every tensor with 2 or more dims to L2
-    norm ``norm`` (``at_most``: only the units above it; else every unit, an all-zero unit
-    staying zero). Pure tensor code, unvalidated: the body of :func:`max_norm_` and of the
-    norm constraints (:mod:`rlweights.constraints`), traced as it is inside torch.compile."""
+def unit_norms_(
+    tensors: Sequence[Tensor], norm: float, *, at_most: bool, dim: int | None = 0
+) -> None:
+    """Scale each unit of every tensor with 2 or more dims to L2 norm ``norm`` (``at_most``:
+    only the units above it; else every unit, an all-zero unit staying zero). A unit is a
+    slice along ``dim`` (0: an output unit, a row of a Linear weight or an output channel of a
+    Conv weight), or the whole tensor for ``dim=None``. Pure tensor code, unvalidated: the body
+    of :func:`max_norm_` and of the norm constraints (:mod:`rlweights.constraints`), traced as
+    it is inside torch.compile."""
     for t in tensors:
         if t.dim() < 2 or t.numel() == 0:
             continue
         acc = torch.float64 if t.dtype == torch.float64 else torch.float32
-        norms = torch.linalg.vector_norm(t.reshape(t.shape[0], -1), dim=1, dtype=acc)
+        over = None if dim is None else [d for d in range(t.dim()) if d != dim % t.dim()]
+        norms = torch.linalg.vector_norm(t, dim=over, keepdim=True, dtype=acc)
         if at_most:
             scale = (norm / norms).clamp(max=1.0)
         else:
-            scale = torch.where(norms > 0, norm / norms, torch.zeros_like(norms)).to(t.dtype)
-        t.mul_(scale.view(-1, *([1] * (t.dim() - 1))))
+            scale = torch.where(norms > 0, norm / norms, torch.zeros_like(norms))
+        t.mul_(scale.to(t.dtype))
 
 
 def _norm_dtype(t: Tensor) -> torch.dtype:

@@ -284,6 +284,7 @@ def _constraints(capturable: bool) -> list:
         c.NonNeg(capturable=capturable),
         c.MaxNorm(0.3, capturable=capturable),
         c.UnitNorm(capturable=capturable),
+        c.UnitSphere(dim=None, capturable=capturable),
         c.InitClip(0.5, capturable=capturable),
     ]
 
@@ -323,7 +324,7 @@ def test_bound_constraints_compile_with_fullgraph_and_refuse_a_changed_layout():
         for net in nets:
             for p in net.parameters():
                 p.mul_(3.0)
-    bound = [c.bind(nets[0]) for c in _constraints(True)[2:]]  # MaxNorm, UnitNorm, InitClip
+    bound = [c.bind(nets[0]) for c in _constraints(True)[2:]]  # the norms, InitClip
 
     def project():
         for b in bound:

@@ -13,7 +13,7 @@ from torch.testing import assert_close
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import rlweights as rw
-from rlweights.constraints import Clamp, InitClip, MaxNorm, NonNeg, UnitNorm
+from rlweights.constraints import Clamp, InitClip, MaxNorm, NonNeg, UnitNorm, UnitSphere
 
 
 def big_mlp(seed=0):
@@ -65,6 +65,60 @@ def test_clamp_nonneg_maxnorm_unitnorm_match_float64_references():
     want["0.weight"][3] = 0.0
     UnitNorm()(net)
     check(net, want)
+
+
+@pytest.mark.parametrize("flat", [False, True])
+@pytest.mark.parametrize("capturable", [False, True])
+@pytest.mark.parametrize("dim", [0, 1, -1, None])
+def test_unit_sphere_projects_each_unit_onto_the_unit_sphere(flat, capturable, dim):
+    # a Conv weight too: per output channel (dim 0), per input channel (dim 1), per kernel
+    # position (dim -1), or whole tensors (None); biases and LayerNorm gains left alone
+    net = nn.Sequential(nn.Linear(6, 5), nn.LayerNorm(5), nn.Conv1d(5, 4, 3))
+    with torch.no_grad():
+        for p in net.parameters():
+            p.mul_(7.0)
+        net[0].weight[:, 2].zero_()  # an all-zero column: a dead unit for dim=1
+        net[0].weight[1].zero_()  # an all-zero row: a dead unit for dim=0
+    if flat:
+        rw.flatten_(net)
+
+    def project(n, w):
+        if w.dim() < 2:
+            return w
+        over = None if dim is None else [d for d in range(w.dim()) if d != dim % w.dim()]
+        norms = torch.linalg.vector_norm(w, dim=over, keepdim=True)
+        return torch.where(norms > 0, w / norms, torch.zeros_like(w))
+
+    want = reference(net, project)
+    opt = torch.optim.SGD(net.parameters(), lr=0.0)
+    rw.constrain(opt, net, UnitSphere(dim, capturable=capturable))
+    opt.step()  # a step that changes nothing, then the projection
+    check(net, want)
+    for p in net.parameters():
+        if p.dim() >= 2:
+            over = None if dim is None else [d for d in range(p.dim()) if d != dim % p.dim()]
+            norms = torch.linalg.vector_norm(p.detach().double(), dim=over)
+            alive = norms > 0
+            assert alive.any()
+            assert_close(norms[alive], torch.ones_like(norms[alive]), rtol=1e-6, atol=1e-6)
+
+
+def test_unit_sphere_is_unit_norm_by_default_and_refuses_bad_dims():
+    a, b = big_mlp(), big_mlp()
+    UnitSphere()(a)
+    UnitNorm()(b)
+    for p, q in zip(a.parameters(), b.parameters(), strict=True):
+        assert torch.equal(p, q)
+    net = big_mlp()
+    before = [p.detach().clone() for p in net.parameters()]
+    with pytest.raises(ValueError, match=r"dim=2 does not exist in weights of shape"):
+        UnitSphere(dim=2)(net)
+    with pytest.raises(ValueError, match=r"dim=2 does not exist"):
+        UnitSphere(dim=2, capturable=True).bind(net)
+    with pytest.raises(ValueError, match="dim must be an int"):
+        UnitSphere(dim="rows")
+    for p, q in zip(net.parameters(), before, strict=True):
+        assert torch.equal(p, q)
 
 
 def test_init_clip_uses_the_default_initialisation_bound_times_kappa():

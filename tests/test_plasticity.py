@@ -215,9 +215,9 @@ def test_periodic_at_listed_steps():
     assert [s for s in range(5, 12) if restored.step()] == [5, 9]
     with pytest.raises(ValueError, match="at=\\[3, 5\\]"):
         Periodic(at=[3, 5, 9]).load_state_dict({"at": [3, 5], "steps": 1})
-    with pytest.raises(ValueError, match="give every=N .* or at="):
+    with pytest.raises(ValueError, match=r"give every=N .* or at="):
         Periodic()
-    with pytest.raises(ValueError, match="give every=N .* or at="):
+    with pytest.raises(ValueError, match=r"give every=N .* or at="):
         Periodic(2, at=[3])
     with pytest.raises(ValueError, match="at="):
         Periodic(at=[])
