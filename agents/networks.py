@@ -39,9 +39,18 @@ class TwinQ(nn.Module):
         self.weights = nn.ParameterList()
         self.biases = nn.ParameterList()
         for n_in, n_out in itertools.pairwise(sizes):
-            bound = 1 / math.sqrt(n_in)  # nn.Linear's default initialisation, per network
-            self.weights.append(nn.Parameter(torch.empty(n, n_in, n_out).uniform_(-bound, bound)))
-            self.biases.append(nn.Parameter(torch.empty(n, 1, n_out).uniform_(-bound, bound)))
+            self.weights.append(nn.Parameter(torch.empty(n, n_in, n_out)))
+            self.biases.append(nn.Parameter(torch.empty(n, 1, n_out)))
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """nn.Linear's default initialisation for every network's layers: weights and biases
+        uniform in +-1/sqrt(inputs), layer by layer (what ``rw.reinit_`` draws for them)."""
+        for w, b in zip(self.weights, self.biases, strict=True):
+            bound = 1 / math.sqrt(w.shape[1])
+            w.uniform_(-bound, bound)
+            b.uniform_(-bound, bound)
 
     def forward(self, x: Tensor, detach_weights: bool = False) -> Tensor:
         """Q-values of shape (n, batch). ``detach_weights``: gradients flow to ``x`` only (the

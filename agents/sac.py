@@ -114,9 +114,15 @@ class StateDependentActor(BoundedActor):
         super().__init__(low, high)
         self.trunk = mlp([obs_dim, *hidden], activate_last=True)
         self.mean = nn.Linear(hidden[-1], act_dim)
-        self.log_std = nn.Parameter(torch.full((hidden[-1], act_dim), float(log_std_init)))
+        self.log_std_init = float(log_std_init)
+        self.log_std = nn.Parameter(torch.full((hidden[-1], act_dim), self.log_std_init))
         self.acting_noise: Tensor | None = None  # (environments, features, actions)
         self.train_noise: Tensor | None = None  # (features, actions), standard normal
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """``log_std`` back to ``log_std_init`` (its layers reset themselves)."""
+        self.log_std.fill_(self.log_std_init)
 
     def draw_noise(self) -> None:
         """A new standard normal matrix for the gradient step."""

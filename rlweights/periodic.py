@@ -277,15 +277,16 @@ class PeriodicRoutine:
         true, without reading it on the host."""
         raise NotImplementedError
 
-    def step(self) -> bool | Tensor:
-        """Count one step; when it is due, run. Returns whether it ran (capturable: as a 0-dim
-        bool tensor, which stays on the device)."""
+    def step(self, n: int = 1) -> bool | Tensor:
+        """Count ``n`` steps (one by default); when a due step is among them, run (once).
+        Returns whether it ran (capturable: as a 0-dim bool tensor, which stays on the
+        device)."""
         if self.capturable:
-            due = self.counter.step()
+            due = self.counter.step(n)
             self._run_when(due)
             self.updates.add_(due.to(torch.int64))  # type: ignore[union-attr]
             return due
-        if not self.counter.step():
+        if not self.counter.step(n):
             return False
         self._run()
         self.updates += 1

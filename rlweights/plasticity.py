@@ -9,8 +9,10 @@ Adams 2020; BBF shrinks its encoder by 0.5 toward a fresh initialisation every 2
 
 Every selected floating parameter ``theta`` becomes ``shrink * theta + perturb * fresh``,
 where ``fresh`` is a new initialisation of the same layer by that layer's own
-``reset_parameters()``, run on a scratch copy (so the module's Parameters, flat layout,
-optimizer and hooks stay what they were), layer by layer in ``module.modules()`` order,
+``reset_parameters()`` (for a parameter in a ``ParameterList``, or held by a module without
+one: the nearest module above it that has one), run on a scratch copy (so the module's
+Parameters, flat layout, optimizer and hooks stay what they were), layer by layer in
+``module.modules()`` order,
 drawing from the global RNG (or from ``generator``). So ``torch.manual_seed(s)`` then
 ``rw.reinit_(m)`` gives exactly the weights that ``torch.manual_seed(s)`` then
 ``reset_parameters()`` of each selected layer would give. ``shrink=1, perturb=0`` leaves
@@ -60,25 +62,41 @@ class _Plan:
         names = {id(e.tensor): e.name for e in chosen}
         self.params = [e.tensor for e in chosen]
         self.names = [e.name for e in chosen]
-        # The layers that own a selected parameter directly, in module order.
-        self.layers: list[nn.Module] = []
+        # The layer that draws each selected parameter afresh: the module that holds it, or
+        # the nearest module above that one with a reset_parameters() (a ParameterList's
+        # owner); each such layer once, in module order.
+        modules = dict(module.named_modules())
+        # layer prefix -> [(the parameter's name inside that layer, the parameter)]
+        drawn_by: dict[str, list[tuple[str, Tensor]]] = {}
         missing: list[str] = []
-        for prefix, layer in module.named_modules():
-            own = [p for p in layer.parameters(recurse=False) if id(p) in names]
+        for prefix, holder in modules.items():
+            own = [(n, p) for n, p in holder.named_parameters(recurse=False) if id(p) in names]
             if not own:
                 continue
-            if not callable(getattr(layer, "reset_parameters", None)):
-                where = f"'{prefix}'" if prefix else "the module itself"
-                missing.append(
-                    f"{', '.join(names[id(p)] for p in own)} ({type(layer).__name__} {where})"
+            path = prefix.split(".") if prefix else []
+            while not callable(getattr(modules[".".join(path)], "reset_parameters", None)):
+                if not path:
+                    missing.append(
+                        f"{', '.join(names[id(p)] for _, p in own)} ({type(holder).__name__} "
+                        f"{repr(prefix) if prefix else 'the module itself'})"
+                    )
+                    break
+                path.pop()
+            else:
+                inner = prefix.split(".")[len(path) :] if prefix else []
+                drawn_by.setdefault(".".join(path), []).extend(
+                    (".".join([*inner, n]), p) for n, p in own
                 )
-            self.layers.append(layer)
         if missing:
             raise ValueError(
-                f"{op}: no fresh initialisation for {'; '.join(missing)}: the layer that owns "
-                "them has no reset_parameters(). Give it one, or leave these names out "
-                "(exclude=...)."
+                f"{op}: no fresh initialisation for {'; '.join(missing)}: neither the module "
+                "that holds them nor one above it has a reset_parameters(). Give it one, or "
+                "leave these names out (exclude=...)."
             )
+        # In module order: what each resetting layer draws for the selection.
+        self.layers = [
+            (modules[prefix], drawn_by[prefix]) for prefix in modules if prefix in drawn_by
+        ]
         self.devices = {p.device for p in self.params}
         # Flat buffers whose every view is selected: one fresh buffer, one write each.
         self.groups: list[FlatGroup] = []
@@ -165,16 +183,13 @@ def _fresh(plan: _Plan) -> dict[int, Tensor]:
         for view in group.views:
             offset = (view.data_ptr() - start) // view.element_size()
             fresh[id(view)] = buffer[offset : offset + view.numel()].view(view.shape)
-    selected = {id(p) for p in plan.params}
     out: dict[int, Tensor] = {}
     with torch.no_grad():
-        for layer in plan.layers:
+        for layer, params in plan.layers:
             scratch = _scratch(layer, fresh)
             scratch.reset_parameters()
-            for name, p in layer._parameters.items():
-                if p is None or id(p) not in selected:
-                    continue
-                drawn = scratch._parameters[name].detach()
+            for name, p in params:
+                drawn = scratch.get_parameter(name).detach()
                 kept = fresh.get(id(p))
                 if kept is None:
                     out[id(p)] = drawn
@@ -194,7 +209,7 @@ def shrink_perturb_(
     include: Patterns = None,
     exclude: Patterns = None,
     generator: torch.Generator | None = None,
-    optimizer: Optimizer | None = None,
+    optimizer: Optimizer | Sequence[Optimizer] | None = None,
 ) -> list[str]:
     """Shrink-and-perturb, in place: ``theta <- shrink * theta + perturb * fresh`` for every
     selected floating parameter, ``fresh`` a new initialisation of its layer (see the module
@@ -204,8 +219,9 @@ def shrink_perturb_(
 
     ``include`` / ``exclude``: shell-style globs on parameter names, as in :func:`copy_`
     (``include="encoder.*"``). ``generator``: draw the fresh weights from it instead of the
-    global RNG (on the weights' device). ``optimizer``: also forget its state (Adam's moments
-    and step count) for exactly the touched parameters (:func:`reset_optimizer_state_`).
+    global RNG (on the weights' device). ``optimizer`` (or a sequence of them: an agent's
+    actor and critic optimizers): also forget their state (Adam's moments and step count) for
+    exactly the touched parameters (:func:`reset_optimizer_state_`).
 
     Everything is checked before anything is drawn or written (a bad pattern, coefficient,
     generator or optimizer leaves every weight and optimizer state as it was). Writes go
@@ -225,7 +241,7 @@ def reinit_(
     include: Patterns = None,
     exclude: Patterns = None,
     generator: torch.Generator | None = None,
-    optimizer: Optimizer | None = None,
+    optimizer: Optimizer | Sequence[Optimizer] | None = None,
 ) -> list[str]:
     """Re-initialise the selected parameters by their layers' ``reset_parameters()``:
     :func:`shrink_perturb_` with ``shrink=0, perturb=1`` (Nikishin et al.'s resets).
@@ -240,15 +256,12 @@ def _reset(
     include: Patterns,
     exclude: Patterns,
     generator: torch.Generator | None,
-    optimizer: Optimizer | None,
+    optimizer: Optimizer | Sequence[Optimizer] | None,
     op: str,
 ) -> list[str]:
     plan = _Plan(module, include, exclude, op)
     _check_generator(generator, plan.devices, op)
-    if optimizer is not None:
-        if not isinstance(optimizer, Optimizer):
-            raise TypeError(f"{op}: optimizer must be a torch.optim.Optimizer, got {optimizer!r}")
-        check_trained(optimizer, plan.params, op)
+    optimizers = _optimizers(optimizer, plan.params, op)
     with _drawing_from(generator, plan.devices):
         fresh = _fresh(plan)
     with torch.no_grad():
@@ -258,9 +271,32 @@ def _reset(
         for p in plan.params:
             if id(p) not in plan.whole:
                 _combine(p, fresh[id(p)], shrink, perturb)
-    if optimizer is not None:
-        reset_optimizer_state_(optimizer, plan.params)
+    for opt in optimizers:
+        reset_optimizer_state_(opt, [p for p in plan.params if _trains(opt, p)])
     return plan.names
+
+
+def _trains(optimizer: Optimizer, param: Tensor) -> bool:
+    return any(param is p for group in optimizer.param_groups for p in group["params"])
+
+
+def _optimizers(optimizer: Any, params: list[Tensor], op: str) -> list[Optimizer]:
+    """The optimizers (one, or a sequence: an agent's actor and critic optimizers) whose
+    state a reset forgets; those that train none of the touched parameters are left out,
+    but at least one must train some."""
+    if optimizer is None:
+        return []
+    found = [optimizer] if isinstance(optimizer, Optimizer) else list(optimizer)
+    wrong = [o for o in found if not isinstance(o, Optimizer)]
+    if wrong or not found:
+        raise TypeError(
+            f"{op}: optimizer must be a torch.optim.Optimizer or a sequence of them, got "
+            f"{optimizer!r}"
+        )
+    training = [o for o in found if any(_trains(o, p) for p in params)]
+    if not training:
+        check_trained(found[0], params, op)  # raises, naming the fix
+    return training
 
 
 def _combine(theta: Tensor, fresh: Tensor, shrink: float, perturb: float) -> None:
@@ -277,8 +313,8 @@ def _combine(theta: Tensor, fresh: Tensor, shrink: float, perturb: float) -> Non
 class ShrinkPerturb(PeriodicRoutine):
     """:func:`shrink_perturb_` on a schedule: every ``every`` steps, or at the listed steps
     ``at`` (BRO's resets at fixed steps); ``shrink=0, perturb=1`` resets. :meth:`step` after
-    every gradient step (or environment step: the caller's unit); ``state_dict()`` saves the
-    counter.
+    every gradient step (or ``step(n)`` after ``n`` environment steps: the caller's unit);
+    ``touched`` names what the last run touched; ``state_dict()`` saves the counter.
 
     >>> resets = rw.ShrinkPerturb(critic, 0.0, 1.0, every=100_000, optimizer=critic_opt)
     """
@@ -294,21 +330,21 @@ class ShrinkPerturb(PeriodicRoutine):
         include: Patterns = None,
         exclude: Patterns = None,
         generator: torch.Generator | None = None,
-        optimizer: Optimizer | None = None,
+        optimizer: Optimizer | Sequence[Optimizer] | None = None,
     ):
         name = "ShrinkPerturb"
         self.shrink = check_fraction(shrink, "shrink", name, tensor=False)
         self.perturb = check_fraction(perturb, "perturb", name, tensor=False)
         plan = _Plan(module, include, exclude, name)  # fails now, not at the first reset
         _check_generator(generator, plan.devices, name)
-        if optimizer is not None:
-            check_trained(optimizer, plan.params, name)
+        _optimizers(optimizer, plan.params, name)
         self.module, self.include, self.exclude = module, include, exclude
         self.generator, self.optimizer = generator, optimizer
+        self.touched: list[str] = []  # the names the last run touched
         super().__init__(every, at=at)
 
     def _run(self) -> None:
-        _reset(
+        self.touched = _reset(
             self.module,
             self.shrink,
             self.perturb,

@@ -128,6 +128,22 @@ def test_optimizer_state_is_reset_for_exactly_the_touched_parameters(flat):
     assert opt.state[m[2].weight]["step"] == 1
 
 
+def test_a_sequence_of_optimizers_forgets_what_each_trains():
+    # an agent's optimizers: each forgets the state of the touched parameters it trains
+    m = net()
+    first, second = torch.optim.Adam(m[0].parameters()), torch.optim.Adam(m[2].parameters())
+    m(torch.randn(4, 5)).square().sum().backward()
+    first.step()
+    second.step()
+    rw.reinit_(m, include="2.*", optimizer=[first, second])
+    assert all(p in first.state for p in m[0].parameters())
+    assert not any(p in second.state for p in m[2].parameters())
+    with pytest.raises(ValueError, match="trains none of these"):
+        rw.reinit_(m, include="4.*", optimizer=[first, second])
+    with pytest.raises(TypeError, match="sequence of them"):
+        rw.reinit_(m, optimizer=[first, "adam"])
+
+
 class WithLogStd(nn.Module):
     def __init__(self):
         super().__init__()
@@ -247,3 +263,22 @@ def test_shrink_perturb_schedule_fires_when_due_and_round_trips(schedule):
     other = {"at": [4]} if "every" in schedule else {"every": 3}
     with pytest.raises(ValueError):
         rw.ShrinkPerturb(net(), 0.0, 1.0, **other).load_state_dict(saved)
+
+
+@pytest.mark.parametrize("include", [None, "weights.1"])
+def test_parameters_in_a_parameter_list_are_drawn_by_the_module_above(include):
+    # the agents' batched twin critic keeps its layers in ParameterLists; its own
+    # reset_parameters() draws them (all of them: the stream matches; only the selection is
+    # written)
+    from rlweights.agents.networks import TwinQ
+
+    q, ref = TwinQ(4, (8, 8)), TwinQ(4, (8, 8))
+    rw.flatten_(q)
+    before = {n: p.detach().clone() for n, p in q.named_parameters()}
+    torch.manual_seed(2)
+    touched = rw.reinit_(q, include=include)
+    torch.manual_seed(2)
+    ref.reset_parameters()
+    assert touched == ([n for n, _ in q.named_parameters()] if include is None else ["weights.1"])
+    for (name, p), q_ref in zip(q.named_parameters(), ref.parameters(), strict=True):
+        assert torch.equal(p, q_ref if name in touched else before[name]), name
