@@ -20,7 +20,7 @@ totals and ``drift/<module>/layers/<tensor>/<metric>`` per tensor.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from operator import itemgetter
 
@@ -140,10 +140,32 @@ class DriftMonitor:
                 f"DriftMonitor: target of {name!r} does not match it: {sorted(bad)[:6]}"
             )
 
-    def reset(self) -> None:
-        """Take the current weights as the new start (``init_distance`` restarts from 0)."""
-        for name, module in self.modules.items():
-            self._groups[name] = self._snapshot(module)
+    def reset(self, tensors: Mapping[str, Iterable[str]] | None = None) -> None:
+        """Take the current weights as the new start (``init_distance`` restarts from 0): of
+        every module, or (``tensors``: ``{module: [tensor names]}``) of those tensors only,
+        after a re-initialisation of some layers (``rw.reinit_``), so that the chart shows
+        the distance from the last initialisation."""
+        if tensors is None:
+            for name, module in self.modules.items():
+                self._groups[name] = self._snapshot(module)
+            return
+        for name, chosen in tensors.items():
+            if name not in self._groups:
+                raise ValueError(
+                    f"DriftMonitor.reset: no module {name!r}; modules are {sorted(self.modules)}"
+                )
+            wanted = set(chosen)
+            known = {n for group in self._groups[name] for n in group.names}
+            if wanted - known:
+                raise ValueError(
+                    f"DriftMonitor.reset: {name!r} has no tensors {sorted(wanted - known)[:6]}"
+                )
+            with torch.no_grad():
+                for group in self._groups[name]:
+                    starts = group.split(group.init)
+                    for i, tensor_name in enumerate(group.names):
+                        if tensor_name in wanted:
+                            starts[i].copy_(group.tensors[i].reshape(-1))
 
     @torch.no_grad()
     def measure(self) -> dict[str, Tensor]:

@@ -90,6 +90,37 @@ def test_totals_and_no_host_sync_types():
     assert monitor.measure()["drift/actor/init_distance"].item() == 0.0
 
 
+@pytest.mark.parametrize("flat", [False, True])
+def test_a_partial_reset_restarts_init_distance_of_those_tensors_only(flat):
+    # after rw.reinit_ of a layer, the chart shows the distance from its new initialisation
+    online = NETS["mlp"](0)
+    if flat:
+        rw.flatten_(online)
+    monitor = DriftMonitor({"actor": online})
+    w0 = _params64(online)
+    with torch.no_grad():
+        for p in online.parameters():
+            p.mul_(1.5)
+    names = [n for n, _ in online.named_parameters()]
+    reset = names[:2]
+    rw.reinit_(online, include=reset)
+    monitor.reset({"actor": reset})
+    with torch.no_grad():
+        for p in online.parameters():
+            p.add_(0.25)
+    w, got = _params64(online), monitor.measure()
+    for name in names:
+        start = w[name] - 0.25 if name in reset else w0[name]
+        want = torch.linalg.vector_norm(w[name] - start)
+        assert_close(
+            got[f"drift/actor/layers/{name}/init_distance"].double(), want, rtol=1e-5, atol=1e-6
+        )
+    with pytest.raises(ValueError, match="has no tensors"):
+        monitor.reset({"actor": ["nope"]})
+    with pytest.raises(ValueError, match="no module 'critic'"):
+        monitor.reset({"critic": names})
+
+
 def test_bad_monitor_arguments():
     with pytest.raises(ValueError, match=r"targets \['critic'\] have no module of the same name"):
         DriftMonitor({"actor": NETS["mlp"](0)}, targets={"critic": NETS["mlp"](1)})
