@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import re
@@ -104,6 +105,18 @@ def _count(text: str) -> int:
     return int(value)
 
 
+def _pair(text: str) -> tuple[float, float]:
+    """Two numbers: 0.5,0.5."""
+    parts = text.split(",")
+    try:
+        pair = tuple(float(part) for part in parts)
+    except ValueError:
+        pair = ()
+    if len(pair) != 2:
+        raise argparse.ArgumentTypeError(f"expected two numbers like 0.5,0.5, got {text!r}")
+    return pair
+
+
 # Flags that set a hyperparameter: (flag, config field, type, metavar, help).
 HYPERPARAMETERS: list[tuple[str, str, Any, str, str]] = [
     ("--steps", "total_steps", _count, "N", "environment steps in total (summed over --num-envs)"),
@@ -153,6 +166,40 @@ HYPERPARAMETERS: list[tuple[str, str, Any, str, str]] = [
     ("--gamma", "gamma", float, "GAMMA", "discount factor"),
     ("--train-freq", "train_freq", _count, "N", "env steps between training phases"),
     ("--gradient-steps", "gradient_steps", _count, "N", "gradient steps per training phase"),
+    (
+        "--reset-every",
+        "reset_every",
+        _count,
+        "N",
+        "re-initialise the --reset-layers every N env steps (each layer's reset_parameters; "
+        "their optimizer state is forgotten, their targets take the same weights; 0: never)",
+    ),
+    (
+        "--reset-layers",
+        "reset_layers",
+        str,
+        "PATTERNS",
+        "comma-separated globs over NETWORK.PARAMETER names that --reset-every and "
+        "--shrink-perturb touch, e.g. 'critic.*' or 'actor.mean.*,critic.weights.2' "
+        "(default: every parameter of the trained networks)",
+    ),
+    (
+        "--shrink-perturb",
+        "shrink_perturb",
+        _pair,
+        "SHRINK,PERTURB",
+        "every --sp-every env steps, theta <- SHRINK * theta + PERTURB * a fresh initialisation "
+        "of the --reset-layers (both in [0, 1]; BBF: 0.5,0.5; Ash & Adams: 0.4-0.6, 0.001-0.01)",
+    ),
+    ("--sp-every", "sp_every", _count, "N", "env steps between shrink-and-perturbs"),
+    (
+        "--unit-sphere",
+        "unit_sphere",
+        str,
+        "PATTERNS",
+        "after every optimizer step, project the units of the weight matrices named by these "
+        "comma-separated globs onto the unit sphere (SimbaV2), e.g. 'critic.*'",
+    ),
     (
         "--average-every",
         "average_every",
@@ -269,6 +316,21 @@ def _device(name: str) -> str:
     return name
 
 
+def _check_plasticity(config: Any, env: gym.Env, impl: str) -> None:
+    """--reset-layers and --unit-sphere name parameters of the networks: build them once (on
+    the CPU, not compiled) so that a pattern that names nothing fails before any file is
+    written."""
+    if not (config.reset_every or config.shrink_perturb is not None or config.unit_sphere):
+        return
+    quick = dataclasses.replace(config, compile=False, cudagraphs=False, device="cpu")
+    if impl == "sb3":
+        from rlweights.agents.sb3_train import check_plasticity
+
+        check_plasticity(quick)
+    else:
+        ALGOS[config.algo][1](quick, env.observation_space, env.action_space)
+
+
 def _check_env(
     config: Any, spaces: dict[str, str] | None = None, impl: str | None = "native"
 ) -> None:
@@ -298,6 +360,7 @@ def _check_env(
             )
         if impl is not None:
             _check_memory(config, env.observation_space, env.action_space, impl)
+            _check_plasticity(config, env, impl)
     except ValueError as exc:
         raise UsageError(str(exc)) from None
     finally:
@@ -575,7 +638,7 @@ def _child_arguments(args: argparse.Namespace) -> list[str]:
     for flag, field, _, _, _ in HYPERPARAMETERS:
         value = getattr(args, field)
         if value is not None:
-            out += [flag, str(value)]
+            out += [flag, ",".join(map(str, value)) if isinstance(value, tuple) else str(value)]
     if args.hidden is not None:
         out += ["--hidden", ",".join(map(str, args.hidden))]
     for flag in ("compile", "cudagraphs"):

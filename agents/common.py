@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import math
 import random
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Container, Iterable, Iterator
 from dataclasses import dataclass, fields
 from typing import Any, ClassVar
 
@@ -18,10 +18,12 @@ from torch.func import functional_call
 from torch.nn import functional as F
 
 import rlweights as rw
+from rlweights.agents.compiled import forget_adam_state_
 from rlweights.agents.networks import TwinQ
 from rlweights.agents.target_update import TargetUpdateSpec
 from rlweights.checks import check_int
 from rlweights.ops import unit_norms_
+from rlweights.weights import entries, select
 
 __all__ = [
     "MAX_SEED",
@@ -126,9 +128,20 @@ class AgentConfig:
     peer_timeout: int = 300  # seconds a learner waits for the others before it gives up
     compile: bool = False  # the whole gradient step as one torch.compile graph (agents.compiled)
     cudagraphs: bool = False  # with compile, on CUDA: the compiled step replayed as a CUDA graph
+    # Plasticity (rlweights.plasticity), counted in environment steps: re-initialise the
+    # reset layers every reset_every steps; shrink-and-perturb them every sp_every steps;
+    # project the unit_sphere weights onto the unit sphere after every optimizer step.
+    # Patterns: comma-separated globs over "network.parameter" names ("critic.*").
+    reset_every: int = 0
+    reset_layers: str | None = None  # None: every parameter of the trained networks
+    shrink_perturb: tuple[float, float] | None = None  # (shrink, perturb), with sp_every
+    sp_every: int = 0
+    unit_sphere: str | None = None
 
     def __post_init__(self) -> None:
         self.hidden = tuple(self.hidden)
+        if self.shrink_perturb is not None:  # a list when read back from config.json
+            self.shrink_perturb = tuple(self.shrink_perturb)
         if self.eval_every is None:
             self.eval_every = max(self.total_steps // EVALUATIONS, 1)
         self.checks()
@@ -156,6 +169,10 @@ class AgentConfig:
             "average_every": self.average_every >= 0,
             "peer_timeout": self.peer_timeout >= 1,
             "cudagraphs": not self.cudagraphs or (self.compile and self.device.startswith("cuda")),
+            "reset_every": self.reset_every >= 0,
+            "sp_every": self.sp_every >= 0 and (self.sp_every > 0) == bool(self.shrink_perturb),
+            "shrink_perturb": self.shrink_perturb is None
+            or (len(self.shrink_perturb) == 2 and all(0 <= x <= 1 for x in self.shrink_perturb)),
         }
 
     def checks(self) -> None:
@@ -170,6 +187,12 @@ class AgentConfig:
                 f"{type(self).__name__}: {', '.join(infinite)}: hyperparameters must be finite "
                 "numbers"
             )
+        if (self.shrink_perturb is None) != (self.sp_every == 0):
+            raise ValueError(
+                f"{type(self).__name__}: shrink_perturb={self.shrink_perturb!r} and "
+                f"sp_every={self.sp_every!r}: shrink-and-perturb needs both "
+                "(--shrink-perturb SHRINK,PERTURB --sp-every N)"
+            )
         bad = [name for name, ok in self._rules().items() if not ok]
         if bad:
             values = ", ".join(f"{name}={getattr(self, name)!r}" for name in bad)
@@ -177,6 +200,8 @@ class AgentConfig:
 
     def to_dict(self) -> dict[str, Any]:
         data = {f.name: getattr(self, f.name) for f in fields(self)}
+        if self.shrink_perturb is not None:
+            data["shrink_perturb"] = list(self.shrink_perturb)
         return {"algo": self.algo, **data, "hidden": list(self.hidden)}
 
 
@@ -289,16 +314,26 @@ class ReplayBuffer:
         self.generator.set_state(state["generator"])
 
 
-def _constraint_tensors(module: nn.Module) -> list[Tensor]:
-    """The weight matrices a per-unit max-norm applies to, each shaped (out_units, inputs)."""
+def _constraint_tensors(module: nn.Module, names: Container[str] | None = None) -> list[Tensor]:
+    """The weight matrices a per-unit constraint (max-norm, unit sphere) applies to, each
+    shaped (out_units, inputs): of the parameters named in ``names`` (all if None)."""
     tensors: list[Tensor] = []
-    for sub in module.modules():
-        if isinstance(sub, nn.Linear):
+    for prefix, sub in module.named_modules():
+        at = f"{prefix}." if prefix else ""
+        if isinstance(sub, nn.Linear) and (names is None or f"{at}weight" in names):
             tensors.append(sub.weight)
         unit_weights = getattr(sub, "unit_weights", None)
         if unit_weights is not None:
-            tensors.extend(unit_weights())
+            inner = None if names is None else {n[len(at) :] for n in names if n.startswith(at)}
+            tensors.extend(unit_weights(inner))
     return tensors
+
+
+def split_patterns(text: str | None) -> list[str] | None:
+    """Comma-separated globs (``--reset-layers "critic.*,actor.mean.*"``) as a list."""
+    if text is None:
+        return None
+    return [part.strip() for part in text.split(",") if part.strip()]
 
 
 class OffPolicyAgent:
@@ -389,6 +424,69 @@ class OffPolicyAgent:
                     clamp = rw.constraints.Clamp(-cfg.clip, cfg.clip, capturable=True)
                     bound.append(clamp.bind(net))
                 self.bound_constraints[name] = bound
+        self._setup_plasticity()
+
+    def _setup_plasticity(self) -> None:
+        """``--reset-every`` / ``--shrink-perturb``: :class:`rw.ShrinkPerturb` routines over
+        the ``--reset-layers`` of the trained networks (every optimizer forgets the state of
+        what they touch); ``--unit-sphere``: the names of the weights projected after each
+        optimizer step, by network. Patterns are checked here, before training starts."""
+        cfg = self.config
+        self.trained = nn.ModuleDict(
+            {name: self.networks[name] for name in self.optimizers if name in self.networks}
+        )
+        include = split_patterns(cfg.reset_layers)
+        # --compile: the compiled step reads the optimizers' state tensors, so they are
+        # zeroed in place (plasticity_step) rather than forgotten
+        optimizers = None if cfg.compile else list(self.optimizers.values())
+        self.plasticity: dict[str, rw.ShrinkPerturb] = {}
+        if cfg.reset_every:
+            self.plasticity["reset"] = rw.ShrinkPerturb(
+                self.trained, 0.0, 1.0, every=cfg.reset_every, include=include, optimizer=optimizers
+            )
+        if cfg.shrink_perturb is not None:
+            shrink, perturb = cfg.shrink_perturb
+            self.plasticity["shrink_perturb"] = rw.ShrinkPerturb(
+                self.trained,
+                shrink,
+                perturb,
+                every=cfg.sp_every,
+                include=include,
+                optimizer=optimizers,
+            )
+        self.unit_sphere: dict[str, set[str]] = {}
+        if cfg.unit_sphere is not None:
+            found = entries(self.trained, "--unit-sphere")[0]
+            chosen = select(found, split_patterns(cfg.unit_sphere), None, "the trained networks")
+            for net in self.trained:
+                names = {e.name[len(net) + 1 :] for e in chosen if e.name.startswith(f"{net}.")}
+                if _constraint_tensors(self.trained[net], names):
+                    self.unit_sphere[net] = names
+            if not self.unit_sphere:
+                raise ValueError(
+                    f"--unit-sphere {cfg.unit_sphere!r} selects no weight matrix (only biases or "
+                    "other vectors); name layer weights, e.g. 'critic.*' or 'actor.trunk.*'"
+                )
+
+    def plasticity_step(self, n: int) -> dict[str, list[str]]:
+        """Count ``n`` environment steps on the reset and shrink-and-perturb schedules; after
+        one fires, the targets of the touched networks take the same weights (a reset network
+        and its target start again together) and, with ``--compile``, the optimizers get
+        their state zeroed in place. Returns what fired: ``{"reset"
+        or "shrink_perturb": names of the touched parameters ("critic.weights.0", ...)}``."""
+        fired = {kind: r.touched for kind, r in self.plasticity.items() if r.step(n)}
+        touched = [name for names in fired.values() for name in names]
+        if not touched:
+            return fired
+        for name in self.online_names:
+            local = [t[len(name) + 1 :] for t in touched if t.startswith(f"{name}.")]
+            if local:
+                rw.copy_(self.networks[f"{name}_target"], self.networks[name], include=local)
+        if self.config.compile:
+            params = [self.trained.get_parameter(name) for name in touched]
+            for optimizer in self.optimizers.values():
+                forget_adam_state_(optimizer, params)
+        return fired
 
     def optimizer_step(self, name: str, loss: Tensor, max_grad_norm: float | None = None) -> None:
         """One optimizer step of network ``name`` down ``loss`` (its gradient norm clipped to
@@ -399,16 +497,20 @@ class OffPolicyAgent:
         if max_grad_norm is not None:
             nn.utils.clip_grad_norm_(self.networks[name].parameters(), max_grad_norm, foreach=True)
         optimizer.step()
-        self.constrain(self.networks[name])
+        self.constrain(name)
 
-    def constrain(self, net: nn.Module) -> None:
-        """``--clip``: clamp every weight to [-clip, clip]; ``--max-norm``: rescale each
-        unit's incoming weights to L2 norm <= max_norm. Both in place, through rlweights."""
-        cfg = self.config
+    def constrain(self, name: str) -> None:
+        """``--clip``: clamp every weight of network ``name`` to [-clip, clip];
+        ``--max-norm``: rescale each unit's incoming weights to L2 norm <= max_norm;
+        ``--unit-sphere``: the selected weights' units to norm 1. In place, through
+        rlweights."""
+        cfg, net = self.config, self.networks[name]
         if cfg.clip is not None:
             rw.clamp_(net, -cfg.clip, cfg.clip)
         if cfg.max_norm is not None:
             rw.max_norm_(_constraint_tensors(net), cfg.max_norm)
+        if name in self.unit_sphere:
+            rw.constraints.UnitSphere()(_constraint_tensors(net, self.unit_sphere[name]))
 
     def layout_checks(self) -> list[Callable[[], None]]:
         """The layout checks of the capturable routines and constraints (``--compile``), run
@@ -425,11 +527,12 @@ class OffPolicyAgent:
         made outside it would alias the weights behind the compiler's back)."""
         for constraint in self.bound_constraints.get(name, ()):
             constraint()
-        if self.config.max_norm is not None:
-            with torch.no_grad():
-                unit_norms_(
-                    _constraint_tensors(self.networks[name]), self.config.max_norm, at_most=True
-                )
+        net = self.networks[name]
+        with torch.no_grad():
+            if self.config.max_norm is not None:
+                unit_norms_(_constraint_tensors(net), self.config.max_norm, at_most=True)
+            if name in self.unit_sphere:
+                unit_norms_(_constraint_tensors(net, self.unit_sphere[name]), 1.0, at_most=False)
 
     def average_policy(self) -> None:
         """Advance the policy EMA (if the config keeps one): after each policy step."""
@@ -460,9 +563,11 @@ class OffPolicyAgent:
 
     def routines(self) -> dict[str, Any]:
         """The stateful rlweights routines, by the name their state has in a checkpoint."""
-        found = {"target_routine": self.target_routine}
+        found: dict[str, Any] = {"target_routine": self.target_routine}
         if self.ema_routine is not None:
             found["ema_routine"] = self.ema_routine
+        for kind, routine in self.plasticity.items():
+            found[f"{kind}_routine"] = routine
         return found
 
     def weights_state(self) -> dict[str, dict[str, Tensor]]:

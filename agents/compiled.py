@@ -23,7 +23,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-__all__ = ["BACKEND", "CompiledStep", "adam_", "prepare_adam"]
+__all__ = ["BACKEND", "CompiledStep", "adam_", "forget_adam_state_", "prepare_adam"]
 
 # torch.compile's backend for the compiled steps: inductor generates the fused kernels; the
 # tests also use "aot_eager" (the same tracing and functionalization, no code generation,
@@ -45,6 +45,18 @@ def prepare_adam(optimizer: torch.optim.Optimizer) -> None:
                     "exp_avg": torch.zeros_like(p, memory_format=torch.preserve_format),
                     "exp_avg_sq": torch.zeros_like(p, memory_format=torch.preserve_format),
                 }
+
+
+def forget_adam_state_(optimizer: torch.optim.Optimizer, params: Iterable[Tensor]) -> None:
+    """Adam's state of ``params`` back to a fresh one (step count and moments zero), in place:
+    what ``rw.reset_optimizer_state_`` does for an eager step, but keeping the tensors that a
+    compiled step reads (a new state object would leave it reading the old ones)."""
+    ids = {id(p) for p in params}
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            if id(p) in ids and optimizer.state[p]:
+                for value in optimizer.state[p].values():
+                    value.zero_()
 
 
 def adam_(

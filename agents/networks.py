@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import itertools
 import math
-from collections.abc import Iterable
+from collections.abc import Container, Iterable
 
 import torch
 from torch import Tensor, nn
@@ -65,8 +65,15 @@ class TwinQ(nn.Module):
                 h = F.relu(h)
         return h.squeeze(-1)
 
-    def unit_weights(self) -> list[Tensor]:
-        return [w[i].t() for w in self.weights for i in range(len(w))]
+    def unit_weights(self, names: Container[str] | None = None) -> list[Tensor]:
+        """Each network's layer weights as (outputs, inputs) views, of the layers named in
+        ``names`` ("weights.1"; all if None)."""
+        return [
+            w[i].t()
+            for k, w in enumerate(self.weights)
+            if names is None or f"weights.{k}" in names
+            for i in range(len(w))
+        ]
 
 
 class BoundedActor(nn.Module):

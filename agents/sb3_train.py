@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 import rlweights as rw
-from rlweights.agents.common import AgentConfig, rng_state, set_rng_state
+from rlweights.agents.common import AgentConfig, rng_state, set_rng_state, split_patterns
 from rlweights.agents.target_update import TargetUpdateSpec
 from rlweights.agents.train import (
     EVAL_SEED_OFFSET,
@@ -44,7 +44,7 @@ from rlweights.agents.train import (
 from rlweights.files import write_json
 from rlweights.periodic import Periodic
 
-__all__ = ["build_sb3_model", "load_sb3_policy", "sb3_kwargs", "train_sb3"]
+__all__ = ["build_sb3_model", "check_plasticity", "load_sb3_policy", "sb3_kwargs", "train_sb3"]
 
 
 def sb3_kwargs(config: AgentConfig) -> dict[str, Any]:
@@ -108,6 +108,37 @@ def build_sb3_model(config: AgentConfig) -> tuple[Any, Any]:
     spec = TargetUpdateSpec.parse(config.target_update)
     routine = spec.routine() if spec.kind == "hard" and config.algo != "dqn" else None
     return model, attach(model, routine)
+
+
+def plasticity_callback(config: AgentConfig) -> Any:
+    """``rlweights.sb3.PlasticityCallback`` for the config's --reset-every, --shrink-perturb
+    and --unit-sphere (None without them)."""
+    if not (config.reset_every or config.shrink_perturb is not None or config.unit_sphere):
+        return None
+    from rlweights.sb3 import PlasticityCallback
+
+    return PlasticityCallback(
+        reset_every=config.reset_every,
+        reset_layers=split_patterns(config.reset_layers),
+        shrink_perturb=config.shrink_perturb,
+        sp_every=config.sp_every,
+        unit_sphere=split_patterns(config.unit_sphere),
+    )
+
+
+def check_plasticity(config: AgentConfig) -> None:
+    """Raise ``ValueError`` if the plasticity patterns name no parameter of SB3's policy for
+    ``config`` (checked on a model built for the purpose, before a run writes anything)."""
+    callback = plasticity_callback(config)
+    if callback is None:
+        return
+    model, _ = build_sb3_model(config)
+    try:
+        callback.init_callback(model)
+        callback.on_training_start({}, {})
+        callback.on_training_end()
+    finally:
+        model.get_env().close()
 
 
 def _policy_network(model: Any, algo: str) -> nn.Module:
@@ -260,7 +291,7 @@ class _SB3Run:
         return summary
 
     def weight_callbacks(self) -> list[Any]:
-        """rlweights' SB3 callbacks: weight constraints and drift logging, as configured."""
+        """rlweights' SB3 callbacks, as configured: weight constraints, plasticity, drift."""
         from rlweights.sb3 import DriftCallback, WeightConstraintCallback
 
         config, callbacks = self.config, []
@@ -269,6 +300,9 @@ class _SB3Run:
             clamp = (-config.clip, config.clip) if config.clip is not None else None
             constraints = WeightConstraintCallback(modules, clamp=clamp, max_norm=config.max_norm)
             callbacks.append(constraints)
+        plasticity = plasticity_callback(config)
+        if plasticity is not None:
+            callbacks.append(plasticity)
         if config.drift_every:
             callbacks.append(DriftCallback(every=max(config.drift_every // config.num_envs, 1)))
         return callbacks

@@ -566,6 +566,7 @@ class _Run:
         has started, ``gradient_steps`` gradient steps every ``train_freq`` environment steps."""
         cfg = self.config
         self.agent.on_env_step()
+        self.plasticity(self.agent.plasticity_step(cfg.num_envs))
         if "train" not in self.due or self.steps <= cfg.learning_starts:
             return
         for batch in self.buffer.batches(cfg.gradient_steps, cfg.batch_size):
@@ -573,6 +574,22 @@ class _Run:
         if self.writer is not None and "log_losses" in self.due:
             for name, value in losses.items():
                 self.writer.add_scalar(f"losses/{name}", value.item(), self.steps)
+
+    def plasticity(self, fired: dict[str, list[str]]) -> None:
+        """After a reset or shrink-and-perturb: ``plasticity/reset`` (or ``shrink_perturb``)
+        is the number of parameter tensors touched, a point on the chart at each event; after
+        a reset, the drift charts measure ``init_distance`` from the new initialisation."""
+        for kind, names in fired.items():
+            if self.writer is not None:
+                self.writer.add_scalar(f"plasticity/{kind}", len(names), self.steps)
+            if kind == "reset" and self.drift is not None:
+                watched = self.drift.monitor.modules
+                by_network: dict[str, list[str]] = {}
+                for name in names:
+                    network, _, tensor = name.partition(".")
+                    if network in watched:
+                        by_network.setdefault(network, []).append(tensor)
+                self.drift.monitor.reset(by_network)
 
     def average(self) -> None:
         """Parallel learners: average the weights across them."""

@@ -65,6 +65,9 @@ CASES = [
     ("sac", "MountainCarContinuous-v0", {}),  # gSDE, a fixed temperature
     ("td3", "Pendulum-v1", {"policy_ema": 0.05, "max_norm": 2.0}),  # two graphs: policy delay
     ("dqn", "CartPole-v1", {"clip": 0.3}),  # gradient norm clipping
+    # resets (their targets copied, the optimizers' state forgotten) and the unit sphere
+    ("sac", "Pendulum-v1", {"reset_every": 7, "reset_layers": "critic.*,actor.mean.*"}),
+    ("td3", "Pendulum-v1", {"shrink_perturb": (0.6, 0.4), "sp_every": 9, "unit_sphere": "*"}),
 ]
 
 
@@ -107,6 +110,10 @@ def _check_compiled_against_eager(algo: str, env_id: str, overrides: dict) -> No
         want = eager.update(batch)
         torch.manual_seed(1000 + step)
         got = compiled.update(batch)
+        torch.manual_seed(2000 + step)
+        fired = eager.plasticity_step(1)
+        torch.manual_seed(2000 + step)
+        assert compiled.plasticity_step(1).keys() == fired.keys()
         assert got.keys() == want.keys()
         for key in want:
             assert_close(got[key], want[key], rtol=1e-3, atol=1e-4, msg=f"{key} at {step}")

@@ -8,7 +8,8 @@
 Callbacks (``model.learn(..., callback=...)``): ``WeightConstraintCallback`` (weight
 constraints after every gradient step), ``DriftCallback`` (weight drift to TensorBoard) and
 ``PolicyAveragingCallback`` (an EMA / SWA copy of the policy, evaluated next to the online
-one and saved as a normal SB3 model):
+one and saved as a normal SB3 model), ``PlasticityCallback`` (resets, shrink-and-perturb,
+unit-sphere projection):
 
 >>> averaging = PolicyAveragingCallback("ema", tau=0.005, eval_env="Pendulum-v1")
 >>> model.learn(50_000, callback=averaging)
@@ -23,7 +24,11 @@ from rlweights.extras import require
 require("stable_baselines3", "sb3", "rlweights.sb3")
 
 from rlweights.sb3.averaging import ACTING_OPTIMIZERS, PolicyAveragingCallback  # noqa: E402
-from rlweights.sb3.callbacks import DriftCallback, WeightConstraintCallback  # noqa: E402
+from rlweights.sb3.callbacks import (  # noqa: E402
+    DriftCallback,
+    PlasticityCallback,
+    WeightConstraintCallback,
+)
 from rlweights.sb3.patching import SUPPORTED, Attachment, attach, detach  # noqa: E402
 
 __all__ = [
@@ -31,6 +36,7 @@ __all__ = [
     "SUPPORTED",
     "Attachment",
     "DriftCallback",
+    "PlasticityCallback",
     "PolicyAveragingCallback",
     "WeightConstraintCallback",
     "attach",

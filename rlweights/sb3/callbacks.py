@@ -1,20 +1,24 @@
-"""SB3 callbacks for weight constraints and weight drift."""
+"""SB3 callbacks for weight constraints, weight drift and plasticity (resets, shrink-and-perturb,
+unit-sphere projection)."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from typing import Any
 
+import torch
 from stable_baselines3.common.callbacks import BaseCallback
 from torch import nn
 
 import rlweights as rw
+from rlweights.checks import check_fraction, check_int
 from rlweights.drift import DriftMonitor
 from rlweights.periodic import Periodic
 from rlweights.sb3.patching import algorithm_names
 from rlweights.tensorboard import DriftLogger
+from rlweights.weights import entries, select
 
-__all__ = ["DriftCallback", "WeightConstraintCallback"]
+__all__ = ["DriftCallback", "PlasticityCallback", "WeightConstraintCallback"]
 
 
 def _constraint_targets(model: Any, names: Sequence[str]) -> list[tuple[nn.Module, Any]]:
@@ -142,3 +146,129 @@ class DriftCallback(BaseCallback):
             quiet = ("stdout", "log") if "/layers/" in tag else None
             self.logger.record(tag, value, exclude=quiet)
         return values
+
+
+class PlasticityCallback(BaseCallback):
+    """Resets, shrink-and-perturb and unit-sphere projection for an SB3 model: the native
+    agents' ``--reset-every``, ``--shrink-perturb`` and ``--unit-sphere``
+    (:mod:`rlweights.plasticity`, :class:`rlweights.constraints.UnitSphere`).
+
+    ``reset_every`` / ``sp_every`` count environment steps (``model.num_timesteps``).
+    ``reset_layers``: shell globs over the names of ``model.policy``'s parameters
+    (``"critic.*"``, ``"actor.mu.*"``); by default every parameter of its trained networks.
+    Target networks (``*_target``) are never selected: after a reset or a shrink-and-perturb
+    each target takes the same weights as its online network for the touched parameters, and
+    every optimizer of the policy forgets the state of what was touched. ``unit_sphere``:
+    globs naming weights whose output units are projected onto the unit sphere after every
+    optimizer step. Logs ``rlweights/resets`` and ``rlweights/shrink_perturbs``.
+
+    >>> resets = PlasticityCallback(reset_every=20_000, reset_layers="critic.*")
+    >>> model.learn(100_000, callback=resets)
+    """
+
+    def __init__(
+        self,
+        reset_every: int = 0,
+        reset_layers: str | Sequence[str] | None = None,
+        shrink_perturb: tuple[float, float] | None = None,
+        sp_every: int = 0,
+        unit_sphere: str | Sequence[str] | None = None,
+        verbose: int = 0,
+    ):
+        super().__init__(verbose)
+        name = "PlasticityCallback"
+        check_int(reset_every, "reset_every", name, minimum=0)
+        check_int(sp_every, "sp_every", name, minimum=0)
+        if (shrink_perturb is None) != (sp_every == 0):
+            raise ValueError(f"{name}: shrink_perturb=(shrink, perturb) goes with sp_every=N > 0")
+        if shrink_perturb is not None:
+            if not isinstance(shrink_perturb, tuple) or len(shrink_perturb) != 2:
+                raise ValueError(
+                    f"{name}: shrink_perturb must be (shrink, perturb), got {shrink_perturb!r}"
+                )
+            for value, what in zip(shrink_perturb, ("shrink", "perturb"), strict=True):
+                check_fraction(value, what, name, tensor=False)
+        if not (reset_every or sp_every or unit_sphere):
+            raise ValueError(
+                f"{name}: give reset_every, shrink_perturb with sp_every, or unit_sphere"
+            )
+        self.reset_every, self.reset_layers = reset_every, reset_layers
+        self.shrink_perturb, self.sp_every, self.unit_sphere = shrink_perturb, sp_every, unit_sphere
+        self.routines: dict[str, rw.ShrinkPerturb] = {}
+        self.events = {"reset": 0, "shrink_perturb": 0}
+        self._handles: list = []
+        self._counted = 0
+
+    def _on_training_start(self) -> None:
+        policy = self.model.policy
+        targets = [n for n, _ in policy.named_children() if n.endswith("_target")]
+        exclude = [f"{n}.*" for n in targets]
+        optimizers = _optimizers(policy)
+        schedules = {"reset": (0.0, 1.0, self.reset_every)}
+        if self.shrink_perturb is not None:
+            schedules["shrink_perturb"] = (*self.shrink_perturb, self.sp_every)
+        for kind, (shrink, perturb, every) in schedules.items():
+            if every and kind not in self.routines:  # kept across learn() calls
+                self.routines[kind] = rw.ShrinkPerturb(
+                    policy,
+                    shrink,
+                    perturb,
+                    every=every,
+                    include=self.reset_layers,
+                    exclude=exclude,
+                    optimizer=optimizers,
+                )
+                # the schedule counts the model's environment steps: those done before too
+                self.routines[kind].counter.step(self.model.num_timesteps)
+        self._counted = self.model.num_timesteps
+        if self.unit_sphere is not None:
+            found = entries(policy, "PlasticityCallback")[0]
+            chosen = select(found, self.unit_sphere, exclude, "the policy")
+            matrices = [e.tensor for e in chosen if e.tensor.dim() >= 2]
+            if not matrices:
+                raise ValueError(
+                    f"PlasticityCallback: unit_sphere={self.unit_sphere!r} selects no weight "
+                    "matrix of the policy (only biases or other vectors)"
+                )
+            sphere = rw.constraints.UnitSphere()
+            for optimizer in optimizers:
+                owned = {id(p) for g in optimizer.param_groups for p in g["params"]}
+                mine = [t for t in matrices if id(t) in owned]
+                if mine:
+                    self._handles.append(rw.constrain(optimizer, mine, sphere))
+
+    def _on_step(self) -> bool:
+        steps = self.model.num_timesteps
+        n, self._counted = steps - self._counted, steps
+        touched = []
+        for kind, routine in self.routines.items():
+            if n and routine.step(n):
+                self.events[kind] += 1
+                touched += routine.touched
+        if touched:
+            policy = self.model.policy
+            for name, online in policy.named_children():
+                target = getattr(policy, f"{name}_target", None)
+                local = [t[len(name) + 1 :] for t in touched if t.startswith(f"{name}.")]
+                if target is not None and local:
+                    rw.copy_(target, online, include=local)
+        return True
+
+    def _on_rollout_end(self) -> None:
+        self.logger.record("rlweights/resets", self.events["reset"])
+        self.logger.record("rlweights/shrink_perturbs", self.events["shrink_perturb"])
+
+    def _on_training_end(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+
+
+def _optimizers(policy: nn.Module) -> list[Any]:
+    """The optimizers of an SB3 policy: the policy's own and those of its networks."""
+    found = []
+    for module in policy.modules():
+        optimizer = getattr(module, "optimizer", None)
+        if isinstance(optimizer, torch.optim.Optimizer) and all(optimizer is not o for o in found):
+            found.append(optimizer)
+    return found

@@ -1,0 +1,232 @@
+"""The agents' --reset-every, --shrink-perturb and --unit-sphere, and SB3's PlasticityCallback
+(issue 16), against the layers' own reset_parameters() and the float64 formula."""
+
+from __future__ import annotations
+
+import copy
+
+import gymnasium as gym
+import pytest
+import torch
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from torch import nn
+from torch.testing import assert_close
+
+from rlweights.agents.networks import TwinQ
+from rlweights.agents.train import ALGOS, make_config, train
+
+
+def _agent(algo: str, env_id: str, **overrides):
+    config = make_config(algo, env_id, **overrides)
+    env = gym.make(env_id)
+    torch.manual_seed(0)
+    agent = ALGOS[algo][1](config, env.observation_space, env.action_space)
+    env.close()
+    return agent
+
+
+def _batch(obs_dim: int, actions: torch.Tensor, n: int = 32) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(0)
+    return {
+        "obs": torch.randn(n, obs_dim, generator=g),
+        "actions": actions,
+        "rewards": torch.randn(n, generator=g),
+        "next_obs": torch.randn(n, obs_dim, generator=g),
+        "dones": torch.zeros(n),
+    }
+
+
+def _reference_reset(module: nn.Module, seed: int) -> None:
+    """What a reset of every layer promises: after torch.manual_seed(seed), reset_parameters()
+    of each layer in module order (the agents' and SB3's networks are made of nn.Linear layers
+    and the batched twin critic)."""
+    torch.manual_seed(seed)
+    for sub in module.modules():
+        if isinstance(sub, (nn.Linear, TwinQ)):
+            sub.reset_parameters()
+
+
+def test_a_reset_redraws_the_layers_their_targets_follow_and_their_adam_state_restarts():
+    agent = _agent("sac", "Pendulum-v1", reset_every=5, reset_layers="critic.*")
+    agent.update(_batch(3, torch.rand(32, 1) * 4 - 2))
+    actor_state = {
+        k: v.clone()
+        for k, v in agent.optimizers["actor"].state[agent.actor.trunk[0].weight].items()
+    }
+    reference = copy.deepcopy(agent.critic)
+    assert agent.plasticity_step(4) == {}  # not due yet
+    torch.manual_seed(3)
+    fired = agent.plasticity_step(1)
+    assert fired == {"reset": [f"critic.{n}" for n, _ in agent.critic.named_parameters()]}
+    _reference_reset(reference, 3)
+    for (name, p), q, t in zip(
+        agent.critic.named_parameters(),
+        reference.parameters(),
+        agent.critic_target.parameters(),
+        strict=True,
+    ):
+        assert torch.equal(p, q), name
+        assert torch.equal(t, p), name  # the target starts again with it
+        assert p not in agent.optimizers["critic"].state
+    for key, value in actor_state.items():  # the actor was not touched
+        assert torch.equal(agent.optimizers["actor"].state[agent.actor.trunk[0].weight][key], value)
+    agent.update(_batch(3, torch.rand(32, 1) * 4 - 2))  # training goes on
+    assert agent.optimizers["critic"].state[agent.critic.weights[0]]["step"] == 1
+    assert agent.routines()["reset_routine"].state_dict()["updates"] == 1
+
+
+def test_shrink_perturb_of_dqn_is_the_formula_in_float64():
+    agent = _agent("dqn", "CartPole-v1", shrink_perturb=(0.7, 0.3), sp_every=10)
+    theta = {n: p.detach().double().clone() for n, p in agent.q.named_parameters()}
+    fresh = copy.deepcopy(agent.q)
+    _reference_reset(fresh, 8)
+    torch.manual_seed(8)
+    assert set(agent.plasticity_step(10)) == {"shrink_perturb"}
+    for (name, p), f in zip(agent.q.named_parameters(), fresh.parameters(), strict=True):
+        assert_close(p.double(), 0.7 * theta[name] + 0.3 * f.double(), rtol=1e-6, atol=1e-7)
+    for p, t in zip(agent.q.parameters(), agent.networks["q_target"].parameters(), strict=True):
+        assert torch.equal(p, t)
+
+
+def test_unit_sphere_projects_the_named_weights_after_every_optimizer_step():
+    agent = _agent("sac", "Pendulum-v1", unit_sphere="critic.weights.0,actor.trunk.0.weight")
+    agent.update(_batch(3, torch.rand(32, 1) * 4 - 2))
+
+    def unit_norms(matrix):  # (outputs, inputs): one norm per output unit
+        return torch.linalg.vector_norm(matrix.detach().double(), dim=1)
+
+    for i in range(2):  # each of the twin critics' first layers, stored (inputs, outputs)
+        norms = unit_norms(agent.critic.weights[0][i].t())
+        assert_close(norms, torch.ones_like(norms), rtol=1e-6, atol=1e-6)
+    norms = unit_norms(agent.actor.trunk[0].weight)
+    assert_close(norms, torch.ones_like(norms), rtol=1e-6, atol=1e-6)
+    assert (unit_norms(agent.actor.mean.weight) - 1).abs().max() > 0.1  # not named: free
+    assert (unit_norms(agent.critic.weights[1][0].t()) - 1).abs().max() > 0.1
+
+
+@pytest.mark.parametrize(
+    ("overrides", "match"),
+    [
+        ({"reset_every": 10, "reset_layers": "encoder.*"}, "matches no tensor"),
+        ({"unit_sphere": "critic.biases.*"}, "selects no weight matrix"),
+        ({"shrink_perturb": (0.5, 0.5)}, "sp_every"),
+        ({"shrink_perturb": (1.5, 0.5), "sp_every": 10}, "shrink_perturb"),
+    ],
+)
+def test_bad_plasticity_settings_are_refused_before_training(overrides, match):
+    with pytest.raises(ValueError, match=match):
+        _agent("sac", "Pendulum-v1", **overrides)
+
+
+def _scalars(run_dir) -> dict[str, list[tuple[int, float]]]:
+    events = EventAccumulator(str(run_dir), size_guidance={"scalars": 0})
+    events.Reload()
+    return {
+        tag: [(e.step, e.value) for e in events.Scalars(tag)] for tag in events.Tags()["scalars"]
+    }
+
+
+def test_a_run_logs_its_resets_and_the_drift_chart_restarts_from_them(tmp_path):
+    config = make_config(
+        "sac",
+        "Pendulum-v1",
+        total_steps=600,
+        learning_starts=50,
+        reset_every=300,
+        reset_layers="critic.*",
+        drift_every=100,
+        eval_every=0,
+        eval_episodes=1,
+    )
+    train(config, run_dir=tmp_path / "run")
+    scalars = _scalars(tmp_path / "run")
+    assert [step for step, _ in scalars["plasticity/reset"]] == [300, 600]
+    init = dict(scalars["drift/critic/init_distance"])
+    # at step 300 the critic was re-drawn before its gradient step: one step away from it
+    assert init[300] < 0.2 * init[200]
+    assert init[400] > init[300]
+    actor = dict(scalars["drift/actor/init_distance"])
+    assert actor[300] > actor[200]  # the actor was not reset
+
+
+def test_sb3_plasticity_callback_resets_syncs_targets_and_projects(tmp_path):
+    from stable_baselines3 import SAC
+
+    from rlweights.sb3 import PlasticityCallback
+
+    model = SAC(
+        "MlpPolicy", "Pendulum-v1", learning_starts=50, seed=0, policy_kwargs={"net_arch": [32, 32]}
+    )
+    sphere = PlasticityCallback(unit_sphere="critic.qf0.0.weight")
+    model.learn(120, callback=sphere)
+    norms = torch.linalg.vector_norm(model.policy.critic.qf0[0].weight.detach().double(), dim=1)
+    assert_close(norms, torch.ones_like(norms), rtol=1e-6, atol=1e-6)
+    assert sphere._handles == []  # removed when training ended
+
+    callback = PlasticityCallback(reset_every=200, reset_layers="critic.*")
+    callback.init_callback(model)
+    callback.on_training_start({}, {})
+    reference = copy.deepcopy(model.policy.critic)
+    model.num_timesteps = 199
+    callback.on_step()
+    assert callback.events["reset"] == 0
+    model.num_timesteps = 200
+    torch.manual_seed(6)
+    callback.on_step()
+    assert callback.events["reset"] == 1
+    _reference_reset(reference, 6)
+    critic_params = list(model.policy.critic.parameters())
+    for p, q, t in zip(
+        critic_params, reference.parameters(), model.policy.critic_target.parameters(), strict=True
+    ):
+        assert torch.equal(p, q) and torch.equal(t, p)
+    assert not any(p in model.policy.critic.optimizer.state for p in critic_params)
+    assert all(p in model.policy.actor.optimizer.state for p in model.policy.actor.parameters())
+
+
+def test_sb3_runs_of_the_command_take_the_plasticity_flags(tmp_path):
+    config = make_config(
+        "sac",
+        "Pendulum-v1",
+        total_steps=300,
+        learning_starts=50,
+        reset_every=100,
+        drift_every=0,
+        eval_every=0,
+        eval_episodes=1,
+        hidden=(32, 32),
+    )
+    from rlweights.agents.sb3_train import train_sb3
+
+    train_sb3(config, run_dir=tmp_path / "run")
+    scalars = _scalars(tmp_path / "run")
+    assert scalars["rlweights/resets"][-1][1] >= 2
+
+
+@pytest.mark.parametrize(
+    ("flags", "says"),
+    [
+        (["--reset-every", "100", "--reset-layers", "nope.*"], "matches no tensor"),
+        (
+            ["--impl", "sb3", "--reset-every", "100", "--reset-layers", "critic.weights.*"],
+            "actor.mu",
+        ),
+        (["--shrink-perturb", "0.5,0.5"], "--sp-every N"),
+        (["--shrink-perturb", "0.5"], "expected two numbers"),
+        (["--unit-sphere", "critic.biases.*"], "selects no weight matrix"),
+    ],
+)
+def test_bad_plasticity_flags_stop_the_command_before_it_writes(tmp_path, flags, says):
+    import subprocess
+    import sys
+
+    done = subprocess.run(
+        [sys.executable, "-m", "rlweights", "train", "--steps", "200", "--logdir", "runs", *flags],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 2
+    assert says in done.stderr and "Traceback" not in done.stderr
+    assert not (tmp_path / "runs").exists()
