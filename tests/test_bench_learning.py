@@ -8,7 +8,13 @@ import json
 import numpy as np
 import pytest
 
-from rlweights.bench.learning import bootstrap_interval, iqm, markdown, summarise
+from rlweights.bench.learning import (
+    bootstrap_interval,
+    iqm,
+    markdown,
+    summarise,
+    variants_markdown,
+)
 from rlweights.cli import main
 
 
@@ -82,3 +88,62 @@ def test_a_toy_benchmark_writes_curves_table_and_png_and_resumes(tmp_path):
     assert main(more) == 0
     assert not (tmp_path / "runs" / "sac-Pendulum-v1-native-s2").exists()
     assert len(json.loads((tmp_path / "curves.json").read_text())) == 4
+
+
+def test_variants_are_native_runs_with_more_flags_and_get_a_verdict_against_native():
+    from rlweights.bench.learning import _cells, _command, _variants
+
+    variants = _variants(["reset:--reset-every 50", "sp:--shrink-perturb 0.5,0.5 --sp-every 50"])
+    assert variants["sp"] == ("--shrink-perturb", "0.5,0.5", "--sp-every", "50")
+    cells = _cells(["sac:Pendulum-v1:300"], [0], ["native"], ("--gradient-steps", "4"), variants)
+    assert [c.name for c in cells] == [
+        "sac-Pendulum-v1-native-s0",
+        "sac-Pendulum-v1-reset-s0",
+        "sac-Pendulum-v1-sp-s0",
+    ]
+    command = _command(cells[1], __import__("pathlib").Path("runs"), 3, 1)
+    train = command.index("train")
+    assert command[train + 2 : train + 6] == ["--gradient-steps", "4", "--reset-every", "50"]
+    assert command[command.index("--impl") + 1] == "native"
+    for bad in ("native:--clip 1", "Reset:--reset-every 5", "reset:", "reset"):
+        with pytest.raises(ValueError, match="expected NAME:FLAGS"):
+            _variants([bad])
+    curves = [
+        {"algo": "sac", "env_id": "E", "impl": impl, "seed": s, "steps": [10], "returns": [r]}
+        | {"final_return": r, "wall_seconds": 2.0}
+        for impl, finals in (
+            ("native", [0.0, 1.0, 2.0]),
+            ("reset", [5.0, 6.0, 7.0]),
+            ("sp", [1.0, 2.0, 3.0]),
+            ("worse", [-9.0, -8.0, -7.0]),
+        )
+        for s, r in enumerate(finals)
+    ]
+    table = variants_markdown(summarise(curves), {**variants, "worse": ("--clip", "0.1")})
+    assert (
+        "| sac | E | 10 | reset | `--reset-every 50` | 3 | 6.0 [5.0, 7.0], 6.0 | better |" in table
+    )
+    assert (
+        "| sp | `--shrink-perturb 0.5,0.5 --sp-every 50` | 3 | 2.0 [1.0, 3.0], 2.0 | "
+        "intervals overlap |" in table
+    )
+    assert "| worse | `--clip 0.1` | 3 | -8.0 [-9.0, -7.0], -8.0 | **worse** |" in table
+    assert "| native | `-` | 3 | 1.0 [0.0, 2.0], 1.0 | - |" in table
+
+
+def test_a_toy_variant_benchmark_trains_the_variant_with_its_flags(tmp_path):
+    args = ["bench-learning", "--runs", "sac:Pendulum-v1:200", "--seeds", "0", "--impls", "native"]
+    args += ["--flags=--gradient-steps 2", "--variant", "reset:--reset-every 100"]
+    args += ["--points", "2", "--eval-episodes", "1", "--workers", "2", "--out", str(tmp_path)]
+    assert main(args) == 0
+    configs = {
+        run: json.loads(
+            (tmp_path / "runs" / f"sac-Pendulum-v1-{run}-s0" / "config.json").read_text()
+        )
+        for run in ("native", "reset")
+    }
+    assert [(c["gradient_steps"], c["reset_every"]) for c in configs.values()] == [(2, 0), (2, 100)]
+    assert (
+        "| sac | Pendulum-v1 | 200 | reset | `--reset-every 100` | 1 |"
+        in (tmp_path / "variants.md").read_text()
+    )

@@ -16,9 +16,16 @@ wall-clock seconds), OUT/table.md (final return over seeds: mean with a 95 % boo
 interval, interquartile mean; wall-clock time) and OUT/curves.png (mean curve over seeds with
 its 95 % bootstrap band, native next to SB3).
 
+--flags adds 'rlweights train' flags to every run (the same hyperparameters on both sides,
+e.g. --flags="--gradient-steps 8"); --variant NAME:FLAGS adds runs of the native agent with
+more flags, reported as NAME next to the plain native runs (OUT/variants.md): resets or
+shrink-and-perturb against none, for instance.
+
 --report-only trains nothing and reports the runs that finished.
 
   rlweights bench-learning --runs dqn:CartPole-v1 sac:Pendulum-v1:20000 --seeds 0 1 2 3 4
+  rlweights bench-learning --runs sac:Pendulum-v1:10000 --impls native \
+      --flags="--gradient-steps 8" --variant "reset:--reset-every 2500" --seeds 0 1 2
 """
 
 from __future__ import annotations
@@ -26,6 +33,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
+import shlex
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,7 +44,15 @@ import numpy as np
 
 from rlweights.files import atomic_write, write_json
 
-__all__ = ["Cell", "add_arguments", "bootstrap_interval", "iqm", "main_from_args", "summarise"]
+__all__ = [
+    "Cell",
+    "add_arguments",
+    "bootstrap_interval",
+    "iqm",
+    "main_from_args",
+    "summarise",
+    "variants_markdown",
+]
 
 IMPLS = ("native", "compile", "sb3")  # compile: the native agent with --compile
 DEFAULT_IMPLS = ("native", "sb3")
@@ -48,8 +65,9 @@ class Cell:
     algo: str
     env_id: str
     budget: int | None  # steps; None: the preset's (or the algorithm's default) step count
-    impl: str
+    impl: str  # native, compile, sb3, or the name of a --variant
     seed: int
+    flags: tuple[str, ...] = ()  # more 'rlweights train' flags (--flags, then the variant's)
 
     @property
     def name(self) -> str:
@@ -86,9 +104,12 @@ def _command(cell: Cell, runs: Path, points: int, episodes: int) -> list[str]:
     from rlweights.agents.train import make_config
 
     steps = cell.budget or make_config(cell.algo, cell.env_id).total_steps
-    impl = ["--impl", "native", "--compile"] if cell.impl == "compile" else ["--impl", cell.impl]
+    impl = ["--impl", "sb3" if cell.impl == "sb3" else "native"]
+    if cell.impl == "compile":
+        impl.append("--compile")
     return [
         *base,
+        *cell.flags,
         *("--algo", cell.algo, "--env", cell.env_id, *impl),
         *("--seed", str(cell.seed), "--steps", str(steps)),
         *("--eval-every", str(max(steps // points, 1)), "--eval-episodes", str(episodes)),
@@ -192,11 +213,10 @@ def plot(curves: list[dict], path: Path) -> None:
     fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 3.6), squeeze=False)
     for ax, (algo, env_id) in zip(axes[0], panels, strict=True):
         labels = {"native": "rlweights", "compile": "rlweights --compile", "sb3": "SB3"}
-        for impl, color in (
-            ("native", "tab:orange"),
-            ("compile", "tab:green"),
-            ("sb3", "tab:blue"),
-        ):
+        known = ("native", "compile", "sb3")
+        more = [i for i in dict.fromkeys(c["impl"] for c in curves) if i not in known]
+        colors = ["tab:orange", "tab:green", "tab:blue", "tab:red", "tab:purple", "tab:brown"]
+        for impl, color in zip([*known, *more], colors + ["tab:gray"] * len(more), strict=False):
             group = [
                 c for c in curves if (c["algo"], c["env_id"], c["impl"]) == (algo, env_id, impl)
             ]
@@ -206,7 +226,7 @@ def plot(curves: list[dict], path: Path) -> None:
             steps = np.array(group[0]["steps"][:n])
             returns = np.array([c["returns"][:n] for c in group])
             low, high = bootstrap_interval(returns)
-            label = f"{labels[impl]} ({len(group)} seeds)"
+            label = f"{labels.get(impl, impl)} ({len(group)} seeds)"
             ax.plot(steps, returns.mean(axis=0), color=color, label=label)
             ax.fill_between(steps, low, high, color=color, alpha=0.2)
         ax.set_title(f"{algo.upper()} {env_id}")
@@ -218,7 +238,29 @@ def plot(curves: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
-def _cells(specs: list[str], seeds: list[int], impls: list[str]) -> list[Cell]:
+def _variants(specs: list[str]) -> dict[str, tuple[str, ...]]:
+    """``--variant NAME:FLAGS`` -> {NAME: flags}."""
+    found: dict[str, tuple[str, ...]] = {}
+    for spec in specs:
+        name, _, flags = spec.partition(":")
+        if not re.fullmatch(r"[a-z][a-z0-9_-]*", name) or name in IMPLS or not flags.strip():
+            raise ValueError(
+                f"--variant {spec!r}: expected NAME:FLAGS, NAME in lower case letters, digits, "
+                f"'-' and '_' and none of {', '.join(IMPLS)}, e.g. 'reset:--reset-every 2500'"
+            )
+        if name in found:
+            raise ValueError(f"--variant {name!r} is given twice")
+        found[name] = tuple(shlex.split(flags))
+    return found
+
+
+def _cells(
+    specs: list[str],
+    seeds: list[int],
+    impls: list[str],
+    flags: tuple[str, ...] = (),
+    variants: dict[str, tuple[str, ...]] | None = None,
+) -> list[Cell]:
     cells = []
     for spec in specs:
         parts = spec.split(":")
@@ -230,10 +272,44 @@ def _cells(specs: list[str], seeds: list[int], impls: list[str]) -> list[Cell]:
                 steps = int(float(parts[2]))
             except ValueError:
                 raise ValueError(f"--runs {spec!r}: STEPS must be a number") from None
-        for seed in seeds:  # native and SB3 of one seed side by side: the same load
+        for seed in seeds:  # every run of one seed side by side: the same load
             for impl in impls:
-                cells.append(Cell(parts[0], parts[1], steps, impl, seed))
+                cells.append(Cell(parts[0], parts[1], steps, impl, seed, flags))
+            for name, more in (variants or {}).items():
+                cells.append(Cell(parts[0], parts[1], steps, name, seed, (*flags, *more)))
     return cells
+
+
+def variants_markdown(rows: list[dict], variants: dict[str, tuple[str, ...]]) -> str:
+    """Each variant next to the plain native runs of the same (algo, env): final returns over
+    seeds, and whether its interval lies above, overlaps or lies below the native one."""
+    lines = [
+        "| algo | env | steps | run | flags | seeds | final: mean [95 % CI], IQM | "
+        "against native | wall s per run |",
+        "|---|---|---:|---|---|---:|---|---|---:|",
+    ]
+    by_key = {(r["algo"], r["env_id"], r["impl"]): r for r in rows}
+    for algo, env_id in dict.fromkeys((r["algo"], r["env_id"]) for r in rows):
+        native = by_key.get((algo, env_id, "native"))
+        for name in ["native", *variants]:
+            r = by_key.get((algo, env_id, name))
+            if r is None:
+                continue
+            if name == "native" or native is None:
+                verdict = "-"
+            elif r["final_low"] > native["final_high"]:
+                verdict = "better"
+            elif r["final_high"] < native["final_low"]:
+                verdict = "**worse**"
+            else:
+                verdict = "intervals overlap"
+            flags = " ".join(variants.get(name, ())) or "-"
+            lines.append(
+                f"| {algo} | {env_id} | {r['steps']} | {name} | `{flags}` | {len(r['seeds'])} | "
+                f"{r['final_mean']:.1f} [{r['final_low']:.1f}, {r['final_high']:.1f}], "
+                f"{r['final_iqm']:.1f} | {verdict} | {r['wall_seconds']:.3g} |"
+            )
+    return "\n".join(lines) + "\n"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -252,6 +328,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=list(DEFAULT_IMPLS),
         help="native, sb3 (default both), compile (the native agent with --compile)",
     )
+    parser.add_argument(
+        "--flags",
+        default="",
+        metavar="FLAGS",
+        help="more 'rlweights train' flags for every run, e.g. --flags='--gradient-steps 8'",
+    )
+    parser.add_argument(
+        "--variant",
+        action="append",
+        default=[],
+        metavar="NAME:FLAGS",
+        help="also runs of the native agent with these flags, reported as NAME next to the "
+        "native runs (OUT/variants.md); repeatable, e.g. --variant 'reset:--reset-every 2500'",
+    )
     parser.add_argument("--points", type=int, default=10, help="evaluations per run (10)")
     parser.add_argument("--eval-episodes", type=int, default=10, help="per evaluation (10)")
     parser.add_argument(
@@ -267,7 +357,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def main_from_args(args: argparse.Namespace) -> int:
     try:
-        cells = _cells(args.runs, args.seeds, args.impls)
+        variants = _variants(args.variant)
+        flags = tuple(shlex.split(args.flags))
+        cells = _cells(args.runs, args.seeds, args.impls, flags, variants)
         if args.points < 1 or args.eval_episodes < 1 or args.workers < 1:
             raise ValueError("--points, --eval-episodes and --workers must be >= 1")
     except ValueError as exc:
@@ -303,8 +395,13 @@ def main_from_args(args: argparse.Namespace) -> int:
     finished = [c for c in cells if (runs / c.name / "summary.json").is_file()]
     curves = [{**vars(c), **_curve(runs / c.name)} for c in finished]
     write_json(args.out / "curves.json", curves)
-    table = markdown(summarise(curves)) if curves else "no finished runs\n"
+    rows = summarise(curves) if curves else []
+    table = markdown(rows) if curves else "no finished runs\n"
     atomic_write(args.out / "table.md", lambda f: f.write(table), mode="w")
+    if variants and curves:
+        more = variants_markdown(rows, variants)
+        atomic_write(args.out / "variants.md", lambda f: f.write(more), mode="w")
+        table += "\n" + more
     if curves:
         plot(curves, args.out / "curves.png")
     print(table, end="")
