@@ -27,6 +27,7 @@ import multiprocessing
 import platform
 import statistics
 import time
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -137,8 +138,8 @@ def _isolated(impl: str, config: Any) -> dict[str, float]:
     count: no framework's thread pools, JIT or compile caches in memory from an earlier run
     (JAX and torch are never in one process), as users run them."""
     context = multiprocessing.get_context("spawn")
-    with context.Pool(1) as pool:
-        return pool.apply(_timed, (impl, config, torch.get_num_threads()))
+    with ProcessPoolExecutor(max_workers=1, mp_context=context) as pool:
+        return pool.submit(_timed, impl, config, torch.get_num_threads()).result()
 
 
 def update_bound(
