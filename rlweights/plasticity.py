@@ -111,6 +111,7 @@ class _Plan:
                     self.groups.append(group)
                     whole.update(id(v) for v in group.views)
         self.whole = whole
+        self.fresh_flats: list[tuple[FlatGroup, Tensor]] = []  # filled by _fresh
 
 
 def _scratch(module: nn.Module, fresh: dict[int, Tensor]) -> nn.Module:
@@ -136,7 +137,7 @@ def _scratch(module: nn.Module, fresh: dict[int, Tensor]) -> nn.Module:
 
 
 @contextlib.contextmanager
-def _drawing_from(generator: torch.Generator | None, devices: set[torch.device]) -> Iterator[None]:
+def _drawing_from(generator: torch.Generator | None) -> Iterator[None]:
     """Let the global RNG of ``generator``'s device draw from ``generator`` (and advance it)."""
     if generator is None:
         yield
@@ -177,7 +178,7 @@ def _fresh(plan: _Plan) -> dict[int, Tensor]:
     fresh: dict[int, Tensor] = {}
     flats: list[tuple[FlatGroup, Tensor]] = []
     for group in plan.groups:  # scratch parameters as views of one fresh buffer per group
-        buffer = torch.empty_like(group.flat)
+        buffer = torch.zeros_like(group.flat)
         flats.append((group, buffer))
         start = group.flat.data_ptr()
         for view in group.views:
@@ -262,7 +263,7 @@ def _reset(
     plan = _Plan(module, include, exclude, op)
     _check_generator(generator, plan.devices, op)
     optimizers = _optimizers(optimizer, plan.params, op)
-    with _drawing_from(generator, plan.devices):
+    with _drawing_from(generator):
         fresh = _fresh(plan)
     with torch.no_grad():
         for group, buffer in plan.fresh_flats:
