@@ -170,7 +170,7 @@ class AgentConfig:
             "peer_timeout": self.peer_timeout >= 1,
             "cudagraphs": not self.cudagraphs or (self.compile and self.device.startswith("cuda")),
             "reset_every": self.reset_every >= 0,
-            "sp_every": self.sp_every >= 0 and (self.sp_every > 0) == bool(self.shrink_perturb),
+            "sp_every": self.sp_every >= 0,
             "shrink_perturb": self.shrink_perturb is None
             or (len(self.shrink_perturb) == 2 and all(0 <= x <= 1 for x in self.shrink_perturb)),
         }
