@@ -54,7 +54,7 @@ def test_table_says_whether_native_is_worse_beyond_the_intervals():
         curves[-1]["final_return"] = r
     table = markdown(summarise(curves))
     assert "native --compile: mean [95 % CI], IQM | compiled not worse than eager |" in table
-    assert table.splitlines()[2].endswith("| 2.5 [1.5, 3.5], 2.5 | yes |")
+    assert table.splitlines()[2].endswith("| 1 / 1 / 1 | 2.5 [1.5, 3.5], 2.5 | yes |")
 
 
 def test_a_compile_cell_trains_the_native_agent_with_compile(tmp_path):

@@ -174,7 +174,8 @@ def markdown(rows: list[dict]) -> str:
     extra = " native --compile: mean [95 % CI], IQM | compiled not worse than eager |"
     lines = [
         "| algo | env | steps | seeds | native: mean [95 % CI], IQM | SB3: mean [95 % CI], IQM "
-        "| native not worse | wall s per run, native / SB3 |" + (extra if compiled else ""),
+        "| native not worse | wall s per run, native / SB3"
+        + (" / --compile |" + extra if compiled else " |"),
         "|---|---|---:|---:|---|---|---|---|" + ("---|---|" if compiled else ""),
     ]
     by_key = {(r["algo"], r["env_id"], r["impl"]): r for r in rows}
@@ -190,7 +191,8 @@ def markdown(rows: list[dict]) -> str:
                 f"{r['final_iqm']:.1f}"
             )
 
-        walls = " / ".join(f"{r['wall_seconds']:.3g}" if r else "-" for r in (native, sb3))
+        timed = (native, sb3, fast) if compiled else (native, sb3)
+        walls = " / ".join(f"{r['wall_seconds']:.3g}" if r else "-" for r in timed)
         some = native or sb3 or fast
         line = (
             f"| {algo} | {env_id} | {some['steps']} | {len(some['seeds'])} | {cell(native)} "
