@@ -14,7 +14,9 @@ The bound: the floating-point operations of one eager update (``FlopCounterMode`
 machine's rate for a matmul of the update's sizes (batch x hidden by hidden x hidden) give the
 updates per second a step made only of such matmuls would reach; the row says what fraction
 of it the eager and the compiled update reach, timed alone on fixed batches, at one thread
-(the agents' default) and at the benchmark's thread count.
+(the agents' default) and at the benchmark's thread count: each count in a process of its
+own started with it (inductor compiles for the thread count it finds), five interleaved
+rounds of update, compiled update and matmul, medians.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ import dataclasses
 import importlib.util
 import itertools
 import multiprocessing
+import os
 import platform
 import statistics
 import time
@@ -126,6 +129,8 @@ def _sbx(config: Any) -> dict[str, float]:
 
 def _timed(impl: str, config: Any, threads: int) -> dict[str, float]:
     torch.set_num_threads(threads)
+    if impl == "bound":
+        return _bound_here(config)
     if impl == "sb3":
         return _sb3(config)
     if impl == "sbx":
@@ -133,24 +138,50 @@ def _timed(impl: str, config: Any, threads: int) -> dict[str, float]:
     return _native(config, compile=impl != "native", cudagraphs=impl == "cudagraphs")
 
 
-def _isolated(impl: str, config: Any) -> dict[str, float]:
-    """One timed run of ``impl`` in a fresh process (spawned) with this process's thread
-    count: no framework's thread pools, JIT or compile caches in memory from an earlier run
-    (JAX and torch are never in one process), as users run them."""
+def _isolated(impl: str, config: Any, threads: int | None = None) -> Any:
+    """One timed run of ``impl`` in a fresh process (spawned) with ``threads`` threads (this
+    process's count by default; ``OMP_NUM_THREADS`` set before the process starts, as
+    ``rlweights train --threads`` does): no framework's thread pools, JIT or compile caches
+    in memory from an earlier run (JAX and torch are never in one process), as users run
+    them. ``impl="bound"``: :func:`_bound_here`."""
+    threads = threads or torch.get_num_threads()
     context = multiprocessing.get_context("spawn")
-    with ProcessPoolExecutor(max_workers=1, mp_context=context) as pool:
-        return pool.submit(_timed, impl, config, torch.get_num_threads()).result()
+    before = os.environ.get("OMP_NUM_THREADS")
+    os.environ["OMP_NUM_THREADS"] = str(threads)
+    try:
+        with ProcessPoolExecutor(max_workers=1, mp_context=context) as pool:
+            return pool.submit(_timed, impl, config, threads).result()
+    finally:
+        if before is None:
+            del os.environ["OMP_NUM_THREADS"]
+        else:
+            os.environ["OMP_NUM_THREADS"] = before
 
 
-def update_bound(
-    config: Any, compiled: bool = True, repeats: int = 30, threads: tuple[int, ...] = ()
-) -> dict[str, Any]:
-    """FLOPs of one eager update, and for each thread count in ``threads`` (default: one
-    thread and torch's current count) the matmul rate at the update's sizes and the updates
-    per second of the eager update (and of the compiled one if ``compiled``): fixed batches,
-    timed alone, after a warm-up. The rate and the bound grow with threads; the update's
-    small elementwise kernels and thin layers hardly do, so the fraction reached depends on
-    the thread count as well."""
+def update_bound(config: Any, compiled: bool = True, threads: tuple[int, ...] = ()) -> dict:
+    """The update against this machine's matmul limit, for each thread count in ``threads``
+    (default: one thread, the agents' default, and this process's count; on CUDA the one
+    device): each measured in a process of its own started with that count
+    (:func:`_bound_here`). The rate and the bound grow with threads; the update's small
+    elementwise kernels and thin layers hardly do, so the fraction reached depends on the
+    thread count as well."""
+    here = torch.get_num_threads()
+    cuda = config.device.startswith("cuda")
+    counts = threads or ((here,) if cuda else tuple(sorted({1, here})))
+    rows = {
+        str(n): _isolated("bound", dataclasses.replace(config, compile=compiled), n) for n in counts
+    }
+    flops = next(iter(rows.values())).pop("flops_per_update")
+    for row in rows.values():
+        row.pop("flops_per_update", None)
+    return {"flops_per_update": flops, "threads": rows}
+
+
+def _bound_here(config: Any, rounds: int = 5, repeats: int = 20) -> dict[str, float]:
+    """In this process: FLOPs of one eager update (``FlopCounterMode``), then ``rounds``
+    interleaved rounds of the eager update, the compiled one (if ``config.compile``; compiled
+    here, at this thread count) and a matmul of the update's sizes (batch x hidden by hidden x
+    hidden), each timed alone on a fixed batch after a warm-up; medians."""
     import gymnasium as gym
     from torch.utils.flop_counter import FlopCounterMode
 
@@ -181,8 +212,6 @@ def update_bound(
             torch.cuda.synchronize()
 
     def rate(fn: Any, count: int) -> float:
-        for _ in range(3):  # warm-up (the compiled update compiles here)
-            fn()
         sync()
         start = time.perf_counter()
         for _ in range(count):
@@ -191,35 +220,32 @@ def update_bound(
         return count / (time.perf_counter() - start)
 
     agents = {}
-    for compile in (False, True) if compiled else (False,):
+    for compile in (False, True) if config.compile else (False,):
         cfg = dataclasses.replace(config, compile=compile)
         agents[compile] = ALGOS[config.algo][1](cfg, env.observation_space, env.action_space)
     env.close()
     with FlopCounterMode(display=False) as counter:
         agents[False].update(batch)
-    out: dict[str, Any] = {"flops_per_update": float(counter.get_total_flops())}
+    flops = float(counter.get_total_flops())
     h = config.hidden[0]
     a, b = torch.randn(n, h, device=device), torch.randn(h, h, device=device)
-    before = torch.get_num_threads()
-    counts = threads or ((before,) if device.type == "cuda" else tuple(sorted({1, before})))
-    out["threads"] = {}
-    try:
-        for count in counts:
-            torch.set_num_threads(count)
-            row = {
-                "updates_per_second": rate(lambda: agents[False].update(batch), repeats),
-                "matmul_flops_per_second": 2 * n * h * h * rate(lambda: a @ b, 200),
-            }
-            if compiled:
-                row["compiled_updates_per_second"] = rate(
-                    lambda: agents[True].update(batch), repeats
-                )
-            row["bound_updates_per_second"] = (
-                row["matmul_flops_per_second"] / out["flops_per_update"]
-            )
-            out["threads"][str(count)] = row
-    finally:
-        torch.set_num_threads(before)
+    timers = {
+        "updates_per_second": (lambda: agents[False].update(batch), repeats),
+        "matmul_flops_per_second": (lambda: a @ b, 10 * repeats),
+    }
+    if config.compile:
+        timers["compiled_updates_per_second"] = (lambda: agents[True].update(batch), repeats)
+    for fn, _ in timers.values():  # warm-up: the compiled update compiles here
+        for _ in range(3):
+            fn()
+    samples: dict[str, list[float]] = {key: [] for key in timers}
+    for _ in range(rounds):
+        for key, (fn, count) in timers.items():
+            samples[key].append(rate(fn, count))
+    out = {key: statistics.median(values) for key, values in samples.items()}
+    out["matmul_flops_per_second"] *= 2 * n * h * h
+    out["bound_updates_per_second"] = out["matmul_flops_per_second"] / flops
+    out["flops_per_update"] = flops
     return out
 
 
