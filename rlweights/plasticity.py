@@ -206,7 +206,6 @@ def shrink_perturb_(
     module: nn.Module,
     shrink: float,
     perturb: float,
-    *,
     include: Patterns = None,
     exclude: Patterns = None,
     generator: torch.Generator | None = None,
@@ -238,7 +237,6 @@ def shrink_perturb_(
 
 def reinit_(
     module: nn.Module,
-    *,
     include: Patterns = None,
     exclude: Patterns = None,
     generator: torch.Generator | None = None,

@@ -90,6 +90,15 @@ def test_the_two_ends_are_exact(flat):
     assert torch.equal(state, torch.get_rng_state())
 
 
+def test_the_pinned_signatures_take_patterns_and_generator_by_position():
+    m, ref = net(), net()
+    g = torch.Generator().manual_seed(4)
+    assert rw.reinit_(m, "2.*", None, g) == ["2.weight", "2.bias"]
+    reference_reset(ref, 4, {"2"})
+    assert torch.equal(m[2].weight, ref[2].weight)
+    assert rw.shrink_perturb_(m, 1.0, 0.0, "4.*", "4.bias") == ["4.weight"]
+
+
 def test_a_generator_draws_instead_of_the_global_rng():
     m, ref = net(), net()
     torch.manual_seed(123)
