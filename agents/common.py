@@ -468,12 +468,17 @@ class OffPolicyAgent:
                     "other vectors); name layer weights, e.g. 'critic.*' or 'actor.trunk.*'"
                 )
 
-    def plasticity_step(self, n: int) -> dict[str, list[str]]:
+    def plasticity_step(self, n: int, skip: bool = False) -> dict[str, list[str]]:
         """Count ``n`` environment steps on the reset and shrink-and-perturb schedules; after
         one fires, the targets of the touched networks take the same weights (a reset network
         and its target start again together) and, with ``--compile``, the optimizers get
-        their state zeroed in place. Returns what fired: ``{"reset"
+        their state zeroed in place. ``skip``: count without acting (the run's last step: a
+        reset there would leave the final policy untrained). Returns what fired: ``{"reset"
         or "shrink_perturb": names of the touched parameters ("critic.weights.0", ...)}``."""
+        if skip:
+            for routine in self.plasticity.values():
+                routine.counter.step(n)
+            return {}
         fired = {kind: r.touched for kind, r in self.plasticity.items() if r.step(n)}
         touched = [name for names in fired.values() for name in names]
         if not touched:

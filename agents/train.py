@@ -566,7 +566,8 @@ class _Run:
         has started, ``gradient_steps`` gradient steps every ``train_freq`` environment steps."""
         cfg = self.config
         self.agent.on_env_step()
-        self.plasticity(self.agent.plasticity_step(cfg.num_envs))
+        last = self.steps >= cfg.total_steps  # nothing trains after it: no reset there
+        self.plasticity(self.agent.plasticity_step(cfg.num_envs, skip=last))
         if "train" not in self.due or self.steps <= cfg.learning_starts:
             return
         for batch in self.buffer.batches(cfg.gradient_steps, cfg.batch_size):

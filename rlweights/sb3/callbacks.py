@@ -160,7 +160,9 @@ class PlasticityCallback(BaseCallback):
     each target takes the same weights as its online network for the touched parameters, and
     every optimizer of the policy forgets the state of what was touched. ``unit_sphere``:
     globs naming weights whose output units are projected onto the unit sphere after every
-    optimizer step. Logs ``rlweights/resets`` and ``rlweights/shrink_perturbs``.
+    optimizer step. A reset or shrink-and-perturb due at the last step of ``learn()`` is
+    skipped (nothing would train after it). Logs ``rlweights/resets`` and
+    ``rlweights/shrink_perturbs``.
 
     >>> resets = PlasticityCallback(reset_every=20_000, reset_layers="critic.*")
     >>> model.learn(100_000, callback=resets)
@@ -241,8 +243,12 @@ class PlasticityCallback(BaseCallback):
         steps = self.model.num_timesteps
         n, self._counted = steps - self._counted, steps
         touched = []
+        # the last step of learn(): nothing trains after it, so no reset there
+        last = steps >= getattr(self.model, "_total_timesteps", steps + 1)
         for kind, routine in self.routines.items():
-            if n and routine.step(n):
+            if n and last:
+                routine.counter.step(n)
+            elif n and routine.step(n):
                 self.events[kind] += 1
                 touched += routine.touched
         if touched:
