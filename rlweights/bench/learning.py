@@ -224,9 +224,15 @@ def plot(curves: list[dict], path: Path) -> None:
             ]
             if not group:
                 continue
-            n = min(len(c["returns"]) for c in group)
-            steps = np.array(group[0]["steps"][:n])
-            returns = np.array([c["returns"][:n] for c in group])
+            # the evaluation steps every run of the group has (a resumed run may lack one)
+            common = sorted(set.intersection(*(set(c["steps"]) for c in group)))
+            steps = np.array(common)
+            returns = np.array(
+                [
+                    [dict(zip(c["steps"], c["returns"], strict=True))[t] for t in common]
+                    for c in group
+                ]
+            )
             low, high = bootstrap_interval(returns)
             label = f"{labels.get(impl, impl)} ({len(group)} seeds)"
             ax.plot(steps, returns.mean(axis=0), color=color, label=label)
