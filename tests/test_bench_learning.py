@@ -147,3 +147,15 @@ def test_a_toy_variant_benchmark_trains_the_variant_with_its_flags(tmp_path):
         "| sac | Pendulum-v1 | 200 | reset | `--reset-every 100` | 1 |"
         in (tmp_path / "variants.md").read_text()
     )
+
+
+def test_curves_are_averaged_at_the_steps_every_run_has():
+    from rlweights.bench.learning import aligned
+
+    group = [
+        {"steps": [10, 20, 30], "returns": [1.0, 2.0, 3.0]},
+        {"steps": [10, 30], "returns": [5.0, 7.0]},  # resumed: its evaluation at 20 was lost
+    ]
+    steps, returns = aligned(group)
+    assert steps.tolist() == [10, 30]
+    assert returns.tolist() == [[1.0, 3.0], [5.0, 7.0]]

@@ -47,6 +47,7 @@ from rlweights.files import atomic_write, write_json
 __all__ = [
     "Cell",
     "add_arguments",
+    "aligned",
     "bootstrap_interval",
     "iqm",
     "main_from_args",
@@ -204,6 +205,14 @@ def markdown(rows: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def aligned(group: list[dict]) -> tuple[np.ndarray, np.ndarray]:
+    """(steps, returns: one row per run) at the evaluation steps every run of ``group`` has
+    (a resumed run may lack the evaluation its stop interrupted)."""
+    common = sorted(set.intersection(*(set(c["steps"]) for c in group)))
+    rows = [dict(zip(c["steps"], c["returns"], strict=True)) for c in group]
+    return np.array(common), np.array([[row[t] for t in common] for row in rows])
+
+
 def plot(curves: list[dict], path: Path) -> None:
     """Mean curve over seeds with a 95 % bootstrap band, one panel per (algo, env)."""
     import matplotlib
@@ -224,15 +233,7 @@ def plot(curves: list[dict], path: Path) -> None:
             ]
             if not group:
                 continue
-            # the evaluation steps every run of the group has (a resumed run may lack one)
-            common = sorted(set.intersection(*(set(c["steps"]) for c in group)))
-            steps = np.array(common)
-            returns = np.array(
-                [
-                    [dict(zip(c["steps"], c["returns"], strict=True))[t] for t in common]
-                    for c in group
-                ]
-            )
+            steps, returns = aligned(group)
             low, high = bootstrap_interval(returns)
             label = f"{labels.get(impl, impl)} ({len(group)} seeds)"
             ax.plot(steps, returns.mean(axis=0), color=color, label=label)
