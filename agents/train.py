@@ -500,7 +500,10 @@ class _Run:
         logger."""
         from torch.utils.tensorboard import SummaryWriter
 
-        self.writer = SummaryWriter(str(self.run_dir), purge_step=self.steps if resume else None)
+        # Events of the checkpoint's own step were written before it (the evaluation at that
+        # step too): only later ones, which the resumed run writes again, are dropped.
+        purge = self.steps + 1 if resume else None
+        self.writer = SummaryWriter(str(self.run_dir), purge_step=purge)
         if self.config.drift_every:
             from rlweights.drift import DriftMonitor
             from rlweights.tensorboard import DriftLogger

@@ -129,6 +129,26 @@ def test_ctrl_c_checkpoints_and_resume_loses_nothing(tmp_path):
     assert torch.equal(final["training"]["buffer"]["obs"][:250], saved["training"]["buffer"]["obs"])
 
 
+def test_a_resumed_run_keeps_the_evaluation_of_its_checkpoint_step(tmp_path):
+    """Stopped right after its evaluation at step 200: TensorBoard's reader still shows that
+    evaluation after the resumed run writes its own events (it once purged it)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    config = tiny("td3", total_steps=300, learning_starts=400, eval_every=100, eval_episodes=1)
+
+    def interrupt(steps, info):
+        if steps == 200:
+            os.kill(os.getpid(), signal.SIGINT)
+
+    with pytest.raises(KeyboardInterrupt):
+        train(config, tmp_path, progress=interrupt)
+    assert load_checkpoint(tmp_path)["steps"] == 200
+    train(config, tmp_path, resume=True)
+    events = EventAccumulator(str(tmp_path), size_guidance={"scalars": 0})
+    events.Reload()
+    assert [e.step for e in events.Scalars("eval/return")] == [100, 200, 300]
+
+
 def test_resume_restores_optimizers_routines_and_counters(tmp_path):
     config = tiny("sac", total_steps=200, eval_every=0, policy_ema=0.2)
     agent, _ = train(config, tmp_path)
