@@ -103,17 +103,22 @@ def test_run_directory_events_checkpoint_and_summary(tmp_path):
     assert not list(tmp_path.glob("*.tmp"))  # atomic writes leave no temporaries
 
 
+def _interrupted_at(step, config, run_dir):
+    """Train ``config`` into ``run_dir`` and press Ctrl-C (SIGINT) at ``step``."""
+
+    def interrupt(steps, info):
+        if steps == step:
+            os.kill(os.getpid(), signal.SIGINT)
+
+    with pytest.raises(KeyboardInterrupt):
+        train(config, run_dir, progress=interrupt)
+
+
 def test_ctrl_c_checkpoints_and_resume_loses_nothing(tmp_path):
     """Interrupt at step 250, then resume up to step 350 (learning starts at 400, so the
     resumed run changes no weight): weights, replay transitions and episodes all survive."""
     config = tiny("td3", total_steps=500, learning_starts=400, eval_every=0, policy_ema=0.1)
-
-    def interrupt(steps, info):
-        if steps == 250:
-            os.kill(os.getpid(), signal.SIGINT)
-
-    with pytest.raises(KeyboardInterrupt):
-        train(config, tmp_path, progress=interrupt)
+    _interrupted_at(250, config, tmp_path)
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handler restored
     saved = load_checkpoint(tmp_path)
     assert saved["steps"] == 250  # stopped before the next step
@@ -135,13 +140,7 @@ def test_a_resumed_run_keeps_the_evaluation_of_its_checkpoint_step(tmp_path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     config = tiny("td3", total_steps=300, learning_starts=400, eval_every=100, eval_episodes=1)
-
-    def interrupt(steps, info):
-        if steps == 200:
-            os.kill(os.getpid(), signal.SIGINT)
-
-    with pytest.raises(KeyboardInterrupt):
-        train(config, tmp_path, progress=interrupt)
+    _interrupted_at(200, config, tmp_path)
     assert load_checkpoint(tmp_path)["steps"] == 200
     train(config, tmp_path, resume=True)
     events = EventAccumulator(str(tmp_path), size_guidance={"scalars": 0})
