@@ -132,12 +132,13 @@ def check_plasticity(config: AgentConfig) -> None:
     callback = plasticity_callback(config)
     if callback is None:
         return
-    model, _ = build_sb3_model(config)
+    model, attachment = build_sb3_model(config)
     try:
         callback.init_callback(model)
         callback.on_training_start({}, {})
         callback.on_training_end()
     finally:
+        attachment.detach()  # SB3's own polyak_update back in place
         model.get_env().close()
 
 
