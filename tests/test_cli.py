@@ -165,6 +165,45 @@ def test_bench_train_smoke(tmp_path):
     assert "| SAC | Pendulum-v1 | 256-256 | 256 | 400 |" in done.stdout
 
 
+@pytest.mark.parametrize("algo", ["sac", "td3"])
+def test_the_bound_replays_exactly_the_matmuls_of_the_update(algo):
+    import gymnasium as gym
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from rlweights.agents.train import ALGOS, make_config
+    from rlweights.bench.train import UpdateMatmuls
+
+    env = gym.make("Pendulum-v1")
+    config = make_config(algo, "Pendulum-v1", hidden=(64, 32), batch_size=16)
+    agent = ALGOS[algo][1](config, env.observation_space, env.action_space)
+    batch = {
+        "obs": torch.randn(16, 3),
+        "actions": torch.rand(16, 1) * 2 - 1,
+        "rewards": torch.randn(16),
+        "next_obs": torch.randn(16, 3),
+        "dones": torch.zeros(16),
+    }
+
+    def cycle():  # TD3: a critic-only update, then one with the delayed actor
+        for _ in range(2):
+            agent.update(batch)
+
+    with FlopCounterMode(display=False) as counter:
+        cycle()
+    products = UpdateMatmuls.record(cycle)
+    assert products.flops == counter.get_total_flops()  # torch's own count of the same calls
+    assert {str(func) for func, _, _ in products.calls} >= {"aten.mm.default", "aten.bmm.default"}
+    again = UpdateMatmuls.record(products.replay)  # the replay makes those calls, alone
+
+    def layouts(mode):
+        return [
+            (func, [(a.shape, a.stride()) for a in args if isinstance(a, torch.Tensor)], kwargs)
+            for func, args, kwargs in mode.calls
+        ]
+
+    assert layouts(again) == layouts(products) and again.flops == products.flops
+
+
 def test_bench_train_update_ratio_row_trains_sac_at_20_updates_per_step(monkeypatch):
     from rlweights.bench import train as bench
 

@@ -10,13 +10,18 @@ first 100 training steps, so that compiling (torch.compile, JAX's jit) is not in
 seconds compiling took are reported on their own. The table reports medians over rounds and
 each implementation's ratio to SB3 (median of per-round ratios).
 
-The bound: the floating-point operations of one eager update (``FlopCounterMode``) over this
-machine's rate for a matmul of the update's sizes (batch x hidden by hidden x hidden) give the
-updates per second a step made only of such matmuls would reach; the row says what fraction
-of it the eager and the compiled update reach, timed alone on fixed batches, at one thread
-(the agents' default) and at the benchmark's thread count: each count in a process of its
-own started with it (inductor compiles for the thread count it finds), five interleaved
-rounds of update, compiled update and matmul, medians.
+The bound: the update's own matrix products, timed alone. One eager update is run under a
+dispatch mode that records every matmul it makes (``mm``, ``addmm``, ``bmm``, ``baddbmm``: the
+forward and backward products of every layer, with their sizes, strides and batching); the
+bound is the updates per second of a step made of exactly those products and nothing else
+(no elementwise work, no optimizer, no Python), replayed on random tensors of the same
+layout. Their FLOPs equal ``FlopCounterMode``'s count of the update. The row says what
+fraction of the bound the eager and the compiled update reach, timed alone on fixed batches,
+at one thread (the agents' default) and at the benchmark's thread count: each count in a
+process of its own started with it (inductor compiles for the thread count it finds), five
+interleaved rounds of update, compiled update and the replayed products, medians. For
+context the JSON also keeps the rate of one square matmul (batch x hidden by hidden x
+hidden), which the update's thin, transposed and batched products do not reach.
 """
 
 from __future__ import annotations
@@ -30,11 +35,13 @@ import os
 import platform
 import statistics
 import time
+from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from rlweights.agents.train import make_config, train
 from rlweights.files import write_json
@@ -178,12 +185,12 @@ def update_bound(config: Any, compiled: bool = True, threads: tuple[int, ...] = 
 
 
 def _bound_here(config: Any, rounds: int = 5, repeats: int = 20) -> dict[str, float]:
-    """In this process: FLOPs of one eager update (``FlopCounterMode``), then ``rounds``
-    interleaved rounds of the eager update, the compiled one (if ``config.compile``; compiled
-    here, at this thread count) and a matmul of the update's sizes (batch x hidden by hidden x
-    hidden), each timed alone on a fixed batch after a warm-up; medians."""
+    """In this process: the matmuls of one eager update (:class:`UpdateMatmuls`; of one cycle
+    of updates where they differ, TD3's delayed actor), then ``rounds`` interleaved rounds of
+    the eager update, the compiled one (if ``config.compile``; compiled here, at this thread
+    count), those matmuls replayed alone and a square matmul (batch x hidden by hidden x
+    hidden), each timed on a fixed batch after a warm-up; medians, per update."""
     import gymnasium as gym
-    from torch.utils.flop_counter import FlopCounterMode
 
     from rlweights.agents.train import ALGOS
 
@@ -224,14 +231,15 @@ def _bound_here(config: Any, rounds: int = 5, repeats: int = 20) -> dict[str, fl
         cfg = dataclasses.replace(config, compile=compile)
         agents[compile] = ALGOS[config.algo][1](cfg, env.observation_space, env.action_space)
     env.close()
-    with FlopCounterMode(display=False) as counter:
-        agents[False].update(batch)
-    flops = float(counter.get_total_flops())
+    # TD3 updates its actor every policy_delay-th update: a cycle of updates is recorded
+    cycle = getattr(config, "policy_delay", 1)
+    products = UpdateMatmuls.record(lambda: [agents[False].update(batch) for _ in range(cycle)])
     h = config.hidden[0]
     a, b = torch.randn(n, h, device=device), torch.randn(h, h, device=device)
     timers = {
         "updates_per_second": (lambda: agents[False].update(batch), repeats),
-        "matmul_flops_per_second": (lambda: a @ b, 10 * repeats),
+        "bound_updates_per_second": (products.replay, repeats),
+        "square_matmul_flops_per_second": (lambda: a @ b, 10 * repeats),
     }
     if config.compile:
         timers["compiled_updates_per_second"] = (lambda: agents[True].update(batch), repeats)
@@ -243,10 +251,65 @@ def _bound_here(config: Any, rounds: int = 5, repeats: int = 20) -> dict[str, fl
         for key, (fn, count) in timers.items():
             samples[key].append(rate(fn, count))
     out = {key: statistics.median(values) for key, values in samples.items()}
-    out["matmul_flops_per_second"] *= 2 * n * h * h
-    out["bound_updates_per_second"] = out["matmul_flops_per_second"] / flops
-    out["flops_per_update"] = flops
+    out["square_matmul_flops_per_second"] *= 2 * n * h * h
+    out["bound_updates_per_second"] *= cycle
+    out["flops_per_update"] = products.flops / cycle
+    out["matmul_flops_per_second"] = out["bound_updates_per_second"] * out["flops_per_update"]
     return out
+
+
+_MATMULS = {
+    torch.ops.aten.mm.default: lambda a, b: (a.shape[0], a.shape[1], b.shape[1], 1),
+    torch.ops.aten.addmm.default: lambda c, a, b: (a.shape[0], a.shape[1], b.shape[1], 1),
+    torch.ops.aten.bmm.default: lambda a, b: (a.shape[1], a.shape[2], b.shape[2], a.shape[0]),
+    torch.ops.aten.baddbmm.default: lambda c, a, b: (
+        a.shape[1],
+        a.shape[2],
+        b.shape[2],
+        a.shape[0],
+    ),
+}
+
+
+class UpdateMatmuls(TorchDispatchMode):
+    """The matrix products one call of a function makes (forward and backward), recorded with
+    their sizes, strides, dtypes and scalar arguments, and replayed alone on random tensors of
+    the same layout: the time of a step that does only its matmuls."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls: list[tuple[Any, list[Any], dict[str, Any]]] = []
+        self.flops = 0.0
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None):
+        kwargs = kwargs or {}
+        sizes = _MATMULS.get(func)
+        if sizes is not None:
+            m, k, n, batch = sizes(*args)
+            self.flops += 2.0 * m * k * n * batch
+            self.calls.append((func, [_like(a) for a in args], dict(kwargs)))
+        return func(*args, **kwargs)
+
+    @classmethod
+    def record(cls, fn: Callable[[], Any]) -> UpdateMatmuls:
+        with cls() as mode:
+            fn()
+        return mode
+
+    def replay(self) -> None:
+        for func, args, kwargs in self.calls:
+            func(*args, **kwargs)
+
+
+def _like(value: Any) -> Any:
+    """A random tensor with ``value``'s sizes, strides (broadcast dimensions included), dtype
+    and device; anything else as it is."""
+    if not isinstance(value, torch.Tensor):
+        return value
+    layout = zip(value.shape, value.stride(), strict=True)
+    span = 1 + sum((size - 1) * stride for size, stride in layout)
+    base = torch.randn(span, dtype=value.dtype, device=value.device)
+    return base.as_strided(value.shape, value.stride())
 
 
 def available(impls: list[str], device: str = "cpu") -> list[str]:
