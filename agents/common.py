@@ -23,6 +23,7 @@ from rlweights.agents.networks import TwinQ
 from rlweights.agents.target_update import TargetUpdateSpec
 from rlweights.checks import check_int
 from rlweights.ops import unit_norms_
+from rlweights.plasticity import follow_targets_, step_schedules
 from rlweights.weights import entries, select
 
 __all__ = [
@@ -475,18 +476,12 @@ class OffPolicyAgent:
         their state zeroed in place. ``skip``: count without acting (the run's last step: a
         reset there would leave the final policy untrained). Returns what fired: ``{"reset"
         or "shrink_perturb": names of the touched parameters ("critic.weights.0", ...)}``."""
-        if skip:
-            for routine in self.plasticity.values():
-                routine.counter.step(n)
-            return {}
-        fired = {kind: r.touched for kind, r in self.plasticity.items() if r.step(n)}
+        fired = step_schedules(self.plasticity, n, skip)
         touched = [name for names in fired.values() for name in names]
         if not touched:
             return fired
-        for name in self.online_names:
-            local = [t[len(name) + 1 :] for t in touched if t.startswith(f"{name}.")]
-            if local:
-                rw.copy_(self.networks[f"{name}_target"], self.networks[name], include=local)
+        nets = self.networks
+        follow_targets_(((n, nets[n], nets[f"{n}_target"]) for n in self.online_names), touched)
         if self.config.compile:
             params = [self.trained.get_parameter(name) for name in touched]
             for optimizer in self.optimizers.values():

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -34,6 +34,7 @@ from torch.optim import Optimizer
 from rlweights.checks import check_fraction, check_trained
 from rlweights.constraints import reset_optimizer_state_
 from rlweights.flat import FlatGroup, bump_versions, registered_layout
+from rlweights.ops import copy_
 from rlweights.periodic import PeriodicRoutine
 from rlweights.weights import module_entries, select
 
@@ -359,3 +360,31 @@ class ShrinkPerturb(PeriodicRoutine):
             f"ShrinkPerturb(shrink={self.shrink}, perturb={self.perturb}, {self.counter!r}, "
             f"resets={self.updates})"
         )
+
+
+def step_schedules(
+    routines: Mapping[str, ShrinkPerturb], n: int = 1, skip: bool = False
+) -> dict[str, list[str]]:
+    """Count ``n`` steps on each routine's schedule and run those that are due; returns
+    ``{key: names the routine touched}`` for each that ran. ``skip``: count without running
+    (a run's last step, after which nothing trains: a reset there would leave the final
+    weights untrained)."""
+    if skip:
+        for routine in routines.values():
+            routine.counter.step(n)
+        return {}
+    return {key: r.touched for key, r in routines.items() if r.step(n)}
+
+
+def follow_targets_(
+    pairs: Iterable[tuple[str, nn.Module, nn.Module]], touched: Iterable[str]
+) -> None:
+    """After a reset or a shrink-and-perturb: each ``(name, online, target)`` pair's target
+    takes its online network's weights for the parameters named ``name.<parameter>`` in
+    ``touched`` (so a reset network and its target start again together); the other
+    parameters of the targets are left as they are."""
+    touched = list(touched)
+    for name, online, target in pairs:
+        local = [t[len(name) + 1 :] for t in touched if t.startswith(f"{name}.")]
+        if local:
+            copy_(target, online, include=local)

@@ -14,6 +14,7 @@ import rlweights as rw
 from rlweights.checks import check_fraction, check_int
 from rlweights.drift import DriftMonitor
 from rlweights.periodic import Periodic
+from rlweights.plasticity import follow_targets_, step_schedules
 from rlweights.sb3.patching import algorithm_names
 from rlweights.tensorboard import DriftLogger
 from rlweights.weights import entries, select
@@ -242,22 +243,22 @@ class PlasticityCallback(BaseCallback):
     def _on_step(self) -> bool:
         steps = self.model.num_timesteps
         n, self._counted = steps - self._counted, steps
-        touched = []
+        if not n:
+            return True
         # the last step of learn(): nothing trains after it, so no reset there
         last = steps >= getattr(self.model, "_total_timesteps", steps + 1)
-        for kind, routine in self.routines.items():
-            if n and last:
-                routine.counter.step(n)
-            elif n and routine.step(n):
-                self.events[kind] += 1
-                touched += routine.touched
+        fired = step_schedules(self.routines, n, skip=last)
+        for kind in fired:
+            self.events[kind] += 1
+        touched = [name for names in fired.values() for name in names]
         if touched:
             policy = self.model.policy
-            for name, online in policy.named_children():
-                target = getattr(policy, f"{name}_target", None)
-                local = [t[len(name) + 1 :] for t in touched if t.startswith(f"{name}.")]
-                if target is not None and local:
-                    rw.copy_(target, online, include=local)
+            pairs = [
+                (name, online, getattr(policy, f"{name}_target"))
+                for name, online in policy.named_children()
+                if hasattr(policy, f"{name}_target")
+            ]
+            follow_targets_(pairs, touched)
         return True
 
     def _on_rollout_end(self) -> None:
