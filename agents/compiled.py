@@ -75,10 +75,13 @@ def adam_(
             step.add_(1)
             state["exp_avg"].lerp_(g, 1 - beta1)
             state["exp_avg_sq"].mul_(beta2).addcmul_(g, g, value=1 - beta2)
-            bias1 = 1 - beta1**step
-            bias2_sqrt = (1 - beta2**step).sqrt()
-            denom = (state["exp_avg_sq"].sqrt() / bias2_sqrt).add_(eps)
-            p.sub_((lr / bias1) * state["exp_avg"] / denom)
+            # The step size and the bias correction, computed once into a buffer of their
+            # own (stacked): inlined, inductor's CPU loop recomputes their powers for every
+            # vector of the parameter (the step is re-read after each store), which made
+            # Adam's pass 1.5-2x slower. Same arithmetic, bit-identical results.
+            scalars = torch.stack([lr / (1 - beta1**step), (1 - beta2**step).sqrt()])
+            denom = (state["exp_avg_sq"].sqrt() / scalars[1]).add_(eps)
+            p.sub_(scalars[0] * state["exp_avg"] / denom)
 
 
 class CompiledStep:
