@@ -172,7 +172,8 @@ HYPERPARAMETERS: list[tuple[str, str, Any, str, str]] = [
         _count,
         "N",
         "re-initialise the --reset-layers every N env steps (each layer's reset_parameters; "
-        "their optimizer state is forgotten, their targets take the same weights; 0: never)",
+        "their optimizer state is forgotten, their targets and the policy EMA take the same "
+        "weights; 0: never)",
     ),
     (
         "--reset-layers",

@@ -471,9 +471,10 @@ class OffPolicyAgent:
 
     def plasticity_step(self, n: int, skip: bool = False) -> dict[str, list[str]]:
         """Count ``n`` environment steps on the reset and shrink-and-perturb schedules; after
-        one fires, the targets of the touched networks take the same weights (a reset network
-        and its target start again together) and, with ``--compile``, the optimizers get
-        their state zeroed in place. ``skip``: count without acting (the run's last step: a
+        one fires, the targets of the touched networks and the policy's EMA (if kept) take the
+        same weights (a reset network and its averages start again together: an average of
+        two initialisations means nothing) and, with ``--compile``, the optimizers get their
+        state zeroed in place. ``skip``: count without acting (the run's last step: a
         reset there would leave the final policy untrained). Returns what fired: ``{"reset"
         or "shrink_perturb": names of the touched parameters ("critic.weights.0", ...)}``."""
         fired = step_schedules(self.plasticity, n, skip)
@@ -481,7 +482,11 @@ class OffPolicyAgent:
         if not touched:
             return fired
         nets = self.networks
-        follow_targets_(((n, nets[n], nets[f"{n}_target"]) for n in self.online_names), touched)
+        pairs = [(n, nets[n], nets[f"{n}_target"]) for n in self.online_names]
+        if self.ema_routine is not None:  # the policy's EMA restarts from it too
+            policy = self.policy_name
+            pairs.append((policy, nets[policy], nets[f"{policy}_ema"]))
+        follow_targets_(pairs, touched)
         if self.config.compile:
             params = [self.trained.get_parameter(name) for name in touched]
             for optimizer in self.optimizers.values():

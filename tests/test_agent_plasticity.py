@@ -75,6 +75,31 @@ def test_a_reset_redraws_the_layers_their_targets_follow_and_their_adam_state_re
     assert agent.routines()["reset_routine"].state_dict()["updates"] == 1
 
 
+@pytest.mark.parametrize("compile", [False, True])
+def test_a_reset_policy_restarts_its_ema(compile):
+    agent = _agent(
+        "sac",
+        "Pendulum-v1",
+        reset_every=5,
+        reset_layers="actor.*",
+        policy_ema=0.01,
+        compile=compile,
+    )
+    for _ in range(2):
+        agent.update(_batch(3, torch.rand(32, 1) * 4 - 2))
+    ema = agent.networks["actor_ema"]
+    pairs = list(zip(ema.parameters(), agent.actor.parameters(), strict=True))
+    assert not all(torch.equal(e, p) for e, p in pairs)  # it has averaged
+    critic_target = [t.clone() for t in agent.critic_target.parameters()]
+    assert set(agent.plasticity_step(5)) == {"reset"}
+    for e, p in zip(ema.parameters(), agent.actor.parameters(), strict=True):
+        assert torch.equal(e, p)  # the average starts again from the reset policy
+    for t, before in zip(agent.critic_target.parameters(), critic_target, strict=True):
+        assert torch.equal(t, before)  # the critic was not reset: its target stays
+    agent.update(_batch(3, torch.rand(32, 1) * 4 - 2))  # and averages on from there
+    assert not all(torch.equal(e, p) for e, p in pairs)
+
+
 def test_shrink_perturb_of_dqn_is_the_formula_in_float64():
     agent = _agent("dqn", "CartPole-v1", shrink_perturb=(0.7, 0.3), sp_every=10)
     theta = {n: p.detach().double().clone() for n, p in agent.q.named_parameters()}
