@@ -440,10 +440,22 @@ class OffPolicyAgent:
         # --compile: the compiled step reads the optimizers' state tensors, so they are
         # zeroed in place (plasticity_step) rather than forgotten
         optimizers = None if cfg.compile else list(self.optimizers.values())
+        # Parallel learners (--average-every) seed their global RNGs by rank; their fresh
+        # weights come from one generator seeded alike on every learner, so that all draw
+        # the same initialisation and the average is of one (parallel runs do not resume).
+        generator = None
+        if cfg.average_every:
+            generator = torch.Generator(device=self.device).manual_seed(cfg.seed)
         self.plasticity: dict[str, rw.ShrinkPerturb] = {}
         if cfg.reset_every:
             self.plasticity["reset"] = rw.ShrinkPerturb(
-                self.trained, 0.0, 1.0, every=cfg.reset_every, include=include, optimizer=optimizers
+                self.trained,
+                0.0,
+                1.0,
+                every=cfg.reset_every,
+                include=include,
+                generator=generator,
+                optimizer=optimizers,
             )
         if cfg.shrink_perturb is not None:
             shrink, perturb = cfg.shrink_perturb
@@ -453,6 +465,7 @@ class OffPolicyAgent:
                 perturb,
                 every=cfg.sp_every,
                 include=include,
+                generator=generator,
                 optimizer=optimizers,
             )
         self.unit_sphere: dict[str, set[str]] = {}

@@ -100,6 +100,26 @@ def test_a_reset_policy_restarts_its_ema(compile):
     assert not all(torch.equal(e, p) for e, p in pairs)
 
 
+@pytest.mark.parametrize("average_every", [0, 100])
+def test_parallel_learners_draw_the_same_fresh_weights(average_every):
+    """Learners seed their global RNGs by rank; with --average-every their resets draw from
+    one generator seeded alike, so every learner resets to the same weights (the average of
+    two initialisations would mean nothing). A single run draws from the global RNG."""
+    learners = [
+        _agent("sac", "Pendulum-v1", reset_every=5, average_every=average_every) for _ in range(2)
+    ]
+    for rank, agent in enumerate(learners):
+        torch.manual_seed(1000 + rank)  # each learner's own global RNG
+        assert set(agent.plasticity_step(5)) == {"reset"}
+    same = [
+        torch.equal(p, q)
+        for p, q in zip(
+            learners[0].critic.parameters(), learners[1].critic.parameters(), strict=True
+        )
+    ]
+    assert all(same) if average_every else not any(same)
+
+
 def test_shrink_perturb_of_dqn_is_the_formula_in_float64():
     agent = _agent("dqn", "CartPole-v1", shrink_perturb=(0.7, 0.3), sp_every=10)
     theta = {n: p.detach().double().clone() for n, p in agent.q.named_parameters()}
