@@ -57,6 +57,23 @@ def test_table_says_whether_native_is_worse_beyond_the_intervals():
     assert table.splitlines()[2].endswith("| 1 / 1 / 1 | 2.5 [1.5, 3.5], 2.5 | yes |")
 
 
+def test_wall_seconds_read_as_seconds_in_the_table():
+    curves = [
+        {
+            "algo": "sac",
+            "env_id": "E",
+            "impl": impl,
+            "seed": 0,
+            "steps": [10],
+            "returns": [1.0],
+            "final_return": 1.0,
+            "wall_seconds": wall,
+        }
+        for impl, wall in (("native", 1750.4), ("sb3", 58.123))
+    ]
+    assert markdown(summarise(curves)).splitlines()[2].endswith("| 1750 / 58.1 |")
+
+
 def test_a_compile_cell_trains_the_native_agent_with_compile(tmp_path):
     from rlweights.bench.learning import Cell, _command
 

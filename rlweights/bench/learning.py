@@ -160,6 +160,12 @@ def summarise(curves: list[dict]) -> list[dict]:
     return rows
 
 
+def _seconds(value: float) -> str:
+    """Wall seconds for a table: three significant figures, whole seconds from 100 on (no
+    exponent: 1750, not 1.75e+03)."""
+    return f"{value:.0f}" if value >= 100 else f"{value:.3g}"
+
+
 def _reaches(a: dict | None, b: dict | None) -> str:
     """'yes' when ``a``'s interval reaches ``b``'s (``a`` not worse), '-' when one is missing."""
     if not (a and b):
@@ -193,7 +199,7 @@ def markdown(rows: list[dict]) -> str:
             )
 
         timed = (native, sb3, fast) if compiled else (native, sb3)
-        walls = " / ".join(f"{r['wall_seconds']:.3g}" if r else "-" for r in timed)
+        walls = " / ".join(_seconds(r["wall_seconds"]) if r else "-" for r in timed)
         some = native or sb3 or fast
         line = (
             f"| {algo} | {env_id} | {some['steps']} | {len(some['seeds'])} | {cell(native)} "
@@ -316,7 +322,7 @@ def variants_markdown(rows: list[dict], variants: dict[str, tuple[str, ...]]) ->
             lines.append(
                 f"| {algo} | {env_id} | {r['steps']} | {name} | `{flags}` | {len(r['seeds'])} | "
                 f"{r['final_mean']:.1f} [{r['final_low']:.1f}, {r['final_high']:.1f}], "
-                f"{r['final_iqm']:.1f} | {verdict} | {r['wall_seconds']:.3g} |"
+                f"{r['final_iqm']:.1f} | {verdict} | {_seconds(r['wall_seconds'])} |"
             )
     return "\n".join(lines) + "\n"
 
