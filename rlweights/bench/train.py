@@ -15,7 +15,7 @@ dispatch mode that records every matmul it makes (``mm``, ``addmm``, ``bmm``, ``
 forward and backward products of every layer, with their sizes, strides and batching); the
 bound is the updates per second of a step made of exactly those products and nothing else
 (no elementwise work, no optimizer, no Python), replayed on random tensors of the same
-layout. Their FLOPs equal ``FlopCounterMode``'s count of the update. The row says what
+layout. Their FLOPs equal the count of torch's ``FlopCounterMode``. The row says what
 fraction of the bound the eager and the compiled update reach, timed alone on fixed batches,
 at one thread (the agents' default) and at the benchmark's thread count: each count in a
 process of its own started with it (inductor compiles for the thread count it finds), five
