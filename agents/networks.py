@@ -52,12 +52,17 @@ class TwinQ(nn.Module):
             w.uniform_(-bound, bound)
             b.uniform_(-bound, bound)
 
-    def forward(self, x: Tensor, detach_weights: bool = False) -> Tensor:
+    def forward(self, x: Tensor, detach_weights: bool = False, first: int | None = None) -> Tensor:
         """Q-values of shape (n, batch). ``detach_weights``: gradients flow to ``x`` only (the
-        actor's loss reads the critic without computing critic gradients it would discard)."""
-        h = x.unsqueeze(0).expand(len(self.weights[0]), -1, -1)
+        actor's loss reads the critic without computing critic gradients it would discard).
+        ``first``: evaluate only the first ``first`` networks (TD3's actor reads Q1 alone), of
+        shape (first, batch)."""
+        n = len(self.weights[0]) if first is None else first
+        h = x.unsqueeze(0).expand(n, -1, -1)
         last = len(self.weights) - 1
         for i, (w, b) in enumerate(zip(self.weights, self.biases, strict=True)):
+            if first is not None:
+                w, b = w[:first], b[:first]
             if detach_weights:
                 w, b = w.detach(), b.detach()
             h = torch.baddbmm(b, h, w)

@@ -125,8 +125,9 @@ class TD3(ContinuousAgent):
         self.gradient_updates += 1
         losses = {"critic_loss": critic_loss}
         if self.actor_delay.step():
+            actions = self.actor(batch["obs"])
             q_pi = self.critic(
-                torch.cat([batch["obs"], self.actor(batch["obs"])], -1), detach_weights=True
+                torch.cat([batch["obs"], actions], -1), detach_weights=True, first=1
             )[0]
             actor_loss = -q_pi.mean()
             self.optimizer_step("actor", actor_loss)
@@ -149,7 +150,7 @@ class TD3(ContinuousAgent):
 
         def actor_loss(p: dict[str, Tensor]) -> Tensor:
             acts = functional_call(actor, p, (obs,))
-            return -critic(torch.cat([obs, acts], -1), detach_weights=True)[0].mean()
+            return -critic(torch.cat([obs, acts], -1), detach_weights=True, first=1)[0].mean()
 
         detached = {name: t.detach() for name, t in params.items()}
         grads, actor_loss_value = grad_and_value(actor_loss)(detached)

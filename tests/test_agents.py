@@ -9,6 +9,7 @@ import torch
 from torch.distributions import Normal, TransformedDistribution
 from torch.distributions.transforms import TanhTransform
 from torch.testing import assert_close
+from torch.utils.flop_counter import FlopCounterMode
 
 import rlweights as rw
 from rlweights.agents.common import ReplayBuffer, rng_state, set_rng_state
@@ -30,6 +31,25 @@ def test_twin_q_equals_two_separate_mlps():
             if j < len(net.weights) - 1:
                 h = torch.relu(h)
         assert_close(got[i], h.squeeze(-1))
+
+
+def test_twin_q_first_evaluates_only_the_first_networks():
+    # TD3's actor reads Q1 alone (as SB3's q1_forward): the same values and input gradients as
+    # the first row of the full call, with one network's products instead of two
+    net = TwinQ(5, (7, 6)).double()
+    x1 = torch.randn(4, 5, dtype=torch.float64, requires_grad=True)
+    x2 = x1.detach().clone().requires_grad_(True)
+    full = net(x1, detach_weights=True)
+    full[0].sum().backward()
+    with FlopCounterMode(display=False) as flops:
+        one = net(x2, detach_weights=True, first=1)
+    assert one.shape == (1, 4)
+    assert_close(one[0], full[0].detach())
+    one[0].sum().backward()
+    assert_close(x2.grad, x1.grad)
+    with FlopCounterMode(display=False) as all_flops:
+        net(x2)
+    assert 2 * flops.get_total_flops() == all_flops.get_total_flops()
 
 
 def test_actor_log_prob_matches_torch_distributions():
