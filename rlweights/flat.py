@@ -66,6 +66,34 @@ Role = Literal["param", "buffer"]
 
 _data_ptr = Tensor.data_ptr
 _LAYOUTS: weakref.WeakKeyDictionary[nn.Module, FlatWeights] = weakref.WeakKeyDictionary()
+_LAYOUT_ATTR = "_rlweights_layout"
+
+
+class _LayoutRef:
+    """What :func:`flatten_` leaves on the module: a weak reference to its layout, so that a
+    compiled function finds the layout through the module it was given (guarded by that
+    module's own attribute) rather than through the global table, whose keys move whenever
+    some other flattened module is collected (a recompile, or a failed guard mid-compile).
+    A copy or a pickle of the module carries an empty one: the layout is the original's."""
+
+    __slots__ = ("ref",)
+
+    def __init__(self, layout: FlatWeights | None = None):
+        self.ref = None if layout is None else weakref.ref(layout)
+
+    def __call__(self) -> FlatWeights | None:
+        return None if self.ref is None else self.ref()
+
+    def __deepcopy__(self, memo: dict) -> _LayoutRef:
+        return _LayoutRef()
+
+    def __copy__(self) -> _LayoutRef:
+        return _LayoutRef()
+
+    def __reduce__(self) -> tuple:
+        return (_LayoutRef, ())
+
+
 _SIGNATURES: dict[tuple, int] = {}
 
 
@@ -209,9 +237,13 @@ def layout_of(weights: object) -> FlatWeights | None:
 
 def registered_layout(module: nn.Module) -> FlatWeights | None:
     """The layout :func:`flatten_` made for ``module``, without checking that it is still
-    intact (:func:`layout_of` checks): a dictionary lookup that ``torch.compile`` can trace,
-    for code that checked the layout before (see :mod:`rlweights.capture`)."""
-    return _LAYOUTS.get(module)
+    intact (:func:`layout_of` checks): a lookup through the module that ``torch.compile`` can
+    trace, for code that checked the layout before (see :mod:`rlweights.capture`)."""
+    holder = getattr(module, _LAYOUT_ATTR, None)
+    layout = holder() if isinstance(holder, _LayoutRef) else None
+    if layout is None or layout._module() is not module:
+        return None
+    return layout
 
 
 def lives_in_other_layout(module: nn.Module) -> bool:
@@ -300,4 +332,5 @@ def flatten_(module: nn.Module) -> FlatWeights:
         ]
     layout = FlatWeights(module, groups, others)
     _LAYOUTS[module] = layout
+    object.__setattr__(module, _LAYOUT_ATTR, _LayoutRef(layout))
     return layout

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import multiprocessing
+import signal
 import socket
 import time
 import traceback
@@ -19,6 +20,22 @@ DEVICES = [
     pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(not CUDA, reason="no CUDA")]),
 ]
 FLOAT_DTYPES = [torch.float32, torch.float64, torch.bfloat16, torch.float16]
+
+
+@pytest.fixture(autouse=True, scope="session")
+def stop_signals_as_in_a_terminal():
+    """The stop-signal tests (here and in the commands they start) need SIGINT, SIGTERM and
+    SIGHUP as a terminal leaves them; a test run started in the background or under ``nohup``
+    has some ignored, which the commands keep ignored by design (nohup's promise)."""
+    defaults = {
+        signal.SIGINT: signal.default_int_handler,
+        signal.SIGTERM: signal.SIG_DFL,
+        signal.SIGHUP: signal.SIG_DFL,
+    }
+    for signum, handler in defaults.items():
+        if signal.getsignal(signum) is signal.SIG_IGN:
+            signal.signal(signum, handler)
+    yield
 
 
 def mlp(seed: int = 0) -> nn.Module:

@@ -155,6 +155,50 @@ def test_functional_ops_on_flat_layouts_compile_with_fullgraph():
         assert torch.equal(named(other)[name], named(target)[name])
 
 
+def test_a_compiled_op_does_not_recompile_when_another_flattened_module_is_collected():
+    """The compiled function finds a module's layout through the module, so it does not guard
+    on the global table of layouts, whose keys move when an unrelated flattened module (an
+    evaluation copy, a test's network) is collected: that recompiled the step, and a
+    collection during a compile failed the guard (a flaky CI failure)."""
+    import gc
+
+    torch._dynamo.reset()
+    others = [NETS["mlp"](9 + i) for i in range(3)]
+    source, target = NETS["mlp"](1), NETS["mlp"](0)
+    for module in (*others, source, target):
+        rw.flatten_(module)
+    compiles = []
+
+    def count(graph, example_inputs):
+        compiles.append(graph)
+        return graph
+
+    step = torch.compile(lambda tau: rw.polyak_(target, source, tau), fullgraph=True, backend=count)
+    step(torch.tensor(0.3))
+    del others[:]
+    gc.collect()
+    t0 = named(target)
+    step(torch.tensor(0.5))
+    assert len(compiles) == 1
+    for name, t in t0.items():
+        want = t.double() + 0.5 * (named(source)[name].double() - t.double())
+        assert_close(named(target)[name].double(), want, rtol=1e-6, atol=1e-7)
+
+
+def test_a_copy_or_pickle_of_a_flattened_module_has_no_layout_of_its_own():
+    import pickle
+
+    from rlweights.flat import registered_layout
+
+    net = NETS["mlp"](0)
+    layout = rw.flatten_(net)
+    assert registered_layout(net) is layout
+    for clone in (copy.deepcopy(net), copy.copy(net), pickle.loads(pickle.dumps(net))):
+        assert registered_layout(clone) is None
+        assert torch.equal(clone[0].weight, net[0].weight)
+    assert rw.flatten_(copy.deepcopy(net)) is not layout
+
+
 class _Critic(nn.Module):
     def __init__(self, seed: int):
         super().__init__()
