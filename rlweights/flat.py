@@ -74,7 +74,8 @@ class _LayoutRef:
     compiled function finds the layout through the module it was given (guarded by that
     module's own attribute) rather than through the global table, whose keys move whenever
     some other flattened module is collected (a recompile, or a failed guard mid-compile).
-    A copy or a pickle of the module carries an empty one: the layout is the original's."""
+    A copy of the module points at the original's layout, which names another module, so
+    :func:`registered_layout` finds none for it; a pickle carries an empty one."""
 
     __slots__ = ("ref",)
 
@@ -83,12 +84,6 @@ class _LayoutRef:
 
     def __call__(self) -> FlatWeights | None:
         return None if self.ref is None else self.ref()
-
-    def __deepcopy__(self, memo: dict) -> _LayoutRef:
-        return _LayoutRef()
-
-    def __copy__(self) -> _LayoutRef:
-        return _LayoutRef()
 
     def __reduce__(self) -> tuple:
         return (_LayoutRef, ())
