@@ -113,12 +113,12 @@ class DQN(OffPolicyAgent):
             fields = [batch[k] for k in ("obs", "actions", "rewards", "next_obs", "dones")]
             out = self.compiled(*fields)
             if out is not None:
-                self.gradient_updates += 1
+                self.count_update()
                 return {"loss": out}
         loss = self.loss(batch, self.td_target(batch))
         self.optimizer_step("q", loss, max_grad_norm=self.config.max_grad_norm)
         self.average_policy()
-        self.gradient_updates += 1
+        self.count_update()
         return {"loss": loss}
 
     def loss(

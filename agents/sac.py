@@ -235,7 +235,7 @@ class SAC(ContinuousAgent):
             fields = [batch[k] for k in ("obs", "actions", "rewards", "next_obs", "dones")]
             out = self.compiled(*fields, noise, next_noise)
             if out is not None:
-                self.gradient_updates += 1
+                self.count_update()
                 return dict(
                     zip(("critic_loss", "actor_loss", "alpha", "entropy"), out, strict=True)
                 )
@@ -253,7 +253,7 @@ class SAC(ContinuousAgent):
         self.optimizer_step("actor", actor_loss)
         self.average_policy()
         self.target_routine.step()
-        self.gradient_updates += 1
+        self.count_update()
         if self.config.use_sde:
             self.actor.train_noise = None  # the next step draws its own matrix
         return {

@@ -116,13 +116,13 @@ class TD3(ContinuousAgent):
             full = self.actor_delay.step()
             out = self.compiled[int(full)](*fields, noise)
             if out is not None:
-                self.gradient_updates += 1
+                self.count_update()
                 names = ("critic_loss", "actor_loss")[: len(out)]
                 return dict(zip(names, out, strict=True))
             self.actor_delay.load_state_dict(counter)  # not compiled: the eager step counts
         critic_loss = self.critic_loss(batch, self.td_target(batch))
         self.optimizer_step("critic", critic_loss)
-        self.gradient_updates += 1
+        self.count_update()
         losses = {"critic_loss": critic_loss}
         if self.actor_delay.step():
             actions = self.actor(batch["obs"])

@@ -12,7 +12,13 @@ from torch.testing import assert_close
 from torch.utils.flop_counter import FlopCounterMode
 
 import rlweights as rw
-from rlweights.agents.common import ReplayBuffer, rng_state, set_rng_state
+from rlweights.agents.common import (
+    FLUSH_SUBNORMALS_EVERY,
+    ReplayBuffer,
+    flush_subnormal_state_,
+    rng_state,
+    set_rng_state,
+)
 from rlweights.agents.dqn import DQN, DQNConfig
 from rlweights.agents.networks import TwinQ
 from rlweights.agents.sac import SAC, Actor, SACConfig
@@ -244,6 +250,72 @@ def test_clip_and_max_norm_hold_after_every_optimizer_step():
     for w in agent.critic.weights:  # (networks, inputs, outputs): a unit is a column
         assert (torch.linalg.vector_norm(w.double(), dim=1) <= 0.2 + 1e-6).all()
     assert_close(agent.actor.scale, torch.tensor([2.0]))  # buffers are not weights
+
+
+SMALLEST_NORMAL = 2.0**-126  # float32
+
+
+def test_flush_subnormal_state_zeroes_only_subnormal_entries():
+    p = torch.nn.Parameter(torch.zeros(7))
+    optimizer = torch.optim.Adam([p])
+    p.grad = torch.ones(7)
+    optimizer.step()
+    values = [1e-40, -1e-39, 1.4e-45, 1.2e-38, -0.5, 3.0, 0.0]  # 1.2e-38 is normal
+    state = optimizer.state[p]
+    for key in ("exp_avg", "exp_avg_sq"):
+        state[key].copy_(torch.tensor(values))
+    before = {key: state[key] for key in ("exp_avg", "exp_avg_sq")}
+    flush_subnormal_state_(optimizer)
+    reference = torch.tensor([0.0 if abs(v) < SMALLEST_NORMAL else v for v in values])
+    for key, tensor in before.items():
+        assert state[key] is tensor  # in place: a compiled step reads these tensors
+        assert torch.equal(state[key], reference)
+    assert state["step"].item() == 1
+
+
+def backpropagated(agent) -> list[torch.optim.Optimizer]:
+    """The agent's optimizers whose gradients come from backward (SAC's temperature gradient
+    is written directly)."""
+    return [opt for name, opt in agent.optimizers.items() if name != "alpha"]
+
+
+def subnormal_moments(agent) -> int:
+    """Subnormal entries in the moments of every backpropagated optimizer's first parameter."""
+    total = 0
+    for optimizer in backpropagated(agent):
+        state = optimizer.state[optimizer.param_groups[0]["params"][0]]
+        for key in ("exp_avg", "exp_avg_sq"):
+            v = state[key].double()
+            total += int(((v != 0) & (v.abs() < SMALLEST_NORMAL)).sum())
+    return total
+
+
+@pytest.mark.parametrize("algo", ["dqn", "sac", "td3"])
+def test_agents_flush_subnormal_moments_every_n_updates(algo):
+    # A parameter whose gradient is exactly 0 (a dead unit's, here forced by a hook) keeps
+    # Adam's moments decaying; once subnormal, they stay subnormal (slow arithmetic on x86)
+    # until the agent flushes them, at every FLUSH_SUBNORMALS_EVERY-th gradient update.
+    if algo == "dqn":
+        agent = DQN(DQNConfig(hidden=(16, 16)), *cartpole())
+        buffer = filled_buffer(obs_dim=4, discrete=2)
+    else:
+        make, config = (SAC, SACConfig) if algo == "sac" else (TD3, TD3Config)
+        agent = make(config(hidden=(16, 16)), *pendulum())
+        buffer = filled_buffer()
+    for _ in range(2):  # every optimizer has stepped (TD3's actor every second update)
+        agent.update(buffer.sample(32))
+    for optimizer in backpropagated(agent):
+        first = optimizer.param_groups[0]["params"][0]
+        first.register_hook(torch.zeros_like)
+        for key in ("exp_avg", "exp_avg_sq"):
+            optimizer.state[first][key].fill_(1e-40)
+    count = subnormal_moments(agent)
+    agent.gradient_updates = 5 * FLUSH_SUBNORMALS_EVERY - 2
+    agent.update(buffer.sample(32))  # not the N-th: the moments decay and stay subnormal
+    assert subnormal_moments(agent) == count
+    agent.update(buffer.sample(32))  # the N-th update flushes them
+    assert agent.gradient_updates % FLUSH_SUBNORMALS_EVERY == 0
+    assert subnormal_moments(agent) == 0
 
 
 def test_replay_buffer_state_round_trip():
