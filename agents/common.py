@@ -27,9 +27,9 @@ from rlweights.plasticity import follow_targets_, step_schedules
 from rlweights.weights import entries, select
 
 __all__ = [
+    "FLUSH_SUBNORMALS_EVERY",
     "MAX_SEED",
     "AgentConfig",
-    "FLUSH_SUBNORMALS_EVERY",
     "ContinuousAgent",
     "OffPolicyAgent",
     "ReplayBuffer",
