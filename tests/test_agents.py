@@ -310,6 +310,7 @@ def test_agents_flush_subnormal_moments_every_n_updates(algo):
         for key in ("exp_avg", "exp_avg_sq"):
             optimizer.state[first][key].fill_(1e-40)
     count = subnormal_moments(agent)
+    assert count > 0
     agent.gradient_updates = 5 * FLUSH_SUBNORMALS_EVERY - 2
     agent.update(buffer.sample(32))  # not the N-th: the moments decay and stay subnormal
     assert subnormal_moments(agent) == count
