@@ -162,6 +162,10 @@ def test_bench_train_smoke(tmp_path):
             bound["matmul_flops_per_second"] / flops
         )
         assert 0 < bound["updates_per_second"] < bound["bound_updates_per_second"]
+        assert bound["env_steps_per_second"] > 0
+    # the ceiling: above every implementation's speed (nothing passes the matmuls and the env)
+    ceiling = sac["ceiling_steps_per_second"][str(result["machine"]["threads"])]
+    assert max(sac["steps_per_second"].values()) < ceiling
     assert "| SAC | Pendulum-v1 | 256-256 | 256 | 400 |" in done.stdout
 
 
@@ -213,19 +217,35 @@ def test_bench_train_update_ratio_row_trains_sac_at_20_updates_per_step(monkeypa
         seen.append(config)
         return {"steps_per_second": 12.5, "compile_seconds": 0.0}
 
+    # the bound: 400 updates/s at the matmuls alone, the environment alone 1000 steps/s
+    bound = {"bound_updates_per_second": 400.0, "updates_per_second": 100.0}
+    bound["env_steps_per_second"] = 1000.0
+    bound = {"threads": {"1": bound, "2": {**bound, "updates_per_second": 80.0}}}
+    measured = []
     monkeypatch.setattr(bench, "_isolated", timed)
-    monkeypatch.setattr(bench, "update_bound", lambda config, compiled: {"n": len(seen)})
+    monkeypatch.setattr(bench, "update_bound", lambda config, compiled: measured.append(1) or bound)
     result = bench.run(["sac", "sac-utd20"], 1, {"sac": 400, "sac-utd20": 300}, ["native"])
     sac, utd = seen
     assert (sac.algo, sac.gradient_steps, sac.train_freq) == ("sac", 1, 1)
     assert (utd.algo, utd.gradient_steps, utd.train_freq, utd.total_steps) == ("sac", 20, 1, 300)
     assert utd.env_id == sac.env_id and utd.hidden == sac.hidden
     # the same update: its bound is measured once, for the SAC row
+    assert measured == [1]
     assert result["algos"]["sac-utd20"]["bound"] is result["algos"]["sac"]["bound"]
-    bound = {"bound_updates_per_second": 400.0, "updates_per_second": 100.0}
-    bound = {"threads": {"1": bound, "2": {**bound, "updates_per_second": 80.0}}}
-    result["algos"] = {"sac-utd20": {**result["algos"]["sac-utd20"], "bound": bound}}
-    row = "| 12 (250 updates/s) | - | 1 thread: 25% of 400/s; 2 threads: 20% of 400/s |"
+    # the ceiling: one environment step and the row's updates per step at the bound
+    assert result["algos"]["sac"]["ceiling_steps_per_second"]["1"] == pytest.approx(
+        1 / (1 / 400 + 1 / 1000)
+    )
+    utd_ceiling = 1 / (20 / 400 + 1 / 1000)  # 19.6 environment steps/s
+    assert result["algos"]["sac-utd20"]["ceiling_steps_per_second"]["2"] == pytest.approx(
+        utd_ceiling
+    )
+    result["algos"] = {"sac-utd20": result["algos"]["sac-utd20"]}
+    result["machine"]["threads"] = 2
+    row = (
+        "| 12 (250 updates/s) | - | 1 thread: 25% of 400/s; 2 threads: 20% of 400/s | "
+        f"20 (native {12.5 / utd_ceiling:.0%}) |"
+    )
     assert row in bench.markdown(result)
 
 

@@ -22,6 +22,13 @@ process of its own started with it (inductor compiles for the thread count it fi
 interleaved rounds of update, compiled update and the replayed products, medians. For
 context the JSON also keeps the rate of one square matmul (batch x hidden by hidden x
 hidden), which the update's thin, transposed and batched products do not reach.
+
+The ceiling: the environment steps per second that no implementation of the row's update can
+pass here, one environment step (timed alone in the same rounds, on the agents' vector
+environment) plus the row's gradient steps per environment step at the bound:
+``1 / (updates per environment step / bound + 1 / environment steps per second)``. Acting,
+the optimizers, activations, losses, sampling and every framework's own costs are what each
+implementation adds to it; the table gives each one's share of the ceiling.
 """
 
 from __future__ import annotations
@@ -43,10 +50,10 @@ from typing import Any
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from rlweights.agents.train import make_config, train
+from rlweights.agents.train import make_config, make_envs, train
 from rlweights.files import write_json
 
-__all__ = ["IMPLS", "SETTINGS", "algorithm", "markdown", "run"]
+__all__ = ["IMPLS", "SETTINGS", "algorithm", "ceiling", "markdown", "run"]
 
 IMPLS = ("native", "compile", "cudagraphs", "sb3", "sbx")
 WARMUP = 100  # training steps before the timing starts (compiling happens in them)
@@ -231,6 +238,10 @@ def _bound_here(config: Any, rounds: int = 5, repeats: int = 20) -> dict[str, fl
         cfg = dataclasses.replace(config, compile=compile)
         agents[compile] = ALGOS[config.algo][1](cfg, env.observation_space, env.action_space)
     env.close()
+    envs = make_envs(config.env_id, config.num_envs)
+    envs.action_space.seed(0)
+    envs.reset(seed=0)
+    actions = itertools.cycle([envs.action_space.sample() for _ in range(1000)])
     # TD3 updates its actor every policy_delay-th update: a cycle of updates is recorded
     cycle = getattr(config, "policy_delay", 1)
     products = UpdateMatmuls.record(lambda: [agents[False].update(batch) for _ in range(cycle)])
@@ -240,6 +251,7 @@ def _bound_here(config: Any, rounds: int = 5, repeats: int = 20) -> dict[str, fl
         "updates_per_second": (lambda: agents[False].update(batch), repeats),
         "bound_updates_per_second": (products.replay, repeats),
         "square_matmul_flops_per_second": (lambda: a @ b, 10 * repeats),
+        "env_steps_per_second": (lambda: envs.step(next(actions)), 10 * repeats),
     }
     if config.compile:
         timers["compiled_updates_per_second"] = (lambda: agents[True].update(batch), repeats)
@@ -250,6 +262,7 @@ def _bound_here(config: Any, rounds: int = 5, repeats: int = 20) -> dict[str, fl
     for _ in range(rounds):
         for key, (fn, count) in timers.items():
             samples[key].append(rate(fn, count))
+    envs.close()
     out = {key: statistics.median(values) for key, values in samples.items()}
     out["square_matmul_flops_per_second"] *= 2 * n * h * h
     out["bound_updates_per_second"] *= cycle
@@ -376,8 +389,19 @@ def run(
             row["speedup"] = row["vs_sb3"].get("native")
         same = results["algos"].get(algorithm(algo))  # the same update: measured once
         row["bound"] = same["bound"] if same else update_bound(config, compiled="compile" in impls)
+        row["ceiling_steps_per_second"] = {
+            count: ceiling(b, config.gradient_steps / config.train_freq)
+            for count, b in row["bound"]["threads"].items()
+        }
         results["algos"][algo] = row
     return results
+
+
+def ceiling(bound: dict[str, float], updates_per_step: float) -> float:
+    """Environment steps per second at the ceiling (see the module's text): one environment
+    step and ``updates_per_step`` updates at the matmul bound, nothing else."""
+    seconds = updates_per_step / bound["bound_updates_per_second"]
+    return 1 / (seconds + 1 / bound["env_steps_per_second"])
 
 
 def markdown(result: dict) -> str:
@@ -385,9 +409,10 @@ def markdown(result: dict) -> str:
     head = " | ".join(f"{i} steps/s" for i in impls)
     lines = [
         f"| algorithm | env | network | batch | steps | {head} | vs SB3 (median of rounds) | "
-        "update / bound (eager, compiled; timed alone) |",
-        "|---|---|---|---|---|" + "---|" * len(impls) + "---|---|",
+        "update / bound (eager, compiled; timed alone) | ceiling steps/s (share of it) |",
+        "|---|---|---|---|---|" + "---|" * len(impls) + "---|---|---|",
     ]
+    run_threads = str(result["machine"]["threads"])
     for algo, r in result["algos"].items():
         ratio = r["gradient_steps"] / r["train_freq"]  # gradient steps per environment step
         speeds = " | ".join(
@@ -408,9 +433,14 @@ def markdown(result: dict) -> str:
                 f"{threads}: {', '.join(fractions)} of {b['bound_updates_per_second']:.0f}/s"
             )
         bound = "; ".join(bounds)
+        top = r.get("ceiling_steps_per_second", {}).get(run_threads)
+        if top:
+            shares = ", ".join(f"{i} {r['steps_per_second'][i] / top:.0%}" for i in impls)
+            top = f"{top:.0f} ({shares})"
         lines.append(
             f"| {algo.upper()} | {r['env_id']} | {'-'.join(map(str, r['hidden']))} | "
-            f"{r['batch_size']} | {r['steps']} | {speeds} | {vs or '-'} | {bound} |"
+            f"{r['batch_size']} | {r['steps']} | {speeds} | {vs or '-'} | {bound} | "
+            f"{top or '-'} |"
         )
     if "sbx" not in impls:
         lines.append("\n(SBX not installed here: pip install 'rlweights[bench]' adds it.)")
