@@ -23,8 +23,9 @@ interleaved rounds of update, compiled update and the replayed products, medians
 context the JSON also keeps the rate of one square matmul (batch x hidden by hidden x
 hidden), which the update's thin, transposed and batched products do not reach.
 
-The ceiling: the environment steps per second that no implementation of the row's update can
-pass here, one environment step (timed alone in the same rounds, on the agents' vector
+The ceiling: the environment steps per second of a run in which nothing but the
+environment and the update's float32 matrix products (as torch runs them here) took any
+time: one environment step (timed alone in the same rounds, on the agents' vector
 environment) plus the row's gradient steps per environment step at the bound:
 ``1 / (updates per environment step / bound + 1 / environment steps per second)``. Acting,
 the optimizers, activations, losses, sampling and every framework's own costs are what each
