@@ -272,6 +272,14 @@ class ReplayBuffer:
         self.position = 0
         self.size = 0
         self.generator = torch.Generator(device=self.device).manual_seed(seed)
+        # On the CPU, numpy views of the same storage: a transition is written and a batch
+        # gathered by numpy's indexing, without a tensor made per field and step (about 40 us
+        # less per environment step for a one-environment run; the same values).
+        self._host = (
+            {name: getattr(self, name).numpy() for name in self.FIELDS}
+            if self.device.type == "cpu"
+            else None
+        )
 
     def __len__(self) -> int:
         return self.size
@@ -285,14 +293,18 @@ class ReplayBuffer:
         n = len(rewards)
         start = self.position
         # A slice while the rows fit before the end of the ring (cheaper than indexing).
-        rows = slice(start, start + n) if start + n <= self.capacity else None
+        rows: Any = slice(start, start + n) if start + n <= self.capacity else None
         if rows is None:
-            rows = (torch.arange(n, device=self.device) + start) % self.capacity
-        for name, value in zip(
-            self.FIELDS, (obs, actions, rewards, next_obs, terminated), strict=True
-        ):
-            store: Tensor = getattr(self, name)
-            store[rows] = torch.as_tensor(np.asarray(value), device=self.device).to(store.dtype)
+            rows = (np.arange(n) + start) % self.capacity
+            if self._host is None:
+                rows = torch.as_tensor(rows, device=self.device)
+        values = (obs, actions, rewards, next_obs, terminated)
+        for name, value in zip(self.FIELDS, values, strict=True):
+            if self._host is not None:  # numpy casts to the field's dtype as torch's .to() does
+                self._host[name][rows] = np.asarray(value)
+            else:
+                store: Tensor = getattr(self, name)
+                store[rows] = torch.as_tensor(np.asarray(value), device=self.device).to(store.dtype)
         self.position = (self.position + n) % self.capacity
         self.size = min(self.size + n, self.capacity)
 
@@ -318,7 +330,11 @@ class ReplayBuffer:
             idx = torch.randint(
                 self.size, (steps, batch_size), device=self.device, generator=self.generator
             )
-            drawn = {name: getattr(self, name)[idx] for name in self.FIELDS}
+            if self._host is not None:
+                rows = idx.numpy()
+                drawn = {name: torch.from_numpy(self._host[name][rows]) for name in self.FIELDS}
+            else:
+                drawn = {name: getattr(self, name)[idx] for name in self.FIELDS}
             for i in range(steps):
                 yield {name: values[i] for name, values in drawn.items()}
 

@@ -4,6 +4,7 @@ target updates and policy EMA through rlweights, constraints, replay buffer, RNG
 from __future__ import annotations
 
 import gymnasium as gym
+import numpy as np
 import pytest
 import torch
 from torch.distributions import Normal, TransformedDistribution
@@ -444,6 +445,43 @@ def test_sac_exploration_samples_follow_the_actor_distribution():
     with torch.no_grad():
         sampled, _ = agent.actor(obs)
     assert_close(acted, sampled)
+
+
+def test_replay_buffer_stores_and_draws_what_torch_casting_and_indexing_give():
+    rng = np.random.default_rng(0)
+    for discrete in (False, True):
+        n = 40
+        act_shape, act_dtype = ((), torch.int64) if discrete else ((2,), torch.float32)
+        buffer = ReplayBuffer(32, (3,), act_shape, action_dtype=act_dtype, seed=1)
+        # float64 values that float32 rounds, integer actions, boolean terminations; 40 rows
+        # into 32: the last 8 wrap to the front
+        obs, next_obs = rng.standard_normal((n, 3)), rng.standard_normal((n, 3))
+        actions = rng.integers(0, 4, n) if discrete else rng.standard_normal((n, 2))
+        rewards, terminated = rng.standard_normal(n), rng.random(n) < 0.3
+        for i in range(0, n, 5):
+            rows = slice(i, i + 5)
+            buffer.add(obs[rows], actions[rows], rewards[rows], next_obs[rows], terminated[rows])
+        expected = {
+            name: torch.as_tensor(np.concatenate([value[32:], value[8:32]])).to(dtype)
+            for name, value, dtype in [
+                ("obs", obs, torch.float32),
+                ("actions", actions, act_dtype),
+                ("rewards", rewards, torch.float32),
+                ("next_obs", next_obs, torch.float32),
+                ("dones", terminated, torch.float32),
+            ]
+        }
+        for name, value in expected.items():
+            assert torch.equal(getattr(buffer, name), value), name
+        copy = ReplayBuffer(32, (3,), act_shape, action_dtype=act_dtype)
+        copy.load_state_dict(buffer.state_dict())  # written in place: what the draws read
+        state = copy.generator.get_state()
+        drawn = list(copy.batches(3, 8))
+        copy.generator.set_state(state)
+        idx = torch.randint(32, (3, 8), generator=copy.generator)
+        for step, batch in enumerate(drawn):
+            for name, value in expected.items():
+                assert torch.equal(batch[name], value[idx[step]]), name
 
 
 def test_replay_buffer_wraps_around_in_order():
