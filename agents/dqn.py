@@ -81,6 +81,7 @@ class DQN(OffPolicyAgent):
                 "DQN's gradient step",
                 config.cudagraphs,
                 self.layout_checks(),
+                cpp_wrapper=self.device.type == "cpu",
             )
 
     @property

@@ -200,6 +200,7 @@ class SAC(ContinuousAgent):
                 "SAC's gradient step",
                 config.cudagraphs,
                 self.layout_checks(),
+                cpp_wrapper=self.device.type == "cpu",
             )
 
     @property

@@ -88,10 +88,11 @@ class TD3(ContinuousAgent):
             for optimizer in self.optimizers.values():
                 prepare_adam(optimizer)
             graphs, checks = config.cudagraphs, self.layout_checks()
+            cpp = self.device.type == "cpu"
             self.compiled = (
-                CompiledStep(self.functional_critic_step, "TD3's critic step", graphs, checks),
+                CompiledStep(self.functional_critic_step, "TD3's critic step", graphs, checks, cpp),
                 CompiledStep(
-                    self.functional_full_step, "TD3's critic and actor step", graphs, checks
+                    self.functional_full_step, "TD3's critic and actor step", graphs, checks, cpp
                 ),
             )
 

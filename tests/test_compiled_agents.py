@@ -119,6 +119,10 @@ def _check_compiled_against_eager(algo: str, env_id: str, overrides: dict) -> No
             assert_close(got[key], want[key], rtol=1e-3, atol=1e-4, msg=f"{key} at {step}")
     steps = compiled.compiled if isinstance(compiled.compiled, tuple) else (compiled.compiled,)
     assert not any(step.failed for step in steps)
+    import rlweights.agents.compiled as compiled_module
+
+    if compiled_module.BACKEND == "inductor":  # on the CPU, compiled with the C++ wrapper
+        assert all(step.options == {"cpp_wrapper": True} for step in steps)
     assert compiled.gradient_updates == eager.gradient_updates == 30
     for name, net in eager.networks.items():
         theirs = compiled.networks[name].state_dict().values()
@@ -149,6 +153,36 @@ def test_the_command_takes_compile_and_refuses_it_for_sb3(tmp_path, capsys):
         err == "rlweights train: error: --compile compiles the native agents' step, not --impl sb3"
     )
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_step_the_cpp_wrapper_cannot_compile_is_compiled_without_it(monkeypatch, capsys):
+    from torch._dynamo.exc import BackendCompilerFailed
+
+    import rlweights.agents.compiled as compiled
+
+    built = []
+
+    def fake_compile(fn, *, fullgraph, mode, backend, options):
+        built.append((mode, options))
+
+        def run(*args):
+            if options:  # the C++ wrapper fails to compile (before the step runs)
+                raise BackendCompilerFailed(fn, RuntimeError("no C++ wrapper here"), None)
+            return fn(*args)
+
+        return run
+
+    monkeypatch.setattr(torch, "compile", fake_compile)
+    step = compiled.CompiledStep(lambda x: x * 2, "a step", cpp_wrapper=True)
+    assert step(torch.ones(2)).tolist() == [2.0, 2.0]
+    assert built == [(None, {"cpp_wrapper": True}), (None, None)]
+    assert step.options is None and not step.failed
+    assert capsys.readouterr().err == ""  # compiled, not trained eagerly
+    # CUDA graphs ("reduce-overhead") and the agents' CUDA steps keep the Python wrapper
+    graphed = compiled.CompiledStep(lambda x: x, "b", cudagraphs=True, cpp_wrapper=True)
+    assert graphed.options is None
+    assert built[-1] == ("reduce-overhead", None)
+    assert compiled.CompiledStep(lambda x: x, "c").options is None
 
 
 def test_a_constraint_bound_to_views_of_weights_is_refused():
