@@ -18,7 +18,7 @@ from torch.func import functional_call
 from torch.nn import functional as F
 
 import rlweights as rw
-from rlweights.agents.compiled import forget_adam_state_
+from rlweights.agents.compiled import CompiledStep, forget_adam_state_
 from rlweights.agents.networks import TwinQ
 from rlweights.agents.target_update import TargetUpdateSpec
 from rlweights.checks import check_int
@@ -588,6 +588,14 @@ class OffPolicyAgent:
             found.append(self.ema_routine.check)
         found += [c.check for bound in self.bound_constraints.values() for c in bound]
         return found
+
+    def compiled_step(self, fn: Callable[..., Any], name: str) -> CompiledStep:
+        """``fn`` compiled as one step (``--compile``) with this agent's settings: captured in a
+        CUDA graph under ``--cudagraphs``, the layout checks before every call, inductor's C++
+        wrapper on the CPU."""
+        cfg = self.config
+        cpu = self.device.type == "cpu"
+        return CompiledStep(fn, name, cfg.cudagraphs, self.layout_checks(), cpp_wrapper=cpu)
 
     def constrain_bound(self, name: str) -> None:
         """The compiled step's form of :meth:`constrain`: network ``name``'s bound capturable

@@ -76,13 +76,7 @@ class DQN(OffPolicyAgent):
         self.compiled: CompiledStep | None = None
         if config.compile:
             prepare_adam(self.optimizers["q"])
-            self.compiled = CompiledStep(
-                self.functional_update,
-                "DQN's gradient step",
-                config.cudagraphs,
-                self.layout_checks(),
-                cpp_wrapper=self.device.type == "cpu",
-            )
+            self.compiled = self.compiled_step(self.functional_update, "DQN's gradient step")
 
     @property
     def q(self) -> nn.Module:

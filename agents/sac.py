@@ -195,13 +195,7 @@ class SAC(ContinuousAgent):
         if config.compile:
             for optimizer in self.optimizers.values():
                 prepare_adam(optimizer)
-            self.compiled = CompiledStep(
-                self.functional_update,
-                "SAC's gradient step",
-                config.cudagraphs,
-                self.layout_checks(),
-                cpp_wrapper=self.device.type == "cpu",
-            )
+            self.compiled = self.compiled_step(self.functional_update, "SAC's gradient step")
 
     @property
     def critic_target(self) -> TwinQ:

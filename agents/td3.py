@@ -87,13 +87,9 @@ class TD3(ContinuousAgent):
         if config.compile:
             for optimizer in self.optimizers.values():
                 prepare_adam(optimizer)
-            graphs, checks = config.cudagraphs, self.layout_checks()
-            cpp = self.device.type == "cpu"
             self.compiled = (
-                CompiledStep(self.functional_critic_step, "TD3's critic step", graphs, checks, cpp),
-                CompiledStep(
-                    self.functional_full_step, "TD3's critic and actor step", graphs, checks, cpp
-                ),
+                self.compiled_step(self.functional_critic_step, "TD3's critic step"),
+                self.compiled_step(self.functional_full_step, "TD3's critic and actor step"),
             )
 
     @torch.no_grad()
