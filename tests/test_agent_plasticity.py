@@ -277,3 +277,53 @@ def test_bad_plasticity_flags_stop_the_command_before_it_writes(
     err = capsys.readouterr().err
     assert says in err and "Traceback" not in err
     assert not (tmp_path / "runs").exists()
+
+
+def test_sb3_plasticity_callback_reused_after_load_touches_only_the_loaded_model(tmp_path):
+    from stable_baselines3 import SAC
+
+    from rlweights.sb3 import PlasticityCallback
+
+    model = SAC(
+        "MlpPolicy", "Pendulum-v1", learning_starts=50, seed=0, policy_kwargs={"net_arch": [8]}
+    )
+    callback = PlasticityCallback(
+        reset_every=100, reset_layers="critic.*", unit_sphere="actor.mu.weight"
+    )
+    model.learn(60, callback=callback)
+    model.save(tmp_path / "sac")
+    loaded = SAC.load(tmp_path / "sac", env=model.get_env())
+    before = copy.deepcopy(model.policy.state_dict())
+    reference = copy.deepcopy(loaded.policy.critic)
+    # learn(1000, reset_num_timesteps=False) with the same callback, stepped by hand
+    loaded._total_timesteps = 1000
+    callback.init_callback(loaded)
+    callback.on_training_start({}, {})
+    loaded.num_timesteps = 100
+    torch.manual_seed(3)
+    callback.on_step()
+    assert callback.events["reset"] == 1
+    _reference_reset(reference, 3)
+    for p, q in zip(loaded.policy.critic.parameters(), reference.parameters(), strict=True):
+        assert torch.equal(p, q)
+    for name, value in model.policy.state_dict().items():  # the first model: untouched
+        assert torch.equal(value, before[name]), name
+    callback.on_training_end()
+
+
+def test_sb3_plasticity_callback_after_a_learn_that_raised_leaves_no_hook_behind():
+    from stable_baselines3 import SAC
+
+    from rlweights.sb3 import PlasticityCallback
+
+    first = SAC("MlpPolicy", "Pendulum-v1", seed=0, policy_kwargs={"net_arch": [8]})
+    second = SAC("MlpPolicy", "Pendulum-v1", seed=1, policy_kwargs={"net_arch": [8]})
+    callback = PlasticityCallback(unit_sphere="actor.mu.weight")
+    callback.init_callback(first)
+    callback.on_training_start({}, {})  # a learn() that raised: no on_training_end
+    callback.init_callback(second)
+    callback.on_training_start({}, {})
+    assert not first.actor.optimizer._optimizer_step_post_hooks
+    assert len(second.actor.optimizer._optimizer_step_post_hooks) == 1
+    callback.on_training_end()
+    assert not second.actor.optimizer._optimizer_step_post_hooks

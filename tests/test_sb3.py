@@ -324,3 +324,32 @@ def test_drift_callback_without_tensorboard_records_through_the_logger():
         "drift/policy/nonfinite",
     }
     assert values["drift/policy/init_distance"] > 0
+
+
+def test_weight_constraint_callback_after_a_learn_that_raised_leaves_no_hook_behind():
+    first, second = _make(SAC), _make(SAC, seed=1)
+    callback = rsb3.WeightConstraintCallback(("actor",), clamp=(-0.05, 0.05))
+    callback.init_callback(first)
+    callback.on_training_start({}, {})  # a learn() that raised: no on_training_end
+    callback.init_callback(second)
+    callback.on_training_start({}, {})
+    assert not first.actor.optimizer._optimizer_step_post_hooks
+    assert len(second.actor.optimizer._optimizer_step_post_hooks) == 1
+    callback.on_training_end()
+
+
+def test_drift_callback_reused_on_a_model_without_tensorboard_logs_nothing_into_the_old_run(
+    tmp_path,
+):
+    first = _make(SAC, tensorboard_log=str(tmp_path))
+    callback = rsb3.DriftCallback(every=50)
+    first.learn(100, callback=callback)
+    callback.drift_logger.writer.flush()
+    (run,) = tmp_path.iterdir()
+    sizes = {p: p.stat().st_size for p in run.iterdir()}
+    second = _make(SAC, seed=1)
+    second.learn(100, callback=callback)
+    values = callback.log_drift()
+    assert {p: p.stat().st_size for p in run.iterdir()} == sizes
+    want = rw.distance(list(second.critic.parameters()), list(second.critic_target.parameters()))
+    assert values["drift/critic/target_distance"] == pytest.approx(want.item(), rel=1e-5)

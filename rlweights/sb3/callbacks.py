@@ -77,7 +77,9 @@ class WeightConstraintCallback(BaseCallback):
         self.constraint_steps += 1
 
     def _on_training_start(self) -> None:
-        for module, optimizer in _constraint_targets(self.model, self.modules):
+        targets = _constraint_targets(self.model, self.modules)
+        _remove(self._handles)  # a learn() that raised never reached _on_training_end
+        for module, optimizer in targets:
             self._handles.append(rw.constrain(optimizer, module, self._constrain))
 
     def _on_step(self) -> bool:
@@ -87,9 +89,7 @@ class WeightConstraintCallback(BaseCallback):
         self.logger.record("rlweights/constraint_steps", self.constraint_steps)
 
     def _on_training_end(self) -> None:
-        for handle in self._handles:
-            handle.remove()
-        self._handles.clear()
+        _remove(self._handles)
 
 
 class DriftCallback(BaseCallback):
@@ -126,8 +126,10 @@ class DriftCallback(BaseCallback):
         writers = [
             f.writer for f in self.logger.output_formats if isinstance(f, TensorBoardOutputFormat)
         ]
-        if writers:
-            self.drift_logger = DriftLogger(writers[0], self.monitor, self.histograms)
+        # this learn()'s run only: never the writer of an earlier model's run
+        self.drift_logger = (
+            DriftLogger(writers[0], self.monitor, self.histograms) if writers else None
+        )
 
     @property
     def every(self) -> int:
@@ -164,6 +166,10 @@ class PlasticityCallback(BaseCallback):
     optimizer step. A reset or shrink-and-perturb due at the last step of ``learn()`` is
     skipped (nothing would train after it). Logs ``rlweights/resets`` and
     ``rlweights/shrink_perturbs``.
+
+    Everything is bound to the model of each ``learn()`` call, so one callback may serve a
+    model and then the one ``SAC.load`` gives back: the schedules go on from that model's
+    ``num_timesteps``.
 
     >>> resets = PlasticityCallback(reset_every=20_000, reset_layers="critic.*")
     >>> model.learn(100_000, callback=resets)
@@ -210,9 +216,10 @@ class PlasticityCallback(BaseCallback):
         schedules = {"reset": (0.0, 1.0, self.reset_every)}
         if self.shrink_perturb is not None:
             schedules["shrink_perturb"] = (*self.shrink_perturb, self.sp_every)
+        routines = {}
         for kind, (shrink, perturb, every) in schedules.items():
-            if every and kind not in self.routines:  # kept across learn() calls
-                self.routines[kind] = rw.ShrinkPerturb(
+            if every:  # bound to this learn()'s policy (after a load, another one)
+                routines[kind] = rw.ShrinkPerturb(
                     policy,
                     shrink,
                     perturb,
@@ -222,7 +229,9 @@ class PlasticityCallback(BaseCallback):
                     optimizer=optimizers,
                 )
                 # the schedule counts the model's environment steps: those done before too
-                self.routines[kind].counter.step(self.model.num_timesteps)
+                routines[kind].counter.step(self.model.num_timesteps)
+        _remove(self._handles)  # a learn() that raised never reached _on_training_end
+        self.routines = routines
         self._counted = self.model.num_timesteps
         if self.unit_sphere is not None:
             found = entries(policy, "PlasticityCallback")[0]
@@ -266,9 +275,14 @@ class PlasticityCallback(BaseCallback):
         self.logger.record("rlweights/shrink_perturbs", self.events["shrink_perturb"])
 
     def _on_training_end(self) -> None:
-        for handle in self._handles:
-            handle.remove()
-        self._handles.clear()
+        _remove(self._handles)
+
+
+def _remove(handles: list) -> None:
+    """Remove the hooks a callback put on optimizers, and forget them."""
+    for handle in handles:
+        handle.remove()
+    handles.clear()
 
 
 def _optimizers(policy: nn.Module) -> list[Any]:
