@@ -103,7 +103,7 @@ def test_a_toy_benchmark_writes_curves_table_and_png_and_resumes(tmp_path):
     seeds = args.index("--seeds")
     more = [*args[: seeds + 3], "2", *args[seeds + 3 :], "--report-only"]  # seeds 0 1 2
     assert main(more) == 0
-    assert not (tmp_path / "runs" / "sac-Pendulum-v1-native-s2").exists()
+    assert not list(tmp_path.glob("runs/sac-Pendulum-v1-native-s2*"))
     assert len(json.loads((tmp_path / "curves.json").read_text())) == 4
 
 
@@ -155,7 +155,7 @@ def test_a_toy_variant_benchmark_trains_the_variant_with_its_flags(tmp_path):
     assert main(args) == 0
     configs = {
         run: json.loads(
-            (tmp_path / "runs" / f"sac-Pendulum-v1-{run}-s0" / "config.json").read_text()
+            next(tmp_path.glob(f"runs/sac-Pendulum-v1-{run}-s0-*/config.json")).read_text()
         )
         for run in ("native", "reset")
     }
@@ -176,3 +176,35 @@ def test_curves_are_averaged_at_the_steps_every_run_has():
     steps, returns = aligned(group)
     assert steps.tolist() == [10, 30]
     assert returns.tolist() == [[1.0, 3.0], [5.0, 7.0]]
+
+
+def test_a_stored_run_counts_only_for_the_same_configuration(tmp_path):
+    from pathlib import Path
+
+    from rlweights.bench.learning import Cell, _command
+
+    def run(cell, points=3, episodes=1):
+        command = _command(cell, Path("runs"), points, episodes)
+        return command[command.index("--run-name") + 1]
+
+    cell = Cell("sac", "Pendulum-v1", 300, "native", 0)
+    same = run(cell)
+    assert run(Cell("sac", "Pendulum-v1", 300, "native", 0)) == same
+    others = {
+        run(Cell("sac", "Pendulum-v1", 400, "native", 0)),
+        run(Cell("sac", "Pendulum-v1", 300, "native", 0, ("--gradient-steps", "2"))),
+        run(cell, points=4),
+        run(cell, episodes=2),
+    }
+    assert same not in others and len(others) == 4
+    # a finished 100-step run is not reported as the 150-step benchmark
+    args = ["bench-learning", "--impls", "native", "--seeds", "0", "--points", "1"]
+    args += ["--eval-episodes", "1", "--workers", "1", "--out", str(tmp_path), "--runs"]
+    assert main([*args, "sac:Pendulum-v1:100"]) == 0
+    (short,) = tmp_path.glob("runs/*/summary.json")
+    stored = short.read_bytes()
+    assert main([*args, "sac:Pendulum-v1:150"]) == 0
+    (curve,) = json.loads((tmp_path / "curves.json").read_text())
+    assert curve["steps"] == [150]
+    assert short.read_bytes() == stored  # the other run is kept as it was
+    assert "| sac | Pendulum-v1 | 150 | 1 |" in (tmp_path / "table.md").read_text()

@@ -9,7 +9,9 @@ the same schedule (--points evaluations of --eval-episodes deterministic episode
 Runs go side by side, one process per worker (--workers, default: one per core), each
 with one thread. Every run is a 'rlweights train' run folder under OUT/runs: a killed
 benchmark keeps the runs that finished and resumes the others where their last checkpoint
-left them when it is started again with the same arguments.
+left them when it is started again with the same arguments. A folder's name ends in a digest
+of its run's whole configuration (steps, flags, evaluation schedule), so a stored run counts
+only for the same configuration; runs of other configurations stay as they are.
 
 Writes OUT/curves.json (per run: the evaluation steps and returns, the final return, the
 wall-clock seconds), OUT/table.md (final return over seeds: mean with a 95 % bootstrap
@@ -31,6 +33,7 @@ shrink-and-perturb against none, for instance.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import re
@@ -97,11 +100,8 @@ def bootstrap_interval(
     return low, high
 
 
-def _command(cell: Cell, runs: Path, points: int, episodes: int) -> list[str]:
-    run = runs / cell.name
-    base = [sys.executable, "-m", "rlweights", "train", "--no-progress"]
-    if (run / "model.pt").is_file():  # killed before: continue where it stopped
-        return [*base, "--resume", str(run)]
+def _configuration(cell: Cell, points: int, episodes: int) -> list[str]:
+    """The 'rlweights train' arguments of the cell's run: all but where it is written."""
     from rlweights.agents.train import make_config
 
     steps = cell.budget or make_config(cell.algo, cell.env_id).total_steps
@@ -109,13 +109,31 @@ def _command(cell: Cell, runs: Path, points: int, episodes: int) -> list[str]:
     if cell.impl == "compile":
         impl.append("--compile")
     return [
-        *base,
         *cell.flags,
         *("--algo", cell.algo, "--env", cell.env_id, *impl),
         *("--seed", str(cell.seed), "--steps", str(steps)),
         *("--eval-every", str(max(steps // points, 1)), "--eval-episodes", str(episodes)),
-        *("--logdir", str(runs), "--run-name", cell.name),
     ]
+
+
+def _run_name(cell: Cell, configuration: list[str]) -> str:
+    """The cell's name and a digest of its whole configuration: a stored run counts (and
+    resumes) only for the same steps, flags and evaluation schedule."""
+    digest = hashlib.sha256(json.dumps(configuration).encode()).hexdigest()[:10]
+    return f"{cell.name}-{digest}"
+
+
+def _run_dirs(cells: list[Cell], runs: Path, points: int, episodes: int) -> dict[Cell, Path]:
+    return {c: runs / _run_name(c, _configuration(c, points, episodes)) for c in cells}
+
+
+def _command(cell: Cell, runs: Path, points: int, episodes: int) -> list[str]:
+    configuration = _configuration(cell, points, episodes)
+    name = _run_name(cell, configuration)
+    base = [sys.executable, "-m", "rlweights", "train", "--no-progress"]
+    if (runs / name / "model.pt").is_file():  # killed before: continue where it stopped
+        return [*base, "--resume", str(runs / name)]
+    return [*base, *configuration, "--logdir", str(runs), "--run-name", name]
 
 
 def _curve(run: Path) -> dict:
@@ -382,13 +400,14 @@ def main_from_args(args: argparse.Namespace) -> int:
         return 2
     runs = args.out / "runs"
     runs.mkdir(parents=True, exist_ok=True)
+    folders = _run_dirs(cells, runs, args.points, args.eval_episodes)
     failed = []
     if args.report_only:
-        cells = [c for c in cells if (runs / c.name / "summary.json").is_file()]
+        cells = [c for c in cells if (folders[c] / "summary.json").is_file()]
     for cell in cells:
-        if (runs / cell.name / "summary.json").is_file():
+        if (folders[cell] / "summary.json").is_file():
             print(f"{cell.name}: done before", flush=True)
-    todo = [c for c in cells if not (runs / c.name / "summary.json").is_file()]
+    todo = [c for c in cells if not (folders[c] / "summary.json").is_file()]
 
     def done(finished: Any) -> None:
         name = todo[finished.index].name
@@ -407,8 +426,8 @@ def main_from_args(args: argparse.Namespace) -> int:
     if runner.stopped is not None:
         print("rlweights bench-learning: stopped; run it again to go on", file=sys.stderr)
         return 128 + runner.stopped
-    finished = [c for c in cells if (runs / c.name / "summary.json").is_file()]
-    curves = [{**vars(c), **_curve(runs / c.name)} for c in finished]
+    finished = [c for c in cells if (folders[c] / "summary.json").is_file()]
+    curves = [{**vars(c), **_curve(folders[c])} for c in finished]
     write_json(args.out / "curves.json", curves)
     rows = summarise(curves) if curves else []
     table = markdown(rows) if curves else "no finished runs\n"
