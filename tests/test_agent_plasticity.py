@@ -327,3 +327,62 @@ def test_sb3_plasticity_callback_after_a_learn_that_raised_leaves_no_hook_behind
     assert len(second.actor.optimizer._optimizer_step_post_hooks) == 1
     callback.on_training_end()
     assert not second.actor.optimizer._optimizer_step_post_hooks
+
+
+def test_sb3_plasticity_callback_resets_the_state_independent_log_std_to_its_init():
+    from stable_baselines3 import PPO, SAC
+
+    from rlweights.sb3 import PlasticityCallback
+
+    model = SAC(
+        "MlpPolicy",
+        "Pendulum-v1",
+        use_sde=True,
+        learning_starts=50,
+        seed=0,
+        policy_kwargs={"net_arch": [8], "log_std_init": -2.0},
+    )
+    model.learn(60)  # Adam has state for every parameter
+    callback = PlasticityCallback(reset_every=100)  # every parameter of the trained networks
+    model._total_timesteps = 1000
+    callback.init_callback(model)
+    callback.on_training_start({}, {})
+    layers = {  # the trained networks' layers, in module order (the targets come last)
+        name: copy.deepcopy(m)
+        for name, m in model.policy.named_modules()
+        if isinstance(m, nn.Linear) and not name.startswith("critic_target")
+    }
+    model.num_timesteps = 100
+    torch.manual_seed(4)
+    callback.on_step()
+    torch.manual_seed(4)  # log_std is drawn by no layer: the same stream
+    for name, layer in layers.items():
+        layer.reset_parameters()
+        for key, p in layer.named_parameters():
+            assert torch.equal(model.policy.get_parameter(f"{name}.{key}"), p), name
+    log_std = model.policy.actor.log_std
+    assert torch.equal(log_std, torch.full_like(log_std, -2.0))
+    assert log_std not in model.policy.actor.optimizer.state
+
+    ppo = PPO(
+        "MlpPolicy", "Pendulum-v1", n_steps=32, batch_size=16, policy_kwargs={"net_arch": [8]}
+    )
+    with torch.no_grad():
+        ppo.policy.log_std.fill_(0.8)
+    callback = PlasticityCallback(shrink_perturb=(0.5, 0.25), sp_every=10, reset_layers="log_std")
+    ppo._total_timesteps = 1000
+    callback.init_callback(ppo)
+    callback.on_training_start({}, {})
+    ppo.num_timesteps = 10
+    callback.on_step()
+    # shrink * log_std + perturb * log_std_init (SB3's PPO: 0.0)
+    assert torch.equal(ppo.policy.log_std, torch.full_like(ppo.policy.log_std, 0.4))
+    assert callback.events["shrink_perturb"] == 1
+
+
+def test_sb3_runs_of_the_command_reset_gsde_presets():
+    from rlweights.agents.sb3_train import check_plasticity
+
+    config = make_config("sac", "MountainCarContinuous-v0", reset_every=100, hidden=(8,))
+    assert config.use_sde
+    check_plasticity(config)  # refused before: log_std has no layer to reset it

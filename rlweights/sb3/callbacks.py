@@ -13,7 +13,7 @@ from torch import nn
 import rlweights as rw
 from rlweights.checks import check_fraction, check_int
 from rlweights.drift import DriftMonitor
-from rlweights.periodic import Periodic
+from rlweights.periodic import Periodic, PeriodicRoutine
 from rlweights.plasticity import follow_targets_, step_schedules
 from rlweights.sb3.patching import algorithm_names
 from rlweights.tensorboard import DriftLogger
@@ -161,7 +161,10 @@ class PlasticityCallback(BaseCallback):
     (``"critic.*"``, ``"actor.mu.*"``); by default every parameter of its trained networks.
     Target networks (``*_target``) are never selected: after a reset or a shrink-and-perturb
     each target takes the same weights as its online network for the touched parameters, and
-    every optimizer of the policy forgets the state of what was touched. ``unit_sphere``:
+    every optimizer of the policy forgets the state of what was touched. SB3's
+    state-independent ``log_std`` (gSDE's, PPO's, A2C's), which no layer draws, starts again
+    from its ``log_std_init`` as SB3 builds it (a shrink-and-perturb takes ``shrink *
+    log_std + perturb * log_std_init``). ``unit_sphere``:
     globs naming weights whose output units are projected onto the unit sphere after every
     optimizer step. A reset or shrink-and-perturb due at the last step of ``learn()`` is
     skipped (nothing would train after it). Logs ``rlweights/resets`` and
@@ -207,6 +210,7 @@ class PlasticityCallback(BaseCallback):
         self.events = {"reset": 0, "shrink_perturb": 0}
         self._handles: list = []
         self._counted = 0
+        self._log_std_shifts: dict[str, _LogStdShift] = {}
 
     def _on_training_start(self) -> None:
         policy = self.model.policy
@@ -216,22 +220,29 @@ class PlasticityCallback(BaseCallback):
         schedules = {"reset": (0.0, 1.0, self.reset_every)}
         if self.shrink_perturb is not None:
             schedules["shrink_perturb"] = (*self.shrink_perturb, self.sp_every)
-        routines = {}
+        layers, log_stds = [], {}
+        if self.reset_every or self.sp_every:
+            layers, log_stds = _reset_selection(policy, self.reset_layers, exclude)
+        # bound to this learn()'s policy (after a load, another one)
+        routines, shifts = {}, {}
         for kind, (shrink, perturb, every) in schedules.items():
-            if every:  # bound to this learn()'s policy (after a load, another one)
+            if every and layers:
                 routines[kind] = rw.ShrinkPerturb(
                     policy,
                     shrink,
                     perturb,
                     every=every,
                     include=self.reset_layers,
-                    exclude=exclude,
+                    exclude=[*exclude, *log_stds],
                     optimizer=optimizers,
                 )
-                # the schedule counts the model's environment steps: those done before too
-                routines[kind].counter.step(self.model.num_timesteps)
+            if every and log_stds:
+                shifts[kind] = _LogStdShift(log_stds, shrink, perturb, every, optimizers)
+        # the schedules count the model's environment steps: those done before too
+        for routine in (*routines.values(), *shifts.values()):
+            routine.counter.step(self.model.num_timesteps)
         _remove(self._handles)  # a learn() that raised never reached _on_training_end
-        self.routines = routines
+        self.routines, self._log_std_shifts = routines, shifts
         self._counted = self.model.num_timesteps
         if self.unit_sphere is not None:
             found = entries(policy, "PlasticityCallback")[0]
@@ -257,7 +268,7 @@ class PlasticityCallback(BaseCallback):
         # the last step of learn(): nothing trains after it, so no reset there
         last = steps >= getattr(self.model, "_total_timesteps", steps + 1)
         fired = step_schedules(self.routines, n, skip=last)
-        for kind in fired:
+        for kind in {**fired, **step_schedules(self._log_std_shifts, n, skip=last)}:
             self.events[kind] += 1
         touched = [name for names in fired.values() for name in names]
         if touched:
@@ -276,6 +287,58 @@ class PlasticityCallback(BaseCallback):
 
     def _on_training_end(self) -> None:
         _remove(self._handles)
+
+
+def _reset_selection(
+    policy: nn.Module, include: str | Sequence[str] | None, exclude: list[str]
+) -> tuple[list[str], dict[str, tuple[nn.Parameter, float]]]:
+    """What ``include`` selects for a reset among the policy's parameters: (the names of
+    those its layers draw afresh, ``{name: (parameter, log_std_init)}`` of SB3's
+    state-independent log standard deviations). SB3 builds each of those as ``log_std_init``
+    everywhere, outside any layer, so no ``reset_parameters()`` draws it."""
+    found = [e for e in entries(policy, "PlasticityCallback")[0] if e.kind == "param"]
+    chosen = [e.name for e in select(found, include, exclude, "the policy")]
+    log_stds = {}
+    for prefix, module in policy.named_modules():
+        param, init = getattr(module, "log_std", None), getattr(module, "log_std_init", None)
+        name = f"{prefix}.log_std" if prefix else "log_std"
+        if isinstance(param, nn.Parameter) and isinstance(init, int | float) and name in chosen:
+            log_stds[name] = (param, float(init))
+    return [n for n in chosen if n not in log_stds], log_stds
+
+
+class _LogStdShift(PeriodicRoutine):
+    """``log_std <- shrink * log_std + perturb * log_std_init`` on a schedule (a reset:
+    ``log_std_init``, as SB3 builds it); the optimizers forget the state of what it wrote."""
+
+    def __init__(
+        self,
+        log_stds: dict[str, tuple[nn.Parameter, float]],
+        shrink: float,
+        perturb: float,
+        every: int,
+        optimizers: list[Any],
+    ):
+        self.log_stds, self.shrink, self.perturb = log_stds, shrink, perturb
+        params = [param for param, _ in log_stds.values()]
+        self.trained = []  # (optimizer, the log_stds it trains)
+        for optimizer in optimizers:
+            owned = {id(p) for g in optimizer.param_groups for p in g["params"]}
+            mine = [p for p in params if id(p) in owned]
+            if mine:
+                self.trained.append((optimizer, mine))
+        self.touched = list(log_stds)
+        super().__init__(every)
+
+    def _run(self) -> None:
+        with torch.no_grad():
+            for param, init in self.log_stds.values():
+                if self.shrink == 0.0:
+                    param.fill_(self.perturb * init)
+                else:
+                    param.mul_(self.shrink).add_(self.perturb * init)
+        for optimizer, mine in self.trained:
+            rw.reset_optimizer_state_(optimizer, mine)
 
 
 def _remove(handles: list) -> None:
