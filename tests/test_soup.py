@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import stat
 
+import pytest
 import torch
 from conftest import cnn_bn, mlp
 from torch.testing import assert_close
@@ -138,7 +139,7 @@ def test_refusals_exit_2_and_write_nothing(tmp_path, capsys):
     corrupt.write_bytes(b"not a checkpoint")
     out = tmp_path / "out.pt"
     cases = [
-        ([a, other], [], "do not fit together"),
+        ([a, other], [], "hold different tensors"),
         ([a, b], ["--coefficients", "1"], "1 coefficients for 2 checkpoints"),
         ([a, b], ["--coefficients", "1", "-1"], "coefficients[1] must be a finite number >= 0"),
         ([a], [], "at least two checkpoints"),
@@ -153,3 +154,86 @@ def test_refusals_exit_2_and_write_nothing(tmp_path, capsys):
         assert err[0].startswith("rlweights average: error: ") and message in err[0], err
         assert not out.exists()
     assert not (tmp_path / "pwned").exists()
+
+
+def _dqn_run(folder, env_id, seed):
+    from rlweights.agents.train import make_config, train
+
+    config = make_config(
+        "dqn",
+        env_id,
+        total_steps=60,
+        learning_starts=20,
+        hidden=(8,),
+        train_freq=4,
+        gradient_steps=1,
+        eval_every=0,
+        eval_episodes=1,
+        seed=seed,
+    )
+    train(config, folder)
+    return folder
+
+
+@pytest.mark.filterwarnings("ignore:.*CartPole-v0 is out of date")
+def test_average_takes_run_folders_refuses_other_environments_and_other_runs(tmp_path, capsys):
+    r0 = _dqn_run(tmp_path / "r0", "CartPole-v1", 0)
+    r1 = _dqn_run(tmp_path / "r1", "CartPole-v1", 1)
+    v0 = _dqn_run(tmp_path / "v0", "CartPole-v0", 2)  # the same spaces: the weights fit
+    files = {run: (run / "model.pt").read_bytes() for run in (r0, r1, v0)}
+    # run folders, as 'evaluate' and 'train --resume' take them
+    out = tmp_path / "soup.pt"
+    assert main(["average", str(r0), str(r1), "--out", str(out)]) == 0
+    soup = torch.load(out, weights_only=True)
+    a, b = (torch.load(r / "model.pt", weights_only=True)["weights"] for r in (r0, r1))
+    for net in a:
+        for key in a[net]:
+            assert_close(soup["weights"][net][key], (a[net][key] + b[net][key]) / 2)
+    capsys.readouterr()
+    assert main(["evaluate", str(out), "--episodes", "1"]) == 0
+    capsys.readouterr()
+    refusals = [
+        (
+            [r0, v0],
+            [],
+            f"the checkpoints come from different environments: CartPole-v1 ({r0 / 'model.pt'})"
+            f" and CartPole-v0 ({v0 / 'model.pt'}); average runs of one environment",
+        ),
+        ([r0, r1], ["--out", str(v0 / "model.pt")], f"is in the run folder {v0}"),
+        ([r0, r1], ["--out", str(v0 / "soup.pt")], f"is in the run folder {v0}"),
+        ([r0, r1], ["--out", str(r1)], "is a directory"),
+        ([r0, tmp_path / "nowhere"], ["--out", str(tmp_path / "x.pt")], "no file at"),
+    ]
+    for inputs, extra, says in refusals:
+        extra = extra or ["--out", str(tmp_path / "other.pt")]
+        code = main(["average", *map(str, inputs), *extra])
+        err = capsys.readouterr().err.strip().splitlines()
+        assert code == 2 and len(err) == 1, err
+        assert says in err[0], err
+        assert not (tmp_path / "other.pt").exists() and not (v0 / "soup.pt").exists()
+    assert {run: (run / "model.pt").read_bytes() for run in (r0, r1, v0)} == files
+    # an input is never replaced, even with --force
+    assert main(["average", str(r0), str(r1), "--out", str(r0 / "model.pt"), "--force"]) == 2
+    assert "one of the checkpoints to average" in capsys.readouterr().err
+    # --force: the user means it
+    assert main(["average", str(r0), str(r1), "--out", str(v0 / "model.pt"), "--force"]) == 0
+    forced = torch.load(v0 / "model.pt", weights_only=True)["weights"]
+    assert all(torch.equal(forced[n][k], v) for n in forced for k, v in soup["weights"][n].items())
+
+
+def test_a_mismatch_is_said_in_the_command_s_terms(tmp_path, capsys):
+    a = save(tmp_path, "a.pt", mlp(0).state_dict())
+    other = save(tmp_path, "other.pt", cnn_bn(0).state_dict())
+    wide = mlp(1).state_dict()
+    wide["0.weight"] = torch.zeros(3, 5)
+    wide = save(tmp_path, "wide.pt", wide)
+    cases = [
+        (other, f"{a} and {other} hold different tensors (only in {a}: '2.weight', '2.bias'; "),
+        (wide, f"{a} and {wide} do not fit together: '0.weight' shape (16, 5) vs (3, 5)"),
+    ]
+    for second, says in cases:
+        assert main(["average", str(a), str(second), "--out", str(tmp_path / "s.pt")]) == 2
+        (line,) = capsys.readouterr().err.strip().splitlines()
+        assert says in line, line
+        assert line.endswith("average checkpoints of one architecture")
+        assert "include=" not in line and "exclude=" not in line
