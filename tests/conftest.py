@@ -20,6 +20,9 @@ DEVICES = [
     pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(not CUDA, reason="no CUDA")]),
 ]
 FLOAT_DTYPES = [torch.float32, torch.float64, torch.bfloat16, torch.float16]
+# A subprocess's timeout in a test only catches a hang: far above what the slowest command
+# takes on a busy machine (minutes), so that a loaded machine never fails a test.
+SUBPROCESS_TIMEOUT = 1800.0
 
 
 @pytest.fixture(autouse=True, scope="session")
@@ -160,7 +163,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def launch(worker, tmp_path, timeout=120.0, **kwargs):
+def launch(worker, tmp_path, timeout=SUBPROCESS_TIMEOUT, **kwargs):
     """Run ``worker(rank, out_dir, **kwargs)`` in WORLD spawned processes that joined one gloo
     group; returns the exit codes. Each worker saves what it saw under ``tmp_path``."""
     port = free_port()

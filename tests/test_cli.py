@@ -10,13 +10,16 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import SUBPROCESS_TIMEOUT
 
 ROOT = Path(__file__).resolve().parents[1]
 EXE = Path(sys.executable).parent / "rlweights"
 
 
 def _run(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run(args, capture_output=True, text=True, cwd=ROOT, timeout=300)
+    return subprocess.run(
+        args, capture_output=True, text=True, cwd=ROOT, timeout=SUBPROCESS_TIMEOUT
+    )
 
 
 @pytest.mark.parametrize(

@@ -13,6 +13,7 @@ import gymnasium as gym
 import numpy as np
 import pytest
 import torch
+from conftest import SUBPROCESS_TIMEOUT
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from rlweights.agents.demo import DIVERGED_NORM, baird_td, chain_dqn, chain_q_error
@@ -152,7 +153,7 @@ def test_demo_command_writes_table_json_png_and_tensorboard(tmp_path):
         capture_output=True,
         text=True,
         cwd=ROOT,
-        timeout=120,
+        timeout=SUBPROCESS_TIMEOUT,
     )
     assert done.returncode == 0, done.stderr
     assert "| no target network | 0 | 400 |" in done.stdout

@@ -21,6 +21,7 @@ import zipfile
 from pathlib import Path
 
 import pytest
+from conftest import SUBPROCESS_TIMEOUT
 
 ROOT = Path(__file__).resolve().parents[1]
 EXTRAS = ("gymnasium", "stable_baselines3", "tensorboard", "tqdm")
@@ -48,7 +49,9 @@ def _python(
     code: str, *, blocked: tuple[str, ...] = (), cwd: Path = ROOT, exe: str = sys.executable
 ):
     script = BLOCKER.format(blocked=blocked) + textwrap.dedent(code)
-    return subprocess.run([exe, "-c", script], capture_output=True, text=True, cwd=cwd, timeout=300)
+    return subprocess.run(
+        [exe, "-c", script], capture_output=True, text=True, cwd=cwd, timeout=SUBPROCESS_TIMEOUT
+    )
 
 
 def test_import_rlweights_loads_no_extra_and_no_application():
@@ -211,7 +214,7 @@ def wheel(tmp_path_factory) -> Path:
         [sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", str(out), str(ROOT)],
         check=True,
         capture_output=True,
-        timeout=600,
+        timeout=SUBPROCESS_TIMEOUT,
     )
     (found,) = out.glob("rlweights-*.whl")
     return found
@@ -247,7 +250,7 @@ def installed(wheel, tmp_path_factory) -> Path:
         ],
         check=True,
         capture_output=True,
-        timeout=300,
+        timeout=SUBPROCESS_TIMEOUT,
     )
     return env
 
@@ -323,7 +326,7 @@ def test_the_installed_wheel_trains(installed, tmp_path, where):
         text=True,
         cwd=work,
         env=env,
-        timeout=300,
+        timeout=SUBPROCESS_TIMEOUT,
     )
     assert train.returncode == 0, train.stderr
     assert (work / "runs" / "wheel" / "model.pt").is_file()

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import launch
+from conftest import SUBPROCESS_TIMEOUT, launch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from rlweights.agents.train import load_checkpoint, make_config, train
@@ -55,7 +55,7 @@ def training_worker(rank, out):
 
 
 def test_learners_average_every_k_steps_and_only_rank_0_writes(tmp_path):
-    codes = launch(training_worker, tmp_path, timeout=240.0)
+    codes = launch(training_worker, tmp_path)
     errors = [p.read_text() for p in tmp_path.glob("error*.txt")]
     assert codes == [0, 0], errors
     ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(2)]
@@ -102,7 +102,7 @@ def dying_learner_worker(rank, out):
 
 
 def test_a_learner_that_dies_stops_the_others_with_a_clear_error(tmp_path):
-    codes = launch(dying_learner_worker, tmp_path, timeout=120.0, timeout_s=20)
+    codes = launch(dying_learner_worker, tmp_path, timeout_s=20)
     assert codes[1] == 1
     seen = torch.load(tmp_path / "seen.pt", weights_only=True)
     assert "a peer process died or did not answer" in seen["message"]
@@ -139,7 +139,9 @@ def test_torchrun_trains_parallel_learners_from_the_command(tmp_path):
         "r",
     ]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    done = subprocess.run(command, capture_output=True, text=True, timeout=180, env=env)
+    done = subprocess.run(
+        command, capture_output=True, text=True, timeout=SUBPROCESS_TIMEOUT, env=env
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout.count("rlweights train: native dqn on CartPole-v1 (2 learners)") == 1
     assert done.stdout.count("final eval return") == 1

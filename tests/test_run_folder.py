@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import SUBPROCESS_TIMEOUT
 
 from rlweights.agents.train import load_checkpoint
 from rlweights.cli import main
@@ -62,7 +63,7 @@ def _start(tmp_path: Path, *args: str, **env: str) -> subprocess.Popen:
     )
 
 
-def _wait_for(condition, seconds: float = 120.0) -> None:
+def _wait_for(condition, seconds: float = SUBPROCESS_TIMEOUT) -> None:
     deadline = time.monotonic() + seconds
     while not condition():
         assert time.monotonic() < deadline, "timed out"
@@ -71,7 +72,7 @@ def _wait_for(condition, seconds: float = 120.0) -> None:
 
 def _finish(proc: subprocess.Popen) -> str:
     try:
-        _, err = proc.communicate(timeout=120)
+        _, err = proc.communicate(timeout=SUBPROCESS_TIMEOUT)
     finally:
         proc.kill()
     assert "Traceback" not in err, err
@@ -123,7 +124,7 @@ def test_a_run_stopped_before_its_first_checkpoint_can_be_started_again(tmp_path
     proc.send_signal(signal.SIGINT)
     time.sleep(0.3)
     proc.send_signal(signal.SIGINT)
-    _, err = proc.communicate(timeout=120)
+    _, err = proc.communicate(timeout=SUBPROCESS_TIMEOUT)
     assert proc.returncode == 130
     run = tmp_path / "runs" / "r"
     assert not (run / "model.pt").exists()

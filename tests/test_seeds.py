@@ -10,6 +10,7 @@ import sys
 import time
 
 import pytest
+from conftest import SUBPROCESS_TIMEOUT
 
 from rlweights.agents.cli import _child_arguments
 from rlweights.agents.train import load_checkpoint
@@ -72,13 +73,13 @@ def test_a_stop_signal_reaches_every_seed_and_each_keeps_a_checkpoint(tmp_path):
     command += ["--logdir", str(tmp_path), "--run-name", "r"]
     proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
-        deadline = time.monotonic() + 120
+        deadline = time.monotonic() + SUBPROCESS_TIMEOUT
         while not all((tmp_path / f"r-s{s}" / "model.pt").exists() for s in (0, 1)):
             assert time.monotonic() < deadline and proc.poll() is None, "did not start"
             time.sleep(0.1)  # the first checkpoint (step 100) is written: both train
         time.sleep(1)
         proc.send_signal(signal.SIGTERM)
-        _, err = proc.communicate(timeout=120)
+        _, err = proc.communicate(timeout=SUBPROCESS_TIMEOUT)
     finally:
         proc.kill()
     assert proc.returncode == 128 + signal.SIGTERM, err

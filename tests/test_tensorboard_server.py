@@ -10,7 +10,7 @@ import time
 import urllib.parse
 import urllib.request
 
-from conftest import logged_drift_run
+from conftest import SUBPROCESS_TIMEOUT, logged_drift_run
 
 
 def _free_port() -> int:
@@ -48,7 +48,7 @@ def test_tensorboard_serves_the_drift_scalars(tmp_path):
     base = f"http://127.0.0.1:{port}"
     tag = "drift/critic/target_distance"
     try:
-        deadline = time.monotonic() + 90
+        deadline = time.monotonic() + SUBPROCESS_TIMEOUT
         tags = {}
         while time.monotonic() < deadline:
             assert server.poll() is None, server.stderr.read().decode()

@@ -17,6 +17,7 @@ import gymnasium as gym
 import numpy as np
 import pytest
 import torch
+from conftest import SUBPROCESS_TIMEOUT
 
 from rlweights.agents.train import load_checkpoint, make_config, train
 from rlweights.cli import main
@@ -410,7 +411,7 @@ def test_real_process_exit_codes_and_no_traceback(tmp_path):
             capture_output=True,
             text=True,
             cwd=tmp_path,
-            timeout=120,
+            timeout=SUBPROCESS_TIMEOUT,
         )
 
     bad = run("train", "--algo", "dqn", "--env", "Pendulum-v1")
@@ -425,7 +426,10 @@ def test_real_process_exit_codes_and_no_traceback(tmp_path):
 def test_train_script_and_help(tmp_path):
     script = ROOT / "scripts" / "train.py"
     help_text = subprocess.run(
-        [sys.executable, str(script), "--help"], capture_output=True, text=True, timeout=120
+        [sys.executable, str(script), "--help"],
+        capture_output=True,
+        text=True,
+        timeout=SUBPROCESS_TIMEOUT,
     )
     assert help_text.returncode == 0
     for flag in ("--algo", "--target-update", "--policy-ema", "--resume", "--impl", "--max-norm"):
@@ -434,7 +438,7 @@ def test_train_script_and_help(tmp_path):
         [sys.executable, str(script), "--steps", "60", *TINY_FLAGS, "--logdir", str(tmp_path)],
         capture_output=True,
         text=True,
-        timeout=300,
+        timeout=SUBPROCESS_TIMEOUT,
     )
     assert done.returncode == 0, done.stderr
     (run,) = tmp_path.iterdir()
@@ -462,7 +466,7 @@ def test_ctrl_c_on_the_command_checkpoints_and_resume_finishes(tmp_path):
         assert proc.stdout.readline().startswith("rlweights train: native sac")
         time.sleep(3)  # well inside the training loop
         proc.send_signal(signal.SIGINT)
-        _, err = proc.communicate(timeout=120)
+        _, err = proc.communicate(timeout=SUBPROCESS_TIMEOUT)
     finally:
         proc.kill()
     assert proc.returncode == 130
