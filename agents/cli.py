@@ -44,7 +44,7 @@ from rlweights.agents.train import (
 )
 from rlweights.distributed import PeerError
 from rlweights.extras import require
-from rlweights.files import write_json
+from rlweights.files import WriteError, write_json
 
 TRAIN_DESCRIPTION = """\
 Train a native DQN, SAC or TD3 agent on a Gymnasium environment (with --impl sb3: SB3's
@@ -604,6 +604,21 @@ def _stopped_message(run_dir: Path, stop: GracefulStop, exc: BaseException, tota
     )
 
 
+def _unwritten_message(run_dir: Path, exc: WriteError) -> str:
+    """What the user reads when a file of the run could not be written (a full disk): what
+    failed, the checkpoint that is left (``model.pt`` is written atomically) and what next."""
+    steps = checkpoint_steps(run_dir / "model.pt")
+    if steps is None:
+        left, then = "no checkpoint was written yet", "start it again"
+    else:
+        left = f"the checkpoint of step {steps} in {run_dir}/model.pt is as it was"
+        then = "continue it"
+    return (
+        f"{exc}; {left}. When the folder can be written, {then} with: rlweights train "
+        f"--resume {run_dir}"
+    )
+
+
 def train_main(args: argparse.Namespace) -> int:
     if args.threads < 1:
         print("rlweights train: error: --threads must be >= 1", file=sys.stderr)
@@ -777,6 +792,10 @@ def _train(
         progress.close()
         print(f"rlweights train: error: {exc}", file=sys.stderr)
         return 1
+    except WriteError as exc:
+        progress.close()
+        print(f"rlweights train: error: {_unwritten_message(run_dir, exc)}", file=sys.stderr)
+        return 2
     progress.close()
     if not lead:
         return 0
@@ -879,9 +898,10 @@ def evaluate_main(args: argparse.Namespace) -> int:
 
 
 def _guarded(command: str, prepare: Any, args: argparse.Namespace) -> Any:
-    """Bad input -> one line on stderr and exit code 2 (returned as an int), no traceback."""
+    """Bad input, or a file of the run that cannot be written -> one line on stderr and exit
+    code 2 (returned as an int), no traceback."""
     try:
         return prepare(args)
-    except (UsageError, CheckpointError, ValueError) as exc:
+    except (UsageError, CheckpointError, ValueError, WriteError) as exc:
         print(f"rlweights {command}: error: {exc}", file=sys.stderr)
         return 2

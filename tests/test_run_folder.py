@@ -3,6 +3,7 @@ the run folder's lock; what interrupted writes leave behind."""
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import signal
@@ -205,3 +206,46 @@ def test_temporary_files_of_a_killed_write_are_removed_at_resume_and_rerun(tmp_p
     (fresh / ".model.pt.q1w2e3r4.tmp").write_bytes(b"half")
     assert main([*args[:-1], "fresh"]) == 0
     assert sorted(p.name for p in fresh.iterdir() if p.name.startswith(".")) == []
+
+
+def _one_line(capsys) -> str:
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert line.startswith("rlweights train: error: ")
+    return line
+
+
+def _train(tmp_path: Path, *flags: str) -> int:
+    return main(["train", *TINY_FLAGS, "--logdir", str(tmp_path), *flags])
+
+
+def test_a_full_disk_at_a_checkpoint_ends_in_one_line_and_keeps_the_last_one(
+    tmp_path, capsys, monkeypatch
+):
+    """No space left at the second checkpoint: a traceback before; now one line, exit code 2,
+    the first checkpoint intact and no temporary file left."""
+    import rlweights.agents.train as train_module
+
+    real = train_module.atomic_write
+    kept = {}
+
+    def write(path, writer, mode="wb"):
+        if not (Path(path).name == "model.pt" and Path(path).exists()):
+            return real(path, writer, mode)
+        kept["bytes"] = Path(path).read_bytes()
+
+        def full(f):
+            f.write(b"half a checkpoint")
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+        return real(path, full, mode)
+
+    monkeypatch.setattr(train_module, "atomic_write", write)
+    assert _train(tmp_path, "--run-name", "r", "--steps", "200", "--eval-every", "100") == 2
+    line = _one_line(capsys)
+    run = tmp_path / "r"
+    assert f"could not write {run / 'model.pt'}: No space left on device" in line
+    assert f"the checkpoint of step 100 in {run}/model.pt is as it was" in line
+    assert f"rlweights train --resume {run}" in line
+    assert (run / "model.pt").read_bytes() == kept["bytes"]
+    assert load_checkpoint(run)["steps"] == 100
+    assert not [p for p in run.iterdir() if p.name.endswith(".tmp")]
