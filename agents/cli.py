@@ -694,17 +694,17 @@ def _train_one(args: argparse.Namespace) -> int:
 def _child_arguments(args: argparse.Namespace) -> list[str]:
     """The flags given to ``rlweights train`` (but the seeds' own), for its runs of one
     seed each."""
-    out = []
+    out = []  # --flag=value: a value that begins with '-' stays the flag's value
     for flag in ("algo", "env", "logdir", "device", "impl", "threads"):
         value = getattr(args, flag)
         if value is not None:
-            out += [f"--{flag}", str(value)]
+            out.append(f"--{flag}={value}")
     for flag, field, _, _, _ in HYPERPARAMETERS:
         value = getattr(args, field)
         if value is not None:
-            out += [flag, ",".join(map(str, value)) if isinstance(value, tuple) else str(value)]
+            out.append(f"{flag}={','.join(map(str, value)) if isinstance(value, tuple) else value}")
     if args.hidden is not None:
-        out += ["--hidden", ",".join(map(str, args.hidden))]
+        out.append(f"--hidden={','.join(map(str, args.hidden))}")
     for flag in ("compile", "cudagraphs"):
         if getattr(args, flag):
             out.append(f"--{flag}")
@@ -716,6 +716,8 @@ def _prepare_seeds(args: argparse.Namespace) -> tuple[list[int], list[Path], lis
     command of each)."""
     if args.seeds is None:
         raise UsageError("--workers goes with --seeds")
+    if args.workers is not None and args.workers < 1:
+        raise UsageError(f"--workers must be >= 1, got {args.workers}")
     if args.seed is not None or args.resume:
         raise UsageError("--seeds trains new runs: give it without --seed and --resume")
     seeds = list(args.seeds)
@@ -739,7 +741,7 @@ def _prepare_seeds(args: argparse.Namespace) -> tuple[list[int], list[Path], lis
         commands.append(
             [
                 *(sys.executable, "-m", "rlweights", "train", *_child_arguments(args)),
-                *("--seed", str(seed), "--run-name", name, "--no-progress"),
+                *(f"--seed={seed}", f"--run-name={name}", "--no-progress"),
             ]
         )
     return seeds, folders, commands
@@ -792,12 +794,17 @@ def _train_seeds(args: argparse.Namespace) -> int:
             flush=True,
         )
     if runner.stopped is not None:
-        unfinished = [
-            str(f) for f, r in zip(folders, results, strict=True) if r.returncode not in (0, None)
+        unfinished = [  # started, stopped, and left a folder that --resume continues
+            str(f)
+            for f, r in zip(folders, results, strict=True)
+            if r.returncode not in (0, None)
+            and ((f / "model.pt").is_file() or never_checkpointed(f))
         ]
         print(
-            "rlweights train: stopped; resume each stopped run with: rlweights train --resume RUN"
-            + (f" ({', '.join(unfinished)})" if unfinished else ""),
+            "rlweights train: stopped; resume each stopped run with: rlweights train --resume "
+            f"RUN ({', '.join(unfinished)})"
+            if unfinished
+            else "rlweights train: stopped before any run had a folder to resume",
             file=sys.stderr,
         )
         return 128 + runner.stopped
