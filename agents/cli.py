@@ -447,6 +447,7 @@ def _prepare_run_dir(logdir: str, name: str, settings: dict[str, Any], stack: Ex
     run_dir = parent / name
     if run_dir.is_dir() and never_checkpointed(run_dir):
         stack.enter_context(holding(run_dir))
+        mark(run_dir)  # it can be written
         reset_for_rerun(run_dir)
         write_json(run_dir / "config.json", settings)
         return run_dir

@@ -338,14 +338,20 @@ def read_only():
 
 def test_resume_of_a_read_only_run_is_one_line(tmp_path, capsys, read_only):
     assert _train(tmp_path, "--run-name", "r", "--steps", "60") == 0
-    run = tmp_path / "r"
-    before = _contents(run)
+    run, fresh = tmp_path / "r", tmp_path / "fresh"  # and one stopped before its checkpoint
+    fresh.mkdir()
+    for name in (".rlweights-run", "config.json", "events.out.tfevents.1.host.1.0"):
+        (fresh / name).write_bytes((run / name).read_bytes() if name[0] != "e" else b"x")
+    before = {run: _contents(run), fresh: _contents(fresh)}
     capsys.readouterr()
-    read_only(run)
-    assert main(["train", "--resume", str(run), "--steps", "80", "--no-progress"]) == 2
-    line = _one_line(capsys)
-    assert f"run folder {run} cannot be written" in line
-    assert _contents(run) == before
+    for folder in (run, fresh):
+        read_only(folder)
+        assert main(["train", "--resume", str(folder), "--steps", "80", "--no-progress"]) == 2
+        assert f"run folder {folder} cannot be written" in _one_line(capsys)
+        assert _contents(folder) == before[folder]
+    assert _train(tmp_path, "--run-name", "fresh", "--steps", "60") == 2  # its name again
+    assert f"run folder {fresh} cannot be written" in _one_line(capsys)
+    assert _contents(fresh) == before[fresh]
 
 
 def test_paths_that_are_not_utf8_are_refused_in_one_line(tmp_path, capsys):
