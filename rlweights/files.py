@@ -69,8 +69,13 @@ def atomic_write(path: str | Path, write: Callable[[IO], None], mode: str = "wb"
     except BaseException as exc:
         if tmp is not None:
             Path(tmp).unlink(missing_ok=True)
-        if isinstance(exc, OSError):
-            raise WriteError(exc.errno, exc.strerror or str(exc), str(path)) from exc
+        # torch.save reports its file's failed write as a RuntimeError of its own, raised
+        # while handling the OSError: the operating system's reason is found in the chain.
+        reason = exc if isinstance(exc, Exception) else None  # not KeyboardInterrupt
+        while reason is not None and not isinstance(reason, OSError):
+            reason = reason.__cause__ or reason.__context__
+        if reason is not None:
+            raise WriteError(reason.errno, reason.strerror or str(reason), str(path)) from exc
         raise
 
 
