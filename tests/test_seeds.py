@@ -122,7 +122,7 @@ def test_values_that_begin_with_a_dash_reach_each_seed_intact(tmp_path, monkeypa
     """--run-name=-dash and --logdir=-weird were passed on as two arguments each, which the
     seeds' processes read as unknown flags."""
     monkeypatch.chdir(tmp_path)
-    flags = ["--seeds", "0", "1", "--run-name=-dash", "--logdir=-weird", "--reset-layers=-*"]
+    flags = ["--seeds", "0", "1", "--run-name=-dash", "--logdir=-weird", "--hidden", "8,8"]
     args = build_parser().parse_args(["train", *flags, "--steps", "100"])
     _, folders, commands = _prepare_seeds(args)
     assert folders == [Path("-weird", "-dash-s0"), Path("-weird", "-dash-s1")]
@@ -130,7 +130,7 @@ def test_values_that_begin_with_a_dash_reach_each_seed_intact(tmp_path, monkeypa
         assert command[1:4] == ["-m", "rlweights", "train"]
         child = build_parser().parse_args(command[3:])
         assert (child.logdir, child.run_name, child.seed) == ("-weird", f"-dash-s{seed}", seed)
-        assert (child.reset_layers, child.total_steps) == ("-*", 100)
+        assert (child.hidden, child.total_steps) == ((8, 8), 100)
 
 
 @pytest.mark.parametrize("left", [[], ["model.pt"], ["config.json", ".rlweights-run"]])
