@@ -6,6 +6,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -316,7 +317,7 @@ def test_a_run_that_cannot_write_at_its_set_up_leaves_no_folder(tmp_path, capsys
 @pytest.fixture
 def read_only():
     """Make a folder read-only, for root too (the immutable attribute), or skip."""
-    made = []
+    made, chattr = [], shutil.which("chattr")
 
     def make(folder: Path) -> None:
         folder.chmod(0o555)
@@ -327,12 +328,16 @@ def read_only():
         except OSError:
             return
         probe.unlink()
-        if subprocess.run(["chattr", "+i", str(folder)], capture_output=True).returncode:
+        if (
+            chattr is None
+            or subprocess.run([chattr, "+i", str(folder)], capture_output=True).returncode
+        ):
             pytest.skip("cannot make a folder read-only here")
 
     yield make
     for folder in made:
-        subprocess.run(["chattr", "-i", str(folder)], capture_output=True)
+        if chattr is not None:
+            subprocess.run([chattr, "-i", str(folder)], capture_output=True)
         folder.chmod(0o755)
 
 
