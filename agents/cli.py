@@ -22,8 +22,13 @@ from rlweights.agents.common import MAX_SEED
 from rlweights.agents.parallel import launched_ranks
 from rlweights.agents.presets import NOTES, preset
 from rlweights.agents.run_folder import (
+    MARKER,
     clean_temporaries,
+    create,
+    discard,
     holding,
+    is_marked,
+    mark,
     never_checkpointed,
     reset_for_rerun,
 )
@@ -44,7 +49,7 @@ from rlweights.agents.train import (
 )
 from rlweights.distributed import PeerError
 from rlweights.extras import require
-from rlweights.files import write_json
+from rlweights.files import WriteError, write_json
 
 TRAIN_DESCRIPTION = """\
 Train a native DQN, SAC or TD3 agent on a Gymnasium environment (with --impl sb3: SB3's
@@ -391,8 +396,22 @@ def _check_memory(config: Any, observation_space: Any, action_space: Any, impl: 
         )
 
 
+def _check_utf8(flag: str, value: str) -> None:
+    """The paths of a run reach TensorBoard and its JSON files, which need UTF-8: a name
+    that is not (a byte that the file system holds, Python as a surrogate) is refused."""
+    whole = str(Path(value).absolute())
+    try:
+        whole.encode()
+    except UnicodeEncodeError:
+        raise UsageError(
+            f"{flag} {os.fsencode(value)!r}: the path {os.fsencode(whole)!r} is not valid UTF-8 "
+            "(TensorBoard and the run's files need UTF-8 names): use another name"
+        ) from None
+
+
 def _check_run_name(name: str) -> None:
-    """A run name is one folder inside --logdir: no path, not hidden, not too long."""
+    """A run name is one folder inside --logdir: no path, not hidden, not too long, UTF-8."""
+    _check_utf8("--run-name", name)
     if (
         not name
         or name.startswith(".")
@@ -406,34 +425,60 @@ def _check_run_name(name: str) -> None:
         )
 
 
-def _prepare_run_dir(logdir: str, name: str, stack: ExitStack) -> Path:
-    """Create the run folder (or take over the folder of the same name that a stopped run
-    left without a checkpoint) and lock it for this process (released by ``stack``)."""
+def _dangling(path: Path) -> str | None:
+    """Where ``path`` points, if it is a symbolic link to nothing."""
+    if path.is_symlink() and not path.exists():
+        return os.readlink(path)
+    return None
+
+
+def _prepare_run_dir(logdir: str, name: str, settings: dict[str, Any], stack: ExitStack) -> Path:
+    """Create the run folder with its marker and ``settings`` as ``config.json`` (or take over
+    the folder of the same name that a stopped run left without a checkpoint) and lock it for
+    this process (released by ``stack``). A folder that rlweights did not create is refused;
+    a new folder whose set-up cannot be written is removed again."""
+    _check_utf8("--logdir", logdir)
     _check_run_name(name)
     parent = Path(logdir)
+    if (target := _dangling(parent)) is not None:
+        raise UsageError(f"--logdir {logdir} is a symbolic link to {target}, which does not exist")
     if parent.exists() and not parent.is_dir():
         raise UsageError(f"--logdir {logdir}: exists and is not a directory")
     run_dir = parent / name
     if run_dir.is_dir() and never_checkpointed(run_dir):
         stack.enter_context(holding(run_dir))
+        mark(run_dir)  # it can be written
         reset_for_rerun(run_dir)
+        write_json(run_dir / "config.json", settings)
         return run_dir
+    if (target := _dangling(run_dir)) is not None:
+        raise UsageError(
+            f"{run_dir} is a symbolic link to {target}, which does not exist: remove it or "
+            "choose another --run-name"
+        )
+    if run_dir.exists() and not (is_marked(run_dir) or (run_dir / "model.pt").is_file()):
+        raise UsageError(
+            f"{run_dir} exists and is not a run folder that rlweights created (it has no "
+            f"{MARKER} file): choose another --run-name"
+        )
     if run_dir.exists():
         raise UsageError(
             f"run directory {run_dir} already exists: continue it with --resume {run_dir} "
             "or choose another --run-name"
         )
     try:
-        parent.mkdir(parents=True, exist_ok=True)
-        probe = parent / f".rlweights-write-test-{os.getpid()}"
-        probe.touch()
-        probe.unlink()
-        run_dir.mkdir()
+        create(run_dir)
     except FileExistsError:
         raise UsageError(f"run directory {run_dir} was created by another process") from None
     except OSError as exc:
         raise UsageError(f"--logdir {logdir}: not writable ({exc.strerror})") from None
     stack.enter_context(holding(run_dir))
+    try:
+        mark(run_dir)
+        write_json(run_dir / "config.json", settings)
+    except BaseException:
+        discard(run_dir)
+        raise
     return run_dir
 
 
@@ -496,6 +541,7 @@ def _check_impl(impl: str) -> None:
 
 
 def _resume_dir(given: str) -> Path:
+    _check_utf8("--resume", given)
     run_dir = Path(given)
     if run_dir.name == "model.pt" and run_dir.is_file():  # the checkpoint itself is fine too
         run_dir = run_dir.parent
@@ -507,8 +553,10 @@ def _resume_dir(given: str) -> Path:
 def _prepare_resume(
     args: argparse.Namespace, device: str, stack: ExitStack
 ) -> tuple[Any, Path, str, int]:
-    """--resume: lock the run, clean what a kill left, read and check its checkpoint (or its
-    config.json, for a run stopped before its first checkpoint)."""
+    """--resume: lock the run, read and check its checkpoint (or its config.json, for a run
+    stopped before its first checkpoint), then clean what a kill left. Only a folder that
+    rlweights created, or one with an rlweights checkpoint, is a run: in any other nothing is
+    removed or written."""
     if launched_ranks() > 1:
         raise UsageError(
             "--resume of parallel learners is not supported (the checkpoint holds rank 0's "
@@ -531,9 +579,9 @@ def _prepare_resume(
         )
         _check_impl(impl)
         _check_env(config, impl=impl)
+        mark(run_dir)  # it can be written
         reset_for_rerun(run_dir)
         return config, run_dir, impl, 0
-    clean_temporaries(run_dir)
     saved = load_checkpoint(run_dir / "model.pt", resume=True)
     try:
         config = config_from_checkpoint(saved, total_steps=args.total_steps, device=device)
@@ -548,6 +596,8 @@ def _prepare_resume(
             f"{run_dir} is at step {initial} of {config.total_steps}: pass --steps N with "
             f"N > {initial} to train further"
         )
+    mark(run_dir)  # it can be written (and a run of an earlier rlweights gets its marker)
+    clean_temporaries(run_dir)
     return config, run_dir, impl, initial
 
 
@@ -581,9 +631,8 @@ def _prepare_train(args: argparse.Namespace, stack: ExitStack) -> tuple[Any, Pat
     name = args.run_name or _default_run_name(config, impl, time.strftime("%Y%m%d-%H%M%S"))
     if _rank() != 0:  # the other learners write nothing
         return config, Path(args.logdir) / name, impl, 0
-    run_dir = _prepare_run_dir(args.logdir, name, stack)
-    write_json(run_dir / "config.json", {"impl": impl, **config.to_dict()})
-    return config, run_dir, impl, 0
+    settings = {"impl": impl, **config.to_dict()}
+    return config, _prepare_run_dir(args.logdir, name, settings, stack), impl, 0
 
 
 def _stopped_message(run_dir: Path, stop: GracefulStop, exc: BaseException, total: int) -> str:
@@ -601,6 +650,21 @@ def _stopped_message(run_dir: Path, stop: GracefulStop, exc: BaseException, tota
     return (
         f"rlweights train: stopped by {how} during {during}; the checkpoint of step {steps} "
         f"is in {run_dir}/model.pt. {then} with: rlweights train --resume {run_dir}"
+    )
+
+
+def _unwritten_message(run_dir: Path, exc: WriteError) -> str:
+    """What the user reads when a file of the run could not be written (a full disk): what
+    failed, the checkpoint that is left (``model.pt`` is written atomically) and what next."""
+    steps = checkpoint_steps(run_dir / "model.pt")
+    if steps is None:
+        left, then = "no checkpoint was written yet", "start it again"
+    else:
+        left = f"the checkpoint of step {steps} in {run_dir}/model.pt is as it was"
+        then = "continue it"
+    return (
+        f"{exc}; {left}. When the folder can be written, {then} with: rlweights train "
+        f"--resume {run_dir}"
     )
 
 
@@ -631,17 +695,17 @@ def _train_one(args: argparse.Namespace) -> int:
 def _child_arguments(args: argparse.Namespace) -> list[str]:
     """The flags given to ``rlweights train`` (but the seeds' own), for its runs of one
     seed each."""
-    out = []
+    out = []  # --flag=value: a value that begins with '-' stays the flag's value
     for flag in ("algo", "env", "logdir", "device", "impl", "threads"):
         value = getattr(args, flag)
         if value is not None:
-            out += [f"--{flag}", str(value)]
+            out.append(f"--{flag}={value}")
     for flag, field, _, _, _ in HYPERPARAMETERS:
         value = getattr(args, field)
         if value is not None:
-            out += [flag, ",".join(map(str, value)) if isinstance(value, tuple) else str(value)]
+            out.append(f"{flag}={','.join(map(str, value)) if isinstance(value, tuple) else value}")
     if args.hidden is not None:
-        out += ["--hidden", ",".join(map(str, args.hidden))]
+        out.append(f"--hidden={','.join(map(str, args.hidden))}")
     for flag in ("compile", "cudagraphs"):
         if getattr(args, flag):
             out.append(f"--{flag}")
@@ -653,11 +717,14 @@ def _prepare_seeds(args: argparse.Namespace) -> tuple[list[int], list[Path], lis
     command of each)."""
     if args.seeds is None:
         raise UsageError("--workers goes with --seeds")
+    if args.workers is not None and args.workers < 1:
+        raise UsageError(f"--workers must be >= 1, got {args.workers}")
     if args.seed is not None or args.resume:
         raise UsageError("--seeds trains new runs: give it without --seed and --resume")
     seeds = list(args.seeds)
     if len(set(seeds)) != len(seeds):
         raise UsageError(f"--seeds {' '.join(map(str, seeds))}: each seed once")
+    _check_utf8("--logdir", args.logdir)
     device = _device(args.device)
     stamp = time.strftime("%Y%m%d-%H%M%S")
     folders, commands = [], []
@@ -669,13 +736,13 @@ def _prepare_seeds(args: argparse.Namespace) -> tuple[list[int], list[Path], lis
             f"{args.run_name}-s{seed}" if args.run_name else _default_run_name(config, impl, stamp)
         )
         _check_run_name(name)
-        if (Path(args.logdir) / name).exists():
+        if os.path.lexists(Path(args.logdir) / name):
             raise UsageError(f"{Path(args.logdir) / name} exists: pick another --run-name")
         folders.append(Path(args.logdir) / name)
         commands.append(
             [
                 *(sys.executable, "-m", "rlweights", "train", *_child_arguments(args)),
-                *("--seed", str(seed), "--run-name", name, "--no-progress"),
+                *(f"--seed={seed}", f"--run-name={name}", "--no-progress"),
             ]
         )
     return seeds, folders, commands
@@ -728,12 +795,17 @@ def _train_seeds(args: argparse.Namespace) -> int:
             flush=True,
         )
     if runner.stopped is not None:
-        unfinished = [
-            str(f) for f, r in zip(folders, results, strict=True) if r.returncode not in (0, None)
+        unfinished = [  # started, stopped, and left a folder that --resume continues
+            str(f)
+            for f, r in zip(folders, results, strict=True)
+            if r.returncode not in (0, None)
+            and ((f / "model.pt").is_file() or never_checkpointed(f))
         ]
         print(
-            "rlweights train: stopped; resume each stopped run with: rlweights train --resume RUN"
-            + (f" ({', '.join(unfinished)})" if unfinished else ""),
+            "rlweights train: stopped; resume each stopped run with: rlweights train --resume "
+            f"RUN ({', '.join(unfinished)})"
+            if unfinished
+            else "rlweights train: stopped before any run had a folder to resume",
             file=sys.stderr,
         )
         return 128 + runner.stopped
@@ -777,6 +849,10 @@ def _train(
         progress.close()
         print(f"rlweights train: error: {exc}", file=sys.stderr)
         return 1
+    except WriteError as exc:
+        progress.close()
+        print(f"rlweights train: error: {_unwritten_message(run_dir, exc)}", file=sys.stderr)
+        return 2
     progress.close()
     if not lead:
         return 0
@@ -879,9 +955,10 @@ def evaluate_main(args: argparse.Namespace) -> int:
 
 
 def _guarded(command: str, prepare: Any, args: argparse.Namespace) -> Any:
-    """Bad input -> one line on stderr and exit code 2 (returned as an int), no traceback."""
+    """Bad input, or a file of the run that cannot be written -> one line on stderr and exit
+    code 2 (returned as an int), no traceback."""
     try:
         return prepare(args)
-    except (UsageError, CheckpointError, ValueError) as exc:
+    except (UsageError, CheckpointError, ValueError, WriteError) as exc:
         print(f"rlweights {command}: error: {exc}", file=sys.stderr)
         return 2

@@ -1,9 +1,10 @@
 """A run folder: the files of one training run, and the lock that keeps it to one process.
 
-A run folder holds only what ``rlweights train`` writes: ``config.json``, ``model.pt``,
-``summary.json``, TensorBoard event files and, for a moment, the temporary files of atomic
-writes (``.NAME.XXXXXXXX.tmp``; a kill during a write can leave
-one behind: it is removed at the next start or resume of the run).
+A run folder holds only what ``rlweights train`` writes: ``.rlweights-run`` (the marker of a
+folder that rlweights created; only such a folder, or one with an rlweights checkpoint, is
+ever taken for a run), ``config.json``, ``model.pt``, ``summary.json``, TensorBoard event files
+and, for a moment, the temporary files of atomic writes (``.NAME.XXXXXXXX.tmp``; a kill during
+a write can leave one behind: it is removed at the next start or resume of the run).
 
 While a process trains a run it holds an exclusive OS lock on the folder (``flock`` on the
 directory itself, so nothing is written; the operating system releases it when the process
@@ -16,27 +17,39 @@ from __future__ import annotations
 import os
 import re
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 
+from rlweights.files import atomic_write
+
 __all__ = [
+    "MARKER",
     "RunFolderError",
     "clean_temporaries",
+    "create",
+    "discard",
     "holding",
+    "is_marked",
+    "mark",
     "never_checkpointed",
     "reset_for_rerun",
 ]
 
-_TEMPORARY = re.compile(r"^\..+\.[A-Za-z0-9_]{8}\.tmp$")  # rlweights.files.atomic_write's
+MARKER = ".rlweights-run"
+_OWN_FILES = {MARKER, "config.json", "model.pt", "summary.json"}
+# The temporary files of rlweights.files.atomic_write (tempfile's 8 characters) for the
+# files above, and nothing else.
+_TEMPORARY = re.compile(
+    r"^\.(" + "|".join(map(re.escape, sorted(_OWN_FILES))) + r")\.[a-z0-9_]{8}\.tmp$"
+)
 _EVENTS = re.compile(r"^events\.out\.tfevents\..+")
-_OWN_FILES = {"config.json", "model.pt", "summary.json"}
 
 # The locks this process holds: folder -> [open descriptor (None on Windows), holders].
 _HELD: dict[Path, list] = {}
 
 
 class RunFolderError(ValueError):
-    """A run folder that another process holds."""
+    """A run folder that another process holds, or that cannot be written."""
 
 
 def _lock(run_dir: Path) -> int | None:
@@ -76,9 +89,47 @@ def holding(run_dir: str | Path) -> Iterator[None]:
                 os.close(fd)  # closing the descriptor releases the lock
 
 
+def create(run_dir: Path) -> None:
+    """Make a new run folder (its parents too); raises ``FileExistsError`` when something is
+    there already. Hold its lock, then :func:`mark` it."""
+    run_dir.parent.mkdir(parents=True, exist_ok=True)
+    run_dir.mkdir()
+
+
+def mark(run_dir: str | Path) -> None:
+    """Write the marker of a folder that rlweights created (atomically). It also proves that
+    the folder can be written: a read-only folder or a full disk raises
+    :class:`RunFolderError` here, before a run starts. Call it while holding the lock."""
+    try:
+        atomic_write(Path(run_dir) / MARKER, lambda f: f.write("rlweights run folder\n"), "w")
+    except OSError as exc:
+        raise RunFolderError(
+            f"run folder {run_dir} cannot be written ({exc.strerror or exc}): make it "
+            "writable, or free some space"
+        ) from None
+
+
+def is_marked(run_dir: str | Path) -> bool:
+    """Whether rlweights created ``run_dir`` (its marker is a regular file)."""
+    marker = Path(run_dir) / MARKER
+    return marker.is_file() and not marker.is_symlink()
+
+
+def discard(run_dir: Path) -> None:
+    """Remove a run folder that this process has just created and that holds nothing but
+    what its set-up wrote (the marker, ``config.json``, temporary files): a run that wrote
+    nothing else leaves no folder. Anything else in it keeps the folder."""
+    for name in (MARKER, "config.json"):
+        (run_dir / name).unlink(missing_ok=True)
+    clean_temporaries(run_dir)
+    with suppress(OSError):  # something else is in it
+        run_dir.rmdir()
+
+
 def clean_temporaries(run_dir: str | Path) -> list[Path]:
-    """Remove what interrupted atomic writes left behind; returns the removed paths. Call it
-    while holding the lock (a live run's temporary files are in use)."""
+    """Remove what interrupted atomic writes of rlweights' own files left behind; returns the
+    removed paths. Call it while holding the lock (a live run's temporary files are in use),
+    in a folder that is a run (:func:`is_marked`, or one with an rlweights checkpoint)."""
     removed = [p for p in Path(run_dir).iterdir() if _TEMPORARY.match(p.name) and p.is_file()]
     for path in removed:
         path.unlink(missing_ok=True)
@@ -86,10 +137,13 @@ def clean_temporaries(run_dir: str | Path) -> list[Path]:
 
 
 def never_checkpointed(run_dir: str | Path) -> bool:
-    """A folder of a run that stopped before its first checkpoint: only ``rlweights train``'s
-    files, a ``config.json`` and no ``model.pt``. The same command can start it again."""
+    """A folder of a run that stopped before its first checkpoint: created by rlweights
+    (:func:`is_marked`), only ``rlweights train``'s files, a ``config.json`` and no
+    ``model.pt``. The same command can start it again."""
     run_dir = Path(run_dir)
-    if not (run_dir / "config.json").is_file() or (run_dir / "model.pt").exists():
+    if not is_marked(run_dir) or not (run_dir / "config.json").is_file():
+        return False
+    if (run_dir / "model.pt").exists():
         return False
     return all(
         p.name in _OWN_FILES or _EVENTS.match(p.name) or _TEMPORARY.match(p.name)

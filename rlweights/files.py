@@ -15,7 +15,24 @@ from typing import IO, Any
 import numpy as np
 import torch
 
-__all__ = ["atomic_write", "checksum", "checksum_matches", "finite_or_none", "sealed", "write_json"]
+__all__ = [
+    "WriteError",
+    "atomic_write",
+    "checksum",
+    "checksum_matches",
+    "finite_or_none",
+    "sealed",
+    "write_json",
+]
+
+
+class WriteError(OSError):
+    """A file that :func:`atomic_write` could not write (a full disk, a read-only folder):
+    the file is left as it was. ``filename`` is its path, ``errno`` and ``strerror`` the
+    operating system's reason."""
+
+    def __str__(self) -> str:
+        return f"could not write {self.filename}: {self.strerror}"
 
 
 def _umask() -> int:
@@ -36,19 +53,29 @@ def atomic_write(path: str | Path, write: Callable[[IO], None], mode: str = "wb"
     """Call ``write(file)`` on a temporary file in ``path``'s directory, flush it to disk, then
     rename it over ``path`` (atomic on POSIX and Windows). The file gets the permissions any
     new file gets (``0o666`` less the umask: 644 under the usual 022). On any error the
-    temporary file is removed and ``path`` is left as it was."""
+    temporary file is removed and ``path`` is left as it was; an error of the operating system
+    (``OSError``: no space left, no permission) is raised as :class:`WriteError`."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    tmp = None
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
         with os.fdopen(fd, mode) as f:
             write(f)
             f.flush()
             os.fsync(f.fileno())
         os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes it 600
         os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+    except BaseException as exc:
+        if tmp is not None:
+            Path(tmp).unlink(missing_ok=True)
+        # torch.save reports its file's failed write as a RuntimeError of its own, raised
+        # while handling the OSError: the operating system's reason is found in the chain.
+        reason = exc if isinstance(exc, Exception) else None  # not KeyboardInterrupt
+        while reason is not None and not isinstance(reason, OSError):
+            reason = reason.__cause__ or reason.__context__
+        if reason is not None:
+            raise WriteError(reason.errno, reason.strerror or str(reason), str(path)) from exc
         raise
 
 

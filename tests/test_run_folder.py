@@ -3,8 +3,10 @@ the run folder's lock; what interrupted writes leave behind."""
 
 from __future__ import annotations
 
+import errno
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -202,7 +204,182 @@ def test_temporary_files_of_a_killed_write_are_removed_at_resume_and_rerun(tmp_p
     assert not any(p.exists() for p in leftovers) and keep.read_text() == "mine"
     fresh = tmp_path / "fresh"  # a run folder that never got its first checkpoint
     fresh.mkdir()
-    (fresh / "config.json").write_text((run / "config.json").read_text())
+    for name in ("config.json", ".rlweights-run"):
+        (fresh / name).write_bytes((run / name).read_bytes())
     (fresh / ".model.pt.q1w2e3r4.tmp").write_bytes(b"half")
     assert main([*args[:-1], "fresh"]) == 0
-    assert sorted(p.name for p in fresh.iterdir() if p.name.startswith(".")) == []
+    assert sorted(p.name for p in fresh.iterdir() if p.name.startswith(".")) == [".rlweights-run"]
+
+
+def _one_line(capsys) -> str:
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert line.startswith("rlweights train: error: ")
+    return line
+
+
+def _contents(folder: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir())}
+
+
+def _train(tmp_path: Path, *flags: str) -> int:
+    return main(["train", *TINY_FLAGS, "--logdir", str(tmp_path), *flags])
+
+
+@pytest.mark.parametrize("how", ["--run-name", "--resume"])
+def test_a_folder_rlweights_did_not_create_is_refused_and_left_alone(tmp_path, capsys, how):
+    """A folder with a config.json and event files but no model.pt was taken for a run
+    stopped before its first checkpoint: its events were deleted, its config.json rewritten."""
+    mine = tmp_path / "exp1"
+    mine.mkdir()
+    (mine / "config.json").write_text('{"my": "experiment"}\n')
+    (mine / "events.out.tfevents.1700000000.host.1.0").write_bytes(b"my curves")
+    before = _contents(mine)
+    if how == "--run-name":
+        assert _train(tmp_path, "--run-name", "exp1", "--steps", "60") == 2
+        assert _one_line(capsys).endswith(
+            f"{mine} exists and is not a run folder that rlweights created (it has no "
+            ".rlweights-run file): choose another --run-name"
+        )
+    else:
+        assert main(["train", "--resume", str(mine), "--no-progress"]) == 2
+        assert _one_line(capsys).endswith(f"no checkpoint at {mine}/model.pt")
+    assert _contents(mine) == before
+
+
+def test_a_run_of_an_earlier_version_without_the_marker_still_resumes(tmp_path):
+    assert _train(tmp_path, "--run-name", "r", "--steps", "60") == 0
+    run = tmp_path / "r"
+    assert (run / ".rlweights-run").is_file()  # what marks a folder that rlweights created
+    (run / ".rlweights-run").unlink()
+    assert main(["train", "--resume", str(run), "--steps", "80", "--no-progress"]) == 0
+    assert json.loads((run / "summary.json").read_text())["steps"] == 80
+
+
+@pytest.mark.parametrize("foreign", [None, b"not a checkpoint"])
+def test_resume_of_a_folder_that_is_not_a_run_deletes_nothing(tmp_path, capsys, foreign):
+    """--resume of a folder that is not a run removed its files that looked like leftovers
+    of an interrupted write, before it found that the folder holds no checkpoint."""
+    notes = tmp_path / "notes"
+    notes.mkdir()
+    (notes / ".draft.20241201.tmp").write_text("keep")
+    (notes / ".model.pt.a1b2c3d4.tmp").write_text("keep too")
+    if foreign is not None:
+        (notes / "model.pt").write_bytes(foreign)
+    before = _contents(notes)
+    assert main(["train", "--resume", str(notes), "--no-progress"]) == 2
+    line = _one_line(capsys)
+    assert "no checkpoint at" in line or "is not a readable checkpoint" in line
+    assert _contents(notes) == before
+
+
+def test_a_full_disk_at_a_checkpoint_ends_in_one_line_and_keeps_the_last_one(
+    tmp_path, capsys, monkeypatch
+):
+    """No space left at the second checkpoint: a traceback before; now one line, exit code 2,
+    the first checkpoint intact and no temporary file left."""
+    import rlweights.agents.train as train_module
+
+    real = train_module.atomic_write
+    kept = {}
+
+    def write(path, writer, mode="wb"):
+        if not (Path(path).name == "model.pt" and Path(path).exists()):
+            return real(path, writer, mode)
+        kept["bytes"] = Path(path).read_bytes()
+
+        def full(f):
+            f.write(b"half a checkpoint")
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+        return real(path, full, mode)
+
+    monkeypatch.setattr(train_module, "atomic_write", write)
+    assert _train(tmp_path, "--run-name", "r", "--steps", "200", "--eval-every", "100") == 2
+    line = _one_line(capsys)
+    run = tmp_path / "r"
+    assert f"could not write {run / 'model.pt'}: No space left on device" in line
+    assert f"the checkpoint of step 100 in {run}/model.pt is as it was" in line
+    assert f"rlweights train --resume {run}" in line
+    assert (run / "model.pt").read_bytes() == kept["bytes"]
+    assert load_checkpoint(run)["steps"] == 100
+    assert not [p for p in run.iterdir() if p.name.endswith(".tmp")]
+
+
+def test_a_run_that_cannot_write_at_its_set_up_leaves_no_folder(tmp_path, capsys, monkeypatch):
+    def full(fd):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(os, "fsync", full)
+    assert _train(tmp_path, "--run-name", "r", "--steps", "60") == 2
+    assert "No space left on device" in _one_line(capsys)
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.fixture
+def read_only():
+    """Make a folder read-only, for root too (the immutable attribute), or skip."""
+    made, chattr = [], shutil.which("chattr")
+
+    def make(folder: Path) -> None:
+        folder.chmod(0o555)
+        made.append(folder)
+        probe = folder / "probe"
+        try:
+            probe.touch()
+        except OSError:
+            return
+        probe.unlink()
+        if (
+            chattr is None
+            or subprocess.run([chattr, "+i", str(folder)], capture_output=True).returncode
+        ):
+            pytest.skip("cannot make a folder read-only here")
+
+    yield make
+    for folder in made:
+        if chattr is not None:
+            subprocess.run([chattr, "-i", str(folder)], capture_output=True)
+        folder.chmod(0o755)
+
+
+def test_resume_of_a_read_only_run_is_one_line(tmp_path, capsys, read_only):
+    assert _train(tmp_path, "--run-name", "r", "--steps", "60") == 0
+    run, fresh = tmp_path / "r", tmp_path / "fresh"  # and one stopped before its checkpoint
+    fresh.mkdir()
+    for name in (".rlweights-run", "config.json", "events.out.tfevents.1.host.1.0"):
+        (fresh / name).write_bytes((run / name).read_bytes() if name[0] != "e" else b"x")
+    before = {run: _contents(run), fresh: _contents(fresh)}
+    capsys.readouterr()
+    for folder in (run, fresh):
+        read_only(folder)
+        assert main(["train", "--resume", str(folder), "--steps", "80", "--no-progress"]) == 2
+        assert f"run folder {folder} cannot be written" in _one_line(capsys)
+        assert _contents(folder) == before[folder]
+    assert _train(tmp_path, "--run-name", "fresh", "--steps", "60") == 2  # its name again
+    assert f"run folder {fresh} cannot be written" in _one_line(capsys)
+    assert _contents(fresh) == before[fresh]
+
+
+def test_paths_that_are_not_utf8_are_refused_in_one_line(tmp_path, capsys):
+    bad = "bad\udcff"  # the byte 0xff in a file name, as Python reads it
+    assert _train(tmp_path, "--logdir", str(tmp_path / bad), "--steps", "60") == 2
+    assert "--logdir" in (line := _one_line(capsys)) and "is not valid UTF-8" in line
+    assert _train(tmp_path, "--run-name", bad, "--steps", "60") == 2
+    assert "--run-name" in (line := _one_line(capsys)) and "is not valid UTF-8" in line
+    assert _train(tmp_path, "--run-name", "r", "--seeds", "0", "--logdir", str(tmp_path / bad)) == 2
+    assert "is not valid UTF-8" in _one_line(capsys)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_dangling_symbolic_link_is_named_as_such(tmp_path, capsys):
+    (tmp_path / "runs").mkdir()
+    (tmp_path / "runs" / "r").symlink_to(tmp_path / "nowhere")
+    (tmp_path / "logs").symlink_to(tmp_path / "nowhere")
+    assert _train(tmp_path / "runs", "--run-name", "r", "--steps", "60") == 2
+    line = _one_line(capsys)
+    assert f"{tmp_path / 'runs' / 'r'} is a symbolic link to {tmp_path / 'nowhere'}" in line
+    assert "which does not exist" in line
+    assert _train(tmp_path / "logs", "--steps", "60") == 2
+    line = _one_line(capsys)
+    assert f"--logdir {tmp_path / 'logs'} is a symbolic link to {tmp_path / 'nowhere'}" in line
+    assert not (tmp_path / "nowhere").exists()

@@ -4,15 +4,18 @@ one process each, side by side, each with its own run folder; a stop reaches the
 from __future__ import annotations
 
 import json
+import shutil
 import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 from conftest import SUBPROCESS_TIMEOUT
 
-from rlweights.agents.cli import _child_arguments
+from rlweights.agents.cli import _child_arguments, _prepare_seeds
+from rlweights.agents.side_by_side import Finished, SideBySide
 from rlweights.agents.train import load_checkpoint
 from rlweights.cli import build_parser, main
 
@@ -41,11 +44,10 @@ def test_each_seed_gets_the_flags_given(tmp_path):
     flags += ["--policy-ema", "0.01", "--hidden", "8,8", "--threads", "2", "--workers", "1"]
     args = build_parser().parse_args(["train", *flags])
     child = _child_arguments(args)
-    assert child[:2] == ["--algo", "td3"] and "--seeds" not in child and "--workers" not in child
-    for pair in (["--steps", "1000"], ["--policy-ema", "0.01"], ["--hidden", "8,8"]):
-        i = child.index(pair[0])
-        assert child[i : i + 2] == pair
-    assert child[child.index("--threads") + 1] == "2" and "--compile" in child
+    assert child[0] == "--algo=td3" and not any(a.startswith(("--seeds", "--w")) for a in child)
+    for flag in ("--steps=1000", "--policy-ema=0.01", "--hidden=8,8", "--threads=2"):
+        assert flag in child
+    assert "--compile" in child
 
 
 @pytest.mark.parametrize(
@@ -56,6 +58,8 @@ def test_each_seed_gets_the_flags_given(tmp_path):
         (["--seeds", "0", "--seed", "1"], "--seeds trains new runs: give it without --seed"),
         (["--seeds", "0", "-1"], "seed"),
         (["--threads", "0"], "--threads must be >= 1"),
+        (["--seeds", "0", "--workers", "-5"], "--workers must be >= 1, got -5"),
+        (["--seeds", "0", "--workers", "0"], "--workers must be >= 1, got 0"),
     ],
 )
 def test_bad_seeds_workers_or_threads_are_refused_before_anything_runs(
@@ -113,3 +117,51 @@ def test_threads_sets_the_training_threads_and_restores_them(tmp_path, monkeypat
         assert seen == [1, 1]
     finally:
         torch.set_num_threads(before)
+
+
+def test_values_that_begin_with_a_dash_reach_each_seed_intact(tmp_path, monkeypatch):
+    """--run-name=-dash and --logdir=-weird were passed on as two arguments each, which the
+    seeds' processes read as unknown flags."""
+    monkeypatch.chdir(tmp_path)
+    flags = ["--seeds", "0", "1", "--run-name=-dash", "--logdir=-weird", "--hidden", "8,8"]
+    args = build_parser().parse_args(["train", *flags, "--steps", "100"])
+    _, folders, commands = _prepare_seeds(args)
+    assert folders == [Path("-weird", "-dash-s0"), Path("-weird", "-dash-s1")]
+    for seed, command in zip((0, 1), commands, strict=True):
+        assert command[1:4] == ["-m", "rlweights", "train"]
+        child = build_parser().parse_args(command[3:])
+        assert (child.logdir, child.run_name, child.seed) == ("-weird", f"-dash-s{seed}", seed)
+        assert (child.hidden, child.total_steps) == ((8, 8), 100)
+
+
+@pytest.mark.parametrize("left", [[], ["model.pt"], ["config.json", ".rlweights-run"]])
+def test_a_stop_names_only_the_runs_that_can_resume(tmp_path, capsys, monkeypatch, left):
+    """A stop before a seed's process had made its folder printed '--resume' for a folder
+    that did not exist."""
+    logs, made = tmp_path / "logs", tmp_path / "made"
+    if "model.pt" in left:  # a run with a checkpoint
+        flags = ["--steps", "60", *TINY, "--no-progress", "--logdir", str(made)]
+        assert main(["train", *flags, "--run-name", "r-s0"]) == 0
+    elif left:  # a run stopped before its first checkpoint
+        (made / "r-s0").mkdir(parents=True)
+        for name in left:
+            (made / "r-s0" / name).write_text("{}")
+
+    def stopped(self, commands, on_done):
+        if left:  # seed 0's process made its folder, seed 1's never started
+            shutil.copytree(made / "r-s0", logs / "r-s0")
+        self.stopped = signal.SIGTERM
+        return [Finished(0, 128 + signal.SIGTERM), Finished(1, None)]
+
+    monkeypatch.setattr(SideBySide, "run", stopped)
+    capsys.readouterr()
+    flags = ["--seeds", "0", "1", "--steps", "100", *TINY, "--logdir", str(logs)]
+    assert main(["train", *flags, "--run-name", "r"]) == 128 + signal.SIGTERM
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    if left:
+        assert line == (
+            "rlweights train: stopped; resume each stopped run with: rlweights train --resume "
+            f"RUN ({logs / 'r-s0'})"
+        )
+    else:
+        assert line == "rlweights train: stopped before any run had a folder to resume"

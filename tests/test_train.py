@@ -313,8 +313,11 @@ def test_unwritable_or_occupied_logdir(tmp_path, capsys):
     assert "exists and is not a directory" in _errors(capsys)[0]
     (tmp_path / "runs" / "taken").mkdir(parents=True)
     assert main(["train", "--logdir", str(tmp_path / "runs"), "--run-name", "taken"]) == 2
-    assert "already exists: continue it with --resume" in _errors(capsys)[0]
+    assert "is not a run folder that rlweights created" in _errors(capsys)[0]
     assert list((tmp_path / "runs" / "taken").iterdir()) == []
+    (tmp_path / "runs" / "taken" / "model.pt").write_bytes(b"a run")
+    assert main(["train", "--logdir", str(tmp_path / "runs"), "--run-name", "taken"]) == 2
+    assert "already exists: continue it with --resume" in _errors(capsys)[0]
     readonly = tmp_path / "ro"
     readonly.mkdir()
     readonly.chmod(0o500)
