@@ -6,6 +6,7 @@ import subprocess
 import sys
 
 import pytest
+from conftest import SUBPROCESS_TIMEOUT
 
 # A process whose files may not grow past 100 kB (RLIMIT_FSIZE: writes past it fail with
 # EFBIG, as they would with ENOSPC on a full disk) writes a 400 kB checkpoint over a small one.
@@ -32,7 +33,10 @@ def test_a_write_that_the_file_system_refuses_inside_torch_save_is_a_write_error
     path = tmp_path / "model.pt"
     path.write_bytes(b"the previous checkpoint")
     done = subprocess.run(
-        [sys.executable, "-c", TOO_LARGE, str(path)], capture_output=True, text=True, timeout=600
+        [sys.executable, "-c", TOO_LARGE, str(path)],
+        capture_output=True,
+        text=True,
+        timeout=SUBPROCESS_TIMEOUT,
     )
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == f"could not write {path}: File too large"
