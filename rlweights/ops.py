@@ -43,6 +43,7 @@ from rlweights.weights import (
     WeightMismatchError,
     Weights,
     check_no_overlap,
+    check_writable,
     entries,
     group_by_device_dtype,
     is_float,
@@ -148,7 +149,10 @@ def _cached_flat_plan(target: Weights, source: Weights) -> PairPlan | None:
     return plan
 
 
-def _flat_plan(target: Weights, source: Weights, tl: FlatWeights, sl: FlatWeights) -> PairPlan:
+def _flat_plan(
+    target: Weights, source: Weights, tl: FlatWeights, sl: FlatWeights, op: str
+) -> PairPlan:
+    check_writable(list(tl.others), op)  # the flat buffers themselves are contiguous
     # The flat buffers are checked too: if their storage moved (share_memory_), a later
     # allocation could reuse the old addresses and make stale views look intact.
     views = [*tl.param_views, *tl.buffer_views, *sl.param_views, *sl.buffer_views]
@@ -199,7 +203,7 @@ def pair_plan(
             return plan
         layouts = _shared_layouts(target, source)
         if layouts is not None:
-            return _flat_plan(target, source, *layouts)
+            return _flat_plan(target, source, *layouts, op)
     t_entries, t_named = entries(target, "target")
     s_entries, s_named = entries(source, "source")
     return _plan_from_pairs(match(t_entries, t_named, s_entries, s_named, op), op, ints_ok)
@@ -619,6 +623,8 @@ def constrained_tensors(weights: Weights, op: str) -> tuple[list[Tensor], list[T
                     f"{op}: a flat buffer of the module is {flat.dtype}; {op} needs real "
                     "floating-point weights, and nothing was written."
                 )
+        if layout.others:  # parameters left out of the flat buffers: meta tensors
+            check_writable([e for e in layout.others if e.kind == "param"], op)
         return list(layout.param_flats), layout.param_views
     found, _ = entries(weights, "weights")
     out, kept = [], []
@@ -639,6 +645,7 @@ def constrained_tensors(weights: Weights, op: str) -> tuple[list[Tensor], list[T
             continue
         out.append(e.tensor)
         kept.append(e)
+    check_writable(kept, op)
     check_no_overlap(kept, op)
     return out, []
 
