@@ -51,12 +51,20 @@ def check_fraction(
         raise ValueError(f"{op}: {name} must be a float in {interval}, got {value!r}.")
     value = float(value)
     if not 0.0 <= value <= 1.0 or (value == 0.0 and not zero):  # also refuses NaN
-        raise ValueError(
-            f"{op}: {name}={value} is outside {interval}. {name} is the step toward the source "
-            "(target <- target + tau * (source - target)); TorchRL's eps, torch/timm decay and "
-            "ema-pytorch beta are 1 - tau."
-        )
+        meaning = _MEANINGS.get(name.split()[0], "")
+        raise ValueError(f"{op}: {name}={value} is outside {interval}.{meaning}")
     return value
+
+
+# What each coefficient means, said when its value is refused.
+_MEANINGS = {
+    "tau": " tau is the step toward the source (target <- target + tau * (source - target)); "
+    "TorchRL's eps, torch/timm decay and ema-pytorch beta are 1 - tau.",
+    "shrink": " shrink is the factor the weights are multiplied by "
+    "(theta <- shrink * theta + perturb * fresh); 1 keeps them, 0 drops them.",
+    "perturb": " perturb is the weight of the fresh initialisation "
+    "(theta <- shrink * theta + perturb * fresh); 0 adds none of it.",
+}
 
 
 def check_choice(value: object, allowed: tuple[str, ...], name: str, op: str) -> None:
