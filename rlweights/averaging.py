@@ -25,7 +25,6 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
-from torch.compiler import is_compiling
 
 from rlweights.capture import FrozenPlan, frozen_plan, lerp_when, plan_device
 from rlweights.checks import check_choice, check_fraction
@@ -89,8 +88,8 @@ class _Average(PeriodicRoutine):
     def update(self) -> bool | Tensor:
         """Count a step; move the average when due. Returns whether it moved (a 0-dim bool
         tensor for capturable averages)."""
-        if self.plan is not None and not is_compiling():
-            self.plan.check()
+        if self.plan is not None:
+            self.plan.check()  # inside torch.compile: at trace time, then guarded
         return PeriodicRoutine.step(self)
 
     step = update

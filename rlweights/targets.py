@@ -8,7 +8,6 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
-from torch.compiler import is_compiling
 
 from rlweights.capture import FrozenPlan, copy_when, frozen_plan, lerp_when, plan_device
 from rlweights.checks import check_choice, check_fraction
@@ -102,8 +101,9 @@ class TargetRoutine(PeriodicRoutine):
 
     def check(self) -> None:
         """Capturable routines: raise :class:`~rlweights.LayoutChangedError` if the weights
-        moved since the routine was built (called on every eager step; call it before
-        compiling or capturing a step that holds the routine)."""
+        moved since the routine was built (called on every step: inside torch.compile when
+        the step is traced, and the compiled code is traced again after a change, see
+        :mod:`rlweights.capture`)."""
         if self.plan is not None:
             self.plan.check()
 
@@ -115,8 +115,8 @@ class TargetRoutine(PeriodicRoutine):
                 f"{type(self).__name__} has no source and target: pass them when making it, "
                 "use .bind(source, target), or attach it to an SB3 model (rlweights.sb3.attach)."
             )
-        if self.plan is not None and not is_compiling():
-            self.plan.check()
+        if self.plan is not None:
+            self.plan.check()  # inside torch.compile: at trace time, then guarded
         return PeriodicRoutine.step(self)  # not super(): cheaper, and this runs every step
 
     def _repr_extra(self) -> str:
