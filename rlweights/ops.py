@@ -313,10 +313,24 @@ def _eager(fn: Callable[_P, _R]) -> Callable[_P, _R]:
 def _flat_pair_at_trace(target: Weights, source: Weights) -> bool:
     """Whether ``target`` and ``source`` share an intact flat layout. Inside torch.compile
     this runs once, for real, when the function is traced (the pointer checks cannot be
-    traced), and its answer is built into the compiled code: re-flattening or moving the
-    weights afterwards calls for a new compile (``torch._dynamo.reset()``), as for capturable
-    routines (see :mod:`rlweights.capture`)."""
-    return _shared_layouts(target, source) is not None
+    traced), and its answer is built into the compiled code; the layouts' watches are
+    cleared, as they were just found intact (see :func:`_flat_pair_traced`)."""
+    layouts = _shared_layouts(target, source)
+    for layout in layouts or ():
+        layout.watch.changed = False
+    return layouts is not None
+
+
+def _flat_pair_traced(target: Weights, source: Weights) -> bool:
+    """:func:`_flat_pair_at_trace`, with the compiled code made to depend on the layouts'
+    watches (:class:`~rlweights.registration.StructureWatch`): they are False here (just
+    cleared), but reading them guards the code, so that a tensor registered on either module
+    afterwards (``load_state_dict(assign=True)``, a replaced Parameter) traces the function
+    again, and the broken layout then takes the eager path instead of the old views."""
+    if not _flat_pair_at_trace(target, source):
+        return False
+    tl, sl = _traced_layout(target), _traced_layout(source)
+    return not (tl.watch.changed or sl.watch.changed)
 
 
 def _traced_layout(weights: Weights) -> FlatWeights:
@@ -327,7 +341,7 @@ def _write_flat_traced(
     target: Weights, source: Weights, tau: float | Tensor | None, buffers: str
 ) -> None:
     """The traceable form of the flat path (inside torch.compile, after
-    :func:`_flat_pair_at_trace`): ``lerp_`` (``tau``) or ``copy_`` (None) of every tensor,
+    :func:`_flat_pair_traced`): ``lerp_`` (``tau``) or ``copy_`` (None) of every tensor,
     written through the views themselves, not their flat buffers. Each view has a storage
     object of its own (see :mod:`rlweights.flat`), so the compiler cannot see that a buffer
     aliases the tensors the step reads; writing the views keeps every read and write in
@@ -376,7 +390,7 @@ def polyak_(
     """
     if is_compiling():
         # Flat layouts trace (no graph break); anything else runs eagerly (a break, see _eager).
-        if nonfinite == "propagate" and _flat_pair_at_trace(target, source):
+        if nonfinite == "propagate" and _flat_pair_traced(target, source):
             check_choice(buffers, ("copy", "polyak", "skip"), "buffers", "polyak_")
             return _write_flat_traced(
                 target, source, check_fraction(tau, "tau", "polyak_"), buffers
@@ -473,7 +487,7 @@ def copy_(
     """
     if is_compiling():
         plain = include is None and exclude is None and nonfinite == "propagate"
-        if plain and _flat_pair_at_trace(target, source):
+        if plain and _flat_pair_traced(target, source):
             return _write_flat_traced(target, source, None, "copy")
         return _copy_eager(target, source, include=include, exclude=exclude, nonfinite=nonfinite)
     op = "copy_"

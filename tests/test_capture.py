@@ -470,3 +470,31 @@ def test_a_compiled_function_is_not_traced_again_for_unrelated_modules():
     assert len(compiles) == 2
     for t, a, b in zip(snapshot(target), was, snapshot(source), strict=True):
         assert_close(t, a + 0.5 * (b - a))
+
+
+@pytest.mark.parametrize("op", ["polyak_", "copy_"])
+def test_a_compiled_functional_op_writes_the_weights_that_replaced_a_flat_layout(op):
+    """rw.polyak_ / rw.copy_ between flat layouts trace through the layouts' views; after
+    load_state_dict(assign=True) the compiled function kept writing the old views, silently.
+    It is traced again and takes the eager path: the new tensors get the update."""
+    torch._dynamo.reset()
+    source = NETS["mlp"](1)
+    target = rw.make_target(source)
+    _nudge(source, seed=2)
+
+    def update(tau):
+        if op == "polyak_":
+            rw.polyak_(target, source, tau)
+        else:
+            rw.copy_(target, source)
+
+    compiled = torch.compile(update, backend="aot_eager")
+    compiled(torch.tensor(0.5))
+    target.load_state_dict(copy.deepcopy(target.state_dict()), assign=True)
+    _nudge(source, seed=3)
+    was = snapshot(target)
+    with pytest.warns(rw.FlatLayoutWarning):
+        compiled(torch.tensor(0.5))
+    share = 0.5 if op == "polyak_" else 1.0
+    for t, a, b in zip(snapshot(target), was, snapshot(source), strict=True):
+        assert_close(t, a + share * (b - a))
