@@ -26,9 +26,9 @@ def overwrites_params() -> bool:
     return torch.__future__.get_overwrite_module_params_on_conversion()
 
 
-# The watches of each watched module (see StructureWatch).
-_WATCHES: weakref.WeakKeyDictionary[nn.Module, weakref.WeakSet[StructureWatch]]
-_WATCHES = weakref.WeakKeyDictionary()
+# The watches of each watched module, by id (the hooks see every module of the process, and
+# some cannot be hashed), with a weak reference that tells a reused id apart.
+_WATCHES: dict[int, tuple[weakref.ref[nn.Module], weakref.WeakSet[StructureWatch]]] = {}
 
 
 class StructureWatch:
@@ -44,13 +44,23 @@ class StructureWatch:
         install_hooks()
         self.changed = False
         for module in modules:
-            _WATCHES.setdefault(module, weakref.WeakSet()).add(self)
+            _watches_of(module).add(self)
+
+
+def _watches_of(module: nn.Module) -> weakref.WeakSet[StructureWatch]:
+    key = id(module)
+    entry = _WATCHES.get(key)
+    if entry is None or entry[0]() is not module:
+        entry = (weakref.ref(module, lambda _, key=key: _WATCHES.pop(key, None)), weakref.WeakSet())
+        _WATCHES[key] = entry
+    return entry[1]
 
 
 def _count(module: nn.Module, *_args: object) -> None:
     GENERATION[0] += 1
-    if _WATCHES:
-        for watch in _WATCHES.get(module, ()):
+    entry = _WATCHES.get(id(module))
+    if entry is not None and entry[0]() is module:
+        for watch in entry[1]:
             watch.changed = True
 
 

@@ -444,6 +444,16 @@ def test_a_compiled_function_refuses_weights_that_moved_instead_of_writing_stale
         assert all(torch.equal(a, b) for a, b in zip(was, snapshot(module), strict=True))
 
 
+class _Unhashable(nn.Linear):
+    """A module that defines equality and so cannot be hashed (nothing may hash it)."""
+
+    def __init__(self):
+        super().__init__(2, 2)
+
+    def __eq__(self, other):
+        return isinstance(other, _Unhashable)
+
+
 def test_a_compiled_function_is_not_traced_again_for_unrelated_modules():
     """The guard watches the routine's own modules: building other networks does not retrace
     the step; registering a module's own Parameter again retraces it once, and it goes on."""
@@ -459,7 +469,7 @@ def test_a_compiled_function_is_not_traced_again_for_unrelated_modules():
 
     compiled = torch.compile(routine.step, backend=count, fullgraph=True)
     compiled()
-    for build in (lambda: NETS["cnn_bn"](5), lambda: nn.Linear(3, 3)):
+    for build in (lambda: NETS["cnn_bn"](5), lambda: nn.Linear(3, 3), _Unhashable):
         build()  # other networks: their tensors are registered
     compiled()
     assert len(compiles) == 1
