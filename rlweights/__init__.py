@@ -9,6 +9,7 @@ name), a sequence of tensors (matched by position), a ``state_dict`` or the hand
 from rlweights import constraints, distributed
 from rlweights.averaging import EMA, SWA
 from rlweights.capture import LayoutChangedError
+from rlweights.checks import PrecisionWarning
 from rlweights.constraints import constrain, reset_optimizer_state_
 from rlweights.flat import FlatLayoutWarning, FlatWeights, flatten_
 from rlweights.ops import average_, clamp_, copy_, distance, distances, max_norm_, polyak_
@@ -27,6 +28,7 @@ __all__ = [
     "LayoutChangedError",
     "NonFiniteError",
     "PolyakUpdate",
+    "PrecisionWarning",
     "ShrinkPerturb",
     "WeightMismatchError",
     "__version__",

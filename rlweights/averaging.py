@@ -25,10 +25,9 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
-from torch.compiler import is_compiling
 
 from rlweights.capture import FrozenPlan, frozen_plan, lerp_when, plan_device
-from rlweights.checks import check_choice, check_fraction
+from rlweights.checks import check_choice, check_fraction, warn_small_tau
 from rlweights.ops import BufferPolicy, polyak_
 from rlweights.periodic import PeriodicRoutine
 from rlweights.targets import make_target
@@ -89,8 +88,8 @@ class _Average(PeriodicRoutine):
     def update(self) -> bool | Tensor:
         """Count a step; move the average when due. Returns whether it moved (a 0-dim bool
         tensor for capturable averages)."""
-        if self.plan is not None and not is_compiling():
-            self.plan.check()
+        if self.plan is not None:
+            self.plan.check()  # inside torch.compile: at trace time, then guarded
         return PeriodicRoutine.step(self)
 
     step = update
@@ -144,9 +143,12 @@ class EMA(_Average):
         capturable: bool = False,
     ):
         self._tau_t: Tensor | None = None
+        self._dtypes: set[torch.dtype] = set()
         self.tau = tau
         self.warmup = bool(warmup)
         super().__init__(module, buffers, every, capturable=capturable)
+        self._dtypes = {p.dtype for p in module.parameters() if p.is_floating_point()}
+        warn_small_tau(self.tau, self._dtypes, "EMA")
         if self.capturable:
             self._tau_t = torch.tensor(self.tau, dtype=torch.float64, device=self.updates.device)
 
@@ -157,6 +159,7 @@ class EMA(_Average):
     @tau.setter
     def tau(self, value: float) -> None:
         self._tau_value = float(check_fraction(value, "tau", "EMA", tensor=False))
+        warn_small_tau(self._tau_value, self._dtypes, "EMA")
         if self._tau_t is not None:
             self._tau_t.fill_(self._tau_value)
 

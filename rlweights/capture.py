@@ -8,10 +8,16 @@ nothing reads a value back to the host or branches on one. So it traces with
 
 What the plan fixed (the tensors and their memory) can be invalidated afterwards by
 re-flattening a module, ``.to()``, ``load_state_dict(assign=True)`` and the like. A compiled or
-captured step would then keep writing the old memory without anyone noticing, so the plan is
-checked (:meth:`FrozenPlan.check`, a few pointer comparisons) on every eager call and when a
-compiled step is built, and a changed layout raises :class:`LayoutChangedError` naming the
-fix, never silently.
+captured step would then keep writing the old tensors without anyone noticing, so the plan is
+checked (:meth:`FrozenPlan.check`, a few pointer comparisons) on every eager call, and a
+changed layout raises :class:`LayoutChangedError` naming the fix, never silently. Inside a
+``torch.compile``'d function the check runs for real each time the function is traced, and
+the compiled code is guarded so that it is traced again (and checked) after any change that
+could make its tensors stale: new tensors registered on the weights' modules (a
+:class:`~rlweights.registration.StructureWatch` flag), or a tensor's dtype, device or shape
+changed (torch's own guards). So a compiled function that holds a routine raises at its first
+call after such a change instead of writing the old tensors. A CUDA graph recorded by hand
+(``torch.cuda.graph``) replays without any Python: call ``check()`` before replaying it.
 """
 
 from __future__ import annotations
@@ -26,8 +32,8 @@ from torch.compiler import is_compiling
 
 from rlweights.flat import FlatWeights, layout_of
 from rlweights.ops import constrained_tensors, pair_plan
-from rlweights.registration import GENERATION, overwrites_params
-from rlweights.weights import Weights, is_float
+from rlweights.registration import GENERATION, StructureWatch, overwrites_params
+from rlweights.weights import ModuleHandle, Weights, is_float
 
 __all__ = ["FrozenPlan", "LayoutChangedError", "frozen_plan", "single_plan"]
 
@@ -70,6 +76,7 @@ class FrozenPlan:
     resolve: Callable[[], list[Tensor]] | None = None
     ids: list[int] = field(default_factory=list)
     generation: int = 0
+    watch: StructureWatch | None = None
 
     @property
     def devices(self) -> list[torch.device]:
@@ -81,7 +88,19 @@ class FrozenPlan:
         return found
 
     def check(self) -> None:
-        """Raise :class:`LayoutChangedError` unless every tensor is where the plan found it."""
+        """Raise :class:`LayoutChangedError` unless every tensor is where the plan found it.
+
+        Inside ``torch.compile`` it is checked when the function is traced, and the compiled
+        code is traced again after a registration on the weights' modules (see the module
+        docstring): nothing is checked at run time. ``torch.compile(fullgraph=True)`` reports
+        the refusal as its own error, whose message carries this one."""
+        if is_compiling():
+            if not _intact_at_trace(self) or (self.watch is not None and self.watch.changed):
+                raise LayoutChangedError(self._message())
+            return
+        self._check()
+
+    def _check(self) -> None:
         intact = all(layout.intact for layout in self.layouts)
         intact = intact and list(map(Tensor.data_ptr, self.watched)) == self.ptrs
         moved = self.generation != GENERATION[0] or overwrites_params()
@@ -91,11 +110,40 @@ class FrozenPlan:
                 self.generation = GENERATION[0]
         if intact:
             return
-        raise LayoutChangedError(
+        raise LayoutChangedError(self._message())
+
+    def _message(self) -> str:
+        return (
             f"{self.op}: the weights it was built on have moved since (re-flattened, .to(), "
             "load_state_dict(assign=True), replaced tensors); build it again after the change, "
             "and recompile or recapture the step that uses it."
         )
+
+
+@torch.compiler.assume_constant_result
+def _intact_at_trace(plan: FrozenPlan) -> bool:
+    """Whether ``plan`` is intact, checked for real while torch.compile traces a function
+    (pointers cannot be traced); the answer is built into the compiled code. A watch that
+    saw a registration is reset when the plan is still intact (the same tensors
+    registered again), so the code traced now guards on it afresh."""
+    try:
+        plan._check()
+    except LayoutChangedError:
+        return False
+    if plan.watch is not None:
+        plan.watch.changed = False
+    return True
+
+
+def _modules(*weight_sets: Weights) -> list[torch.nn.Module]:
+    """Every module (submodules included) that holds tensors of the weight sets."""
+    found: dict[int, torch.nn.Module] = {}
+    for weights in weight_sets:
+        if isinstance(weights, ModuleHandle):
+            weights = weights.module
+        if isinstance(weights, torch.nn.Module):
+            found.update((id(m), m) for m in weights.modules())
+    return list(found.values())
 
 
 def _pairs(groups: list[tuple[list[Tensor], list[Tensor]]]) -> list[tuple[Tensor, Tensor]]:
@@ -131,6 +179,7 @@ def frozen_plan(target: Weights, source: Weights, op: str) -> FrozenPlan:
         resolve=resolve,
         ids=sorted(map(id, resolve())) if resolve is not None else [],
         generation=GENERATION[0],
+        watch=StructureWatch(_modules(target, source)),
     )
 
 
@@ -161,6 +210,7 @@ def single_plan(weights: Weights, op: str) -> FrozenPlan:
         resolve=resolve,
         ids=sorted(map(id, resolve())) if resolve is not None else [],
         generation=GENERATION[0],
+        watch=StructureWatch(_modules(weights)),
     )
 
 

@@ -7,11 +7,28 @@ Each raises ``ValueError`` with the value, the allowed range and, where it helps
 from __future__ import annotations
 
 import math
+import warnings
+from collections.abc import Iterable
 from typing import Any
 
+import torch
 from torch import Tensor
 
-__all__ = ["check_choice", "check_fraction", "check_int", "check_number", "check_trained"]
+__all__ = [
+    "PrecisionWarning",
+    "check_choice",
+    "check_fraction",
+    "check_int",
+    "check_number",
+    "check_trained",
+    "smallest_tau",
+    "warn_small_tau",
+]
+
+
+class PrecisionWarning(UserWarning):
+    """A coefficient too small for the dtype of the weights it moves: rounded to the nearest
+    representable value, most weights would not change at all."""
 
 
 def check_int(
@@ -51,12 +68,20 @@ def check_fraction(
         raise ValueError(f"{op}: {name} must be a float in {interval}, got {value!r}.")
     value = float(value)
     if not 0.0 <= value <= 1.0 or (value == 0.0 and not zero):  # also refuses NaN
-        raise ValueError(
-            f"{op}: {name}={value} is outside {interval}. {name} is the step toward the source "
-            "(target <- target + tau * (source - target)); TorchRL's eps, torch/timm decay and "
-            "ema-pytorch beta are 1 - tau."
-        )
+        meaning = _MEANINGS.get(name.split()[0], "")
+        raise ValueError(f"{op}: {name}={value} is outside {interval}.{meaning}")
     return value
+
+
+# What each coefficient means, said when its value is refused.
+_MEANINGS = {
+    "tau": " tau is the step toward the source (target <- target + tau * (source - target)); "
+    "TorchRL's eps, torch/timm decay and ema-pytorch beta are 1 - tau.",
+    "shrink": " shrink is the factor the weights are multiplied by "
+    "(theta <- shrink * theta + perturb * fresh); 1 keeps them, 0 drops them.",
+    "perturb": " perturb is the weight of the fresh initialisation "
+    "(theta <- shrink * theta + perturb * fresh); 0 adds none of it.",
+}
 
 
 def check_choice(value: object, allowed: tuple[str, ...], name: str, op: str) -> None:
@@ -105,4 +130,35 @@ def check_trained(optimizer: Any, tensors: list[Tensor], op: str) -> None:
     if not any(id(t) in owned for t in tensors):
         raise ValueError(
             f"{op}: the optimizer trains none of these weights; pass the optimizer that steps them"
+        )
+
+
+def smallest_tau(dtype: torch.dtype) -> float:
+    """Half the machine epsilon of ``dtype`` (bfloat16: 0.0039, float16: 0.00049): a step
+    ``tau`` below it moves a weight by less than half a unit in its last place unless the
+    source is farther from the weight than the weight's own size, so round-to-nearest leaves
+    most weights where they are."""
+    return torch.finfo(dtype).eps / 2
+
+
+def warn_small_tau(tau: object, dtypes: Iterable[torch.dtype], op: str) -> None:
+    """Warn (:class:`PrecisionWarning`) when ``tau``, a Python number, is positive but below
+    :func:`smallest_tau` of the least precise floating dtype among ``dtypes``. Only the value
+    and the dtypes are looked at (no tensor is read, nothing syncs), so routines call it when
+    ``tau`` is set; the warnings machinery shows each message once."""
+    floats = [d for d in dtypes if d.is_floating_point]
+    if isinstance(tau, bool) or not isinstance(tau, (int, float)) or tau <= 0 or not floats:
+        return
+    coarse = max(floats, key=lambda d: torch.finfo(d).eps)
+    bound = smallest_tau(coarse)
+    if tau < bound:
+        name = str(coarse).removeprefix("torch.")
+        warnings.warn(
+            f"{op}: tau={tau:g} is below {bound:.2g}, half the {name} epsilon: at each update "
+            f"most {name} weights move by less than half a unit in their last place and are "
+            f"rounded back to where they were, so the copy barely follows. Use tau >= "
+            f"{bound:.2g} (with every=k to update k times less often), or keep the weights "
+            "it writes in float32.",
+            PrecisionWarning,
+            stacklevel=4,
         )

@@ -97,8 +97,9 @@ class BoundConstraint:
     """A constraint fixed to one weight set (:meth:`Constraint.bind`). Calling it applies the
     constraint: on the flat buffers when eager (one kernel per buffer where the constraint
     allows it), through the weights themselves inside torch.compile (so that the compiler
-    sees what aliases what). Every eager call first checks that the weights are where they
-    were (:class:`~rlweights.LayoutChangedError` if not); :meth:`check` does it on demand."""
+    sees what aliases what). Every call first checks that the weights are where they were
+    (:class:`~rlweights.LayoutChangedError` if not; inside torch.compile when the function is
+    traced, see :mod:`rlweights.capture`); :meth:`check` does it on demand."""
 
     def __init__(self, constraint: Constraint, weights: Weights):
         name = type(constraint).__name__
@@ -120,11 +121,11 @@ class BoundConstraint:
         self.plan.check()
 
     def __call__(self) -> None:
+        self.plan.check()  # inside torch.compile: at trace time, then guarded
         if is_compiling():
             with torch.no_grad():
                 self.constraint._apply_tensors(self.views)
             return
-        self.plan.check()
         self.constraint._apply_bound(self)
 
     def __repr__(self) -> str:

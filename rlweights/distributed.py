@@ -23,8 +23,12 @@ each process. Optimizer state is not averaged (each learner keeps its Adam momen
 post-local SGD); after a large jump, ``rw.reset_optimizer_state_`` forgets them.
 
 Every process must call with the same weight set (same names, shapes, dtypes) in the same
-order. The first call for a module checks that across processes (one small gather;
-sequences and mappings of tensors are checked at every call) and raises
+order; whether a module is flattened on one process and not on another does not matter (the
+tensors are reduced in the same groups, in the same order, either way). Every call starts
+with one ``all_reduce`` of a single number, in which the processes agree whether any of
+them holds a weight set not yet compared with the others' (the first call for a module, a
+module reloaded or changed since, a sequence or mapping of tensors); if so, all of them
+gather and compare their weight sets (one small gather) and raise
 :class:`~rlweights.WeightMismatchError` on every process naming what differs, instead of
 hanging or reducing mismatched buffers. A peer that dies or stops answering makes the
 collective fail after the process group's timeout (``init_process_group(timeout=...)``);
@@ -36,6 +40,7 @@ from __future__ import annotations
 
 import weakref
 from collections.abc import Callable, Iterable
+from operator import itemgetter
 from typing import Any, Literal
 
 import torch
@@ -56,7 +61,7 @@ from rlweights.weights import (
 __all__ = ["PeerError", "PeriodicAverager", "all_average_", "broadcast_"]
 
 BufferMode = Literal["average", "skip"]
-_Signature = tuple[tuple[str, str, tuple[int, ...]], ...]
+_Signature = tuple[tuple[str, str, str, tuple[int, ...]], ...]
 
 
 class PeerError(RuntimeError):
@@ -70,6 +75,7 @@ _CHECKED: weakref.WeakKeyDictionary[object, dict[int | None, _Signature]] = (
 _LAYOUT_SIGNATURES: weakref.WeakKeyDictionary[FlatWeights, tuple[str, _Signature]] = (
     weakref.WeakKeyDictionary()
 )
+_ROLES = ("param", "buffer")
 
 
 def _require_group(op: str, group: Any) -> int:
@@ -83,70 +89,104 @@ def _require_group(op: str, group: Any) -> int:
 
 def _members(
     weights: Weights, buffers: BufferMode, op: str
-) -> tuple[list[Tensor], list[Tensor], _Signature]:
-    """(the tensors to reduce, the flat views whose autograd versions to bump afterwards,
-    the signature every process must agree on).
+) -> tuple[list[list[Tensor]], list[Tensor], _Signature]:
+    """(the tensors to reduce, in groups that are each reduced as one buffer; the flat views
+    whose autograd versions to bump afterwards; the signature every process must agree on).
 
-    Flat layouts give their buffers; otherwise the floating tensors, one by one. The
-    signature lists (name, dtype, shape) of every tensor averaged in reduction order, and
-    whether they are reduced as flat buffers or as tensors; cached per layout."""
+    A group is one (role, device, dtype): the parameters' groups first, then the floating
+    buffers', in the order of the tensors. That is exactly a flat layout's buffers, so a
+    flattened module gives its flat buffers (reduced where they are) and a module that is not
+    flattened the same groups of tensors (reduced through a concatenation): the processes
+    run the same collectives either way. The signature lists (name, role, dtype, shape) of
+    every tensor in reduction order; cached per layout."""
     check_choice(buffers, ("average", "skip"), "buffers", op)
+    roles = _ROLES if buffers == "average" else _ROLES[:1]
     layout = layout_of(weights)
     if layout is not None:
-        roles = ("param", "buffer") if buffers == "average" else ("param",)
         groups = [g for role in roles for g in layout.groups if g.role == role]
         views = [v for g in groups for v in g.views]
         cached = _LAYOUT_SIGNATURES.get(layout)
         if cached is None or cached[0] != buffers:
-            names = [name for g in groups for name in g.names]
-            cached = (buffers, _signed(zip(names, views, strict=True), "flat"))
+            named = [
+                (name, g.role, v) for g in groups for name, v in zip(g.names, g.views, strict=True)
+            ]
+            cached = (buffers, _signed(named))
             _LAYOUT_SIGNATURES[layout] = cached
-        return [g.flat for g in groups], views, cached[1]
+        return [[g.flat] for g in groups], views, cached[1]
     found, _ = entries(weights, op)
     members = [
-        (e.name, e.tensor)
+        (e.name, "buffer" if e.kind == "buffer" else "param", e.tensor)
         for e in found
-        if is_float(e.tensor) and (e.kind != "buffer" or buffers == "average")
+        if is_float(e.tensor)
     ]
-    return [t for _, t in members], [], _signed(members, "tensors")
+    grouped = [
+        group
+        for role in roles
+        for group in group_by_device_dtype([m for m in members if m[1] == role], key=itemgetter(2))
+    ]
+    signature = _signed(m for group in grouped for m in group)
+    return [[t for _, _, t in group] for group in grouped], [], signature
 
 
-def _signed(members: Iterable[tuple[str, Tensor]], kind: str) -> _Signature:
+def _signed(members: Iterable[tuple[str, str, Tensor]]) -> _Signature:
     return tuple(
-        (f"{name} ({kind})", str(t.dtype).removeprefix("torch."), tuple(t.shape))
-        for name, t in members
+        (name, role, str(t.dtype).removeprefix("torch."), tuple(t.shape))
+        for name, role, t in members
     )
 
 
-def _describe(mine: _Signature, theirs: _Signature) -> str:
-    if len(mine) != len(theirs):
-        return f"{len(theirs)} entries instead of {len(mine)}"
-    for a, b in zip(mine, theirs, strict=True):
+def _describe(first: _Signature, other: _Signature, rank: int) -> str:
+    """What rank ``rank``'s signature ``other`` holds where rank 0's, ``first``, differs."""
+    for a, b in zip(first, other, strict=False):
         if a != b:
-            return f"{b[0]} {b[1]} {list(b[2])} where this process has {a[0]} {a[1]} {list(a[2])}"
-    return "a different layout"
+            return (
+                f"rank {rank} has {b[1]} {b[0]!r} {b[2]} {list(b[3])} where rank 0 has "
+                f"{a[1]} {a[0]!r} {a[2]} {list(a[3])}"
+            )
+    if len(other) < len(first):
+        return f"rank {rank} lacks rank 0's tensors from {first[len(other)][0]!r} on"
+    return f"rank {rank} has tensors that rank 0 lacks, from {other[len(first)][0]!r} on"
+
+
+def _needs_check(weights: Weights, sig: _Signature, group: Any) -> bool:
+    """Whether this process holds a weight set not yet compared with the other processes'
+    (sequences and mappings of tensors: always; a module or handle: unless this signature
+    was compared in this group before)."""
+    owner = weights if isinstance(weights, (nn.Module, FlatWeights)) else None
+    key = id(group) if group is not None else None
+    return owner is None or _CHECKED.get(owner, {}).get(key) != sig
+
+
+def _any_process(flag: bool, group: Any, op: str) -> bool:
+    """Whether ``flag`` is True on any process of ``group`` (one ``all_reduce`` of one
+    number; on the current CUDA device under NCCL, which reduces CUDA tensors only)."""
+    nccl = dist.get_backend(group) == dist.Backend.NCCL
+    device = torch.device("cuda", torch.cuda.current_device()) if nccl else torch.device("cpu")
+    value = torch.tensor([float(flag)], device=device)
+    _collective(op, lambda: dist.all_reduce(value, group=group))  # a sum: > 0 if any
+    return bool(value.item() > 0)
 
 
 def _check_peers(weights: Weights, sig: _Signature, group: Any, op: str) -> None:
-    """Gather every process's signature and compare; once per module (or handle) and group
-    while its signature stays the same, at every call for sequences and mappings."""
-    owner = weights if isinstance(weights, (nn.Module, FlatWeights)) else None
-    key = id(group) if group is not None else None
-    if owner is not None and _CHECKED.get(owner, {}).get(key) == sig:
+    """Compare every process's signature when any process asks for it (:func:`_needs_check`),
+    all of them together: a process whose weight set changed never gathers alone while the
+    others reduce (which hung every process for the whole timeout). A module's signature is
+    remembered once the processes agree on it."""
+    if not _any_process(_needs_check(weights, sig, group), group, op):
         return
     gathered: list[Any] = [None] * dist.get_world_size(group)
     _collective(op, lambda: dist.all_gather_object(gathered, sig, group=group))
     rank = dist.get_rank(group)
     wrong = [r for r, other in enumerate(gathered) if other != gathered[0]]
     if wrong:
-        other = wrong[0]
         raise WeightMismatchError(
-            f"{op}: the processes hold different weight sets (rank {rank} of "
-            f"{len(gathered)}): rank {other} has {_describe(gathered[0], gathered[other])} "
-            f"compared with rank 0; every process must average the same architecture"
+            f"{op}: the processes hold different weight sets (this is rank {rank} of "
+            f"{len(gathered)}): {_describe(gathered[0], gathered[wrong[0]], wrong[0])}; every "
+            "process must average the same architecture, with the same dtypes, nothing written"
         )
-    if owner is not None:
-        _CHECKED.setdefault(owner, {})[key] = sig
+    if isinstance(weights, (nn.Module, FlatWeights)):
+        key = id(group) if group is not None else None
+        _CHECKED.setdefault(weights, {})[key] = sig
 
 
 def _collective(op: str, call: Callable[[], Any]) -> Any:
@@ -169,56 +209,56 @@ def _reduce_in_place(buffer: Tensor, group: Any, world: int, op: str) -> None:
         buffer.div_(world)
 
 
+def _each_group(groups: list[list[Tensor]], call: Callable[[Tensor], None]) -> None:
+    """Run the collective ``call`` on each group as one buffer: a single contiguous tensor
+    (a flat buffer) where it is, several through a concatenation copied back afterwards."""
+    for members in groups:
+        if len(members) == 1 and members[0].is_contiguous():
+            call(members[0])
+            continue
+        joined = torch.cat([t.reshape(-1) for t in members])
+        call(joined)
+        pieces = joined.split([t.numel() for t in members])
+        torch._foreach_copy_(members, [p.view_as(t) for p, t in zip(pieces, members, strict=True)])
+
+
 def all_average_(weights: Weights, group: Any = None, *, buffers: BufferMode = "average") -> None:
     """Replace the weights of every process in ``group`` by their mean over the processes:
     ``w <- (1/N) * sum_r w_r``, in place (Parameter objects kept, autograd versions bumped).
 
     On flat storage: one ``all_reduce`` per flat buffer, in place. Otherwise one per
-    (device, dtype) group of tensors, through a temporary concatenation. ``buffers="skip"``
-    leaves floating buffers (BatchNorm statistics) to each process.
+    (role, device, dtype) group of tensors, through a temporary concatenation (the same
+    collectives). ``buffers="skip"`` leaves floating buffers (BatchNorm statistics) to each
+    process.
     """
     op = "all_average_"
     world = _require_group(op, group)
-    tensors, bump, signature = _members(weights, buffers, op)
-    _check_peers(weights, signature, group, op)
-    if world == 1 or not tensors:
+    groups, bump, signature = _members(weights, buffers, op)
+    if world == 1:
         return
+    _check_peers(weights, signature, group, op)
     with torch.no_grad():
-        if bump:  # flat buffers: reduced where they are
-            for flat in tensors:
-                _reduce_in_place(flat, group, world, op)
-            bump_versions(bump)
-            return
-        for members in group_by_device_dtype(tensors):
-            if len(members) == 1 and members[0].is_contiguous():
-                _reduce_in_place(members[0], group, world, op)
-                continue
-            joined = torch.cat([t.reshape(-1) for t in members])
-            _reduce_in_place(joined, group, world, op)
-            pieces = joined.split([t.numel() for t in members])
-            torch._foreach_copy_(
-                members, [p.view_as(t) for p, t in zip(pieces, members, strict=True)]
-            )
+        _each_group(groups, lambda buffer: _reduce_in_place(buffer, group, world, op))
+        bump_versions(bump)
 
 
 def broadcast_(weights: Weights, src: int = 0, group: Any = None) -> None:
     """Copy process ``src``'s weights (parameters and floating buffers) into every process,
-    in place: the learners start from the same network."""
+    in place: the learners start from the same network. One ``broadcast`` per flat buffer
+    (or per (role, device, dtype) group of tensors, as :func:`all_average_`)."""
     op = "broadcast_"
     world = _require_group(op, group)
     check_int(src, "src (a rank)", op, minimum=0, maximum=world - 1)
-    tensors, bump, signature = _members(weights, "average", op)
-    _check_peers(weights, signature, group, op)
+    groups, bump, signature = _members(weights, "average", op)
     if world == 1:
         return
+    _check_peers(weights, signature, group, op)
+
+    def send(buffer: Tensor) -> None:
+        _collective(op, lambda: dist.broadcast(buffer, src=src, group=group))
+
     with torch.no_grad():
-        for t in tensors:
-            if t.is_contiguous():
-                _collective(op, lambda t=t: dist.broadcast(t, src=src, group=group))
-            else:
-                tmp = t.contiguous()
-                _collective(op, lambda tmp=tmp: dist.broadcast(tmp, src=src, group=group))
-                t.copy_(tmp)
+        _each_group(groups, send)
         bump_versions(bump)
 
 

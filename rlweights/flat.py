@@ -41,7 +41,7 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
-from rlweights.registration import GENERATION, install_hooks, overwrites_params
+from rlweights.registration import GENERATION, StructureWatch, install_hooks, overwrites_params
 from rlweights.weights import (
     Entry,
     ModuleHandle,
@@ -121,7 +121,9 @@ class FlatWeights(ModuleHandle):
 
     ``generation`` is the registration count (:mod:`rlweights.registration`) at which the
     module's structure was last found unchanged (-1 once it broke): while it equals the
-    current count, checking the data pointers of the views is enough.
+    current count, checking the data pointers of the views is enough. ``watch`` turns True at
+    a registration on the module or its submodules; code compiled around the layout guards
+    on it (see :mod:`rlweights.ops`).
     """
 
     def __init__(self, module: nn.Module, groups: list[FlatGroup], others: list[Entry]):
@@ -137,6 +139,7 @@ class FlatWeights(ModuleHandle):
         ]
         self._structure = _structure(module)
         self.generation = GENERATION[0]
+        self.watch = StructureWatch(module.modules())
         self._warned = False
         self._dead = False
         sig = (

@@ -43,6 +43,7 @@ from rlweights.weights import (
     WeightMismatchError,
     Weights,
     check_no_overlap,
+    check_writable,
     entries,
     group_by_device_dtype,
     is_float,
@@ -148,7 +149,10 @@ def _cached_flat_plan(target: Weights, source: Weights) -> PairPlan | None:
     return plan
 
 
-def _flat_plan(target: Weights, source: Weights, tl: FlatWeights, sl: FlatWeights) -> PairPlan:
+def _flat_plan(
+    target: Weights, source: Weights, tl: FlatWeights, sl: FlatWeights, op: str
+) -> PairPlan:
+    check_writable(list(tl.others), op)  # the flat buffers themselves are contiguous
     # The flat buffers are checked too: if their storage moved (share_memory_), a later
     # allocation could reuse the old addresses and make stale views look intact.
     views = [*tl.param_views, *tl.buffer_views, *sl.param_views, *sl.buffer_views]
@@ -199,7 +203,7 @@ def pair_plan(
             return plan
         layouts = _shared_layouts(target, source)
         if layouts is not None:
-            return _flat_plan(target, source, *layouts)
+            return _flat_plan(target, source, *layouts, op)
     t_entries, t_named = entries(target, "target")
     s_entries, s_named = entries(source, "source")
     return _plan_from_pairs(match(t_entries, t_named, s_entries, s_named, op), op, ints_ok)
@@ -309,10 +313,24 @@ def _eager(fn: Callable[_P, _R]) -> Callable[_P, _R]:
 def _flat_pair_at_trace(target: Weights, source: Weights) -> bool:
     """Whether ``target`` and ``source`` share an intact flat layout. Inside torch.compile
     this runs once, for real, when the function is traced (the pointer checks cannot be
-    traced), and its answer is built into the compiled code: re-flattening or moving the
-    weights afterwards calls for a new compile (``torch._dynamo.reset()``), as for capturable
-    routines (see :mod:`rlweights.capture`)."""
-    return _shared_layouts(target, source) is not None
+    traced), and its answer is built into the compiled code; the layouts' watches are
+    cleared, as they were just found intact (see :func:`_flat_pair_traced`)."""
+    layouts = _shared_layouts(target, source)
+    for layout in layouts or ():
+        layout.watch.changed = False
+    return layouts is not None
+
+
+def _flat_pair_traced(target: Weights, source: Weights) -> bool:
+    """:func:`_flat_pair_at_trace`, with the compiled code made to depend on the layouts'
+    watches (:class:`~rlweights.registration.StructureWatch`): they are False here (just
+    cleared), but reading them guards the code, so that a tensor registered on either module
+    afterwards (``load_state_dict(assign=True)``, a replaced Parameter) traces the function
+    again, and the broken layout then takes the eager path instead of the old views."""
+    if not _flat_pair_at_trace(target, source):
+        return False
+    tl, sl = _traced_layout(target), _traced_layout(source)
+    return not (tl.watch.changed or sl.watch.changed)
 
 
 def _traced_layout(weights: Weights) -> FlatWeights:
@@ -323,7 +341,7 @@ def _write_flat_traced(
     target: Weights, source: Weights, tau: float | Tensor | None, buffers: str
 ) -> None:
     """The traceable form of the flat path (inside torch.compile, after
-    :func:`_flat_pair_at_trace`): ``lerp_`` (``tau``) or ``copy_`` (None) of every tensor,
+    :func:`_flat_pair_traced`): ``lerp_`` (``tau``) or ``copy_`` (None) of every tensor,
     written through the views themselves, not their flat buffers. Each view has a storage
     object of its own (see :mod:`rlweights.flat`), so the compiler cannot see that a buffer
     aliases the tensors the step reads; writing the views keeps every read and write in
@@ -372,7 +390,7 @@ def polyak_(
     """
     if is_compiling():
         # Flat layouts trace (no graph break); anything else runs eagerly (a break, see _eager).
-        if nonfinite == "propagate" and _flat_pair_at_trace(target, source):
+        if nonfinite == "propagate" and _flat_pair_traced(target, source):
             check_choice(buffers, ("copy", "polyak", "skip"), "buffers", "polyak_")
             return _write_flat_traced(
                 target, source, check_fraction(tau, "tau", "polyak_"), buffers
@@ -469,7 +487,7 @@ def copy_(
     """
     if is_compiling():
         plain = include is None and exclude is None and nonfinite == "propagate"
-        if plain and _flat_pair_at_trace(target, source):
+        if plain and _flat_pair_traced(target, source):
             return _write_flat_traced(target, source, None, "copy")
         return _copy_eager(target, source, include=include, exclude=exclude, nonfinite=nonfinite)
     op = "copy_"
@@ -619,6 +637,8 @@ def constrained_tensors(weights: Weights, op: str) -> tuple[list[Tensor], list[T
                     f"{op}: a flat buffer of the module is {flat.dtype}; {op} needs real "
                     "floating-point weights, and nothing was written."
                 )
+        if layout.others:  # parameters left out of the flat buffers: meta tensors
+            check_writable([e for e in layout.others if e.kind == "param"], op)
         return list(layout.param_flats), layout.param_views
     found, _ = entries(weights, "weights")
     out, kept = [], []
@@ -639,6 +659,7 @@ def constrained_tensors(weights: Weights, op: str) -> tuple[list[Tensor], list[T
             continue
         out.append(e.tensor)
         kept.append(e)
+    check_writable(kept, op)
     check_no_overlap(kept, op)
     return out, []
 

@@ -36,7 +36,7 @@ from rlweights.constraints import reset_optimizer_state_
 from rlweights.flat import FlatGroup, bump_versions, registered_layout
 from rlweights.ops import copy_
 from rlweights.periodic import PeriodicRoutine
-from rlweights.weights import module_entries, select
+from rlweights.weights import check_writable, module_entries, select
 
 __all__ = ["ShrinkPerturb", "reinit_", "shrink_perturb_"]
 
@@ -60,6 +60,7 @@ class _Plan:
                 f"{op}: include={include!r} / exclude={exclude!r} leave no floating parameter "
                 "of the module to reset; loosen the patterns."
             )
+        check_writable(chosen, op)
         names = {id(e.tensor): e.name for e in chosen}
         self.params = [e.tensor for e in chosen]
         self.names = [e.name for e in chosen]

@@ -6,9 +6,13 @@ themselves only when that count has moved.
 
 from __future__ import annotations
 
-import torch
+import weakref
+from collections.abc import Iterable
 
-__all__ = ["GENERATION", "install_hooks", "overwrites_params"]
+import torch
+from torch import nn
+
+__all__ = ["GENERATION", "StructureWatch", "install_hooks", "overwrites_params"]
 
 # Bumped by PyTorch's global registration hooks whenever any module anywhere registers a
 # parameter, buffer or submodule; a layout re-checks its structure when this has moved.
@@ -22,8 +26,42 @@ def overwrites_params() -> bool:
     return torch.__future__.get_overwrite_module_params_on_conversion()
 
 
-def _count(*_args: object) -> None:
+# The watches of each watched module, by id (the hooks see every module of the process, and
+# some cannot be hashed), with a weak reference that tells a reused id apart.
+_WATCHES: dict[int, tuple[weakref.ref[nn.Module], weakref.WeakSet[StructureWatch]]] = {}
+
+
+class StructureWatch:
+    """``changed`` turns True when a parameter, buffer or submodule is registered on any of
+    the watched modules (``load_state_dict(assign=True)``, ``module.weight = ...``, a layer
+    replaced), as the registration happens. A compiled function guards on the flag: its
+    cached code stops being used the moment the structure may have changed, without any
+    check at run time (see :meth:`rlweights.capture.FrozenPlan.check`)."""
+
+    __slots__ = ("__weakref__", "changed")
+
+    def __init__(self, modules: Iterable[nn.Module]):
+        install_hooks()
+        self.changed = False
+        for module in modules:
+            _watches_of(module).add(self)
+
+
+def _watches_of(module: nn.Module) -> weakref.WeakSet[StructureWatch]:
+    key = id(module)
+    entry = _WATCHES.get(key)
+    if entry is None or entry[0]() is not module:
+        entry = (weakref.ref(module, lambda _, key=key: _WATCHES.pop(key, None)), weakref.WeakSet())
+        _WATCHES[key] = entry
+    return entry[1]
+
+
+def _count(module: nn.Module, *_args: object) -> None:
     GENERATION[0] += 1
+    entry = _WATCHES.get(id(module))
+    if entry is not None and entry[0]() is module:
+        for watch in entry[1]:
+            watch.changed = True
 
 
 def install_hooks() -> None:

@@ -8,14 +8,13 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
-from torch.compiler import is_compiling
 
 from rlweights.capture import FrozenPlan, copy_when, frozen_plan, lerp_when, plan_device
-from rlweights.checks import check_choice, check_fraction
+from rlweights.checks import check_choice, check_fraction, warn_small_tau
 from rlweights.flat import flatten_, lives_in_other_layout
 from rlweights.ops import BufferPolicy, NonFinite, copy_, pair_plan, polyak_
 from rlweights.periodic import PeriodicRoutine
-from rlweights.weights import Weights
+from rlweights.weights import Weights, entries, is_float
 
 __all__ = ["HardUpdate", "PolyakUpdate", "TargetRoutine", "make_target"]
 
@@ -102,8 +101,9 @@ class TargetRoutine(PeriodicRoutine):
 
     def check(self) -> None:
         """Capturable routines: raise :class:`~rlweights.LayoutChangedError` if the weights
-        moved since the routine was built (called on every eager step; call it before
-        compiling or capturing a step that holds the routine)."""
+        moved since the routine was built (called on every step: inside torch.compile when
+        the step is traced, and the compiled code is traced again after a change, see
+        :mod:`rlweights.capture`)."""
         if self.plan is not None:
             self.plan.check()
 
@@ -115,8 +115,8 @@ class TargetRoutine(PeriodicRoutine):
                 f"{type(self).__name__} has no source and target: pass them when making it, "
                 "use .bind(source, target), or attach it to an SB3 model (rlweights.sb3.attach)."
             )
-        if self.plan is not None and not is_compiling():
-            self.plan.check()
+        if self.plan is not None:
+            self.plan.check()  # inside torch.compile: at trace time, then guarded
         return PeriodicRoutine.step(self)  # not super(): cheaper, and this runs every step
 
     def _repr_extra(self) -> str:
@@ -175,6 +175,7 @@ class PolyakUpdate(TargetRoutine):
         check_choice(buffers, ("copy", "polyak", "skip"), "buffers", "PolyakUpdate")
         check_choice(nonfinite, ("propagate", "raise", "skip"), "nonfinite", "PolyakUpdate")
         self._tau_t: Tensor | None = None
+        self._dtypes: set[torch.dtype] = set()
         self.tau = tau
         if capturable:
             if callable(self._tau) and not isinstance(self._tau, Tensor):
@@ -190,6 +191,12 @@ class PolyakUpdate(TargetRoutine):
         self._bound()
 
     def _bound(self) -> None:
+        if self.target is not None:  # the dtypes a small tau cannot move (a warning)
+            found = entries(self.target, "target")[0]
+            self._dtypes = {
+                e.tensor.dtype for e in found if e.kind != "buffer" and is_float(e.tensor)
+            }
+            warn_small_tau(self._tau, self._dtypes, "PolyakUpdate")
         if self.capturable and self.plan is not None:
             device = self.counter.count.device  # type: ignore[attr-defined]
             self._tau_t = torch.zeros((), dtype=torch.float64, device=device)
@@ -207,6 +214,7 @@ class PolyakUpdate(TargetRoutine):
         if is_schedule and getattr(self, "capturable", False):
             raise ValueError("PolyakUpdate(capturable=True): tau must be a number, not a schedule")
         self._tau = value if is_schedule else check_fraction(value, "tau", "PolyakUpdate")
+        warn_small_tau(self._tau, self._dtypes, "PolyakUpdate")
         if self._tau_t is not None:  # capturable: in place, so compiled steps see it
             self._tau_t.copy_(torch.as_tensor(self._tau, dtype=torch.float64))
 

@@ -30,6 +30,7 @@ __all__ = [
     "Weights",
     "check_apart",
     "check_no_overlap",
+    "check_writable",
     "entries",
     "group_by_device_dtype",
     "is_float",
@@ -193,7 +194,8 @@ def match(
     """Pair target and source entries (by name when both are named, else by position).
 
     Raises :class:`WeightMismatchError` naming every offending tensor when names, counts,
-    shapes, dtypes or devices differ, or (``writes``) when target tensors share memory.
+    shapes, dtypes or devices differ, or (``writes``) when target tensors share memory (with
+    each other, within themselves, or with a source) or hold no data (meta tensors).
     """
     if target_named and source_named:
         by_name = {e.name: e for e in source}
@@ -244,6 +246,7 @@ def match(
             + ". Nothing was written."
         )
     if writes:  # modules list each tensor once already (tied weights deduplicated)
+        check_writable([t for t, _ in pairs], op)
         check_no_overlap([t for t, _ in pairs if t.kind in ("tensor", "state")], op)
         check_apart(pairs, op)
     return pairs
@@ -262,6 +265,37 @@ def _aliases(entry: Entry, side: list[Entry], matched_names: Container[str]) -> 
         and (o.data_ptr(), o.shape, o.stride(), o.dtype, o.device) == key
         for other in side
     )
+
+
+def check_writable(written: list[Entry], op: str) -> None:
+    """Refuse tensors to be written that hold no data (meta tensors) or whose elements share
+    memory with each other (an expanded tensor, a stride of 0): a write would store several
+    results in one place, and torch would refuse it halfway through an op. Contiguous tensors
+    (nearly all weights) cost one attribute check each."""
+    for e in written:
+        t = e.tensor
+        if t.is_meta:
+            raise WeightMismatchError(
+                f"{op}: tensor {e.name!r} is a meta tensor: it has a shape but no data to read "
+                "or write. Materialise the weights first (module.to_empty(device=...), then "
+                "load or initialise them); nothing was written."
+            )
+        if not t.is_contiguous() and _overlaps_itself(t):
+            raise WeightMismatchError(
+                f"{op}: tensor {e.name!r} (shape {tuple(t.shape)}, strides {t.stride()}) has "
+                "elements that share memory (an expanded tensor, a stride of 0), so one write "
+                "would land on several elements; pass a tensor that owns its elements "
+                "(.clone(), e.g. nn.Parameter(t.clone())). Nothing was written."
+            )
+
+
+def _overlaps_itself(t: Tensor) -> bool:
+    """Whether some elements of ``t`` are the same memory: torch's own test, or more elements
+    than the memory span they lie in can hold."""
+    if torch._debug_has_internal_overlap(t) == 1:
+        return True
+    extent = 1 + sum((n - 1) * abs(step) for n, step in zip(t.shape, t.stride(), strict=True))
+    return 0 < extent < t.numel()
 
 
 def check_no_overlap(written: list[Entry], op: str) -> None:

@@ -382,3 +382,129 @@ def test_bound_constraints_compile_with_fullgraph_and_refuse_a_changed_layout():
     nets[0].load_state_dict(copy.deepcopy(nets[0].state_dict()), assign=True)
     with pytest.raises(rw.LayoutChangedError):
         bound[0]()
+
+
+def _replace(change: str, module: nn.Module) -> None:
+    """Give ``module`` new tensors, as a user would: a reload with assign=True, a replaced
+    Parameter, a replaced layer."""
+    if change == "assign":
+        module.load_state_dict(copy.deepcopy(module.state_dict()), assign=True)
+    elif change == "parameter":
+        module[0].weight = nn.Parameter(module[0].weight.detach().clone())
+    else:
+        module[0] = copy.deepcopy(module[0])
+
+
+@pytest.mark.parametrize(
+    ("change", "side", "backend", "fullgraph"),
+    [
+        ("assign", "target", "aot_eager", True),
+        ("parameter", "source", "aot_eager", False),
+        ("layer", "target", "eager", True),
+        ("assign", "source", "inductor", True),
+    ],
+)
+def test_a_compiled_function_refuses_weights_that_moved_instead_of_writing_stale_ones(
+    change, side, backend, fullgraph
+):
+    """The routines resolved their tensors when built; a function compiled around them kept
+    writing (and reading) the old tensors after the weights were replaced, silently. The
+    first call after the change raises (LayoutChangedError; under fullgraph=True torch's own
+    error carrying its message) and writes nothing."""
+    torch._dynamo.reset()
+    source = NETS["mlp"](1)
+    target, policy = rw.make_target(source), NETS["mlp"](2)
+    constrained = NETS["mlp"](3)
+    routines = [
+        rw.PolyakUpdate(source, target, tau=0.5, capturable=True),
+        rw.HardUpdate(source, copy.deepcopy(target), every=2, capturable=True),
+        rw.EMA(policy, tau=0.1, capturable=True),
+        rw.constraints.MaxNorm(0.5, capturable=True).bind(constrained),
+    ]
+
+    def step():
+        for r in routines:
+            r() if isinstance(r, rw.constraints.BoundConstraint) else r.step()
+
+    compiled = torch.compile(step, backend=backend, fullgraph=fullgraph)
+    compiled()
+    was = snapshot(source)  # the target is the source now (tau 0.5 from equal weights)
+    _nudge(source, seed=0)
+    compiled()
+    for t, a, b in zip(snapshot(target), was, snapshot(source), strict=True):
+        assert_close(t, a + 0.5 * (b - a))
+    for moved in (source if side == "source" else target, policy, constrained):
+        _replace(change, moved)
+    written = [target, routines[1].target, routines[2].averaged, constrained]
+    before = [snapshot(m) for m in written]
+    error = rw.LayoutChangedError if not fullgraph else torch._dynamo.exc.Unsupported
+    with pytest.raises(error, match=r"moved since.*build it again"):
+        compiled()
+    for module, was in zip(written, before, strict=True):
+        assert all(torch.equal(a, b) for a, b in zip(was, snapshot(module), strict=True))
+
+
+class _Unhashable(nn.Linear):
+    """A module that defines equality and so cannot be hashed (nothing may hash it)."""
+
+    def __init__(self):
+        super().__init__(2, 2)
+
+    def __eq__(self, other):
+        return isinstance(other, _Unhashable)
+
+
+def test_a_compiled_function_is_not_traced_again_for_unrelated_modules():
+    """The guard watches the routine's own modules: building other networks does not retrace
+    the step; registering a module's own Parameter again retraces it once, and it goes on."""
+    torch._dynamo.reset()
+    source = NETS["mlp"](1)
+    target = rw.make_target(source)
+    routine = rw.PolyakUpdate(source, target, tau=0.5, capturable=True)
+    compiles = []
+
+    def count(graph, example_inputs):
+        compiles.append(graph)
+        return graph
+
+    compiled = torch.compile(routine.step, backend=count, fullgraph=True)
+    compiled()
+    for build in (lambda: NETS["cnn_bn"](5), lambda: nn.Linear(3, 3), _Unhashable):
+        build()  # other networks: their tensors are registered
+    compiled()
+    assert len(compiles) == 1
+    source[0].weight = source[0].weight  # the same Parameter registered again
+    was = snapshot(target)
+    _nudge(source, seed=1)
+    compiled()
+    assert len(compiles) == 2
+    for t, a, b in zip(snapshot(target), was, snapshot(source), strict=True):
+        assert_close(t, a + 0.5 * (b - a))
+
+
+@pytest.mark.parametrize("op", ["polyak_", "copy_"])
+def test_a_compiled_functional_op_writes_the_weights_that_replaced_a_flat_layout(op):
+    """rw.polyak_ / rw.copy_ between flat layouts trace through the layouts' views; after
+    load_state_dict(assign=True) the compiled function kept writing the old views, silently.
+    It is traced again and takes the eager path: the new tensors get the update."""
+    torch._dynamo.reset()
+    source = NETS["mlp"](1)
+    target = rw.make_target(source)
+    _nudge(source, seed=2)
+
+    def update(tau):
+        if op == "polyak_":
+            rw.polyak_(target, source, tau)
+        else:
+            rw.copy_(target, source)
+
+    compiled = torch.compile(update, backend="aot_eager")
+    compiled(torch.tensor(0.5))
+    target.load_state_dict(copy.deepcopy(target.state_dict()), assign=True)
+    _nudge(source, seed=3)
+    was = snapshot(target)
+    with pytest.warns(rw.FlatLayoutWarning):
+        compiled(torch.tensor(0.5))
+    share = 0.5 if op == "polyak_" else 1.0
+    for t, a, b in zip(snapshot(target), was, snapshot(source), strict=True):
+        assert_close(t, a + share * (b - a))

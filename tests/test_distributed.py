@@ -170,3 +170,64 @@ def test_periodic_averager_state_dict_round_trip():
         other.load_state_dict({**state, "updates": -1})
     assert other.calls == 0 and other.updates == 0  # nothing changed
     assert repr(again) == "PeriodicAverager(every=3, processes=?, calls=7, updates=2)"
+
+
+def changed_layout_worker(rank, out):
+    import copy
+
+    results = {}
+    net = cnn_bn(seed=rank)
+    if rank == 0:  # flattened on one process only: the same weight set
+        rw.flatten_(net)
+    all_average_(net)
+    results["mixed"] = {k: v.clone() for k, v in net.state_dict().items()}
+    # Both flat; rank 0 reloads with assign=True: its layout breaks, the weight set stays.
+    rw.flatten_(net)
+    all_average_(net)
+    if rank == 0:
+        net.load_state_dict(copy.deepcopy(net.state_dict()), assign=True)
+        with torch.no_grad():
+            net[0].weight.add_(1.0)
+    start = time.monotonic()
+    try:
+        broadcast_(net, src=0)
+        results["reloaded"] = {k: v.clone() for k, v in net.state_dict().items()}
+    except (PeerError, rw.WeightMismatchError) as exc:
+        results["reloaded"] = str(exc)
+    # Rank 1 casts its network after the processes agreed on it: every process is told.
+    if rank == 1:
+        net.double()
+    try:
+        all_average_(net)
+        results["cast"] = "no error"
+    except (PeerError, rw.WeightMismatchError) as exc:
+        results["cast"] = f"{type(exc).__name__}: {exc}"
+    results["seconds"] = time.monotonic() - start
+    torch.save(results, f"{out}/changed{rank}.pt")
+
+
+def test_a_weight_set_changed_on_one_process_is_compared_by_all_not_hung(tmp_path):
+    """A reload with assign=True on rank 0 made it compare the weight sets alone while rank 1
+    broadcast: both hung for the whole timeout and blamed a dead peer. Flat on one process
+    and not on the other is the same weight set; a real change is named on every process."""
+    codes = launch(changed_layout_worker, tmp_path, timeout=60.0, timeout_s=15)
+    errors = [p.read_text() for p in tmp_path.glob("error*.txt")]
+    assert codes == [0, 0], errors
+    ranks = [torch.load(tmp_path / f"changed{r}.pt", weights_only=False) for r in range(WORLD)]
+    want = reference_mean(cnn_bn, range(WORLD))
+    for r in ranks:
+        for name, value in r["mixed"].items():
+            if value.is_floating_point():
+                assert_close(value.double(), want[name], rtol=1e-6, atol=1e-7)
+    sent = ranks[0]["reloaded"]
+    assert isinstance(sent, dict), sent
+    assert_close(sent["0.weight"], ranks[0]["mixed"]["0.weight"] + 1.0)
+    for name, value in sent.items():
+        assert torch.equal(ranks[1]["reloaded"][name], value), name
+    for r in ranks:
+        assert r["cast"].startswith("WeightMismatchError"), r["cast"]
+        assert (
+            "rank 1 has param '0.weight' float64 [4, 2, 3, 3] where rank 0 has param "
+            in (r["cast"])
+        )
+        assert r["seconds"] < 10

@@ -166,8 +166,17 @@ class WithLogStd(nn.Module):
     [
         (lambda m, o: rw.reinit_(m, include="encoder.*"), ValueError, "matches no tensor"),
         (lambda m, o: rw.reinit_(m, exclude="*"), ValueError, "leave no floating parameter"),
-        (lambda m, o: rw.shrink_perturb_(m, 1.5, 0.1), ValueError, r"shrink=1.5 is outside"),
-        (lambda m, o: rw.shrink_perturb_(m, 0.5, -0.1), ValueError, r"perturb=-0.1 is outside"),
+        (
+            lambda m, o: rw.shrink_perturb_(m, 1.5, 0.1),
+            ValueError,
+            r"shrink=1.5 is outside \[0, 1\]\. shrink is the factor the weights are multiplied "
+            r"by \(theta <- shrink \* theta",
+        ),
+        (
+            lambda m, o: rw.shrink_perturb_(m, 0.5, -0.1),
+            ValueError,
+            r"perturb=-0.1 is outside \[0, 1\]\. perturb is the weight of the fresh init",
+        ),
         (lambda m, o: rw.shrink_perturb_(m, float("nan"), 0.1), ValueError, "shrink=nan"),
         (lambda m, o: rw.reinit_(m, optimizer=o), ValueError, "trains none of these"),
         (lambda m, o: rw.reinit_(m, generator=3), TypeError, "torch.Generator"),

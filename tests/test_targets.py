@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 from conftest import NETS, assert_unchanged, named, snapshot
+from torch import nn
 from torch.testing import assert_close
 
 import rlweights as rw
@@ -257,3 +260,34 @@ def test_templates_bind_to_pairs_and_schedules_drive_tau():
     hard = rw.HardUpdate(every=2).bind(online, target)
     assert [hard.step(), hard.step()] == [False, True]
     assert rw.distance(online, target).item() == 0.0
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_a_tau_too_small_for_the_dtype_is_warned_about_naming_the_smallest_that_moves(dtype):
+    """bfloat16 targets at tau=1e-3 barely moved (round-to-nearest kept most weights where
+    they were), without a word. The bound named is where the update starts moving a weight
+    whose source is its own size away (1 -> 2)."""
+    bound = torch.finfo(dtype).eps / 2
+    ones, twos = torch.ones(64, dtype=dtype), torch.full((64,), 2.0, dtype=dtype)
+    for tau, moves in ((0.9 * bound, False), (1.1 * bound, True)):
+        target = ones.clone()
+        rw.polyak_(target, twos, tau)
+        assert bool((target != ones).all()) is moves
+    source = nn.Linear(8, 8).to(dtype)
+    target = rw.make_target(source)
+    name = str(dtype).removeprefix("torch.")
+    with pytest.warns(
+        rw.PrecisionWarning, match=rf"tau=0.0001 is below {bound:.2g}, half the {name}"
+    ):
+        routine = rw.PolyakUpdate(source, target, tau=1e-4)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        routine.tau = 0.01
+        rw.PolyakUpdate(nn.Linear(8, 8), rw.make_target(nn.Linear(8, 8)), tau=1e-4)  # float32
+        template = rw.PolyakUpdate(tau=1e-4)  # no weights yet: nothing to say
+    with pytest.warns(rw.PrecisionWarning, match="PolyakUpdate: tau=0.0002"):
+        routine.tau = 2e-4
+    with pytest.warns(rw.PrecisionWarning, match="PolyakUpdate: tau=0.0001"):
+        template.bind(source, target)
+    with pytest.warns(rw.PrecisionWarning, match="EMA: tau=0.0001"):
+        rw.EMA(source, tau=1e-4)

@@ -247,3 +247,57 @@ def test_a_target_that_is_its_own_source_is_allowed():
     rw.polyak_([x], [x], 0.3)
     rw.average_([x], [[x], [x.clone()]])
     assert torch.equal(x, want)
+
+
+def _expanded_bias() -> nn.Module:
+    torch.manual_seed(0)
+    m = nn.Linear(4, 3)
+    m.bias = nn.Parameter(torch.zeros(1).expand(3))
+    return m
+
+
+_WRITERS = {
+    "polyak_": lambda w, s: rw.polyak_(w, s, 0.5),
+    "copy_": lambda w, s: rw.copy_(w, s),
+    "average_": lambda w, s: rw.average_(w, [s, s]),
+    "clamp_": lambda w, s: rw.clamp_(w, -0.01, 0.01),
+    "max_norm_": lambda w, s: rw.max_norm_(w, 0.01),
+    "shrink_perturb_": lambda w, s: rw.shrink_perturb_(w, 0.5, 0.5),
+}
+
+
+@pytest.mark.parametrize("op", list(_WRITERS))
+@pytest.mark.parametrize("form", ["module", "list", "strided"])
+def test_a_target_whose_elements_overlap_is_refused_before_writing(op, form):
+    """An expanded (stride-0) target: the weight was written, then torch raised its own error."""
+    if form != "module" and op == "shrink_perturb_":
+        pytest.skip("shrink_perturb_ takes a module")
+    m = _expanded_bias()
+    source = nn.Linear(4, 3)
+    if form == "module":
+        target = m
+    elif form == "list":
+        target, source = [m.weight, m.bias], [source.weight.detach(), source.bias.detach()]
+    else:  # elements overlap without a zero stride
+        base = torch.randn(4)
+        target = [m.weight, base.as_strided((2, 2), (1, 1))]
+        source = [source.weight.detach(), torch.randn(2, 2)]
+    before = [p.detach().clone() for p in m.parameters()]
+    with pytest.raises(rw.WeightMismatchError, match=r"elements that share memory.*\.clone\(\)"):
+        _WRITERS[op](target, source)
+    for p, b in zip(m.parameters(), before, strict=True):
+        assert torch.equal(p.detach(), b)
+
+
+@pytest.mark.parametrize("flat", [False, True], ids=["plain", "flat"])
+@pytest.mark.parametrize(
+    "call",
+    [lambda t, s: rw.polyak_(t, s, 0.5), lambda t, s: rw.copy_(t, s), lambda t, s: rw.clamp_(t, 0)],
+    ids=["polyak_", "copy_", "clamp_"],
+)
+def test_meta_tensors_are_named_as_meta_tensors_without_data(call, flat):
+    target, source = NETS["mlp"](0).to("meta"), NETS["mlp"](1).to("meta")
+    if flat:
+        rw.flatten_(target), rw.flatten_(source)
+    with pytest.raises(rw.WeightMismatchError, match="meta tensor: it has a shape but no data"):
+        call(target, source)
