@@ -643,3 +643,26 @@ def test_a_default_run_draws_an_evaluation_curve(tmp_path, impl):
     events.Reload()
     steps = [event.step for event in events.Scalars("eval/return")]
     assert steps == list(range(30, 301, 30))
+
+
+@pytest.mark.parametrize("buffer_size", [10_000, 150])
+def test_a_run_resumed_with_more_steps_keeps_its_replay_rows_in_order(tmp_path, buffer_size):
+    """A run of 200 steps resumed to 260: its buffer holds what an unstopped run of 260
+    steps holds (the 200 rows of the first run, in place, then the new rows after them;
+    with a buffer of 150 rows, the ring goes on where it was), never an empty row."""
+    config = tiny(
+        "td3", total_steps=260, learning_starts=1000, eval_every=0, buffer_size=buffer_size
+    )
+    unstopped = tmp_path / "unstopped"
+    train(config, unstopped)
+    train(dataclasses.replace(config, total_steps=200), tmp_path / "r")
+    before = load_checkpoint(tmp_path / "r")["training"]["buffer"]
+    train(config, tmp_path / "r", resume=True)
+    after = load_checkpoint(tmp_path / "r")["training"]["buffer"]
+    reference = load_checkpoint(unstopped)["training"]["buffer"]
+    assert (after["size"], after["position"]) == (reference["size"], reference["position"])
+    capacity = min(buffer_size, 260)
+    old = [(step % capacity) for step in range(max(0, 260 - capacity), 200)]  # rows kept
+    assert torch.equal(after["obs"][old], reference["obs"][old])  # the same first 200 steps
+    assert torch.equal(after["obs"][old], before["obs"][old])
+    assert (after["obs"].abs().sum(-1) > 0).all()  # every row written (Pendulum's obs != 0)
