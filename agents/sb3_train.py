@@ -43,6 +43,7 @@ from rlweights.agents.train import (
 )
 from rlweights.files import write_json
 from rlweights.periodic import Periodic
+from rlweights.targets import TargetRoutine
 
 __all__ = ["build_sb3_model", "check_plasticity", "load_sb3_policy", "sb3_kwargs", "train_sb3"]
 
@@ -205,8 +206,8 @@ def train_sb3(
 
 class _SB3Run:
     """One ``--impl sb3`` run: the SB3 model with rlweights attached, the policy EMA, the
-    episode returns and the outputs. SB3's ``learn`` is the loop; after each of its
-    environment steps, :meth:`after_step` evaluates and checkpoints when due."""
+    episode returns and the outputs. SB3's ``learn`` is the loop; at each of its
+    environment steps, :meth:`on_step` evaluates and checkpoints the step before when due."""
 
     def __init__(
         self,
@@ -230,6 +231,9 @@ class _SB3Run:
             )
         self.episodes: list[float] = []  # every return (SB3 keeps only the last 100)
         self.wall_before = 0.0
+        # made once, before restore(): a resumed run loads their schedules
+        self.plasticity = plasticity_callback(config)
+        self.callbacks = self.weight_callbacks()
         if resume:
             self.restore()
         self.session_start = time.perf_counter()
@@ -240,6 +244,9 @@ class _SB3Run:
         if config.eval_every:
             self.evaluations = Periodic(config.eval_every, name="eval_every")
             self.evaluations.step(self.start_steps)  # the steps of the run that is resumed
+        # The last step SB3 counted, until it has stored and trained on it: (its progress
+        # report, whether an evaluation is due after it); see on_step.
+        self.pending: tuple[dict[str, float], bool] | None = None
 
     def restore(self) -> None:
         """Continue from ``run_dir/model.pt``."""
@@ -250,11 +257,17 @@ class _SB3Run:
         with torch.no_grad():
             for name, value in training["variables"].items():
                 getattr(model, name).copy_(value)
-        if self.ema_routine is not None:
-            self.ema_routine.load_state_dict(training["ema_routine"])
+        self.load_routine_states(training["routines"])
         _load_buffer_state(model.replay_buffer, training["buffer"])
         model.num_timesteps = saved["steps"]
         model._n_updates = training["n_updates"]
+        if hasattr(model, "_n_calls"):  # DQN's count of steps, for its target updates
+            model._n_calls = training["n_calls"]
+        from rlweights.sb3 import DriftCallback
+
+        for callback in self.callbacks:  # drift every N calls: those of the resumed run too
+            if isinstance(callback, DriftCallback):
+                callback.counter.step(model.num_timesteps // self.config.num_envs)
         set_rng_state(training["rng"])
         self.episodes = list(training["episodes"])
         self.wall_before = training["wall_seconds"]
@@ -268,12 +281,14 @@ class _SB3Run:
             self.checkpoint()
             raise Stopped(model.num_timesteps, stop.signum)
         if model.num_timesteps < self.config.total_steps:
-            callbacks = [*self.weight_callbacks(), _after_step_callback(self, stop)]
+            # first: when it ends learn, the others see the step taken back
+            callbacks = [_on_step_callback(self), *self.callbacks]
             model.learn(
                 self.config.total_steps - model.num_timesteps,
                 callback=CallbackList(callbacks),
                 reset_num_timesteps=not self.resume,
             )
+            self.finish_step()
         self.checkpoint()
         if stop.requested:
             raise Stopped(model.num_timesteps, stop.signum)
@@ -301,28 +316,76 @@ class _SB3Run:
             clamp = (-config.clip, config.clip) if config.clip is not None else None
             constraints = WeightConstraintCallback(modules, clamp=clamp, max_norm=config.max_norm)
             callbacks.append(constraints)
-        plasticity = plasticity_callback(config)
-        if plasticity is not None:
-            callbacks.append(plasticity)
+        if self.plasticity is not None:
+            callbacks.append(self.plasticity)
         if config.drift_every:
             callbacks.append(DriftCallback(every=max(config.drift_every // config.num_envs, 1)))
         return callbacks
 
-    def after_step(self, infos: Iterable[dict[str, Any]]) -> None:
-        """After each vectorised environment step: episode returns, the evaluation and
-        checkpoint every ``eval_every`` steps, the progress report."""
+    def on_step(self, infos: Iterable[dict[str, Any]]) -> bool:
+        """SB3's callback at each vectorised environment step, which SB3 calls before it
+        stores the step's transitions and trains on them. First the step before, now
+        complete, gets its evaluation and checkpoint (every ``eval_every`` steps) and its
+        progress report. Then, on a stop signal or past ``total_steps``, this step is taken
+        back (nothing of it was stored) and ``learn`` ends: every step a checkpoint counts
+        is stored and trained on, as in a run without a stop. Otherwise the step's episode
+        returns are kept. Returns whether ``learn`` goes on."""
+        model, n = self.model, self.config.num_envs
+        model.num_timesteps -= n  # the steps SB3 has completed
+        self.finish_step()
+        if self.stopping.requested or model.num_timesteps >= self.config.total_steps:
+            return False
+        model.num_timesteps += n
         info: dict[str, float] = {}
         for step_info in infos:
             if "episode" in step_info:  # SB3's Monitor wrapper
                 self.episodes.append(float(step_info["episode"]["r"]))
                 info["return"] = self.episodes[-1]
+        due = self.evaluations is not None and self.evaluations.step(n)
+        self.pending = (info, due)
+        return True
+
+    def finish_step(self) -> None:
+        """The completed step's evaluation and checkpoint, when due, and progress report."""
+        if self.pending is None:
+            return
+        (info, due), self.pending = self.pending, None
         steps = self.model.num_timesteps
-        due = self.evaluations is not None and self.evaluations.step(self.config.num_envs)
         if due and steps < self.config.total_steps:
             self.evaluate()
             self.checkpoint()
         if self.progress is not None and not self.stopping.requested:  # SIGHUP: no terminal
             self.progress(steps, info)
+
+    def routine_states(self) -> dict[str, Any]:
+        """The states of the run's stateful routines: each target pair's routine
+        (``hard:EVERY``), the policy EMA, the plasticity schedules."""
+        states = {
+            f"target_{pair.name}": pair.routine.state_dict()
+            for pair in self.attachment.pairs
+            if isinstance(pair.routine, TargetRoutine)
+        }
+        if self.ema_routine is not None:
+            states["ema"] = self.ema_routine.state_dict()
+        if self.plasticity is not None:
+            states["plasticity"] = self.plasticity.state_dict()
+        return states
+
+    def load_routine_states(self, states: Any) -> None:
+        """Restore :meth:`routine_states` (each routine validates its own state)."""
+        expected = set(self.routine_states())
+        if not isinstance(states, dict) or set(states) != expected:
+            got = sorted(states) if isinstance(states, dict) else type(states).__name__
+            raise ValueError(
+                f"the checkpoint's routines are {got}, this run keeps {sorted(expected)}"
+            )
+        for pair in self.attachment.pairs:
+            if isinstance(pair.routine, TargetRoutine):
+                pair.routine.load_state_dict(states[f"target_{pair.name}"])
+        if self.ema_routine is not None:
+            self.ema_routine.load_state_dict(states["ema"])
+        if self.plasticity is not None:
+            self.plasticity.load_state_dict(states["plasticity"])
 
     def evaluate(self, interruptible: bool = False) -> dict[str, np.ndarray]:
         """Deterministic episodes of the policy (and of its EMA), with the evaluation seeds;
@@ -356,13 +419,14 @@ class _SB3Run:
             "variables": _torch_variables(model),
             "buffer": _buffer_state(model.replay_buffer),
             "n_updates": model._n_updates,
+            "n_calls": getattr(model, "_n_calls", 0),
+            "routines": self.routine_states(),
             "rng": rng_state(),
             "episodes": list(self.episodes),
             "wall_seconds": self.wall_before + time.perf_counter() - self.session_start,
         }
         if self.ema_routine is not None:
             weights["policy_ema"] = self.ema_routine.averaged.state_dict()
-            training["ema_routine"] = self.ema_routine.state_dict()
         state = {
             "algo": self.config.algo,
             "impl": "sb3",
@@ -391,19 +455,18 @@ class _SB3Run:
         return summary
 
 
-def _after_step_callback(run: _SB3Run, stop: GracefulStop) -> Any:
-    """The SB3 callback that hands every environment step to ``run`` and stops ``learn`` on
-    Ctrl-C (made here: SB3 is an optional extra, imported only when it runs)."""
+def _on_step_callback(run: _SB3Run) -> Any:
+    """The SB3 callback that hands every environment step to :meth:`_SB3Run.on_step`, which
+    ends ``learn`` on a stop signal and at the asked step count (SB3 would finish its
+    rollout, up to ``train_freq`` steps more). Made here: SB3 is an optional extra, imported
+    only when it runs."""
     from stable_baselines3.common.callbacks import BaseCallback
 
-    class AfterStep(BaseCallback):
+    class OnStep(BaseCallback):
         def _on_step(self) -> bool:
-            run.after_step(self.locals.get("infos", ()))
-            # False ends learn(): on a stop signal, and at the asked step count (SB3 would
-            # finish its rollout, up to train_freq steps more).
-            return not stop.requested and self.num_timesteps < run.config.total_steps
+            return run.on_step(self.locals.get("infos", ()))
 
-    return AfterStep()
+    return OnStep()
 
 
 def load_sb3_policy(config: AgentConfig, saved: dict[str, Any], ema: bool = False) -> Callable:

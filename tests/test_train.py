@@ -666,3 +666,62 @@ def test_a_run_resumed_with_more_steps_keeps_its_replay_rows_in_order(tmp_path, 
     assert torch.equal(after["obs"][old], reference["obs"][old])  # the same first 200 steps
     assert torch.equal(after["obs"][old], before["obs"][old])
     assert (after["obs"].abs().sum(-1) > 0).all()  # every row written (Pendulum's obs != 0)
+
+
+PLASTIC = {"reset_every": 45, "reset_layers": "critic.*", "shrink_perturb": (0.8, 0.1)}
+PLASTIC |= {"sp_every": 35}
+
+
+def _counters(state):
+    """``state`` without its tensors (weights, which differ once a resumed run's
+    environments restart their episodes): the counters and settings."""
+    if isinstance(state, dict):
+        return {k: _counters(v) for k, v in state.items() if not isinstance(v, torch.Tensor)}
+    return state
+
+
+def _schedules(saved) -> dict:
+    """What a checkpoint says of a run's schedules: its routines' counters and the number of
+    gradient updates."""
+    training = saved["training"]
+    if saved["impl"] == "native":
+        agent = training["agent"]
+        return _counters({**agent["routines"], "updates": agent["gradient_updates"]})
+    return _counters({**training["routines"], "updates": training["n_updates"]})
+
+
+@pytest.mark.parametrize(
+    ("impl", "algo", "settings"),
+    [
+        ("native", "sac", {"target_update": "hard:7", "policy_ema": 0.2, **PLASTIC}),
+        ("native", "dqn", {"target_update": "hard:8", "clip": 1.0}),
+        ("sb3", "sac", {"target_update": "hard:7", "policy_ema": 0.2, "clip": 1.0, **PLASTIC}),
+        ("sb3", "td3", {"target_update": "hard:3", "policy_ema": 0.1}),
+        ("sb3", "dqn", {"target_update": "hard:8", "train_freq": 1, "gradient_steps": 1}),
+    ],
+)
+def test_every_schedule_of_a_stopped_and_resumed_run_is_that_of_an_unstopped_run(
+    tmp_path, impl, algo, settings
+):
+    """Stopped by Ctrl-C at step 130 and resumed to 200: the target update's, the policy
+    EMA's and the plasticity schedules' counters, and the number of gradient updates, are
+    those of a run of 200 steps without a stop (SB3's hard copies once restarted at 0)."""
+    from rlweights.agents.sb3_train import train_sb3
+
+    run = train if impl == "native" else train_sb3
+    config = tiny(algo, total_steps=200, eval_every=0, drift_every=0, **settings)
+    run(config, tmp_path / "unstopped")
+
+    def interrupt(steps, info):
+        if steps == 130:
+            os.kill(os.getpid(), signal.SIGINT)
+
+    with pytest.raises(KeyboardInterrupt):
+        run(config, tmp_path / "r", progress=interrupt)
+    assert load_checkpoint(tmp_path / "r")["steps"] == 130
+    run(config, tmp_path / "r", resume=True)
+    resumed = _schedules(load_checkpoint(tmp_path / "r"))
+    reference = _schedules(load_checkpoint(tmp_path / "unstopped"))
+    assert resumed == reference
+    assert reference["updates"] > 0
+

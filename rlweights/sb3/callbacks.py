@@ -201,6 +201,7 @@ class PlasticityCallback(BaseCallback):
         self.events = {"reset": 0, "shrink_perturb": 0}
         self._handles: list = []
         self._counted = 0
+        self._pending: dict[str, Any] | None = None
 
     def _on_training_start(self) -> None:
         policy = self.model.policy
@@ -223,6 +224,9 @@ class PlasticityCallback(BaseCallback):
                 )
                 # the schedule counts the model's environment steps: those done before too
                 self.routines[kind].counter.step(self.model.num_timesteps)
+        if self._pending is not None:
+            state, self._pending = self._pending, None
+            self.load_state_dict(state)
         self._counted = self.model.num_timesteps
         if self.unit_sphere is not None:
             found = entries(policy, "PlasticityCallback")[0]
@@ -264,6 +268,42 @@ class PlasticityCallback(BaseCallback):
     def _on_rollout_end(self) -> None:
         self.logger.record("rlweights/resets", self.events["reset"])
         self.logger.record("rlweights/shrink_perturbs", self.events["shrink_perturb"])
+
+    def state_dict(self) -> dict[str, Any]:
+        """The schedules' states (counters, generators) and the event counts, to resume a
+        run (before training starts: the state given to :meth:`load_state_dict`)."""
+        if not self.routines and self._pending is not None:
+            return self._pending
+        return {
+            "routines": {kind: routine.state_dict() for kind, routine in self.routines.items()},
+            "events": dict(self.events),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore :meth:`state_dict` (each schedule's state validated before it loads). Before
+        training starts the state is kept and loaded into the schedules when they are made."""
+        op = "PlasticityCallback.load_state_dict"
+        kinds = {"reset"} if self.reset_every else set()
+        kinds |= {"shrink_perturb"} if self.sp_every else set()
+        if not isinstance(state, dict) or set(state) != {"routines", "events"}:
+            got = sorted(state) if isinstance(state, dict) else type(state).__name__
+            raise ValueError(f"{op}: expected keys ['events', 'routines'], got {got}")
+        if not isinstance(state["routines"], dict) or set(state["routines"]) != kinds:
+            raise ValueError(
+                f"{op}: the state has schedules {sorted(state['routines'])}, this callback "
+                f"keeps {sorted(kinds)}; make the callback with the same settings"
+            )
+        events = state["events"]
+        if not isinstance(events, dict) or set(events) != set(self.events):
+            raise ValueError(f"{op}: events must count {sorted(self.events)}, got {events!r}")
+        for kind, count in events.items():
+            check_int(count, f"events[{kind!r}]", op, minimum=0)
+        if not self.routines:
+            self._pending = state
+            return
+        for kind, routine in self.routines.items():
+            routine.load_state_dict(state["routines"][kind])
+        self.events = dict(events)
 
     def _on_training_end(self) -> None:
         for handle in self._handles:
