@@ -10,6 +10,7 @@ import re
 import signal
 import sys
 import time
+import warnings
 from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
@@ -32,6 +33,7 @@ from rlweights.agents.train import (
     CheckpointError,
     GracefulStop,
     Stopped,
+    UnverifiedCheckpointWarning,
     available_memory,
     checkpoint_steps,
     config_from_checkpoint,
@@ -250,8 +252,8 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--resume",
         metavar="RUN_DIR",
-        help="continue an interrupted run from RUN_DIR/model.pt (only --steps, --device "
-        "and --no-progress may be given with it)",
+        help="continue an interrupted run from RUN_DIR/model.pt (only --steps, --device, "
+        "--no-progress and --env with the run's own environment id may be given with it)",
     )
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     for flag, field, kind, metavar, text in HYPERPARAMETERS:
@@ -303,6 +305,12 @@ def add_evaluate_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--episodes", type=int, default=10, help="evaluation episodes (10)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the first episode (0)")
     parser.add_argument("--device", choices=("cpu", "cuda", "auto"), default="cpu")
+    parser.add_argument(
+        "--env",
+        metavar="ID",
+        help="the checkpoint's own environment id, given again to allow an id that imports a "
+        "module (module:Env-v0); an id read from a file never imports one by itself",
+    )
     parser.add_argument(
         "--ema", action="store_true", help="evaluate the averaged policy (--policy-ema runs)"
     )
@@ -515,30 +523,39 @@ def _prepare_resume(
             "learner only); evaluate or average it, or start a new run"
         )
     given = [k for k, v in _overrides(args).items() if v is not None and k != "total_steps"]
-    others = (args.algo, args.env, args.run_name, args.seed, args.impl)
+    others = (args.algo, args.run_name, args.seed, args.impl)
     if given or any(value is not None for value in others):
         raise UsageError(
             "--resume continues a run with its own settings: only --steps, --device and "
-            "--no-progress may be given with it"
+            "--no-progress may be given with it (and --env with the run's own environment id)"
         )
     run_dir = _resume_dir(args.resume)
     stack.enter_context(holding(run_dir))
     if never_checkpointed(run_dir):  # stopped before its first checkpoint: start it again
-        saved = json.loads((run_dir / "config.json").read_text())
-        impl = saved.pop("impl", "native")
-        config = config_from_checkpoint(
-            {"config": saved}, total_steps=args.total_steps, device=device
-        )
+        where = f"{run_dir}/config.json"
+        try:
+            saved = json.loads((run_dir / "config.json").read_text())
+            impl = saved.pop("impl", "native")
+            config = config_from_checkpoint(
+                {"config": saved}, args.env, where, total_steps=args.total_steps, device=device
+            )
+        except CheckpointError:
+            raise
+        except (KeyError, TypeError, AttributeError, ValueError) as exc:
+            raise CheckpointError(f"{where} is unreadable ({exc})") from None
         _check_impl(impl)
         _check_env(config, impl=impl)
         reset_for_rerun(run_dir)
         return config, run_dir, impl, 0
     clean_temporaries(run_dir)
     saved = load_checkpoint(run_dir / "model.pt", resume=True)
+    where = f"{run_dir}/model.pt"
     try:
-        config = config_from_checkpoint(saved, total_steps=args.total_steps, device=device)
+        config = config_from_checkpoint(
+            saved, args.env, where, total_steps=args.total_steps, device=device
+        )
     except (KeyError, TypeError) as exc:
-        raise CheckpointError(f"{run_dir}/model.pt: its config is unreadable ({exc})") from None
+        raise CheckpointError(f"{where}: its config is unreadable ({exc})") from None
     impl, initial = saved["impl"], saved["steps"]
     _check_impl(impl)
     _check_env(config, saved.get("spaces"), impl)
@@ -823,9 +840,15 @@ def _prepare_evaluate(args: argparse.Namespace) -> tuple[Any, Any, dict[str, Any
     if not 0 <= args.seed <= MAX_SEED:
         raise UsageError(f"--seed must be in [0, {MAX_SEED}], got {args.seed}")
     device = _device(args.device)
-    saved = load_checkpoint(args.checkpoint)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", UnverifiedCheckpointWarning)
+        saved = load_checkpoint(args.checkpoint)
+    for warning in caught:
+        print(f"rlweights evaluate: warning: {warning.message}", file=sys.stderr)
     try:
-        config = config_from_checkpoint(saved, device=device)
+        config = config_from_checkpoint(saved, args.env, args.checkpoint, device=device)
+    except CheckpointError:
+        raise
     except (KeyError, TypeError, ValueError) as exc:
         raise CheckpointError(f"{args.checkpoint}: its config is unreadable ({exc})") from None
     _check_env(config, saved.get("spaces"), impl=None)

@@ -50,6 +50,7 @@ __all__ = [
     "CheckpointError",
     "GracefulStop",
     "Stopped",
+    "UnverifiedCheckpointWarning",
     "available_memory",
     "build_agent",
     "checkpoint_steps",
@@ -78,6 +79,10 @@ EVAL_SEED_OFFSET = 1_000_000  # evaluation episodes never reuse a training seed
 
 class CheckpointError(ValueError):
     """A file that is not a readable rlweights checkpoint (corrupt, foreign, wrong version)."""
+
+
+class UnverifiedCheckpointWarning(UserWarning):
+    """A checkpoint of a format written before checksums: a change to it cannot be told."""
 
 
 def make_config(algo: str, env_id: str | None = None, **overrides: Any) -> AgentConfig:
@@ -242,12 +247,17 @@ def load_checkpoint(path: str | Path, *, resume: bool = False) -> dict[str, Any]
         raise CheckpointError(f"{path} is not a readable checkpoint ({reason})") from None
     if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
         raise CheckpointError(f"{path} is not an rlweights training checkpoint")
-    if not checksum_matches(state):
+    version = state.get("version")
+    if "checksum" not in state and version != 1:  # version 1 was written before checksums
+        raise CheckpointError(
+            f"{path} has no checksum, which every checkpoint of version {version} is written "
+            "with (a changed file); use an intact copy"
+        )
+    if not checksum_matches(state, required=version != 1):
         raise CheckpointError(
             f"{path} is damaged: its content does not match the checksum written with it "
             "(a changed or corrupted file); use an intact copy"
         )
-    version = state.get("version")
     if version not in range(1, CHECKPOINT_VERSION + 1):
         raise CheckpointError(
             f"{path} has checkpoint version {version}, this rlweights reads versions 1 to "
@@ -264,6 +274,13 @@ def load_checkpoint(path: str | Path, *, resume: bool = False) -> dict[str, Any]
             f"{path} is {made} without training state (optimizers, replay buffer): it "
             "evaluates, but does not resume; start a new run"
         )
+    if version == 1:
+        warnings.warn(
+            f"{path} (checkpoint version 1) has no checksum: a changed or corrupted file "
+            "cannot be told from an intact one",
+            UnverifiedCheckpointWarning,
+            stacklevel=2,
+        )
     return state
 
 
@@ -278,9 +295,35 @@ def spaces_of(envs: Any) -> dict[str, str]:
     }
 
 
-def config_from_checkpoint(state: dict[str, Any], **overrides: Any) -> AgentConfig:
+def _check_env_from_file(env_id: Any, env: str | None, where: str) -> None:
+    """Raise :class:`CheckpointError` if the environment id ``env_id`` read from a file
+    (``where``) names a module ("module:Env-v0", which Gymnasium imports, running any code it
+    holds) that the user did not name with the same id (``env``, from ``--env``), or if
+    ``env`` is another id than the file's."""
+    if not isinstance(env_id, str):
+        raise CheckpointError(f"{where}: its environment id {env_id!r} is not a string")
+    if env is not None and env != env_id:
+        raise CheckpointError(
+            f"--env {env}: {where} was trained on {env_id!r}; give its own id or none"
+        )
+    module = env_id.partition(":")[0] if ":" in env_id else None
+    if module is not None and env is None:
+        raise CheckpointError(
+            f"{where} names environment {env_id!r}, which would import module {module!r} "
+            f"(running any code in it): if you trust it, pass --env {env_id}"
+        )
+
+
+def config_from_checkpoint(
+    state: dict[str, Any], env: str | None = None, where: str = "the checkpoint", **overrides: Any
+) -> AgentConfig:
+    """The config a checkpoint (or a ``config.json``, as ``{"config": ...}``) was written
+    with, ``overrides`` applied and every value checked as the command line's are. Its
+    environment id imports no module unless the user names it (``env``, see
+    :func:`_check_env_from_file`)."""
     saved = dict(state["config"])
     algo = saved.pop("algo")
+    _check_env_from_file(saved.get("env_id"), env, where)
     saved.update({key: value for key, value in overrides.items() if value is not None})
     return make_config(algo, **saved)
 

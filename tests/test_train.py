@@ -399,6 +399,7 @@ def test_a_version_1_checkpoint_evaluates_but_does_not_resume(tmp_path, capsys):
     torch.save({**state, "version": 1}, path)
     capsys.readouterr()
     assert main(["evaluate", str(path), "--episodes", "1"]) == 0
+    assert "has no checksum" in _errors(capsys)[0]
     assert main(["train", "--resume", str(tmp_path / "r"), "--steps", "80"]) == 2
     assert "(checkpoint version 1): it evaluates, but only version 2 resumes" in _errors(capsys)[0]
 
@@ -725,3 +726,62 @@ def test_every_schedule_of_a_stopped_and_resumed_run_is_that_of_an_unstopped_run
     assert resumed == reference
     assert reference["updates"] > 0
 
+
+def _reseal(path, change) -> None:
+    """Rewrite the checkpoint at ``path`` with ``change(state)`` applied and a matching
+    checksum (what anyone can do: the checksum finds damage, not intent)."""
+    from rlweights.files import sealed
+
+    state = torch.load(path, weights_only=True)
+    state.pop("checksum")
+    change(state)
+    torch.save(sealed(state), path)
+
+
+def test_an_environment_id_from_a_file_never_imports_a_module(tmp_path, capsys, monkeypatch):
+    """A checkpoint or config.json naming "module:Env-v0" would make gym.make import the
+    module (any code in it, even a file in the working directory): refused unless the user
+    names the same id with --env."""
+    (tmp_path / "sneaky.py").write_text(f"open({str(tmp_path / 'ran')!r}, 'w').close()\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    args = ["train", "--steps", "60", *TINY_FLAGS, "--logdir", str(tmp_path)]
+    assert main([*args, "--run-name", "r"]) == 0
+    _reseal(tmp_path / "r" / "model.pt", lambda s: s["config"].update(env_id="sneaky:Env-v1"))
+    (tmp_path / "stopped").mkdir()  # a run stopped before its first checkpoint
+    config = json.loads((tmp_path / "r" / "config.json").read_text())
+    (tmp_path / "stopped" / "config.json").write_text(json.dumps(config | {"env_id": "sneaky:X"}))
+    capsys.readouterr()
+    commands = [
+        ["evaluate", str(tmp_path / "r")],
+        ["train", "--resume", str(tmp_path / "r"), "--steps", "80"],
+        ["train", "--resume", str(tmp_path / "stopped"), "--steps", "80"],
+    ]
+    for command in commands:
+        assert main(command) == 2
+        (line,) = _errors(capsys)
+        assert "would import module 'sneaky'" in line and "--env sneaky:" in line, line
+    assert not (tmp_path / "ran").exists()
+    # another id than the file's is refused too; the same id is the user's choice
+    assert main([*commands[0], "--env", "sneaky:Other-v1"]) == 2
+    assert "was trained on 'sneaky:Env-v1'" in _errors(capsys)[0]
+    assert not (tmp_path / "ran").exists()
+    assert main([*commands[0], "--env", "sneaky:Env-v1"]) == 2  # imported, but no such env
+    assert (tmp_path / "ran").exists() and "environment 'sneaky:Env-v1'" in _errors(capsys)[0]
+
+
+def test_a_current_checkpoint_without_its_checksum_is_refused(tmp_path, capsys):
+    args = ["train", "--steps", "60", *TINY_FLAGS, "--logdir", str(tmp_path), "--run-name", "r"]
+    assert main(args) == 0
+    path = tmp_path / "r" / "model.pt"
+    state = torch.load(path, weights_only=True)
+    state.pop("checksum")
+    torch.save(state, path)
+    capsys.readouterr()
+    assert main(["evaluate", str(path), "--episodes", "1"]) == 2
+    assert "has no checksum" in _errors(capsys)[0]
+    assert main(["train", "--resume", str(tmp_path / "r"), "--steps", "80"]) == 2
+    assert "has no checksum" in _errors(capsys)[0]
+    torch.save({**state, "version": 1}, path)  # written before checksums: evaluates, warned
+    assert main(["evaluate", str(path), "--episodes", "1"]) == 0
+    (warning,) = _errors(capsys)
+    assert warning.startswith("rlweights evaluate: warning: ") and "no checksum" in warning

@@ -101,7 +101,8 @@ def _command(cell: Cell, runs: Path, points: int, episodes: int) -> list[str]:
     run = runs / cell.name
     base = [sys.executable, "-m", "rlweights", "train", "--no-progress"]
     if (run / "model.pt").is_file():  # killed before: continue where it stopped
-        return [*base, "--resume", str(run)]
+        # --env: the cell's id, not one read from the stored run, may import a module
+        return [*base, "--resume", str(run), "--env", cell.env_id]
     from rlweights.agents.train import make_config
 
     steps = cell.budget or make_config(cell.algo, cell.env_id).total_steps
