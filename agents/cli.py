@@ -790,6 +790,10 @@ def _train(
         if lead:
             print(_stopped_message(run_dir, stop, exc, config.total_steps), file=sys.stderr)
         return 128 + (stop.signum or signal.SIGINT)
+    except CheckpointError as exc:  # a restored state that does not fit: before any write
+        progress.close()
+        print(f"rlweights train: error: {exc}", file=sys.stderr)
+        return 2
     except PeerError as exc:
         progress.close()
         print(f"rlweights train: error: {exc}", file=sys.stderr)

@@ -36,6 +36,7 @@ from rlweights.agents.train import (
     Stopped,
     evaluate,
     load_checkpoint,
+    restoring,
     route_mujoco_warnings,
     run_summary,
     save_checkpoint,
@@ -166,19 +167,37 @@ def _policy_fn(model: Any, algo: str, network: nn.Module) -> Callable:
     return act
 
 
+_BUFFER_ARRAYS = ("observations", "next_observations", "actions", "rewards", "dones", "timeouts")
+
+
 def _buffer_state(buffer: Any) -> dict[str, Any]:
     n = buffer.buffer_size if buffer.full else buffer.pos
-    arrays = ("observations", "next_observations", "actions", "rewards", "dones", "timeouts")
-    state = {name: torch.from_numpy(np.array(getattr(buffer, name)[:n])) for name in arrays}
+    state = {name: torch.from_numpy(np.array(getattr(buffer, name)[:n])) for name in _BUFFER_ARRAYS}
     state.update(pos=buffer.pos, full=buffer.full)
     return state
 
 
 def _load_buffer_state(buffer: Any, state: dict[str, Any]) -> None:
-    for name in ("observations", "next_observations", "actions", "rewards", "dones", "timeouts"):
-        data = state[name].numpy()
-        getattr(buffer, name)[: len(data)] = data
-    buffer.pos, buffer.full = state["pos"], state["full"]
+    """Restore :func:`_buffer_state` into SB3's replay buffer, validated first: the ring
+    position in range, and the stored rows in the buffer's shapes and dtypes."""
+    pos, full = state["pos"], state["full"]
+    if not isinstance(full, bool):
+        raise ValueError(f"replay buffer: full={full!r} is not a bool")
+    if not (isinstance(pos, int) and not isinstance(pos, bool) and 0 <= pos < buffer.buffer_size):
+        raise ValueError(f"replay buffer: pos={pos!r} outside [0, {buffer.buffer_size})")
+    rows = buffer.buffer_size if full else pos
+    for name in _BUFFER_ARRAYS:
+        data, store = state[name], getattr(buffer, name)
+        shape = (rows, *store.shape[1:])
+        if not (
+            isinstance(data, torch.Tensor)
+            and data.numpy().dtype == store.dtype
+            and tuple(data.shape) == shape
+        ):
+            raise ValueError(f"replay buffer: {name} must be {store.dtype} rows of shape {shape}")
+    for name in _BUFFER_ARRAYS:
+        getattr(buffer, name)[:rows] = state[name].numpy()
+    buffer.pos, buffer.full = pos, full
 
 
 def _torch_variables(model: Any) -> dict[str, torch.Tensor]:
@@ -220,7 +239,6 @@ class _SB3Run:
 
         self.config, self.run_dir, self.resume, self.progress = config, run_dir, resume, progress
         self.model, self.attachment = build_sb3_model(config)
-        self.model.set_logger(configure(str(run_dir), ["tensorboard"]))
         self.ema_routine = self.ema_hook = None
         if config.policy_ema is not None:
             policy = _policy_network(self.model, config.algo)
@@ -236,6 +254,8 @@ class _SB3Run:
         self.callbacks = self.weight_callbacks()
         if resume:
             self.restore()
+        # after restore(): a checkpoint that does not fit leaves the run folder as it was
+        self.model.set_logger(configure(str(run_dir), ["tensorboard"]))
         self.session_start = time.perf_counter()
         self.start_steps = self.model.num_timesteps
         self.aside = 0.0  # seconds spent evaluating and checkpointing (not training)
@@ -251,14 +271,17 @@ class _SB3Run:
     def restore(self) -> None:
         """Continue from ``run_dir/model.pt``."""
         model = self.model
-        saved = load_checkpoint(self.run_dir / "model.pt", resume=True)
+        path = self.run_dir / "model.pt"
+        saved = load_checkpoint(path, resume=True)
         training = saved["training"]
-        model.set_parameters(training["parameters"], exact_match=True, device=model.device)
-        with torch.no_grad():
-            for name, value in training["variables"].items():
-                getattr(model, name).copy_(value)
-        self.load_routine_states(training["routines"])
-        _load_buffer_state(model.replay_buffer, training["buffer"])
+        with restoring(path):
+            model.set_parameters(training["parameters"], exact_match=True, device=model.device)
+            with torch.no_grad():
+                for name, value in training["variables"].items():
+                    getattr(model, name).copy_(value)
+            self.load_routine_states(training["routines"])
+            _load_buffer_state(model.replay_buffer, training["buffer"])
+            set_rng_state(training["rng"])
         model.num_timesteps = saved["steps"]
         model._n_updates = training["n_updates"]
         if hasattr(model, "_n_calls"):  # DQN's count of steps, for its target updates
@@ -268,7 +291,6 @@ class _SB3Run:
         for callback in self.callbacks:  # drift every N calls: those of the resumed run too
             if isinstance(callback, DriftCallback):
                 callback.counter.step(model.num_timesteps // self.config.num_envs)
-        set_rng_state(training["rng"])
         self.episodes = list(training["episodes"])
         self.wall_before = training["wall_seconds"]
 

@@ -9,14 +9,19 @@ counters and RNG states.
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import itertools
 import logging
+import math
 import os
 import signal
 import threading
 import time
+import types
+import typing
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -59,6 +64,7 @@ __all__ = [
     "make_config",
     "make_envs",
     "memory_needed",
+    "restoring",
     "run_summary",
     "spaces_of",
     "train",
@@ -274,6 +280,7 @@ def load_checkpoint(path: str | Path, *, resume: bool = False) -> dict[str, Any]
             f"{path} is {made} without training state (optimizers, replay buffer): it "
             "evaluates, but does not resume; start a new run"
         )
+    _check_fields(state, path)
     if version == 1:
         warnings.warn(
             f"{path} (checkpoint version 1) has no checksum: a changed or corrupted file "
@@ -282,6 +289,87 @@ def load_checkpoint(path: str | Path, *, resume: bool = False) -> dict[str, Any]
             stacklevel=2,
         )
     return state
+
+
+@contextlib.contextmanager
+def restoring(path: Path) -> Iterator[None]:
+    """What a restore raises on a checkpoint's content (a state that does not fit this
+    run) becomes a :class:`CheckpointError` naming ``path``, in one line."""
+    try:
+        yield
+    except (KeyError, TypeError, ValueError, RuntimeError, IndexError) as exc:
+        if isinstance(exc, CheckpointError):
+            raise
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise CheckpointError(f"{path} does not fit this run: {first}") from None
+
+
+def _whole(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _real(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _check_fields(state: dict[str, Any], path: Path) -> None:
+    """The values a run restores, checked for type and range as the command line checks its
+    own (the checksum finds damage, not intent: anyone can write a checkpoint and seal it).
+    The config itself is checked by :func:`config_from_checkpoint`."""
+
+    def impossible(what: str, value: Any, rule: str) -> CheckpointError:
+        shown = repr(value)
+        shown = shown if len(shown) <= 40 else f"{shown[:40]}..."
+        return CheckpointError(f"{path}: {what}={shown} is impossible ({rule})")
+
+    if state.get("algo") not in ALGOS:
+        raise impossible("algo", state.get("algo"), f"one of {', '.join(ALGOS)}")
+    if state.get("impl") not in ("native", "sb3"):
+        raise impossible("impl", state.get("impl"), "native or sb3")
+    for key in ("config", "weights"):
+        if not isinstance(state.get(key), dict):
+            raise impossible(key, type(state.get(key)).__name__, "a mapping")
+    steps, config = state.get("steps"), state["config"]
+    total, envs = config.get("total_steps"), config.get("num_envs", 1)
+    if not _whole(steps) or steps < 0:
+        raise impossible("steps", steps, "a whole number >= 0")
+    if _whole(total) and _whole(envs) and steps > total + envs - 1:
+        raise impossible("steps", steps, f"past the run's total_steps {total}")
+    training = state.get("training")
+    if training is None:  # evaluates only
+        return
+    if not isinstance(training, dict):
+        raise impossible("training", type(training).__name__, "a mapping")
+    episodes, wall = training.get("episodes"), training.get("wall_seconds")
+    if not (isinstance(episodes, list) and all(_real(r) for r in episodes)):
+        raise impossible("episodes", episodes, "a list of returns")
+    if len(episodes) > steps:
+        raise impossible("episodes", f"{len(episodes)} returns", f"more than {steps} steps")
+    if not (_real(wall) and math.isfinite(wall) and wall >= 0):
+        raise impossible("wall_seconds", wall, "a finite number >= 0")
+    counters = {}
+    if state["impl"] == "native":
+        agent = training.get("agent")
+        counters["gradient_updates"] = (
+            agent.get("gradient_updates") if isinstance(agent, dict) else None
+        )
+        buffer = training.get("buffer")
+        buffer = buffer if isinstance(buffer, dict) else {}
+        size, position = buffer.get("size"), buffer.get("position")
+        if not _whole(size) or not 0 <= size <= steps:
+            raise impossible("size", size, f"the replay buffer holds 0 to {steps} transitions")
+        if not _whole(position) or not 0 <= position <= size:
+            raise impossible("position", position, f"a row of the {size} stored")
+    else:
+        counters.update(n_updates=training.get("n_updates"), n_calls=training.get("n_calls"))
+        if not isinstance(training.get("routines"), dict):
+            raise CheckpointError(
+                f"{path} was written before --impl sb3 checkpoints kept their routines' "
+                "counters: it evaluates, but does not resume; start a new run"
+            )
+    for name, value in counters.items():
+        if not _whole(value) or value < 0:
+            raise impossible(name, value, "a whole number >= 0")
 
 
 def spaces_of(envs: Any) -> dict[str, str]:
@@ -324,8 +412,47 @@ def config_from_checkpoint(
     saved = dict(state["config"])
     algo = saved.pop("algo")
     _check_env_from_file(saved.get("env_id"), env, where)
+    if algo in ALGOS:
+        _check_types(ALGOS[algo][0], saved, where)
     saved.update({key: value for key, value in overrides.items() if value is not None})
     return make_config(algo, **saved)
+
+
+def _fits(value: Any, hint: Any) -> bool:
+    """Whether ``value``, read from JSON or a checkpoint, has the type ``hint`` of a config
+    field (a whole number for ``int``, a list for a tuple)."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        return any(_fits(value, arg) for arg in args)
+    if hint is type(None):
+        return value is None
+    if hint is bool:
+        return isinstance(value, bool)
+    if hint is int:
+        return _whole(value)
+    if hint is float:
+        return _real(value)
+    if hint is str:
+        return isinstance(value, str)
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            return False
+        if len(args) == 2 and args[1] is Ellipsis:
+            return all(_fits(item, args[0]) for item in value)
+        return len(value) == len(args) and all(map(_fits, value, args))
+    return True
+
+
+def _check_types(cls: type[AgentConfig], saved: dict[str, Any], where: str) -> None:
+    """Raise :class:`CheckpointError` naming a saved config value whose type is not its
+    field's (the command line parses each flag to its type; a file may hold anything)."""
+    hints = typing.get_type_hints(cls)
+    for field in dataclasses.fields(cls):
+        if field.name in saved and not _fits(saved[field.name], hints[field.name]):
+            raise CheckpointError(
+                f"{where}: its config has {field.name}={saved[field.name]!r:.40}, not of the "
+                f"field's type ({hints[field.name]})"
+            )
 
 
 # What a user, a scheduler (SLURM, Kubernetes, docker stop, timeout) or a closed terminal sends.
@@ -528,13 +655,15 @@ class _Run:
         """Continue from ``run_dir/model.pt``."""
         if self.run_dir is None:
             raise ValueError("resume=True needs the run directory")
-        saved = load_checkpoint(self.run_dir / "model.pt", resume=True)
-        self.agent.load_weights(saved["weights"])
+        path = self.run_dir / "model.pt"
+        saved = load_checkpoint(path, resume=True)
         training = saved["training"]
-        self.agent.load_training_state(training["agent"])
-        self.buffer.load_state_dict(training["buffer"])
-        set_rng_state(training["rng"])
-        self.action_space.np_random.bit_generator.state = training["action_space_rng"]
+        with restoring(path):
+            self.agent.load_weights(saved["weights"])
+            self.agent.load_training_state(training["agent"])
+            self.buffer.load_state_dict(training["buffer"])
+            set_rng_state(training["rng"])
+            self.action_space.np_random.bit_generator.state = training["action_space_rng"]
         self.steps, self.episodes = saved["steps"], list(training["episodes"])
         self.wall_before = training["wall_seconds"]
 

@@ -785,3 +785,79 @@ def test_a_current_checkpoint_without_its_checksum_is_refused(tmp_path, capsys):
     assert main(["evaluate", str(path), "--episodes", "1"]) == 0
     (warning,) = _errors(capsys)
     assert warning.startswith("rlweights evaluate: warning: ") and "no checksum" in warning
+
+
+def _set(*keys_and_value):
+    """A change for :func:`_reseal`: the entry at ``keys`` of the state becomes ``value``."""
+    *keys, value = keys_and_value
+
+    def change(state):
+        for key in keys[:-1]:
+            state = state[key]
+        state[keys[-1]] = value
+
+    return change
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        (_set("steps", -5), "steps=-5"),
+        (_set("steps", 2.5), "steps=2.5"),
+        (_set("steps", 10**9), "steps=1000000000"),
+        (_set("training", "wall_seconds", float("nan")), "wall_seconds=nan"),
+        (_set("training", "wall_seconds", -1.0), "wall_seconds=-1.0"),
+        (_set("training", "episodes", ["a"]), "episodes"),
+        (_set("training", "episodes", [1.0] * 100), "episodes"),
+        (_set("training", "agent", "gradient_updates", -3), "gradient_updates=-3"),
+        (_set("training", "buffer", "size", -1), "size=-1"),
+        (_set("training", "buffer", "position", 70), "position=70"),
+        (_set("training", "buffer", "size", 30), "obs must be"),
+        (_set("impl", "other"), "impl='other'"),
+        (_set("config", "batch_size", 2.5), "batch_size=2.5"),
+        (_set("config", "hidden", [1.5]), "hidden=[1.5]"),
+        (_set("config", "total_steps", "many"), "total_steps='many'"),
+        (_set("config", "learning_rate", -1.0), "learning_rate=-1.0"),
+    ],
+)
+def test_every_restored_value_is_checked_as_the_command_line_checks_its_own(
+    tmp_path, capsys, change, message
+):
+    """A checkpoint resealed with impossible values (what anyone can write: the checksum
+    finds damage, not intent) is refused in one line, exit 2, before anything is written."""
+    args = ["train", "--steps", "60", *TINY_FLAGS, "--logdir", str(tmp_path), "--run-name", "r"]
+    assert main([*args, "--eval-every", "0"]) == 0
+    run = tmp_path / "r"
+    _reseal(run / "model.pt", change)
+    before = {p.name: p.read_bytes() for p in run.iterdir()}
+    capsys.readouterr()
+    assert main(["train", "--resume", str(run), "--steps", "80", "--no-progress"]) == 2
+    (line,) = _errors(capsys)
+    assert line.startswith("rlweights train: error: ") and message in line, line
+    assert {p.name: p.read_bytes() for p in run.iterdir()} == before
+
+
+def test_every_restored_value_of_an_sb3_run_is_checked(tmp_path, capsys):
+    args = ["train", "--impl", "sb3", "--algo", "dqn", "--steps", "60", *TINY_FLAGS]
+    assert main([*args, "--eval-every", "0", "--logdir", str(tmp_path), "--run-name", "r"]) == 0
+    run = tmp_path / "r"
+    intact = (run / "model.pt").read_bytes()
+    cases = [
+        (_set("training", "buffer", "pos", 10**7), "pos=10000000 outside"),
+        (_set("training", "buffer", "full", 1), "full=1 is not a bool"),
+        (_set("training", "buffer", "pos", 30), "observations must be"),
+        (_set("training", "n_calls", -1), "n_calls=-1"),
+        (_set("training", "n_updates", "7"), "n_updates='7'"),
+        (_set("training", "routines", {"ema": {}}), "routines are ['ema']"),
+        (lambda s: s["training"].pop("routines"), "before --impl sb3 checkpoints kept"),
+    ]
+    capsys.readouterr()
+    for change, message in cases:
+        (run / "model.pt").write_bytes(intact)
+        _reseal(run / "model.pt", change)
+        before = {p.name: p.read_bytes() for p in run.iterdir()}
+        assert main(["train", "--resume", str(run), "--steps", "80", "--no-progress"]) == 2
+        (line,) = _errors(capsys)
+        assert line.startswith("rlweights train: error: ") and message in line, line
+        assert {p.name: p.read_bytes() for p in run.iterdir()} == before
+
