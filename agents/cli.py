@@ -302,7 +302,7 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
 
 def add_evaluate_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("checkpoint", help="a model.pt written by 'rlweights train', or its run")
-    parser.add_argument("--episodes", type=int, default=10, help="evaluation episodes (10)")
+    parser.add_argument("--episodes", type=_count, default=10, help="evaluation episodes (10)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the first episode (0)")
     parser.add_argument("--device", choices=("cpu", "cuda", "auto"), default="cpu")
     parser.add_argument(
@@ -341,11 +341,15 @@ def _check_plasticity(config: Any, env: gym.Env, impl: str) -> None:
 
 
 def _check_env(
-    config: Any, spaces: dict[str, str] | None = None, impl: str | None = "native"
+    config: Any,
+    spaces: dict[str, str] | None = None,
+    impl: str = "native",
+    evaluation: bool = False,
 ) -> None:
     """Make the environment once, before any file is written: unknown ids, modules that do
     not import, wrong action spaces, spaces other than the resumed run's (``spaces``), and
-    runs too large for this machine's memory (unless ``impl`` is None) fail here."""
+    runs too large for this machine's memory fail here. ``evaluation``: only the
+    evaluation of a saved agent (``config.eval_episodes`` episodes) will run."""
     env_id = config.env_id
     try:
         route_mujoco_warnings(env_id)
@@ -367,8 +371,8 @@ def _check_env(
                 f"{spaces['observation']} and {spaces['action']}: resume it where its "
                 "environment is the same"
             )
-        if impl is not None:
-            _check_memory(config, env.observation_space, env.action_space, impl)
+        _check_memory(config, env.observation_space, env.action_space, impl, evaluation)
+        if not evaluation:
             _check_plasticity(config, env, impl)
     except ValueError as exc:
         raise UsageError(str(exc)) from None
@@ -384,18 +388,21 @@ def _size(n: float) -> str:
     raise AssertionError
 
 
-def _check_memory(config: Any, observation_space: Any, action_space: Any, impl: str) -> None:
-    """Refuse, from the sizes alone, a replay buffer and networks that cannot be allocated."""
-    need = memory_needed(config, observation_space, action_space, impl)
+def _check_memory(
+    config: Any, observation_space: Any, action_space: Any, impl: str, evaluation: bool = False
+) -> None:
+    """Refuse, from the sizes alone, a replay buffer, networks and evaluation environments
+    that cannot be allocated (a restored config's too)."""
+    need = memory_needed(config, observation_space, action_space, impl, evaluation)
     total = sum(need.values())
     free = available_memory(config.device)
     if free is not None and total > free:
         where = "GPU memory" if config.device.startswith("cuda") else "memory"
+        parts = ", ".join(f"{name} {_size(n)}" for name, n in need.items() if n)
+        flags = "--episodes" if evaluation else "--buffer-size, --hidden or --eval-episodes"
         raise UsageError(
-            f"this run needs about {_size(total)} of {where} (replay buffer "
-            f"{_size(need['replay buffer'])}, networks and optimizers "
-            f"{_size(need['networks'])}), more than the {_size(free)} available: lower "
-            "--buffer-size or --hidden"
+            f"this run needs about {_size(total)} of {where} ({parts}), more than the "
+            f"{_size(free)} available: lower {flags}"
         )
 
 
@@ -855,7 +862,8 @@ def _prepare_evaluate(args: argparse.Namespace) -> tuple[Any, Any, dict[str, Any
         raise
     except (KeyError, TypeError, ValueError) as exc:
         raise CheckpointError(f"{args.checkpoint}: its config is unreadable ({exc})") from None
-    _check_env(config, saved.get("spaces"), impl=None)
+    config = dataclasses.replace(config, eval_episodes=args.episodes)
+    _check_env(config, saved.get("spaces"), saved["impl"], evaluation=True)
     if saved["impl"] == "sb3":
         from rlweights.agents.sb3_train import load_sb3_policy
 

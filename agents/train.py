@@ -143,15 +143,33 @@ def _mlp_parameters(sizes: list[int]) -> int:
     return sum((a + 1) * b for a, b in itertools.pairwise(sizes))
 
 
+# Bytes of one environment with its wrappers in a vector environment: about 8-16 KiB for
+# classic control, over 1 MiB for a MuJoCo model and its data.
+ENV_BYTES = 64 * 2**10
+MUJOCO_ENV_BYTES = 2 * 2**20
+
+
+def _env_bytes(env_id: str) -> int:
+    try:
+        mujoco = "mujoco" in str(gym.spec(env_id).entry_point)
+    except (gym.error.Error, ImportError):
+        mujoco = False
+    return MUJOCO_ENV_BYTES if mujoco else ENV_BYTES
+
+
 def memory_needed(
     config: AgentConfig,
     observation_space: gym.Space,
     action_space: gym.Space,
     impl: str = "native",
+    evaluation: bool = False,
 ) -> dict[str, int]:
     """Bytes the run will allocate, from the sizes alone (an upper estimate): the replay
     buffer (the native agents' holds at most ``total_steps`` transitions, SB3's always
-    ``buffer_size``), and the networks with their targets, gradients and Adam's moments."""
+    ``buffer_size``), the networks with their targets, gradients and Adam's moments, and
+    the ``eval_episodes`` evaluation environments, made together. ``evaluation``: only a
+    saved agent's evaluation runs (the native agents then make no replay buffer; SB3's model
+    makes its own)."""
     obs = int(np.prod(observation_space.shape))
     discrete = isinstance(action_space, gym.spaces.Discrete)
     act = int(action_space.n) if discrete else int(np.prod(action_space.shape))
@@ -164,9 +182,13 @@ def memory_needed(
         networks = 5 * (actor + critic) + (actor if config.policy_ema else 0)
     capacity = config.buffer_size
     if impl == "native":
-        capacity = min(capacity, config.total_steps)
+        capacity = 0 if evaluation else min(capacity, config.total_steps)
     row = 4 * (2 * obs + 2) + (8 if discrete else 4 * act)  # obs, next obs, reward, done, action
-    return {"replay buffer": capacity * row, "networks": 4 * networks}
+    return {
+        "replay buffer": capacity * row,
+        "networks and optimizers": 4 * networks,
+        "evaluation environments": config.eval_episodes * (_env_bytes(config.env_id) + 8 * obs),
+    }
 
 
 def available_memory(device: str) -> int | None:

@@ -861,3 +861,23 @@ def test_every_restored_value_of_an_sb3_run_is_checked(tmp_path, capsys):
         assert line.startswith("rlweights train: error: ") and message in line, line
         assert {p.name: p.read_bytes() for p in run.iterdir()} == before
 
+
+def test_absurd_sizes_from_a_checkpoint_or_for_evaluation_are_one_line(tmp_path, capsys):
+    """The memory estimate covers a restored config (networks of a resealed checkpoint) and
+    the evaluation environments (one per episode, made together), before any allocation."""
+    args = ["train", "--steps", "60", *TINY_FLAGS, "--logdir", str(tmp_path)]
+    assert main([*args, "--run-name", "r"]) == 0
+    capsys.readouterr()
+    assert main(["evaluate", str(tmp_path / "r"), "--episodes", "1e9"]) == 2
+    assert "needs about" in _errors(capsys)[0]
+    assert main([*args, "--run-name", "e", "--eval-episodes", "1e9"]) == 2
+    (line,) = _errors(capsys)
+    assert "needs about" in line and "evaluation environments" in line, line
+    assert not (tmp_path / "e").exists()
+    _reseal(tmp_path / "r" / "model.pt", _set("config", "hidden", [10**6, 10**6]))
+    before = (tmp_path / "r" / "model.pt").read_bytes()
+    assert main(["evaluate", str(tmp_path / "r"), "--episodes", "1"]) == 2
+    assert "needs about" in _errors(capsys)[0]
+    assert main(["train", "--resume", str(tmp_path / "r"), "--steps", "80", "--no-progress"]) == 2
+    assert "needs about" in _errors(capsys)[0]
+    assert (tmp_path / "r" / "model.pt").read_bytes() == before
