@@ -11,6 +11,7 @@ optimizer post-hook of the policy's optimizer (after every policy step, as nativ
 
 ``model.pt`` holds the policy's weights (and the EMA's) for evaluation, plus what a resumed
 run needs: SB3's optimizer states, the entropy coefficient, the stored replay transitions,
+the states of the rlweights routines (target updates, EMA, plasticity, constraints),
 counters and RNG states; all tensors and plain values (``weights_only=True``), never SB3's
 pickled zip.
 """
@@ -333,11 +334,14 @@ class _SB3Run:
         from rlweights.sb3 import DriftCallback, WeightConstraintCallback
 
         config, callbacks = self.config, []
+        self.constraints = None
         if config.clip is not None or config.max_norm is not None:
             modules = ("q_net",) if config.algo == "dqn" else ("actor", "critic")
             clamp = (-config.clip, config.clip) if config.clip is not None else None
-            constraints = WeightConstraintCallback(modules, clamp=clamp, max_norm=config.max_norm)
-            callbacks.append(constraints)
+            self.constraints = WeightConstraintCallback(
+                modules, clamp=clamp, max_norm=config.max_norm
+            )
+            callbacks.append(self.constraints)
         if self.plasticity is not None:
             callbacks.append(self.plasticity)
         if config.drift_every:
@@ -391,6 +395,8 @@ class _SB3Run:
             states["ema"] = self.ema_routine.state_dict()
         if self.plasticity is not None:
             states["plasticity"] = self.plasticity.state_dict()
+        if self.constraints is not None:
+            states["constraints"] = self.constraints.state_dict()
         return states
 
     def load_routine_states(self, states: Any) -> None:
@@ -408,6 +414,8 @@ class _SB3Run:
             self.ema_routine.load_state_dict(states["ema"])
         if self.plasticity is not None:
             self.plasticity.load_state_dict(states["plasticity"])
+        if self.constraints is not None:
+            self.constraints.load_state_dict(states["constraints"])
 
     def evaluate(self, interruptible: bool = False) -> dict[str, np.ndarray]:
         """Deterministic episodes of the policy (and of its EMA), with the evaluation seeds;

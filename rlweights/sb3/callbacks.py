@@ -86,6 +86,18 @@ class WeightConstraintCallback(BaseCallback):
     def _on_rollout_end(self) -> None:
         self.logger.record("rlweights/constraint_steps", self.constraint_steps)
 
+    def state_dict(self) -> dict[str, Any]:
+        """The count of constrained optimizer steps, to resume a run."""
+        return {"constraint_steps": self.constraint_steps}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore :meth:`state_dict`, validated first."""
+        op = "WeightConstraintCallback.load_state_dict"
+        if not isinstance(state, dict) or set(state) != {"constraint_steps"}:
+            got = sorted(state) if isinstance(state, dict) else type(state).__name__
+            raise ValueError(f"{op}: expected keys ['constraint_steps'], got {got}")
+        self.constraint_steps = check_int(state["constraint_steps"], "constraint_steps", op, 0)
+
     def _on_training_end(self) -> None:
         for handle in self._handles:
             handle.remove()
