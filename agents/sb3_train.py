@@ -385,7 +385,8 @@ class _SB3Run:
 
     def routine_states(self) -> dict[str, Any]:
         """The states of the run's stateful routines: each target pair's routine
-        (``hard:EVERY``), the policy EMA, the plasticity schedules."""
+        (``hard:EVERY``), the policy EMA, the plasticity schedules, the weight constraints'
+        count."""
         states = {
             f"target_{pair.name}": pair.routine.state_dict()
             for pair in self.attachment.pairs
