@@ -610,21 +610,25 @@ def _prepare_train(args: argparse.Namespace, stack: ExitStack) -> tuple[Any, Pat
     return config, run_dir, impl, 0
 
 
-def _stopped_message(run_dir: Path, stop: GracefulStop, exc: BaseException, total: int) -> str:
-    """What the user reads after a stop signal: true to the files that are there."""
+def _stopped_message(run_dir: Path, stop: GracefulStop, exc: BaseException, config: Any) -> str:
+    """What the user reads after a stop signal: true to the files that are there, with the
+    command that continues the run (``--env`` for an id that imports a module)."""
     name = signal.Signals(stop.signum).name if stop.signum else "SIGINT"
     how = "Ctrl-C" if name == "SIGINT" else name
     steps = exc.steps if isinstance(exc, Stopped) else checkpoint_steps(run_dir / "model.pt")
+    command = f"rlweights train --resume {run_dir}"
+    if ":" in config.env_id:
+        command += f" --env {config.env_id}"
     if steps is None:
         return (
             f"rlweights train: stopped by {how} before the first checkpoint; start the run "
-            f"again with: rlweights train --resume {run_dir}"
+            f"again with: {command}"
         )
     during = exc.during if isinstance(exc, Stopped) else "training"
-    then = "Finish it (final evaluation, summary)" if steps >= total else "Continue"
+    then = "Finish it (final evaluation, summary)" if steps >= config.total_steps else "Continue"
     return (
         f"rlweights train: stopped by {how} during {during}; the checkpoint of step {steps} "
-        f"is in {run_dir}/model.pt. {then} with: rlweights train --resume {run_dir}"
+        f"is in {run_dir}/model.pt. {then} with: {command}"
     )
 
 
@@ -795,7 +799,7 @@ def _train(
     except KeyboardInterrupt as exc:
         progress.close()
         if lead:
-            print(_stopped_message(run_dir, stop, exc, config.total_steps), file=sys.stderr)
+            print(_stopped_message(run_dir, stop, exc, config), file=sys.stderr)
         return 128 + (stop.signum or signal.SIGINT)
     except CheckpointError as exc:  # a restored state that does not fit: before any write
         progress.close()
