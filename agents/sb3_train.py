@@ -254,7 +254,11 @@ class _SB3Run:
         self.plasticity = plasticity_callback(config)
         self.callbacks = self.weight_callbacks()
         if resume:
-            self.restore()
+            try:
+                self.restore()
+            except BaseException:
+                self.release()
+                raise
         # after restore(): a checkpoint that does not fit leaves the run folder as it was
         self.model.set_logger(configure(str(run_dir), ["tensorboard"]))
         self.session_start = time.perf_counter()
@@ -300,34 +304,41 @@ class _SB3Run:
 
         model = self.model
         self.stopping = stop
-        if stop.requested:  # a signal while the model was being built
-            self.checkpoint()
-            raise Stopped(model.num_timesteps, stop.signum)
-        if model.num_timesteps < self.config.total_steps:
-            # first: when it ends learn, the others see the step taken back
-            callbacks = [_on_step_callback(self), *self.callbacks]
-            model.learn(
-                self.config.total_steps - model.num_timesteps,
-                callback=CallbackList(callbacks),
-                reset_num_timesteps=not self.resume,
-            )
-            self.finish_step()
-        self.checkpoint()
-        if stop.requested:
-            raise Stopped(model.num_timesteps, stop.signum)
-        train_seconds = time.perf_counter() - self.session_start - self.aside
         try:
-            results = self.evaluate(interruptible=True)
-        except KeyboardInterrupt:
-            raise Stopped(model.num_timesteps, stop.signum, "the final evaluation") from None
+            if stop.requested:  # a signal while the model was being built
+                self.checkpoint()
+                raise Stopped(model.num_timesteps, stop.signum)
+            if model.num_timesteps < self.config.total_steps:
+                # first: when it ends learn, the others see the step taken back
+                callbacks = [_on_step_callback(self), *self.callbacks]
+                model.learn(
+                    self.config.total_steps - model.num_timesteps,
+                    callback=CallbackList(callbacks),
+                    reset_num_timesteps=not self.resume,
+                )
+                self.finish_step()
+            self.checkpoint()
+            if stop.requested:
+                raise Stopped(model.num_timesteps, stop.signum)
+            train_seconds = time.perf_counter() - self.session_start - self.aside
+            try:
+                results = self.evaluate(interruptible=True)
+            except KeyboardInterrupt:
+                raise Stopped(model.num_timesteps, stop.signum, "the final evaluation") from None
+            summary = self.summary(results, train_seconds)
+            write_json(self.run_dir / "summary.json", summary)
+            return summary
+        finally:  # on a stop too
+            model.logger.close()
+            self.release()
+
+    def release(self) -> None:
+        """Give the model back to SB3's own target updates, remove the EMA's hook, close the
+        environments: however the run ends (a stop, a checkpoint that does not fit)."""
         if self.ema_hook is not None:
             self.ema_hook.remove()
         self.attachment.detach()
-        summary = self.summary(results, train_seconds)
-        write_json(self.run_dir / "summary.json", summary)
-        model.logger.close()
-        model.get_env().close()
-        return summary
+        self.model.get_env().close()
 
     def weight_callbacks(self) -> list[Any]:
         """rlweights' SB3 callbacks, as configured: weight constraints, plasticity, drift."""

@@ -673,6 +673,15 @@ PLASTIC = {"reset_every": 45, "reset_layers": "critic.*", "shrink_perturb": (0.8
 PLASTIC |= {"sp_every": 35}
 
 
+def _assert_sb3_detached(algo: str) -> None:
+    import importlib
+
+    from stable_baselines3.common import utils
+
+    module = importlib.import_module(f"stable_baselines3.{algo}.{algo}")
+    assert module.polyak_update is utils.polyak_update
+
+
 def _counters(state):
     """``state`` without its tensors (weights, which differ once a resumed run's
     environments restart their episodes): the counters and settings."""
@@ -720,6 +729,8 @@ def test_every_schedule_of_a_stopped_and_resumed_run_is_that_of_an_unstopped_run
     with pytest.raises(KeyboardInterrupt):
         run(config, tmp_path / "r", progress=interrupt)
     assert load_checkpoint(tmp_path / "r")["steps"] == 130
+    if impl == "sb3":  # the stopped run gave SB3 its own target updates back
+        _assert_sb3_detached(algo)
     run(config, tmp_path / "r", resume=True)
     resumed = _schedules(load_checkpoint(tmp_path / "r"))
     reference = _schedules(load_checkpoint(tmp_path / "unstopped"))
@@ -860,6 +871,7 @@ def test_every_restored_value_of_an_sb3_run_is_checked(tmp_path, capsys):
         (line,) = _errors(capsys)
         assert line.startswith("rlweights train: error: ") and message in line, line
         assert {p.name: p.read_bytes() for p in run.iterdir()} == before
+    _assert_sb3_detached("dqn")  # a refused restore too
 
 
 def test_absurd_sizes_from_a_checkpoint_or_for_evaluation_are_one_line(tmp_path, capsys):
