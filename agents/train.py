@@ -351,6 +351,13 @@ def _check_fields(state: dict[str, Any], path: Path) -> None:
     for key in ("config", "weights"):
         if not isinstance(state.get(key), dict):
             raise impossible(key, type(state.get(key)).__name__, "a mapping")
+    spaces = state.get("spaces", {"observation": "", "action": ""})  # none: not compared
+    if not (
+        isinstance(spaces, dict)
+        and set(spaces) == {"observation", "action"}
+        and all(isinstance(text, str) for text in spaces.values())
+    ):
+        raise impossible("spaces", spaces, "the observation and action spaces, as text")
     steps, config = state.get("steps"), state["config"]
     total, envs = config.get("total_steps"), config.get("num_envs", 1)
     if not _whole(steps) or steps < 0:

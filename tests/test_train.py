@@ -825,6 +825,7 @@ def _set(*keys_and_value):
         (_set("training", "buffer", "position", 70), "position=70"),
         (_set("training", "buffer", "size", 30), "obs must be"),
         (_set("impl", "other"), "impl='other'"),
+        (_set("spaces", ["Box"]), "spaces=['Box']"),
         (_set("config", "batch_size", 2.5), "batch_size=2.5"),
         (_set("config", "hidden", [1.5]), "hidden=[1.5]"),
         (_set("config", "total_steps", "many"), "total_steps='many'"),
