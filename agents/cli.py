@@ -10,6 +10,7 @@ import re
 import signal
 import sys
 import time
+import warnings
 from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
@@ -37,6 +38,7 @@ from rlweights.agents.train import (
     CheckpointError,
     GracefulStop,
     Stopped,
+    UnverifiedCheckpointWarning,
     available_memory,
     checkpoint_steps,
     config_from_checkpoint,
@@ -255,8 +257,8 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--resume",
         metavar="RUN_DIR",
-        help="continue an interrupted run from RUN_DIR/model.pt (only --steps, --device "
-        "and --no-progress may be given with it)",
+        help="continue an interrupted run from RUN_DIR/model.pt (only --steps, --device, "
+        "--no-progress and --env with the run's own environment id may be given with it)",
     )
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     for flag, field, kind, metavar, text in HYPERPARAMETERS:
@@ -305,9 +307,15 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
 
 def add_evaluate_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("checkpoint", help="a model.pt written by 'rlweights train', or its run")
-    parser.add_argument("--episodes", type=int, default=10, help="evaluation episodes (10)")
+    parser.add_argument("--episodes", type=_count, default=10, help="evaluation episodes (10)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the first episode (0)")
     parser.add_argument("--device", choices=("cpu", "cuda", "auto"), default="cpu")
+    parser.add_argument(
+        "--env",
+        metavar="ID",
+        help="the checkpoint's own environment id, given again to allow an id that imports a "
+        "module (module:Env-v0); an id read from a file never imports one by itself",
+    )
     parser.add_argument(
         "--ema", action="store_true", help="evaluate the averaged policy (--policy-ema runs)"
     )
@@ -338,11 +346,15 @@ def _check_plasticity(config: Any, env: gym.Env, impl: str) -> None:
 
 
 def _check_env(
-    config: Any, spaces: dict[str, str] | None = None, impl: str | None = "native"
+    config: Any,
+    spaces: dict[str, str] | None = None,
+    impl: str = "native",
+    evaluation: bool = False,
 ) -> None:
     """Make the environment once, before any file is written: unknown ids, modules that do
     not import, wrong action spaces, spaces other than the resumed run's (``spaces``), and
-    runs too large for this machine's memory (unless ``impl`` is None) fail here."""
+    runs too large for this machine's memory fail here. ``evaluation``: only the
+    evaluation of a saved agent (``config.eval_episodes`` episodes) will run."""
     env_id = config.env_id
     try:
         route_mujoco_warnings(env_id)
@@ -364,8 +376,8 @@ def _check_env(
                 f"{spaces['observation']} and {spaces['action']}: resume it where its "
                 "environment is the same"
             )
-        if impl is not None:
-            _check_memory(config, env.observation_space, env.action_space, impl)
+        _check_memory(config, env.observation_space, env.action_space, impl, evaluation)
+        if not evaluation:
             _check_plasticity(config, env, impl)
     except ValueError as exc:
         raise UsageError(str(exc)) from None
@@ -381,18 +393,21 @@ def _size(n: float) -> str:
     raise AssertionError
 
 
-def _check_memory(config: Any, observation_space: Any, action_space: Any, impl: str) -> None:
-    """Refuse, from the sizes alone, a replay buffer and networks that cannot be allocated."""
-    need = memory_needed(config, observation_space, action_space, impl)
+def _check_memory(
+    config: Any, observation_space: Any, action_space: Any, impl: str, evaluation: bool = False
+) -> None:
+    """Refuse, from the sizes alone, a replay buffer, networks and evaluation environments
+    that cannot be allocated (a restored config's too)."""
+    need = memory_needed(config, observation_space, action_space, impl, evaluation)
     total = sum(need.values())
     free = available_memory(config.device)
     if free is not None and total > free:
         where = "GPU memory" if config.device.startswith("cuda") else "memory"
+        parts = ", ".join(f"{name} {_size(n)}" for name, n in need.items() if n)
+        flags = "--episodes" if evaluation else "--buffer-size, --hidden or --eval-episodes"
         raise UsageError(
-            f"this run needs about {_size(total)} of {where} (replay buffer "
-            f"{_size(need['replay buffer'])}, networks and optimizers "
-            f"{_size(need['networks'])}), more than the {_size(free)} available: lower "
-            "--buffer-size or --hidden"
+            f"this run needs about {_size(total)} of {where} ({parts}), more than the "
+            f"{_size(free)} available: lower {flags}"
         )
 
 
@@ -563,30 +578,39 @@ def _prepare_resume(
             "learner only); evaluate or average it, or start a new run"
         )
     given = [k for k, v in _overrides(args).items() if v is not None and k != "total_steps"]
-    others = (args.algo, args.env, args.run_name, args.seed, args.impl)
+    others = (args.algo, args.run_name, args.seed, args.impl)
     if given or any(value is not None for value in others):
         raise UsageError(
             "--resume continues a run with its own settings: only --steps, --device and "
-            "--no-progress may be given with it"
+            "--no-progress may be given with it (and --env with the run's own environment id)"
         )
     run_dir = _resume_dir(args.resume)
     stack.enter_context(holding(run_dir))
     if never_checkpointed(run_dir):  # stopped before its first checkpoint: start it again
-        saved = json.loads((run_dir / "config.json").read_text())
-        impl = saved.pop("impl", "native")
-        config = config_from_checkpoint(
-            {"config": saved}, total_steps=args.total_steps, device=device
-        )
+        where = f"{run_dir}/config.json"
+        try:
+            saved = json.loads((run_dir / "config.json").read_text())
+            impl = saved.pop("impl", "native")
+            config = config_from_checkpoint(
+                {"config": saved}, args.env, where, total_steps=args.total_steps, device=device
+            )
+        except CheckpointError:
+            raise
+        except (KeyError, TypeError, AttributeError, ValueError) as exc:
+            raise CheckpointError(f"{where} is unreadable ({exc})") from None
         _check_impl(impl)
         _check_env(config, impl=impl)
         mark(run_dir)  # it can be written
         reset_for_rerun(run_dir)
         return config, run_dir, impl, 0
     saved = load_checkpoint(run_dir / "model.pt", resume=True)
+    where = f"{run_dir}/model.pt"
     try:
-        config = config_from_checkpoint(saved, total_steps=args.total_steps, device=device)
+        config = config_from_checkpoint(
+            saved, args.env, where, total_steps=args.total_steps, device=device
+        )
     except (KeyError, TypeError) as exc:
-        raise CheckpointError(f"{run_dir}/model.pt: its config is unreadable ({exc})") from None
+        raise CheckpointError(f"{where}: its config is unreadable ({exc})") from None
     impl, initial = saved["impl"], saved["steps"]
     _check_impl(impl)
     _check_env(config, saved.get("spaces"), impl)
@@ -635,21 +659,25 @@ def _prepare_train(args: argparse.Namespace, stack: ExitStack) -> tuple[Any, Pat
     return config, _prepare_run_dir(args.logdir, name, settings, stack), impl, 0
 
 
-def _stopped_message(run_dir: Path, stop: GracefulStop, exc: BaseException, total: int) -> str:
-    """What the user reads after a stop signal: true to the files that are there."""
+def _stopped_message(run_dir: Path, stop: GracefulStop, exc: BaseException, config: Any) -> str:
+    """What the user reads after a stop signal: true to the files that are there, with the
+    command that continues the run (``--env`` for an id that imports a module)."""
     name = signal.Signals(stop.signum).name if stop.signum else "SIGINT"
     how = "Ctrl-C" if name == "SIGINT" else name
     steps = exc.steps if isinstance(exc, Stopped) else checkpoint_steps(run_dir / "model.pt")
+    command = f"rlweights train --resume {run_dir}"
+    if ":" in config.env_id:
+        command += f" --env {config.env_id}"
     if steps is None:
         return (
             f"rlweights train: stopped by {how} before the first checkpoint; start the run "
-            f"again with: rlweights train --resume {run_dir}"
+            f"again with: {command}"
         )
     during = exc.during if isinstance(exc, Stopped) else "training"
-    then = "Finish it (final evaluation, summary)" if steps >= total else "Continue"
+    then = "Finish it (final evaluation, summary)" if steps >= config.total_steps else "Continue"
     return (
         f"rlweights train: stopped by {how} during {during}; the checkpoint of step {steps} "
-        f"is in {run_dir}/model.pt. {then} with: rlweights train --resume {run_dir}"
+        f"is in {run_dir}/model.pt. {then} with: {command}"
     )
 
 
@@ -843,8 +871,12 @@ def _train(
     except KeyboardInterrupt as exc:
         progress.close()
         if lead:
-            print(_stopped_message(run_dir, stop, exc, config.total_steps), file=sys.stderr)
+            print(_stopped_message(run_dir, stop, exc, config), file=sys.stderr)
         return 128 + (stop.signum or signal.SIGINT)
+    except CheckpointError as exc:  # a restored state that does not fit: before any write
+        progress.close()
+        print(f"rlweights train: error: {exc}", file=sys.stderr)
+        return 2
     except PeerError as exc:
         progress.close()
         print(f"rlweights train: error: {exc}", file=sys.stderr)
@@ -899,12 +931,19 @@ def _prepare_evaluate(args: argparse.Namespace) -> tuple[Any, Any, dict[str, Any
     if not 0 <= args.seed <= MAX_SEED:
         raise UsageError(f"--seed must be in [0, {MAX_SEED}], got {args.seed}")
     device = _device(args.device)
-    saved = load_checkpoint(args.checkpoint)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", UnverifiedCheckpointWarning)
+        saved = load_checkpoint(args.checkpoint)
+    for warning in caught:
+        print(f"rlweights evaluate: warning: {warning.message}", file=sys.stderr)
     try:
-        config = config_from_checkpoint(saved, device=device)
+        config = config_from_checkpoint(saved, args.env, args.checkpoint, device=device)
+    except CheckpointError:
+        raise
     except (KeyError, TypeError, ValueError) as exc:
         raise CheckpointError(f"{args.checkpoint}: its config is unreadable ({exc})") from None
-    _check_env(config, saved.get("spaces"), impl=None)
+    config = dataclasses.replace(config, eval_episodes=args.episodes)
+    _check_env(config, saved.get("spaces"), saved["impl"], evaluation=True)
     if saved["impl"] == "sb3":
         from rlweights.agents.sb3_train import load_sb3_policy
 

@@ -344,16 +344,52 @@ class ReplayBuffer:
         state.update(position=self.position, size=self.size, generator=self.generator.get_state())
         return state
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        size = state["size"]
+    def check_state(self, state: Any) -> None:
+        """Raise ``ValueError`` unless ``state`` is a :meth:`state_dict` this buffer can load:
+        counters that are integers in range, and ``size`` rows of each field in this buffer's
+        shapes and dtypes."""
+        op = "ReplayBuffer.load_state_dict"
+        expected = {*self.FIELDS, "position", "size", "generator"}
+        if not isinstance(state, dict) or set(state) != expected:
+            got = sorted(state) if isinstance(state, dict) else type(state).__name__
+            raise ValueError(f"{op}: expected keys {sorted(expected)}, got {got}")
+        size = check_int(state["size"], "size", op, minimum=0)
         if size > self.capacity:
             raise ValueError(
                 f"ReplayBuffer: the saved buffer holds {size} transitions, more than this "
                 f"buffer's capacity {self.capacity}"
             )
+        position = check_int(state["position"], "position", op, minimum=0)
+        if position > size:
+            raise ValueError(f"{op}: position={position} is past the {size} stored rows")
         for name in self.FIELDS:
-            getattr(self, name)[:size] = state[name].to(self.device)
-        self.position, self.size = state["position"], size
+            value, store = state[name], getattr(self, name)
+            shape = (size, *store.shape[1:])
+            if not (
+                isinstance(value, Tensor) and value.dtype == store.dtype and value.shape == shape
+            ):
+                got = (value.dtype, tuple(value.shape)) if isinstance(value, Tensor) else value
+                raise ValueError(
+                    f"{op}: {name} must be {store.dtype} rows of shape {shape}, got {got!r:.60}"
+                )
+        generator = state["generator"]
+        if not (isinstance(generator, Tensor) and generator.dtype == torch.uint8):
+            raise ValueError(f"{op}: generator must be a torch generator state (uint8 tensor)")
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore :meth:`state_dict`, validated first. Into a buffer of another capacity (a
+        run resumed with more steps), the rows are laid oldest first from row 0, so that the
+        ring goes on as it would have in a buffer of this capacity: new rows never overwrite
+        old ones while there is room, and no empty row is ever sampled."""
+        self.check_state(state)
+        size, position = state["size"], state["position"]
+        values = {name: state[name].to(self.device) for name in self.FIELDS}
+        if size < self.capacity and position != size:  # wrapped or full in a smaller ring
+            values = {name: value.roll(-position, 0) for name, value in values.items()}
+            position = size
+        for name, value in values.items():
+            getattr(self, name)[:size] = value
+        self.position, self.size = position % self.capacity, size
         self.generator.set_state(state["generator"])
 
 

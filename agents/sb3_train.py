@@ -11,6 +11,7 @@ optimizer post-hook of the policy's optimizer (after every policy step, as nativ
 
 ``model.pt`` holds the policy's weights (and the EMA's) for evaluation, plus what a resumed
 run needs: SB3's optimizer states, the entropy coefficient, the stored replay transitions,
+the states of the rlweights routines (target updates, EMA, plasticity, constraints),
 counters and RNG states; all tensors and plain values (``weights_only=True``), never SB3's
 pickled zip.
 """
@@ -36,6 +37,7 @@ from rlweights.agents.train import (
     Stopped,
     evaluate,
     load_checkpoint,
+    restoring,
     route_mujoco_warnings,
     run_summary,
     save_checkpoint,
@@ -43,6 +45,7 @@ from rlweights.agents.train import (
 )
 from rlweights.files import write_json
 from rlweights.periodic import Periodic
+from rlweights.targets import TargetRoutine
 
 __all__ = ["build_sb3_model", "check_plasticity", "load_sb3_policy", "sb3_kwargs", "train_sb3"]
 
@@ -165,19 +168,37 @@ def _policy_fn(model: Any, algo: str, network: nn.Module) -> Callable:
     return act
 
 
+_BUFFER_ARRAYS = ("observations", "next_observations", "actions", "rewards", "dones", "timeouts")
+
+
 def _buffer_state(buffer: Any) -> dict[str, Any]:
     n = buffer.buffer_size if buffer.full else buffer.pos
-    arrays = ("observations", "next_observations", "actions", "rewards", "dones", "timeouts")
-    state = {name: torch.from_numpy(np.array(getattr(buffer, name)[:n])) for name in arrays}
+    state = {name: torch.from_numpy(np.array(getattr(buffer, name)[:n])) for name in _BUFFER_ARRAYS}
     state.update(pos=buffer.pos, full=buffer.full)
     return state
 
 
 def _load_buffer_state(buffer: Any, state: dict[str, Any]) -> None:
-    for name in ("observations", "next_observations", "actions", "rewards", "dones", "timeouts"):
-        data = state[name].numpy()
-        getattr(buffer, name)[: len(data)] = data
-    buffer.pos, buffer.full = state["pos"], state["full"]
+    """Restore :func:`_buffer_state` into SB3's replay buffer, validated first: the ring
+    position in range, and the stored rows in the buffer's shapes and dtypes."""
+    pos, full = state["pos"], state["full"]
+    if not isinstance(full, bool):
+        raise ValueError(f"replay buffer: full={full!r} is not a bool")
+    if not (isinstance(pos, int) and not isinstance(pos, bool) and 0 <= pos < buffer.buffer_size):
+        raise ValueError(f"replay buffer: pos={pos!r} outside [0, {buffer.buffer_size})")
+    rows = buffer.buffer_size if full else pos
+    for name in _BUFFER_ARRAYS:
+        data, store = state[name], getattr(buffer, name)
+        shape = (rows, *store.shape[1:])
+        if not (
+            isinstance(data, torch.Tensor)
+            and data.numpy().dtype == store.dtype
+            and tuple(data.shape) == shape
+        ):
+            raise ValueError(f"replay buffer: {name} must be {store.dtype} rows of shape {shape}")
+    for name in _BUFFER_ARRAYS:
+        getattr(buffer, name)[:rows] = state[name].numpy()
+    buffer.pos, buffer.full = pos, full
 
 
 def _torch_variables(model: Any) -> dict[str, torch.Tensor]:
@@ -205,8 +226,8 @@ def train_sb3(
 
 class _SB3Run:
     """One ``--impl sb3`` run: the SB3 model with rlweights attached, the policy EMA, the
-    episode returns and the outputs. SB3's ``learn`` is the loop; after each of its
-    environment steps, :meth:`after_step` evaluates and checkpoints when due."""
+    episode returns and the outputs. SB3's ``learn`` is the loop; at each of its
+    environment steps, :meth:`on_step` evaluates and checkpoints the step before when due."""
 
     def __init__(
         self,
@@ -219,7 +240,6 @@ class _SB3Run:
 
         self.config, self.run_dir, self.resume, self.progress = config, run_dir, resume, progress
         self.model, self.attachment = build_sb3_model(config)
-        self.model.set_logger(configure(str(run_dir), ["tensorboard"]))
         self.ema_routine = self.ema_hook = None
         if config.policy_ema is not None:
             policy = _policy_network(self.model, config.algo)
@@ -230,8 +250,17 @@ class _SB3Run:
             )
         self.episodes: list[float] = []  # every return (SB3 keeps only the last 100)
         self.wall_before = 0.0
+        # made once, before restore(): a resumed run loads their schedules
+        self.plasticity = plasticity_callback(config)
+        self.callbacks = self.weight_callbacks()
         if resume:
-            self.restore()
+            try:
+                self.restore()
+            except BaseException:
+                self.release()
+                raise
+        # after restore(): a checkpoint that does not fit leaves the run folder as it was
+        self.model.set_logger(configure(str(run_dir), ["tensorboard"]))
         self.session_start = time.perf_counter()
         self.start_steps = self.model.num_timesteps
         self.aside = 0.0  # seconds spent evaluating and checkpointing (not training)
@@ -240,22 +269,33 @@ class _SB3Run:
         if config.eval_every:
             self.evaluations = Periodic(config.eval_every, name="eval_every")
             self.evaluations.step(self.start_steps)  # the steps of the run that is resumed
+        # The last step SB3 counted, until it has stored and trained on it: (its progress
+        # report, whether an evaluation is due after it); see on_step.
+        self.pending: tuple[dict[str, float], bool] | None = None
 
     def restore(self) -> None:
         """Continue from ``run_dir/model.pt``."""
         model = self.model
-        saved = load_checkpoint(self.run_dir / "model.pt", resume=True)
+        path = self.run_dir / "model.pt"
+        saved = load_checkpoint(path, resume=True)
         training = saved["training"]
-        model.set_parameters(training["parameters"], exact_match=True, device=model.device)
-        with torch.no_grad():
-            for name, value in training["variables"].items():
-                getattr(model, name).copy_(value)
-        if self.ema_routine is not None:
-            self.ema_routine.load_state_dict(training["ema_routine"])
-        _load_buffer_state(model.replay_buffer, training["buffer"])
+        with restoring(path):
+            model.set_parameters(training["parameters"], exact_match=True, device=model.device)
+            with torch.no_grad():
+                for name, value in training["variables"].items():
+                    getattr(model, name).copy_(value)
+            self.load_routine_states(training["routines"])
+            _load_buffer_state(model.replay_buffer, training["buffer"])
+            set_rng_state(training["rng"])
         model.num_timesteps = saved["steps"]
         model._n_updates = training["n_updates"]
-        set_rng_state(training["rng"])
+        if hasattr(model, "_n_calls"):  # DQN's count of steps, for its target updates
+            model._n_calls = training["n_calls"]
+        from rlweights.sb3 import DriftCallback
+
+        for callback in self.callbacks:  # drift every N calls: those of the resumed run too
+            if isinstance(callback, DriftCallback):
+                callback.counter.step(model.num_timesteps // self.config.num_envs)
         self.episodes = list(training["episodes"])
         self.wall_before = training["wall_seconds"]
 
@@ -264,65 +304,130 @@ class _SB3Run:
 
         model = self.model
         self.stopping = stop
-        if stop.requested:  # a signal while the model was being built
-            self.checkpoint()
-            raise Stopped(model.num_timesteps, stop.signum)
-        if model.num_timesteps < self.config.total_steps:
-            callbacks = [*self.weight_callbacks(), _after_step_callback(self, stop)]
-            model.learn(
-                self.config.total_steps - model.num_timesteps,
-                callback=CallbackList(callbacks),
-                reset_num_timesteps=not self.resume,
-            )
-        self.checkpoint()
-        if stop.requested:
-            raise Stopped(model.num_timesteps, stop.signum)
-        train_seconds = time.perf_counter() - self.session_start - self.aside
         try:
-            results = self.evaluate(interruptible=True)
-        except KeyboardInterrupt:
-            raise Stopped(model.num_timesteps, stop.signum, "the final evaluation") from None
+            if stop.requested:  # a signal while the model was being built
+                self.checkpoint()
+                raise Stopped(model.num_timesteps, stop.signum)
+            if model.num_timesteps < self.config.total_steps:
+                # first: when it ends learn, the others see the step taken back
+                callbacks = [_on_step_callback(self), *self.callbacks]
+                model.learn(
+                    self.config.total_steps - model.num_timesteps,
+                    callback=CallbackList(callbacks),
+                    reset_num_timesteps=not self.resume,
+                )
+                self.finish_step()
+            self.checkpoint()
+            if stop.requested:
+                raise Stopped(model.num_timesteps, stop.signum)
+            train_seconds = time.perf_counter() - self.session_start - self.aside
+            try:
+                results = self.evaluate(interruptible=True)
+            except KeyboardInterrupt:
+                raise Stopped(model.num_timesteps, stop.signum, "the final evaluation") from None
+            summary = self.summary(results, train_seconds)
+            write_json(self.run_dir / "summary.json", summary)
+            return summary
+        finally:  # on a stop too
+            model.logger.close()
+            self.release()
+
+    def release(self) -> None:
+        """Give the model back to SB3's own target updates, remove the EMA's hook, close the
+        environments: however the run ends (a stop, a checkpoint that does not fit)."""
         if self.ema_hook is not None:
             self.ema_hook.remove()
         self.attachment.detach()
-        summary = self.summary(results, train_seconds)
-        write_json(self.run_dir / "summary.json", summary)
-        model.logger.close()
-        model.get_env().close()
-        return summary
+        self.model.get_env().close()
 
     def weight_callbacks(self) -> list[Any]:
         """rlweights' SB3 callbacks, as configured: weight constraints, plasticity, drift."""
         from rlweights.sb3 import DriftCallback, WeightConstraintCallback
 
         config, callbacks = self.config, []
+        self.constraints = None
         if config.clip is not None or config.max_norm is not None:
             modules = ("q_net",) if config.algo == "dqn" else ("actor", "critic")
             clamp = (-config.clip, config.clip) if config.clip is not None else None
-            constraints = WeightConstraintCallback(modules, clamp=clamp, max_norm=config.max_norm)
-            callbacks.append(constraints)
-        plasticity = plasticity_callback(config)
-        if plasticity is not None:
-            callbacks.append(plasticity)
+            self.constraints = WeightConstraintCallback(
+                modules, clamp=clamp, max_norm=config.max_norm
+            )
+            callbacks.append(self.constraints)
+        if self.plasticity is not None:
+            callbacks.append(self.plasticity)
         if config.drift_every:
             callbacks.append(DriftCallback(every=max(config.drift_every // config.num_envs, 1)))
         return callbacks
 
-    def after_step(self, infos: Iterable[dict[str, Any]]) -> None:
-        """After each vectorised environment step: episode returns, the evaluation and
-        checkpoint every ``eval_every`` steps, the progress report."""
+    def on_step(self, infos: Iterable[dict[str, Any]]) -> bool:
+        """SB3's callback at each vectorised environment step, which SB3 calls before it
+        stores the step's transitions and trains on them. First the step before, now
+        complete, gets its evaluation and checkpoint (every ``eval_every`` steps) and its
+        progress report. Then, on a stop signal or past ``total_steps``, this step is taken
+        back (nothing of it was stored) and ``learn`` ends: every step a checkpoint counts
+        is stored and trained on, as in a run without a stop. Otherwise the step's episode
+        returns are kept. Returns whether ``learn`` goes on."""
+        model, n = self.model, self.config.num_envs
+        model.num_timesteps -= n  # the steps SB3 has completed
+        self.finish_step()
+        if self.stopping.requested or model.num_timesteps >= self.config.total_steps:
+            return False
+        model.num_timesteps += n
         info: dict[str, float] = {}
         for step_info in infos:
             if "episode" in step_info:  # SB3's Monitor wrapper
                 self.episodes.append(float(step_info["episode"]["r"]))
                 info["return"] = self.episodes[-1]
+        due = self.evaluations is not None and self.evaluations.step(n)
+        self.pending = (info, due)
+        return True
+
+    def finish_step(self) -> None:
+        """The completed step's evaluation and checkpoint, when due, and progress report."""
+        if self.pending is None:
+            return
+        (info, due), self.pending = self.pending, None
         steps = self.model.num_timesteps
-        due = self.evaluations is not None and self.evaluations.step(self.config.num_envs)
         if due and steps < self.config.total_steps:
             self.evaluate()
             self.checkpoint()
         if self.progress is not None and not self.stopping.requested:  # SIGHUP: no terminal
             self.progress(steps, info)
+
+    def routine_states(self) -> dict[str, Any]:
+        """The states of the run's stateful routines: each target pair's routine
+        (``hard:EVERY``), the policy EMA, the plasticity schedules, the weight constraints'
+        count."""
+        states = {
+            f"target_{pair.name}": pair.routine.state_dict()
+            for pair in self.attachment.pairs
+            if isinstance(pair.routine, TargetRoutine)
+        }
+        if self.ema_routine is not None:
+            states["ema"] = self.ema_routine.state_dict()
+        if self.plasticity is not None:
+            states["plasticity"] = self.plasticity.state_dict()
+        if self.constraints is not None:
+            states["constraints"] = self.constraints.state_dict()
+        return states
+
+    def load_routine_states(self, states: Any) -> None:
+        """Restore :meth:`routine_states` (each routine validates its own state)."""
+        expected = set(self.routine_states())
+        if not isinstance(states, dict) or set(states) != expected:
+            got = sorted(states) if isinstance(states, dict) else type(states).__name__
+            raise ValueError(
+                f"the checkpoint's routines are {got}, this run keeps {sorted(expected)}"
+            )
+        for pair in self.attachment.pairs:
+            if isinstance(pair.routine, TargetRoutine):
+                pair.routine.load_state_dict(states[f"target_{pair.name}"])
+        if self.ema_routine is not None:
+            self.ema_routine.load_state_dict(states["ema"])
+        if self.plasticity is not None:
+            self.plasticity.load_state_dict(states["plasticity"])
+        if self.constraints is not None:
+            self.constraints.load_state_dict(states["constraints"])
 
     def evaluate(self, interruptible: bool = False) -> dict[str, np.ndarray]:
         """Deterministic episodes of the policy (and of its EMA), with the evaluation seeds;
@@ -356,13 +461,14 @@ class _SB3Run:
             "variables": _torch_variables(model),
             "buffer": _buffer_state(model.replay_buffer),
             "n_updates": model._n_updates,
+            "n_calls": getattr(model, "_n_calls", 0),
+            "routines": self.routine_states(),
             "rng": rng_state(),
             "episodes": list(self.episodes),
             "wall_seconds": self.wall_before + time.perf_counter() - self.session_start,
         }
         if self.ema_routine is not None:
             weights["policy_ema"] = self.ema_routine.averaged.state_dict()
-            training["ema_routine"] = self.ema_routine.state_dict()
         state = {
             "algo": self.config.algo,
             "impl": "sb3",
@@ -391,19 +497,18 @@ class _SB3Run:
         return summary
 
 
-def _after_step_callback(run: _SB3Run, stop: GracefulStop) -> Any:
-    """The SB3 callback that hands every environment step to ``run`` and stops ``learn`` on
-    Ctrl-C (made here: SB3 is an optional extra, imported only when it runs)."""
+def _on_step_callback(run: _SB3Run) -> Any:
+    """The SB3 callback that hands every environment step to :meth:`_SB3Run.on_step`, which
+    ends ``learn`` on a stop signal and at the asked step count (SB3 would finish its
+    rollout, up to ``train_freq`` steps more). Made here: SB3 is an optional extra, imported
+    only when it runs."""
     from stable_baselines3.common.callbacks import BaseCallback
 
-    class AfterStep(BaseCallback):
+    class OnStep(BaseCallback):
         def _on_step(self) -> bool:
-            run.after_step(self.locals.get("infos", ()))
-            # False ends learn(): on a stop signal, and at the asked step count (SB3 would
-            # finish its rollout, up to train_freq steps more).
-            return not stop.requested and self.num_timesteps < run.config.total_steps
+            return run.on_step(self.locals.get("infos", ()))
 
-    return AfterStep()
+    return OnStep()
 
 
 def load_sb3_policy(config: AgentConfig, saved: dict[str, Any], ema: bool = False) -> Callable:

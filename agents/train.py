@@ -9,14 +9,19 @@ counters and RNG states.
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import itertools
 import logging
+import math
 import os
 import signal
 import threading
 import time
+import types
+import typing
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -50,6 +55,7 @@ __all__ = [
     "CheckpointError",
     "GracefulStop",
     "Stopped",
+    "UnverifiedCheckpointWarning",
     "available_memory",
     "build_agent",
     "checkpoint_steps",
@@ -58,6 +64,7 @@ __all__ = [
     "make_config",
     "make_envs",
     "memory_needed",
+    "restoring",
     "run_summary",
     "spaces_of",
     "train",
@@ -78,6 +85,10 @@ EVAL_SEED_OFFSET = 1_000_000  # evaluation episodes never reuse a training seed
 
 class CheckpointError(ValueError):
     """A file that is not a readable rlweights checkpoint (corrupt, foreign, wrong version)."""
+
+
+class UnverifiedCheckpointWarning(UserWarning):
+    """A checkpoint of a format written before checksums: a change to it cannot be told."""
 
 
 def make_config(algo: str, env_id: str | None = None, **overrides: Any) -> AgentConfig:
@@ -132,15 +143,33 @@ def _mlp_parameters(sizes: list[int]) -> int:
     return sum((a + 1) * b for a, b in itertools.pairwise(sizes))
 
 
+# Bytes of one environment with its wrappers in a vector environment: about 8-16 KiB for
+# classic control, over 1 MiB for a MuJoCo model and its data.
+ENV_BYTES = 64 * 2**10
+MUJOCO_ENV_BYTES = 2 * 2**20
+
+
+def _env_bytes(env_id: str) -> int:
+    try:
+        mujoco = "mujoco" in str(gym.spec(env_id).entry_point)
+    except (gym.error.Error, ImportError):
+        mujoco = False
+    return MUJOCO_ENV_BYTES if mujoco else ENV_BYTES
+
+
 def memory_needed(
     config: AgentConfig,
     observation_space: gym.Space,
     action_space: gym.Space,
     impl: str = "native",
+    evaluation: bool = False,
 ) -> dict[str, int]:
     """Bytes the run will allocate, from the sizes alone (an upper estimate): the replay
     buffer (the native agents' holds at most ``total_steps`` transitions, SB3's always
-    ``buffer_size``), and the networks with their targets, gradients and Adam's moments."""
+    ``buffer_size``), the networks with their targets, gradients and Adam's moments, and
+    the ``eval_episodes`` evaluation environments, made together. ``evaluation``: only a
+    saved agent's evaluation runs (the native agents then make no replay buffer; SB3's model
+    makes its own)."""
     obs = int(np.prod(observation_space.shape))
     discrete = isinstance(action_space, gym.spaces.Discrete)
     act = int(action_space.n) if discrete else int(np.prod(action_space.shape))
@@ -153,9 +182,13 @@ def memory_needed(
         networks = 5 * (actor + critic) + (actor if config.policy_ema else 0)
     capacity = config.buffer_size
     if impl == "native":
-        capacity = min(capacity, config.total_steps)
+        capacity = 0 if evaluation else min(capacity, config.total_steps)
     row = 4 * (2 * obs + 2) + (8 if discrete else 4 * act)  # obs, next obs, reward, done, action
-    return {"replay buffer": capacity * row, "networks": 4 * networks}
+    return {
+        "replay buffer": capacity * row,
+        "networks and optimizers": 4 * networks,
+        "evaluation environments": config.eval_episodes * (_env_bytes(config.env_id) + 8 * obs),
+    }
 
 
 def available_memory(device: str) -> int | None:
@@ -242,12 +275,17 @@ def load_checkpoint(path: str | Path, *, resume: bool = False) -> dict[str, Any]
         raise CheckpointError(f"{path} is not a readable checkpoint ({reason})") from None
     if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
         raise CheckpointError(f"{path} is not an rlweights training checkpoint")
-    if not checksum_matches(state):
+    version = state.get("version")
+    if "checksum" not in state and version != 1:  # version 1 was written before checksums
+        raise CheckpointError(
+            f"{path} has no checksum, which every checkpoint of version {version} is written "
+            "with (a changed file); use an intact copy"
+        )
+    if not checksum_matches(state, required=version != 1):
         raise CheckpointError(
             f"{path} is damaged: its content does not match the checksum written with it "
             "(a changed or corrupted file); use an intact copy"
         )
-    version = state.get("version")
     if version not in range(1, CHECKPOINT_VERSION + 1):
         raise CheckpointError(
             f"{path} has checkpoint version {version}, this rlweights reads versions 1 to "
@@ -264,7 +302,103 @@ def load_checkpoint(path: str | Path, *, resume: bool = False) -> dict[str, Any]
             f"{path} is {made} without training state (optimizers, replay buffer): it "
             "evaluates, but does not resume; start a new run"
         )
+    _check_fields(state, path)
+    if version == 1:
+        warnings.warn(
+            f"{path} (checkpoint version 1) has no checksum: a changed or corrupted file "
+            "cannot be told from an intact one",
+            UnverifiedCheckpointWarning,
+            stacklevel=2,
+        )
     return state
+
+
+@contextlib.contextmanager
+def restoring(path: Path) -> Iterator[None]:
+    """What a restore raises on a checkpoint's content (a state that does not fit this
+    run) becomes a :class:`CheckpointError` naming ``path``, in one line."""
+    try:
+        yield
+    except (KeyError, TypeError, ValueError, RuntimeError, IndexError) as exc:
+        if isinstance(exc, CheckpointError):
+            raise
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise CheckpointError(f"{path} does not fit this run: {first}") from None
+
+
+def _whole(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _real(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _check_fields(state: dict[str, Any], path: Path) -> None:
+    """The values a run restores, checked for type and range as the command line checks its
+    own (the checksum finds damage, not intent: anyone can write a checkpoint and seal it).
+    The config itself is checked by :func:`config_from_checkpoint`."""
+
+    def impossible(what: str, value: Any, rule: str) -> CheckpointError:
+        shown = repr(value)
+        shown = shown if len(shown) <= 40 else f"{shown[:40]}..."
+        return CheckpointError(f"{path}: {what}={shown} is impossible ({rule})")
+
+    if state.get("algo") not in ALGOS:
+        raise impossible("algo", state.get("algo"), f"one of {', '.join(ALGOS)}")
+    if state.get("impl") not in ("native", "sb3"):
+        raise impossible("impl", state.get("impl"), "native or sb3")
+    for key in ("config", "weights"):
+        if not isinstance(state.get(key), dict):
+            raise impossible(key, type(state.get(key)).__name__, "a mapping")
+    spaces = state.get("spaces", {"observation": "", "action": ""})  # none: not compared
+    if not (
+        isinstance(spaces, dict)
+        and set(spaces) == {"observation", "action"}
+        and all(isinstance(text, str) for text in spaces.values())
+    ):
+        raise impossible("spaces", spaces, "the observation and action spaces, as text")
+    steps, config = state.get("steps"), state["config"]
+    total, envs = config.get("total_steps"), config.get("num_envs", 1)
+    if not _whole(steps) or steps < 0:
+        raise impossible("steps", steps, "a whole number >= 0")
+    if _whole(total) and _whole(envs) and steps > total + envs - 1:
+        raise impossible("steps", steps, f"past the run's total_steps {total}")
+    training = state.get("training")
+    if training is None:  # evaluates only
+        return
+    if not isinstance(training, dict):
+        raise impossible("training", type(training).__name__, "a mapping")
+    episodes, wall = training.get("episodes"), training.get("wall_seconds")
+    if not (isinstance(episodes, list) and all(_real(r) for r in episodes)):
+        raise impossible("episodes", episodes, "a list of returns")
+    if len(episodes) > steps:
+        raise impossible("episodes", f"{len(episodes)} returns", f"more than {steps} steps")
+    if not (_real(wall) and math.isfinite(wall) and wall >= 0):
+        raise impossible("wall_seconds", wall, "a finite number >= 0")
+    counters = {}
+    if state["impl"] == "native":
+        agent = training.get("agent")
+        counters["gradient_updates"] = (
+            agent.get("gradient_updates") if isinstance(agent, dict) else None
+        )
+        buffer = training.get("buffer")
+        buffer = buffer if isinstance(buffer, dict) else {}
+        size, position = buffer.get("size"), buffer.get("position")
+        if not _whole(size) or not 0 <= size <= steps:
+            raise impossible("size", size, f"the replay buffer holds 0 to {steps} transitions")
+        if not _whole(position) or not 0 <= position <= size:
+            raise impossible("position", position, f"a row of the {size} stored")
+    else:
+        counters.update(n_updates=training.get("n_updates"), n_calls=training.get("n_calls"))
+        if not isinstance(training.get("routines"), dict):
+            raise CheckpointError(
+                f"{path} was written before --impl sb3 checkpoints kept their routines' "
+                "counters: it evaluates, but does not resume; start a new run"
+            )
+    for name, value in counters.items():
+        if not _whole(value) or value < 0:
+            raise impossible(name, value, "a whole number >= 0")
 
 
 def spaces_of(envs: Any) -> dict[str, str]:
@@ -278,11 +412,76 @@ def spaces_of(envs: Any) -> dict[str, str]:
     }
 
 
-def config_from_checkpoint(state: dict[str, Any], **overrides: Any) -> AgentConfig:
+def _check_env_from_file(env_id: Any, env: str | None, where: str) -> None:
+    """Raise :class:`CheckpointError` if the environment id ``env_id`` read from a file
+    (``where``) names a module ("module:Env-v0", which Gymnasium imports, running any code it
+    holds) that the user did not name with the same id (``env``, from ``--env``), or if
+    ``env`` is another id than the file's."""
+    if not isinstance(env_id, str):
+        raise CheckpointError(f"{where}: its environment id {env_id!r} is not a string")
+    if env is not None and env != env_id:
+        raise CheckpointError(
+            f"--env {env}: {where} was trained on {env_id!r}; give its own id or none"
+        )
+    module = env_id.partition(":")[0] if ":" in env_id else None
+    if module is not None and env is None:
+        raise CheckpointError(
+            f"{where} names environment {env_id!r}, which would import module {module!r} "
+            f"(running any code in it): if you trust it, pass --env {env_id}"
+        )
+
+
+def config_from_checkpoint(
+    state: dict[str, Any], env: str | None = None, where: str = "the checkpoint", **overrides: Any
+) -> AgentConfig:
+    """The config a checkpoint (or a ``config.json``, as ``{"config": ...}``) was written
+    with, ``overrides`` applied and every value checked as the command line's are. Its
+    environment id imports no module unless the user names it (``env``, see
+    :func:`_check_env_from_file`)."""
     saved = dict(state["config"])
     algo = saved.pop("algo")
+    _check_env_from_file(saved.get("env_id"), env, where)
+    if algo in ALGOS:
+        _check_types(ALGOS[algo][0], saved, where)
     saved.update({key: value for key, value in overrides.items() if value is not None})
     return make_config(algo, **saved)
+
+
+def _fits(value: Any, hint: Any) -> bool:
+    """Whether ``value``, read from JSON or a checkpoint, has the type ``hint`` of a config
+    field (a whole number for ``int``, a list for a tuple)."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        return any(_fits(value, arg) for arg in args)
+    if hint is type(None):
+        return value is None
+    if hint is bool:
+        return isinstance(value, bool)
+    if hint is int:
+        return _whole(value)
+    if hint is float:
+        return _real(value)
+    if hint is str:
+        return isinstance(value, str)
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            return False
+        if len(args) == 2 and args[1] is Ellipsis:
+            return all(_fits(item, args[0]) for item in value)
+        return len(value) == len(args) and all(map(_fits, value, args))
+    return True
+
+
+def _check_types(cls: type[AgentConfig], saved: dict[str, Any], where: str) -> None:
+    """Raise :class:`CheckpointError` naming a saved config value whose type is not its
+    field's (the command line parses each flag to its type; a file may hold anything)."""
+    hints = typing.get_type_hints(cls)
+    for field in dataclasses.fields(cls):
+        if field.name in saved and not _fits(saved[field.name], hints[field.name]):
+            raise CheckpointError(
+                f"{where}: its config has {field.name}={saved[field.name]!r:.40}, not of the "
+                f"field's type ({hints[field.name]})"
+            )
 
 
 # What a user, a scheduler (SLURM, Kubernetes, docker stop, timeout) or a closed terminal sends.
@@ -485,13 +684,15 @@ class _Run:
         """Continue from ``run_dir/model.pt``."""
         if self.run_dir is None:
             raise ValueError("resume=True needs the run directory")
-        saved = load_checkpoint(self.run_dir / "model.pt", resume=True)
-        self.agent.load_weights(saved["weights"])
+        path = self.run_dir / "model.pt"
+        saved = load_checkpoint(path, resume=True)
         training = saved["training"]
-        self.agent.load_training_state(training["agent"])
-        self.buffer.load_state_dict(training["buffer"])
-        set_rng_state(training["rng"])
-        self.action_space.np_random.bit_generator.state = training["action_space_rng"]
+        with restoring(path):
+            self.agent.load_weights(saved["weights"])
+            self.agent.load_training_state(training["agent"])
+            self.buffer.load_state_dict(training["buffer"])
+            set_rng_state(training["rng"])
+            self.action_space.np_random.bit_generator.state = training["action_space_rng"]
         self.steps, self.episodes = saved["steps"], list(training["episodes"])
         self.wall_before = training["wall_seconds"]
 

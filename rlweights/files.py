@@ -132,8 +132,8 @@ def sealed(state: dict[str, Any]) -> dict[str, Any]:
     return {**rest, "checksum": checksum(rest)}
 
 
-def checksum_matches(state: dict[str, Any]) -> bool:
+def checksum_matches(state: dict[str, Any], required: bool = True) -> bool:
     """Remove the ``"checksum"`` entry of a :func:`sealed` ``state``; whether it matches the
-    rest (True when there is none: files written before checksums)."""
+    rest. Without one: ``not required`` (files of a format written before checksums)."""
     stored = state.pop("checksum", None)
-    return stored is None or stored == checksum(state)
+    return not required if stored is None else stored == checksum(state)

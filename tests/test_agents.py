@@ -491,3 +491,47 @@ def test_replay_buffer_wraps_around_in_order():
         buffer.add(rows[:, None], rows, rows, rows[:, None], torch.zeros(3))
     assert buffer.size == 5 and buffer.position == 4
     assert buffer.rewards.tolist() == [5.0, 6.0, 7.0, 8.0, 4.0]
+
+
+def _feed(buffer: ReplayBuffer, start: int, stop: int, n: int = 2) -> None:
+    """Transitions ``start``..``stop - 1``, ``n`` at a time; each row holds its index."""
+    for first in range(start, stop, n):
+        rows = torch.arange(first, first + n, dtype=torch.float32)
+        buffer.add(rows[:, None], rows[:, None], rows, rows[:, None] + 0.5, rows % 2)
+
+
+@pytest.mark.parametrize(
+    ("stop_at", "capacity_before", "capacity_after"),
+    [
+        (10, 10, 12),  # full at the stop, then room for more (the run is given more steps)
+        (6, 10, 12),  # stopped half full
+        (16, 10, 10),  # wrapped, same capacity
+        (16, 10, 12),  # wrapped, then more room
+        (16, 10, 14),  # wrapped, room for all of it
+    ],
+)
+def test_a_restored_buffer_holds_what_an_unstopped_buffer_holds(
+    stop_at, capacity_before, capacity_after
+):
+    """A buffer saved at ``stop_at`` transitions and loaded into a buffer of another
+    capacity (a run resumed with more steps) holds, after the rest of the stream, the rows an
+    unstopped buffer of the final capacity holds, in the same places, and samples alike."""
+    unstopped = ReplayBuffer(capacity_after, (1,), (1,), seed=3)
+    _feed(unstopped, 0, 20)
+    stopped = ReplayBuffer(capacity_before, (1,), (1,), seed=3)
+    _feed(stopped, 0, stop_at)
+    resumed = ReplayBuffer(capacity_after, (1,), (1,))
+    resumed.load_state_dict(stopped.state_dict())
+    _feed(resumed, stop_at, 20)
+    kept = {int(r) for r in unstopped.rewards[: unstopped.size]}
+    if stop_at <= capacity_before or capacity_before == capacity_after:
+        # nothing lost before the stop: exactly the unstopped buffer's rows
+        assert (resumed.size, resumed.position) == (unstopped.size, unstopped.position)
+        for name in ReplayBuffer.FIELDS:
+            assert torch.equal(getattr(resumed, name), getattr(unstopped, name)), name
+        assert torch.equal(resumed.sample(6)["rewards"], unstopped.sample(6)["rewards"])
+    else:  # the stopped buffer had dropped rows the larger one keeps: never zeros or repeats
+        held = [int(r) for r in resumed.rewards[: resumed.size]]
+        assert len(set(held)) == resumed.size and set(held) <= kept
+        assert max(held) == 19
+    assert 0 not in resumed.next_obs[: resumed.size]  # no empty row is ever sampled

@@ -83,6 +83,19 @@ def test_a_compile_cell_trains_the_native_agent_with_compile(tmp_path):
     assert Cell("sac", "Pendulum-v1", 300, "compile", 1).name == "sac-Pendulum-v1-compile-s1"
 
 
+def test_a_stored_run_resumes_on_the_environment_of_its_cell(tmp_path):
+    """A stored run's checkpoint names its environment; the resumed run is told the cell's
+    own id (--env), so an id read from the file imports no module by itself."""
+    from rlweights.bench.learning import Cell, _command, _run_dirs
+
+    cell = Cell("sac", "Pendulum-v1", 300, "native", 1)
+    run = _run_dirs([cell], tmp_path, 3, 1)[cell]
+    run.mkdir()
+    (run / "model.pt").write_bytes(b"")
+    command = _command(cell, tmp_path, 3, 1)
+    assert command[-4:] == ["--resume", str(run), "--env", "Pendulum-v1"]
+
+
 def test_a_toy_benchmark_writes_curves_table_and_png_and_resumes(tmp_path):
     args = ["bench-learning", "--runs", "sac:Pendulum-v1:200", "--seeds", "0", "1"]
     args += ["--points", "2", "--eval-episodes", "1", "--workers", "2", "--out", str(tmp_path)]

@@ -131,9 +131,10 @@ def test_a_run_stopped_before_its_first_checkpoint_can_be_started_again(tmp_path
     run = tmp_path / "runs" / "r"
     assert not (run / "model.pt").exists()
     assert "before the first checkpoint; start the run again with: rlweights train --resume" in err
+    assert err.strip().endswith(f"--resume {tmp_path / 'runs' / 'r'} --env slowenvs:Slow-v0")
     sys.path.insert(0, str(tmp_path))
     try:
-        assert main(["train", "--resume", str(run)]) == 0
+        assert main(["train", "--resume", str(run), "--env", "slowenvs:Slow-v0"]) == 0
         assert json.loads((run / "summary.json").read_text())["steps"] == 100
         (run / "model.pt").unlink()
         (run / "summary.json").unlink()
@@ -165,7 +166,7 @@ def test_a_stop_signal_during_the_final_evaluation_keeps_the_trained_agent(tmp_p
     assert not (run / "summary.json").exists()
     sys.path.insert(0, str(tmp_path))
     try:
-        assert main(["train", "--resume", str(run)]) == 0
+        assert main(["train", "--resume", str(run), "--env", "slowenvs:Slow-v0"]) == 0
     finally:
         sys.path.remove(str(tmp_path))
     assert json.loads((run / "summary.json").read_text())["steps"] == 100

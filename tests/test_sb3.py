@@ -353,3 +353,33 @@ def test_drift_callback_reused_on_a_model_without_tensorboard_logs_nothing_into_
     assert {p: p.stat().st_size for p in run.iterdir()} == sizes
     want = rw.distance(list(second.critic.parameters()), list(second.critic_target.parameters()))
     assert values["drift/critic/target_distance"] == pytest.approx(want.item(), rel=1e-5)
+
+
+def test_plasticity_and_constraint_callbacks_round_trip_their_state():
+    """What a resumed run gives back to SB3's callbacks: the schedules' counters and event
+    counts (loaded when training starts), the count of constrained steps; a state of other
+    settings is refused."""
+    plasticity = {"reset_every": 15, "shrink_perturb": (0.5, 0.1), "sp_every": 7}
+    model = SAC("MlpPolicy", "Pendulum-v1", learning_starts=10, policy_kwargs={"net_arch": [8]})
+    schedules = rsb3.PlasticityCallback(**plasticity)
+    constraints = rsb3.WeightConstraintCallback(("actor",), clamp=(-1.0, 1.0))
+    model.learn(40, callback=[schedules, constraints])
+    state = schedules.state_dict()
+    assert state["events"] == {"reset": 2, "shrink_perturb": 5}  # 15, 30; 7, 14, ..., 35
+    assert state["routines"]["reset"]["counter"]["steps"] == 40
+    fresh = rsb3.PlasticityCallback(**plasticity)
+    fresh.load_state_dict(state)  # before training: kept until the schedules are made
+    assert fresh.state_dict() == state
+    other = SAC("MlpPolicy", "Pendulum-v1", policy_kwargs={"net_arch": [8]})
+    fresh.init_callback(other)
+    fresh.on_training_start({}, {})
+    assert fresh.state_dict() == state and fresh.routines["reset"].updates == 2
+    with pytest.raises(ValueError, match=r"this callback keeps \['reset'\]"):
+        rsb3.PlasticityCallback(reset_every=15).load_state_dict(state)
+    counted = constraints.state_dict()
+    assert counted["constraint_steps"] > 0
+    again = rsb3.WeightConstraintCallback(("actor",), clamp=(-1.0, 1.0))
+    again.load_state_dict(counted)
+    assert again.constraint_steps == counted["constraint_steps"]
+    with pytest.raises(ValueError, match="constraint_steps"):
+        again.load_state_dict({"constraint_steps": -1})

@@ -403,6 +403,7 @@ def test_a_version_1_checkpoint_evaluates_but_does_not_resume(tmp_path, capsys):
     torch.save({**state, "version": 1}, path)
     capsys.readouterr()
     assert main(["evaluate", str(path), "--episodes", "1"]) == 0
+    assert "has no checksum" in _errors(capsys)[0]
     assert main(["train", "--resume", str(tmp_path / "r"), "--steps", "80"]) == 2
     assert "(checkpoint version 1): it evaluates, but only version 2 resumes" in _errors(capsys)[0]
 
@@ -650,3 +651,253 @@ def test_a_default_run_draws_an_evaluation_curve(tmp_path, impl):
     events.Reload()
     steps = [event.step for event in events.Scalars("eval/return")]
     assert steps == list(range(30, 301, 30))
+
+
+@pytest.mark.parametrize("buffer_size", [10_000, 150])
+def test_a_run_resumed_with_more_steps_keeps_its_replay_rows_in_order(tmp_path, buffer_size):
+    """A run of 200 steps resumed to 260: its buffer holds what an unstopped run of 260
+    steps holds (the 200 rows of the first run, in place, then the new rows after them;
+    with a buffer of 150 rows, the ring goes on where it was), never an empty row."""
+    config = tiny(
+        "td3", total_steps=260, learning_starts=1000, eval_every=0, buffer_size=buffer_size
+    )
+    unstopped = tmp_path / "unstopped"
+    train(config, unstopped)
+    train(dataclasses.replace(config, total_steps=200), tmp_path / "r")
+    before = load_checkpoint(tmp_path / "r")["training"]["buffer"]
+    train(config, tmp_path / "r", resume=True)
+    after = load_checkpoint(tmp_path / "r")["training"]["buffer"]
+    reference = load_checkpoint(unstopped)["training"]["buffer"]
+    assert (after["size"], after["position"]) == (reference["size"], reference["position"])
+    capacity = min(buffer_size, 260)
+    old = [(step % capacity) for step in range(max(0, 260 - capacity), 200)]  # rows kept
+    assert torch.equal(after["obs"][old], reference["obs"][old])  # the same first 200 steps
+    assert torch.equal(after["obs"][old], before["obs"][old])
+    assert (after["obs"].abs().sum(-1) > 0).all()  # every row written (Pendulum's obs != 0)
+
+
+PLASTIC = {"reset_every": 45, "reset_layers": "critic.*", "shrink_perturb": (0.8, 0.1)}
+PLASTIC |= {"sp_every": 35}
+
+
+def _assert_sb3_detached(algo: str) -> None:
+    import importlib
+
+    from stable_baselines3.common import utils
+
+    module = importlib.import_module(f"stable_baselines3.{algo}.{algo}")
+    assert module.polyak_update is utils.polyak_update
+
+
+def _counters(state):
+    """``state`` without its tensors (weights, which differ once a resumed run's
+    environments restart their episodes): the counters and settings."""
+    if isinstance(state, dict):
+        return {k: _counters(v) for k, v in state.items() if not isinstance(v, torch.Tensor)}
+    return state
+
+
+def _schedules(saved) -> dict:
+    """What a checkpoint says of a run's schedules: its routines' counters and the number of
+    gradient updates."""
+    training = saved["training"]
+    if saved["impl"] == "native":
+        agent = training["agent"]
+        return _counters({**agent["routines"], "updates": agent["gradient_updates"]})
+    return _counters({**training["routines"], "updates": training["n_updates"]})
+
+
+@pytest.mark.parametrize(
+    ("impl", "algo", "settings"),
+    [
+        ("native", "sac", {"target_update": "hard:7", "policy_ema": 0.2, **PLASTIC}),
+        ("native", "dqn", {"target_update": "hard:8", "clip": 1.0}),
+        ("sb3", "sac", {"target_update": "hard:7", "policy_ema": 0.2, "clip": 1.0, **PLASTIC}),
+        ("sb3", "td3", {"target_update": "hard:3", "policy_ema": 0.1}),
+        ("sb3", "dqn", {"target_update": "hard:8", "train_freq": 1, "gradient_steps": 1}),
+    ],
+)
+def test_every_schedule_of_a_stopped_and_resumed_run_is_that_of_an_unstopped_run(
+    tmp_path, impl, algo, settings
+):
+    """Stopped by Ctrl-C at step 130 and resumed to 200: the target update's, the policy
+    EMA's and the plasticity schedules' counters, and the number of gradient updates, are
+    those of a run of 200 steps without a stop (SB3's hard copies once restarted at 0)."""
+    from rlweights.agents.sb3_train import train_sb3
+
+    run = train if impl == "native" else train_sb3
+    config = tiny(algo, total_steps=200, eval_every=0, drift_every=0, **settings)
+    run(config, tmp_path / "unstopped")
+
+    def interrupt(steps, info):
+        if steps == 130:
+            os.kill(os.getpid(), signal.SIGINT)
+
+    with pytest.raises(KeyboardInterrupt):
+        run(config, tmp_path / "r", progress=interrupt)
+    assert load_checkpoint(tmp_path / "r")["steps"] == 130
+    if impl == "sb3":  # the stopped run gave SB3 its own target updates back
+        _assert_sb3_detached(algo)
+    run(config, tmp_path / "r", resume=True)
+    resumed = _schedules(load_checkpoint(tmp_path / "r"))
+    reference = _schedules(load_checkpoint(tmp_path / "unstopped"))
+    assert resumed == reference
+    assert reference["updates"] > 0
+
+
+def _reseal(path, change) -> None:
+    """Rewrite the checkpoint at ``path`` with ``change(state)`` applied and a matching
+    checksum (what anyone can do: the checksum finds damage, not intent)."""
+    from rlweights.files import sealed
+
+    state = torch.load(path, weights_only=True)
+    state.pop("checksum")
+    change(state)
+    torch.save(sealed(state), path)
+
+
+def test_an_environment_id_from_a_file_never_imports_a_module(tmp_path, capsys, monkeypatch):
+    """A checkpoint or config.json naming "module:Env-v0" would make gym.make import the
+    module (any code in it, even a file in the working directory): refused unless the user
+    names the same id with --env."""
+    (tmp_path / "sneaky.py").write_text(f"open({str(tmp_path / 'ran')!r}, 'w').close()\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    args = ["train", "--steps", "60", *TINY_FLAGS, "--logdir", str(tmp_path)]
+    assert main([*args, "--run-name", "r"]) == 0
+    _reseal(tmp_path / "r" / "model.pt", lambda s: s["config"].update(env_id="sneaky:Env-v1"))
+    (tmp_path / "stopped").mkdir()  # a run stopped before its first checkpoint
+    config = json.loads((tmp_path / "r" / "config.json").read_text())
+    (tmp_path / "stopped" / "config.json").write_text(json.dumps(config | {"env_id": "sneaky:X"}))
+    capsys.readouterr()
+    commands = [
+        ["evaluate", str(tmp_path / "r")],
+        ["train", "--resume", str(tmp_path / "r"), "--steps", "80"],
+        ["train", "--resume", str(tmp_path / "stopped"), "--steps", "80"],
+    ]
+    for command in commands:
+        assert main(command) == 2
+        (line,) = _errors(capsys)
+        assert "would import module 'sneaky'" in line and "--env sneaky:" in line, line
+    assert not (tmp_path / "ran").exists()
+    # another id than the file's is refused too; the same id is the user's choice
+    assert main([*commands[0], "--env", "sneaky:Other-v1"]) == 2
+    assert "was trained on 'sneaky:Env-v1'" in _errors(capsys)[0]
+    assert not (tmp_path / "ran").exists()
+    assert main([*commands[0], "--env", "sneaky:Env-v1"]) == 2  # imported, but no such env
+    assert (tmp_path / "ran").exists() and "environment 'sneaky:Env-v1'" in _errors(capsys)[0]
+
+
+def test_a_current_checkpoint_without_its_checksum_is_refused(tmp_path, capsys):
+    args = ["train", "--steps", "60", *TINY_FLAGS, "--logdir", str(tmp_path), "--run-name", "r"]
+    assert main(args) == 0
+    path = tmp_path / "r" / "model.pt"
+    state = torch.load(path, weights_only=True)
+    state.pop("checksum")
+    torch.save(state, path)
+    capsys.readouterr()
+    assert main(["evaluate", str(path), "--episodes", "1"]) == 2
+    assert "has no checksum" in _errors(capsys)[0]
+    assert main(["train", "--resume", str(tmp_path / "r"), "--steps", "80"]) == 2
+    assert "has no checksum" in _errors(capsys)[0]
+    torch.save({**state, "version": 1}, path)  # written before checksums: evaluates, warned
+    assert main(["evaluate", str(path), "--episodes", "1"]) == 0
+    (warning,) = _errors(capsys)
+    assert warning.startswith("rlweights evaluate: warning: ") and "no checksum" in warning
+
+
+def _set(*keys_and_value):
+    """A change for :func:`_reseal`: the entry at ``keys`` of the state becomes ``value``."""
+    *keys, value = keys_and_value
+
+    def change(state):
+        for key in keys[:-1]:
+            state = state[key]
+        state[keys[-1]] = value
+
+    return change
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        (_set("steps", -5), "steps=-5"),
+        (_set("steps", 2.5), "steps=2.5"),
+        (_set("steps", 10**9), "steps=1000000000"),
+        (_set("training", "wall_seconds", float("nan")), "wall_seconds=nan"),
+        (_set("training", "wall_seconds", -1.0), "wall_seconds=-1.0"),
+        (_set("training", "episodes", ["a"]), "episodes"),
+        (_set("training", "episodes", [1.0] * 100), "episodes"),
+        (_set("training", "agent", "gradient_updates", -3), "gradient_updates=-3"),
+        (_set("training", "buffer", "size", -1), "size=-1"),
+        (_set("training", "buffer", "position", 70), "position=70"),
+        (_set("training", "buffer", "size", 30), "obs must be"),
+        (_set("impl", "other"), "impl='other'"),
+        (_set("spaces", ["Box"]), "spaces=['Box']"),
+        (_set("config", "batch_size", 2.5), "batch_size=2.5"),
+        (_set("config", "hidden", [1.5]), "hidden=[1.5]"),
+        (_set("config", "total_steps", "many"), "total_steps='many'"),
+        (_set("config", "learning_rate", -1.0), "learning_rate=-1.0"),
+    ],
+)
+def test_every_restored_value_is_checked_as_the_command_line_checks_its_own(
+    tmp_path, capsys, change, message
+):
+    """A checkpoint resealed with impossible values (what anyone can write: the checksum
+    finds damage, not intent) is refused in one line, exit 2, before anything is written."""
+    args = ["train", "--steps", "60", *TINY_FLAGS, "--logdir", str(tmp_path), "--run-name", "r"]
+    assert main([*args, "--eval-every", "0"]) == 0
+    run = tmp_path / "r"
+    _reseal(run / "model.pt", change)
+    before = {p.name: p.read_bytes() for p in run.iterdir()}
+    capsys.readouterr()
+    assert main(["train", "--resume", str(run), "--steps", "80", "--no-progress"]) == 2
+    (line,) = _errors(capsys)
+    assert line.startswith("rlweights train: error: ") and message in line, line
+    assert {p.name: p.read_bytes() for p in run.iterdir()} == before
+
+
+def test_every_restored_value_of_an_sb3_run_is_checked(tmp_path, capsys):
+    args = ["train", "--impl", "sb3", "--algo", "dqn", "--steps", "60", *TINY_FLAGS]
+    assert main([*args, "--eval-every", "0", "--logdir", str(tmp_path), "--run-name", "r"]) == 0
+    run = tmp_path / "r"
+    intact = (run / "model.pt").read_bytes()
+    cases = [
+        (_set("training", "buffer", "pos", 10**7), "pos=10000000 outside"),
+        (_set("training", "buffer", "full", 1), "full=1 is not a bool"),
+        (_set("training", "buffer", "pos", 30), "observations must be"),
+        (_set("training", "n_calls", -1), "n_calls=-1"),
+        (_set("training", "n_updates", "7"), "n_updates='7'"),
+        (_set("training", "routines", {"ema": {}}), "routines are ['ema']"),
+        (lambda s: s["training"].pop("routines"), "before --impl sb3 checkpoints kept"),
+    ]
+    capsys.readouterr()
+    for change, message in cases:
+        (run / "model.pt").write_bytes(intact)
+        _reseal(run / "model.pt", change)
+        before = {p.name: p.read_bytes() for p in run.iterdir()}
+        assert main(["train", "--resume", str(run), "--steps", "80", "--no-progress"]) == 2
+        (line,) = _errors(capsys)
+        assert line.startswith("rlweights train: error: ") and message in line, line
+        assert {p.name: p.read_bytes() for p in run.iterdir()} == before
+    _assert_sb3_detached("dqn")  # a refused restore too
+
+
+def test_absurd_sizes_from_a_checkpoint_or_for_evaluation_are_one_line(tmp_path, capsys):
+    """The memory estimate covers a restored config (networks of a resealed checkpoint) and
+    the evaluation environments (one per episode, made together), before any allocation."""
+    args = ["train", "--steps", "60", *TINY_FLAGS, "--logdir", str(tmp_path)]
+    assert main([*args, "--run-name", "r"]) == 0
+    capsys.readouterr()
+    assert main(["evaluate", str(tmp_path / "r"), "--episodes", "1e9"]) == 2
+    assert "needs about" in _errors(capsys)[0]
+    assert main([*args, "--run-name", "e", "--eval-episodes", "1e9"]) == 2
+    (line,) = _errors(capsys)
+    assert "needs about" in line and "evaluation environments" in line, line
+    assert not (tmp_path / "e").exists()
+    _reseal(tmp_path / "r" / "model.pt", _set("config", "hidden", [10**6, 10**6]))
+    before = (tmp_path / "r" / "model.pt").read_bytes()
+    assert main(["evaluate", str(tmp_path / "r"), "--episodes", "1"]) == 2
+    assert "needs about" in _errors(capsys)[0]
+    assert main(["train", "--resume", str(tmp_path / "r"), "--steps", "80", "--no-progress"]) == 2
+    assert "needs about" in _errors(capsys)[0]
+    assert (tmp_path / "r" / "model.pt").read_bytes() == before

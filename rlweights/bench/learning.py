@@ -132,7 +132,8 @@ def _command(cell: Cell, runs: Path, points: int, episodes: int) -> list[str]:
     name = _run_name(cell, configuration)
     base = [sys.executable, "-m", "rlweights", "train", "--no-progress"]
     if (runs / name / "model.pt").is_file():  # killed before: continue where it stopped
-        return [*base, "--resume", str(runs / name)]
+        # --env: the cell's id, not one read from the stored run, may import a module
+        return [*base, "--resume", str(runs / name), "--env", cell.env_id]
     return [*base, *configuration, "--logdir", str(runs), "--run-name", name]
 
 

@@ -88,6 +88,18 @@ class WeightConstraintCallback(BaseCallback):
     def _on_rollout_end(self) -> None:
         self.logger.record("rlweights/constraint_steps", self.constraint_steps)
 
+    def state_dict(self) -> dict[str, Any]:
+        """The count of constrained optimizer steps, to resume a run."""
+        return {"constraint_steps": self.constraint_steps}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore :meth:`state_dict`, validated first."""
+        op = "WeightConstraintCallback.load_state_dict"
+        if not isinstance(state, dict) or set(state) != {"constraint_steps"}:
+            got = sorted(state) if isinstance(state, dict) else type(state).__name__
+            raise ValueError(f"{op}: expected keys ['constraint_steps'], got {got}")
+        self.constraint_steps = check_int(state["constraint_steps"], "constraint_steps", op, 0)
+
     def _on_training_end(self) -> None:
         _remove(self._handles)
 
@@ -211,6 +223,7 @@ class PlasticityCallback(BaseCallback):
         self._handles: list = []
         self._counted = 0
         self._log_std_shifts: dict[str, _LogStdShift] = {}
+        self._pending: dict[str, Any] | None = None  # a state loaded before training starts
 
     def _on_training_start(self) -> None:
         policy = self.model.policy
@@ -243,6 +256,9 @@ class PlasticityCallback(BaseCallback):
             routine.counter.step(self.model.num_timesteps)
         _remove(self._handles)  # a learn() that raised never reached _on_training_end
         self.routines, self._log_std_shifts = routines, shifts
+        if self._pending is not None:
+            state, self._pending = self._pending, None
+            self.load_state_dict(state)
         self._counted = self.model.num_timesteps
         if self.unit_sphere is not None:
             found = entries(policy, "PlasticityCallback")[0]
@@ -284,6 +300,56 @@ class PlasticityCallback(BaseCallback):
     def _on_rollout_end(self) -> None:
         self.logger.record("rlweights/resets", self.events["reset"])
         self.logger.record("rlweights/shrink_perturbs", self.events["shrink_perturb"])
+
+    def state_dict(self) -> dict[str, Any]:
+        """The schedules' states (counters, generators; SB3's ``log_std`` schedules apart) and
+        the event counts, to resume a run (before training starts: the state given to
+        :meth:`load_state_dict`)."""
+        if not self.routines and not self._log_std_shifts and self._pending is not None:
+            return self._pending
+        return {
+            "routines": {kind: routine.state_dict() for kind, routine in self.routines.items()},
+            "log_std": {kind: shift.state_dict() for kind, shift in self._log_std_shifts.items()},
+            "events": dict(self.events),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore :meth:`state_dict` (each schedule's state validated before it loads). Before
+        training starts the state is kept and loaded into the schedules when they are made
+        (which of them there are depends on the policy)."""
+        op = "PlasticityCallback.load_state_dict"
+        keys = {"routines", "log_std", "events"}
+        if not isinstance(state, dict) or set(state) != keys:
+            got = sorted(state) if isinstance(state, dict) else type(state).__name__
+            raise ValueError(f"{op}: expected keys {sorted(keys)}, got {got}")
+        events = state["events"]
+        if not isinstance(events, dict) or set(events) != set(self.events):
+            raise ValueError(f"{op}: events must count {sorted(self.events)}, got {events!r}")
+        for kind, count in events.items():
+            check_int(count, f"events[{kind!r}]", op, minimum=0)
+        kept = {"reset"} if self.reset_every else set()
+        kept |= {"shrink_perturb"} if self.sp_every else set()
+        built = self.routines or self._log_std_shifts
+        for key, mine in (("routines", self.routines), ("log_std", self._log_std_shifts)):
+            have = state[key]
+            expected = set(mine) if built else kept
+            if (
+                not isinstance(have, dict)
+                or not set(have) <= expected
+                or (built and set(have) != expected)
+            ):
+                got = sorted(have) if isinstance(have, dict) else type(have).__name__
+                raise ValueError(
+                    f"{op}: the state has {key} schedules {got}, this callback keeps "
+                    f"{sorted(expected)}; make the callback with the same settings"
+                )
+        if not built:
+            self._pending = state
+            return
+        for key, mine in (("routines", self.routines), ("log_std", self._log_std_shifts)):
+            for kind, routine in mine.items():
+                routine.load_state_dict(state[key][kind])
+        self.events = dict(events)
 
     def _on_training_end(self) -> None:
         _remove(self._handles)
