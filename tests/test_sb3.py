@@ -383,3 +383,21 @@ def test_plasticity_and_constraint_callbacks_round_trip_their_state():
     assert again.constraint_steps == counted["constraint_steps"]
     with pytest.raises(ValueError, match="constraint_steps"):
         again.load_state_dict({"constraint_steps": -1})
+
+
+def test_plasticity_callback_state_holds_the_log_std_schedules_of_gsde():
+    """gSDE's log_std has a schedule of its own (no layer draws it); its counter goes into the
+    state and comes back at the next training start."""
+    kwargs = {"use_sde": True, "learning_starts": 10, "policy_kwargs": {"net_arch": [8]}}
+    model = SAC("MlpPolicy", "Pendulum-v1", **kwargs)
+    schedules = rsb3.PlasticityCallback(reset_every=15)
+    model.learn(40, callback=schedules)
+    state = schedules.state_dict()
+    assert set(state["log_std"]) == {"reset"}
+    assert state["log_std"]["reset"]["counter"]["steps"] == 40
+    assert state["log_std"]["reset"]["updates"] == 2  # 15, 30
+    fresh = rsb3.PlasticityCallback(reset_every=15)
+    fresh.load_state_dict(state)
+    fresh.init_callback(SAC("MlpPolicy", "Pendulum-v1", **kwargs))
+    fresh.on_training_start({}, {})
+    assert fresh.state_dict() == state and fresh._log_std_shifts["reset"].updates == 2
