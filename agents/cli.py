@@ -74,6 +74,9 @@ Parallel learners: torchrun --nproc_per_node=N -m rlweights train ... --average-
 
 MAX_RUN_NAME = 200  # bytes; file systems allow 255 per name
 
+# Gymnasium's ids: [module:][namespace/]name[-vN], the module imported first (gymnasium.make)
+ENV_ID = re.compile(r"(?:[A-Za-z_]\w*(?:\.[A-Za-z_]\w*)*:)?(?:[\w.-]+/)?[\w.-]+")
+
 EVALUATE_DESCRIPTION = "Run deterministic episodes with a saved agent and print the mean return."
 
 __all__ = [
@@ -356,6 +359,11 @@ def _check_env(
     runs too large for this machine's memory fail here. ``evaluation``: only the
     evaluation of a saved agent (``config.eval_episodes`` episodes) will run."""
     env_id = config.env_id
+    if not ENV_ID.fullmatch(env_id):
+        raise UsageError(
+            f"--env {env_id!r}: not an environment id; expected [module:]Name-vN, e.g. "
+            "Pendulum-v1, rlweights/Chain-v0 or mypackage.envs:MyEnv-v0"
+        )
     try:
         route_mujoco_warnings(env_id)
         env = gym.make(env_id)

@@ -196,6 +196,20 @@ class AgentConfig:
                 f"sp_every={self.sp_every!r}: shrink-and-perturb needs both "
                 "(--shrink-perturb SHRINK,PERTURB --sp-every N)"
             )
+        if self.reset_layers is not None and not (self.reset_every or self.sp_every):
+            raise ValueError(
+                f"{type(self).__name__}: --reset-layers {self.reset_layers!r} chooses what "
+                "--reset-every and --shrink-perturb touch: give one of them with it"
+            )
+        for flag, text in (
+            ("--reset-layers", self.reset_layers),
+            ("--unit-sphere", self.unit_sphere),
+        ):
+            if text is not None and not split_patterns(text):
+                raise ValueError(
+                    f"{type(self).__name__}: {flag} {text!r} names no pattern: give "
+                    "comma-separated globs such as 'critic.*' or 'actor.mean.*'"
+                )
         bad = [name for name, ok in self._rules().items() if not ok]
         if bad:
             values = ", ".join(f"{name}={getattr(self, name)!r}" for name in bad)
@@ -736,6 +750,20 @@ class ContinuousAgent(OffPolicyAgent):
     """The base of SAC and TD3: Box actions, an actor and a twin critic (:class:`TwinQ`)."""
 
     actions = (gym.spaces.Box, "continuous (Box)", "use --algo dqn for discrete actions")
+
+    @classmethod
+    def check_spaces(
+        cls, env_id: str, observation_space: gym.Space, action_space: gym.Space
+    ) -> None:
+        """A continuous agent's actor outputs a vector scaled to the action bounds: the
+        actions must be a 1-D Box with finite bounds."""
+        super().check_spaces(env_id, observation_space, action_space)
+        if len(action_space.shape) != 1 or not action_space.is_bounded():
+            raise ValueError(
+                f"{cls.name} needs actions in a 1-D Box with finite bounds, but {env_id} has "
+                f"{action_space}; wrap the environment in a gymnasium.ActionWrapper whose "
+                "action space is one (flattening the actions, or mapping [-1, 1] to them)"
+            )
 
     def __init__(self, config: AgentConfig, observation_space: gym.Space, action_space: gym.Space):
         self.check_spaces(config.env_id, observation_space, action_space)

@@ -1,0 +1,123 @@
+"""What ``rlweights train`` and ``rlweights evaluate`` check before they write or allocate
+anything, and what a run reports about itself: one line and exit code 2 for bad input."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import gymnasium as gym
+import numpy as np
+import pytest
+
+from rlweights.agents.train import make_config, train
+from rlweights.cli import main
+
+TINY_FLAGS = ["--hidden", "8,8", "--batch-size", "16", "--learning-starts", "20"]
+TINY_FLAGS += ["--eval-episodes", "2", "--no-progress"]
+
+
+def _one_error(capsys, command: str = "train") -> str:
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert line.startswith(f"rlweights {command}: error: "), line
+    return line
+
+
+def _refused(tmp_path: Path, capsys, *args: str) -> str:
+    """Run ``rlweights train ARGS``: it must fail with one line and write nothing."""
+    code = main(["train", "--steps", "40", *TINY_FLAGS, *args, "--logdir", str(tmp_path / "runs")])
+    line = _one_error(capsys)
+    assert code == 2
+    assert not (tmp_path / "runs").exists()
+    return line
+
+
+class _Actions(gym.Env):
+    """An environment with the action space given at registration."""
+
+    observation_space = gym.spaces.Box(-1.0, 1.0, (3,), np.float32)
+
+    def __init__(self, low=-1.0, high=1.0, shape=(1,)):
+        self.action_space = gym.spaces.Box(low, high, shape, np.float32)
+
+    def reset(self, *, seed=None, options=None):
+        super().reset(seed=seed)
+        return np.zeros(3, np.float32), {}
+
+    def step(self, action):
+        return np.zeros(3, np.float32), float(np.sum(action)), False, False, {}
+
+
+@pytest.fixture
+def registered():
+    """Register ``rlweights-test/Actions-vN`` environments for one test."""
+    made = []
+
+    def register(version: int, **kwargs) -> str:
+        env_id = f"rlweights-test/Actions-v{version}"
+        gym.register(env_id, entry_point=_Actions, max_episode_steps=20, kwargs=kwargs)
+        made.append(env_id)
+        return env_id
+
+    yield register
+    for env_id in made:
+        gym.registry.pop(env_id, None)
+
+
+@pytest.mark.parametrize("env_id", [":", "a:b:c", ":Pendulum-v1", "gymnasium:", "a b:Env-v0"])
+def test_a_malformed_environment_id_is_one_line_naming_the_format(tmp_path, capsys, env_id):
+    line = _refused(tmp_path, capsys, "--env", env_id)
+    assert f"--env {env_id!r}" in line and "[module:]Name-vN" in line
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--reset-layers", "critic.*"], "--reset-layers 'critic.*' chooses what --reset-every"),
+        (["--reset-every", "50", "--reset-layers", ","], "--reset-layers ',' names no pattern"),
+        (["--shrink-perturb", "0.5,0.5", "--sp-every", "50", "--reset-layers", " , "], "names no"),
+        (["--unit-sphere", ","], "--unit-sphere ',' names no pattern"),
+    ],
+)
+@pytest.mark.parametrize("impl", ["native", "sb3"])
+def test_reset_layers_alone_or_without_patterns_is_refused(tmp_path, capsys, args, message, impl):
+    """--reset-layers without --reset-every or --shrink-perturb did nothing; a list of no
+    patterns (',') reset every tensor."""
+    if impl == "sb3":
+        pytest.importorskip("stable_baselines3")
+    line = _refused(tmp_path, capsys, "--impl", impl, *args)
+    assert message in line
+
+
+def test_the_library_refuses_empty_reset_patterns_too():
+    with pytest.raises(ValueError, match="names no pattern"):
+        train(make_config("sac", hidden=(8,), reset_every=10, reset_layers=",", total_steps=20))
+    with pytest.raises(ValueError, match="chooses what --reset-every"):
+        make_config("sac", reset_layers="critic.*")
+
+
+@pytest.mark.parametrize(
+    ("space", "words"),
+    [
+        ({"shape": (2, 2)}, "Box(-1.0, 1.0, (2, 2), float32)"),
+        ({"low": -np.inf, "high": np.inf}, "Box(-inf, inf, (1,), float32)"),
+        ({"low": 0.0, "high": np.inf}, "Box(0.0, inf, (1,), float32)"),
+    ],
+)
+@pytest.mark.parametrize(("algo", "impl"), [("sac", "native"), ("td3", "native"), ("sac", "sb3")])
+def test_action_boxes_the_agents_cannot_act_in_are_one_line(
+    tmp_path, capsys, registered, space, words, algo, impl
+):
+    """A (2, 2) action Box crashed; an unbounded one trained on NaN actions (native) or
+    raised an AssertionError (--impl sb3)."""
+    if impl == "sb3":
+        pytest.importorskip("stable_baselines3")
+    env_id = registered(0, **space)
+    line = _refused(tmp_path, capsys, "--algo", algo, "--impl", impl, "--env", env_id)
+    assert f"{env_id} has {words}" in line
+    assert "a 1-D Box with finite bounds" in line and "gymnasium.ActionWrapper" in line
+
+
+def test_a_bounded_flat_action_box_still_trains(tmp_path, registered):
+    env_id = registered(1, low=-2.0, high=3.0, shape=(2,))
+    args = ["train", "--env", env_id, "--steps", "40", *TINY_FLAGS]
+    assert main([*args, "--logdir", str(tmp_path), "--run-name", "r"]) == 0
