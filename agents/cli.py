@@ -401,18 +401,28 @@ def _size(n: float) -> str:
     raise AssertionError
 
 
+# The flag of train that makes each part of memory_needed smaller.
+_MEMORY_FLAGS = {
+    "replay buffer": "--buffer-size",
+    "networks and optimizers": "--hidden",
+    "a gradient step's batch": "--batch-size",
+    "evaluation environments": "--eval-episodes (one environment per episode)",
+}
+
+
 def _check_memory(
     config: Any, observation_space: Any, action_space: Any, impl: str, evaluation: bool = False
 ) -> None:
-    """Refuse, from the sizes alone, a replay buffer, networks and evaluation environments
-    that cannot be allocated (a restored config's too)."""
+    """Refuse, from the sizes alone, a replay buffer, networks, a gradient step's batch and
+    evaluation environments that cannot be allocated (a restored config's too); the fix
+    named is the flag of the largest part (``--episodes`` for an evaluation)."""
     need = memory_needed(config, observation_space, action_space, impl, evaluation)
     total = sum(need.values())
     free = available_memory(config.device)
     if free is not None and total > free:
         where = "GPU memory" if config.device.startswith("cuda") else "memory"
         parts = ", ".join(f"{name} {_size(n)}" for name, n in need.items() if n)
-        flags = "--episodes" if evaluation else "--buffer-size, --hidden or --eval-episodes"
+        flags = "--episodes" if evaluation else _MEMORY_FLAGS[max(need, key=need.__getitem__)]
         raise UsageError(
             f"this run needs about {_size(total)} of {where} ({parts}), more than the "
             f"{_size(free)} available: lower {flags}"

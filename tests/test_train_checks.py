@@ -121,3 +121,34 @@ def test_a_bounded_flat_action_box_still_trains(tmp_path, registered):
     env_id = registered(1, low=-2.0, high=3.0, shape=(2,))
     args = ["train", "--env", env_id, "--steps", "40", *TINY_FLAGS]
     assert main([*args, "--logdir", str(tmp_path), "--run-name", "r"]) == 0
+
+
+@pytest.mark.parametrize("impl", ["native", "sb3"])
+@pytest.mark.parametrize(
+    ("args", "part", "fix"),
+    [
+        (["--batch-size", "1e10"], "a gradient step's batch", "lower --batch-size"),
+        (["--eval-episodes", "1e9"], "evaluation environments", "lower --eval-episodes"),
+    ],
+)
+def test_a_batch_or_environments_larger_than_the_memory_are_refused_first(
+    tmp_path, capsys, impl, args, part, fix
+):
+    """A batch was allocated at the first gradient step: after the run's files were
+    written, until the memory ran out. The fix named is the flag of the largest part."""
+    if impl == "sb3":
+        pytest.importorskip("stable_baselines3")
+    line = _refused(tmp_path, capsys, "--impl", impl, *args)
+    assert "this run needs about" in line and f"{part} " in line and fix in line
+
+
+def test_the_memory_estimate_counts_a_gradient_step_s_batch():
+    from rlweights.agents.train import memory_needed
+
+    config = make_config("sac", "Pendulum-v1", batch_size=100)
+    space = gym.make("Pendulum-v1")
+    need = memory_needed(config, space.observation_space, space.action_space, "native")
+    row = 4 * (2 * 3 + 2) + 4 * 1  # obs, next obs, reward, done; one action
+    assert need["a gradient step's batch"] >= 100 * (row + 4 * (256 + 256))  # the outputs
+    evaluation = memory_needed(config, space.observation_space, space.action_space, "native", True)
+    assert evaluation["a gradient step's batch"] == 0  # an evaluation trains nothing
