@@ -922,6 +922,9 @@ def _train(
         + "; "
         f"TensorBoard: tensorboard --logdir {run_dir.parent}"
     )
+    shown = (summary["final_eval_return"], ema)
+    if summary["diverged"] and all(np.isfinite(v) for v in shown if v is not None):
+        print("rlweights train: the run diverged: its weights hold NaN or infinite values")
     return 0
 
 

@@ -492,6 +492,7 @@ class _SB3Run:
             train_seconds,
             self.wall_before + time.perf_counter() - self.session_start,
             self.episodes,
+            model.policy.state_dict().values(),
         )
         summary["gradient_updates"] = model._n_updates
         return summary

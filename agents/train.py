@@ -21,7 +21,7 @@ import time
 import types
 import typing
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -599,9 +599,12 @@ def run_summary(
     train_seconds: float,
     wall_seconds: float,
     episodes: list[float],
+    weights: Iterable[torch.Tensor] = (),
 ) -> dict[str, Any]:
     """What ``summary.json`` holds for every run, native or SB3: the final evaluation
-    (``results``: returns per policy), the speed of this session, the training episodes."""
+    (``results``: returns per policy), the speed of this session, the training episodes.
+    The run ``diverged`` if a return or one of the trained ``weights`` is NaN or infinite
+    (a Q-network of NaN weights still acts, by argmax, and can return a finite sum)."""
     summary: dict[str, Any] = {
         "algo": config.algo,
         "impl": impl,
@@ -619,7 +622,9 @@ def run_summary(
     if "ema_return" in results:
         summary["final_ema_eval_return"] = float(results["ema_return"].mean())
     # NaN or infinite returns (the weights diverged) are written as null in summary.json.
-    summary["diverged"] = not all(np.isfinite(r).all() for r in results.values())
+    summary["diverged"] = not all(np.isfinite(r).all() for r in results.values()) or not all(
+        bool(torch.isfinite(w).all()) for w in weights if w.is_floating_point()
+    )
     return summary
 
 
@@ -927,6 +932,7 @@ class _Run:
             train_seconds,
             self.wall_before + time.perf_counter() - self.session_start,
             self.episodes,
+            [w for net in self.agent.networks.values() for w in net.state_dict().values()],
         )
         summary |= {
             "train_seconds": train_seconds,

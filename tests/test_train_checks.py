@@ -3,11 +3,13 @@ anything, and what a run reports about itself: one line and exit code 2 for bad 
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import gymnasium as gym
 import numpy as np
 import pytest
+import torch
 
 from rlweights.agents.train import make_config, train
 from rlweights.cli import main
@@ -152,3 +154,47 @@ def test_the_memory_estimate_counts_a_gradient_step_s_batch():
     assert need["a gradient step's batch"] >= 100 * (row + 4 * (256 + 256))  # the outputs
     evaluation = memory_needed(config, space.observation_space, space.action_space, "native", True)
     assert evaluation["a gradient step's batch"] == 0  # an evaluation trains nothing
+
+
+def _poison(module: torch.nn.Module) -> None:
+    with torch.no_grad():
+        for parameter in module.parameters():
+            parameter.fill_(float("nan"))
+
+
+@pytest.mark.parametrize("algo", ["dqn", "sac", "td3"])
+def test_non_finite_weights_mark_a_native_run_diverged(algo):
+    """A DQN whose weights were NaN acted by argmax (action 0) and reported a finite return
+    with diverged: false."""
+
+    def poison_policy(steps, agent):
+        _poison(agent.policy_network)
+        return {}
+
+    config = make_config(
+        algo, hidden=(8,), total_steps=40, learning_starts=20, batch_size=16, eval_episodes=1
+    )
+    _, summary = train(config, monitor=poison_policy, monitor_every=40)
+    assert summary["diverged"] is True
+    _, healthy = train(config)
+    assert healthy["diverged"] is False
+
+
+def test_non_finite_weights_mark_an_sb3_run_diverged(tmp_path, monkeypatch, capsys):
+    pytest.importorskip("stable_baselines3")
+    from rlweights.agents import sb3_train
+
+    evaluate = sb3_train._SB3Run.evaluate
+
+    def poisoned_final_evaluation(run, interruptible=False):
+        if interruptible:  # the final one
+            _poison(run.model.q_net)
+        return evaluate(run, interruptible)
+
+    monkeypatch.setattr(sb3_train._SB3Run, "evaluate", poisoned_final_evaluation)
+    args = ["train", "--impl", "sb3", "--algo", "dqn", "--steps", "40", *TINY_FLAGS]
+    assert main([*args, "--logdir", str(tmp_path), "--run-name", "r"]) == 0
+    summary = json.loads((tmp_path / "r" / "summary.json").read_text())
+    assert summary["final_eval_return"] is not None  # argmax of NaN: a finite return
+    assert summary["diverged"] is True
+    assert "the run diverged" in capsys.readouterr().out
