@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import itertools
+import json
 import logging
 import math
 import os
@@ -21,6 +22,7 @@ import time
 import types
 import typing
 import warnings
+import zipfile
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -263,6 +265,24 @@ def checkpoint_steps(path: Path) -> int | None:
         return None
 
 
+def _sb3_algorithm(path: Path) -> str | None:
+    """If ``path`` is a zip written by Stable-Baselines3's ``save``: its algorithm's class
+    as imported ("stable_baselines3.DQN", from the policy's module named in the zip's JSON
+    ``data``), else None."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            if not {"data", "policy.pth"} <= set(archive.namelist()):
+                return None
+            data = json.loads(archive.read("data"))
+    except (zipfile.BadZipFile, OSError, ValueError):
+        return None
+    policy = data.get("policy_class") if isinstance(data, dict) else None
+    module = str(policy.get("__module__", "") if isinstance(policy, dict) else "").split(".")
+    if len(module) < 3:  # not "package.algorithm.policies"
+        return "stable_baselines3.ALGORITHM"
+    return f"{module[0]}.{module[-2].upper()}"
+
+
 def load_checkpoint(path: str | Path, *, resume: bool = False) -> dict[str, Any]:
     """Read a checkpoint with ``weights_only=True`` (no code from the file ever runs) and
     check that it is an rlweights checkpoint, of the current version if it is to ``resume``
@@ -272,6 +292,14 @@ def load_checkpoint(path: str | Path, *, resume: bool = False) -> dict[str, Any]
         path = path / "model.pt"
     if not path.is_file():
         raise CheckpointError(f"no checkpoint at {path}")
+    algorithm = _sb3_algorithm(path)
+    if algorithm is not None:
+        raise CheckpointError(
+            f"{path} is a Stable-Baselines3 model (its save()), not an rlweights checkpoint: "
+            f"load it with {algorithm}.load and run stable_baselines3.common.evaluation."
+            "evaluate_policy; rlweights reads the model.pt of 'rlweights train' runs "
+            "(--impl sb3 for SB3's algorithms)"
+        )
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # corrupt zip, truncated file, pickled code refused, ...

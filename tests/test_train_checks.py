@@ -198,3 +198,17 @@ def test_non_finite_weights_mark_an_sb3_run_diverged(tmp_path, monkeypatch, caps
     assert summary["final_eval_return"] is not None  # argmax of NaN: a finite return
     assert summary["diverged"] is True
     assert "the run diverged" in capsys.readouterr().out
+
+
+def test_evaluate_names_a_stable_baselines3_zip_and_what_to_run(tmp_path, capsys):
+    """evaluate on SB3's own model.zip said 'not a readable checkpoint ([enforce fail at
+    inline_container.cc:180])'."""
+    sb3 = pytest.importorskip("stable_baselines3")
+    model = sb3.DQN("MlpPolicy", "CartPole-v1", policy_kwargs={"net_arch": [8]}, device="cpu")
+    model.save(tmp_path / "model.zip")
+    before = (tmp_path / "model.zip").read_bytes()
+    assert main(["evaluate", str(tmp_path / "model.zip")]) == 2
+    line = _one_error(capsys, "evaluate")
+    assert f"{tmp_path / 'model.zip'} is a Stable-Baselines3 model" in line
+    assert "stable_baselines3.DQN.load" in line and "evaluate_policy" in line
+    assert (tmp_path / "model.zip").read_bytes() == before
