@@ -389,8 +389,11 @@ class _SB3Run:
         (info, due), self.pending = self.pending, None
         steps = self.model.num_timesteps
         if due and steps < self.config.total_steps:
-            self.evaluate()
-            self.checkpoint()
+            try:
+                self.evaluate(interruptible=True)
+                self.checkpoint()
+            except KeyboardInterrupt:  # a stop signal: learn() ends, the run checkpoints
+                return
         if self.progress is not None and not self.stopping.requested:  # SIGHUP: no terminal
             self.progress(steps, info)
 

@@ -128,13 +128,24 @@ def route_mujoco_warnings(env_id: str) -> None:
         mujoco.set_mju_user_warning(_mujoco_warning)
 
 
-def make_envs(env_id: str, num_envs: int) -> gym.vector.SyncVectorEnv:
+def make_envs(
+    env_id: str, num_envs: int, interrupted: Callable[[], bool] | None = None
+) -> gym.vector.SyncVectorEnv:
     """``num_envs`` copies with episode statistics and same-step autoreset (the final
-    observation of an episode comes in ``infos["final_obs"]``, so every transition is real)."""
+    observation of an episode comes in ``infos["final_obs"]``, so every transition is real).
+    When ``interrupted()`` becomes true before the next copy is made, ``KeyboardInterrupt``
+    is raised (making many environments can take long)."""
     route_mujoco_warnings(env_id)
 
+    made: list[gym.Env] = []
+
     def make() -> gym.Env:
-        return gym.wrappers.RecordEpisodeStatistics(gym.make(env_id))
+        if interrupted is not None and interrupted():
+            for env in made:
+                env.close()
+            raise KeyboardInterrupt("making environments")
+        made.append(gym.wrappers.RecordEpisodeStatistics(gym.make(env_id)))
+        return made[-1]
 
     return gym.vector.SyncVectorEnv(
         [make] * num_envs, autoreset_mode=gym.vector.AutoresetMode.SAME_STEP
@@ -230,8 +241,9 @@ def evaluate(
 ) -> np.ndarray:
     """Returns of ``episodes`` episodes with the deterministic ``policy``, run side by side
     (one environment per episode, seeded ``seed``, ``seed + 1``, ...). When
-    ``interrupted()`` becomes true the evaluation stops with ``KeyboardInterrupt``."""
-    envs = make_envs(env_id, episodes)
+    ``interrupted()`` becomes true (while the environments are made, or during the
+    episodes) the evaluation stops with ``KeyboardInterrupt``."""
+    envs = make_envs(env_id, episodes, interrupted)
     try:
         obs, _ = envs.reset(seed=seed)
         returns = np.zeros(episodes)
@@ -586,9 +598,11 @@ def train(
     ``resume=True`` the run continues from ``run_dir/model.pt`` (weights, optimizers,
     routines, replay buffer, counters, RNG); the environments restart their episodes.
     ``progress(steps, info)`` is called after every environment step. Ctrl-C, SIGTERM or
-    SIGHUP stops at the next step, writes the checkpoint and raises :class:`Stopped`; during
-    the final evaluation (after the final checkpoint) it stops the evaluation. ``stop``: a
-    :class:`GracefulStop` already installed by the caller (from before the run is built).
+    SIGHUP stops at the next step, writes the checkpoint and raises :class:`Stopped`; an
+    evaluation stops at once (the final one after the final checkpoint, another one without
+    its results); while the environments are made, before the next one (``KeyboardInterrupt``,
+    no checkpoint). ``stop``: a :class:`GracefulStop` already installed by the caller (from
+    before the run is built).
     ``monitor(steps, agent)`` is called every ``monitor_every`` environment steps (and at the
     end) and returns ``{tag: value}`` measurements, written to TensorBoard with the run's
     other scalars (e.g. the error of a Q-function against known optimal values).
@@ -601,7 +615,8 @@ def train(
     check_int(monitor_every, "monitor_every", "train")
     stop = stop or GracefulStop()
     if not config.average_every:
-        return _Run(config, run_dir, resume, progress, monitor, monitor_every).train(stop)
+        run = _Run(config, run_dir, resume, progress, monitor, monitor_every, stop=stop)
+        return run.train(stop)
     if resume:
         raise ValueError(
             "resuming a run of parallel learners is not supported: its checkpoint holds rank "
@@ -612,7 +627,7 @@ def train(
     learners = Learners(config)
     try:
         run_dir = run_dir if learners.rank == 0 else None
-        run = _Run(config, run_dir, False, progress, monitor, monitor_every, learners)
+        run = _Run(config, run_dir, False, progress, monitor, monitor_every, learners, stop)
         return run.train(stop)
     finally:
         learners.close()
@@ -669,14 +684,17 @@ class _Run:
         monitor: Monitor | None,
         monitor_every: int,
         learners: Learners | None = None,
+        stop: GracefulStop | None = None,
     ):
         cfg = self.config = config
+        # A stop signal while the environments are made stops the run before the next one.
+        self.stopping = stop or GracefulStop()
         self.run_dir = Path(run_dir) if run_dir is not None else None
         self.progress, self.monitor, self.learners = progress, monitor, learners
         self.rank0 = learners is None or learners.rank == 0
         self.seed = cfg.seed if learners is None else learners.seed(cfg)
         seed_everything(self.seed)
-        self.envs = make_envs(cfg.env_id, cfg.num_envs)
+        self.envs = make_envs(cfg.env_id, cfg.num_envs, lambda: self.stopping.requested)
         self.agent = build_agent(cfg, self.envs)
         if learners is not None:
             learners.start(self.agent)
@@ -713,7 +731,6 @@ class _Run:
         self.info: dict[str, float] = {}  # for progress(): last return, last evaluation, rate
         self.session_start = time.perf_counter()
         self.session_steps = 0
-        self.stopping = GracefulStop()  # the one train() is given replaces it
         self.aside = 0.0  # seconds spent evaluating and checkpointing (not training)
         self.drift_seconds = 0.0
         # Episodes restart on resume; a fresh, deterministic seed per resume point.
@@ -862,7 +879,10 @@ class _Run:
         if "evaluate" not in self.due or self.steps >= self.config.total_steps:
             return
         tick = time.perf_counter()
-        results = self.evaluate()
+        try:
+            results = self.evaluate(interruptible=True)
+        except KeyboardInterrupt:  # a stop signal: this step's checkpoint, no evaluation
+            self.stop()
         self.info["eval"] = float(results["return"].mean())
         self.checkpoint()
         self.aside += time.perf_counter() - tick

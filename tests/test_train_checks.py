@@ -4,6 +4,8 @@ anything, and what a run reports about itself: one line and exit code 2 for bad 
 from __future__ import annotations
 
 import json
+import os
+import signal
 from pathlib import Path
 
 import gymnasium as gym
@@ -11,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from rlweights.agents.train import make_config, train
+from rlweights.agents.train import load_checkpoint, make_config, train
 from rlweights.cli import main
 
 TINY_FLAGS = ["--hidden", "8,8", "--batch-size", "16", "--learning-starts", "20"]
@@ -212,3 +214,86 @@ def test_evaluate_names_a_stable_baselines3_zip_and_what_to_run(tmp_path, capsys
     assert f"{tmp_path / 'model.zip'} is a Stable-Baselines3 model" in line
     assert "stable_baselines3.DQN.load" in line and "evaluate_policy" in line
     assert (tmp_path / "model.zip").read_bytes() == before
+
+
+class _Signalling(_Actions):
+    """Sends this process SIGTERM when it is made while ``armed`` (once); counts the
+    environments made after that."""
+
+    armed = False
+    made_after = 0
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        if _Signalling.armed:
+            _Signalling.armed = False
+            os.kill(os.getpid(), signal.SIGTERM)
+        elif _Signalling.made_after >= 0:
+            _Signalling.made_after += 1
+
+
+def _signal_while_making(monkeypatch, count: int) -> None:
+    """SIGTERM as the first of ``count`` environments made together is being made."""
+    from rlweights.agents import train as train_module
+
+    make_envs = train_module.make_envs
+
+    def arming(env_id, num_envs, *args, **kwargs):
+        if num_envs == count:
+            _Signalling.armed, _Signalling.made_after = True, 0
+        return make_envs(env_id, num_envs, *args, **kwargs)
+
+    _Signalling.armed, _Signalling.made_after = False, -1  # -1: no signal sent yet
+    monkeypatch.setattr(train_module, "make_envs", arming)
+
+
+@pytest.fixture
+def signalling():
+    env_id = "rlweights-test/Signalling-v0"
+    gym.register(env_id, entry_point=_Signalling, max_episode_steps=20)
+    yield env_id
+    gym.registry.pop(env_id, None)
+
+
+def test_a_stop_signal_while_the_environments_are_made_stops_at_once(
+    tmp_path, capsys, monkeypatch, signalling
+):
+    """SIGTERM while the run's environments were made was honoured only once all of them
+    (and the networks and the replay buffer) existed."""
+    _signal_while_making(monkeypatch, 6)
+    args = ["train", "--env", signalling, "--num-envs", "6", "--steps", "60", *TINY_FLAGS]
+    code = main([*args, "--logdir", str(tmp_path), "--run-name", "r"])
+    assert code == 128 + signal.SIGTERM
+    assert _Signalling.made_after == 0
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert line == (
+        "rlweights train: stopped by SIGTERM before the first checkpoint; start the run "
+        f"again with: rlweights train --resume {tmp_path / 'r'}"
+    )
+    assert not (tmp_path / "r" / "model.pt").exists()
+    monkeypatch.undo()  # no more signals
+    assert main(["train", "--resume", str(tmp_path / "r"), "--no-progress"]) == 0
+    assert json.loads((tmp_path / "r" / "summary.json").read_text())["steps"] == 60
+
+
+@pytest.mark.parametrize("impl", ["native", "sb3"])
+def test_a_stop_signal_while_an_evaluation_makes_its_environments_stops_at_once(
+    tmp_path, capsys, monkeypatch, signalling, impl
+):
+    """An evaluation makes one environment per episode; a stop signal waited for all of
+    them and the evaluation's episodes."""
+    if impl == "sb3":
+        pytest.importorskip("stable_baselines3")
+    _signal_while_making(monkeypatch, 7)
+    args = ["train", "--impl", impl, "--env", signalling, "--steps", "60", "--eval-every", "30"]
+    args += TINY_FLAGS
+    code = main([*args, "--eval-episodes", "7", "--logdir", str(tmp_path), "--run-name", "r"])
+    assert code == 128 + signal.SIGTERM
+    assert _Signalling.made_after == 0
+    run = tmp_path / "r"
+    assert load_checkpoint(run)["steps"] == 30
+    err = capsys.readouterr().err
+    assert f"stopped by SIGTERM during training; the checkpoint of step 30 is in {run}" in err
+    monkeypatch.undo()
+    assert main(["train", "--resume", str(run), "--no-progress"]) == 0
+    assert json.loads((run / "summary.json").read_text())["steps"] == 60
