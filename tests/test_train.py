@@ -19,6 +19,7 @@ import pytest
 import torch
 from conftest import SUBPROCESS_TIMEOUT
 
+from rlweights.agents import run_folder
 from rlweights.agents.train import load_checkpoint, make_config, train
 from rlweights.cli import main
 
@@ -766,6 +767,7 @@ def test_an_environment_id_from_a_file_never_imports_a_module(tmp_path, capsys, 
     assert main([*args, "--run-name", "r"]) == 0
     _reseal(tmp_path / "r" / "model.pt", lambda s: s["config"].update(env_id="sneaky:Env-v1"))
     (tmp_path / "stopped").mkdir()  # a run stopped before its first checkpoint
+    run_folder.mark(tmp_path / "stopped")
     config = json.loads((tmp_path / "r" / "config.json").read_text())
     (tmp_path / "stopped" / "config.json").write_text(json.dumps(config | {"env_id": "sneaky:X"}))
     capsys.readouterr()
