@@ -51,10 +51,6 @@ class _Group:
         return list(torch.split(flat, self.lengths))
 
 
-def _acc(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
 def _params(module: nn.Module) -> list[tuple[str, Tensor]]:
     return [
         (e.name, e.tensor)

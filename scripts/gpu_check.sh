@@ -2,7 +2,8 @@
 # The GPU checks in one prepared command for a CUDA machine: the tests marked `gpu`
 # (numerics on cuda, CUDA-graph capture with a tensor tau, one kernel per flat group, a whole
 # SAC update captured and replayed, --compile --cudagraphs training), the GPU benchmark table
-# of the ops and, where gymnasium and SB3 are there, the agents' table (bench-train). Logs and JSON go to $OUT (the device tool) or ./gpu-check/.
+# of the ops and, where gymnasium and SB3 are there, the agents' table (bench-train). Logs and
+# JSON go to $OUT when it is set, else to ./gpu-check/.
 # Needs torch, pytest and hypothesis; stable-baselines3 only for the SB3 row of the table.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -10,8 +11,8 @@ export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 py="${PYTHON:-python3}"
 out="${OUT:-gpu-check}"
 mkdir -p "$out"
-# Packages the GPU machine lacks (gymnasium, stable-baselines3 and their needs) travel as
-# wheels in .whl/ (see the device tool's README); without them the agent checks are skipped.
+# Packages a GPU machine without network access lacks (gymnasium, stable-baselines3 and their
+# needs) can be put as wheels in .whl/; without them the agent checks are skipped.
 if ls .whl/*.whl >/dev/null 2>&1; then
   "$py" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
     --target /tmp/site .whl/*.whl && export PYTHONPATH="$PYTHONPATH:/tmp/site"

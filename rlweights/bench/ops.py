@@ -221,17 +221,6 @@ def run(
     return result
 
 
-def _cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def _goals(result: dict) -> list[dict]:
     models = result["models"]
     goals = []
