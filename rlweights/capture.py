@@ -33,6 +33,7 @@ from torch.compiler import is_compiling
 from rlweights.flat import FlatWeights, layout_of
 from rlweights.ops import constrained_tensors, pair_plan
 from rlweights.registration import GENERATION, StructureWatch, overwrites_params
+from rlweights.tracing import constant_when_traced
 from rlweights.weights import ModuleHandle, Weights, is_float
 
 __all__ = ["FrozenPlan", "LayoutChangedError", "frozen_plan", "single_plan"]
@@ -120,7 +121,7 @@ class FrozenPlan:
         )
 
 
-@torch.compiler.assume_constant_result
+@constant_when_traced
 def _intact_at_trace(plan: FrozenPlan) -> bool:
     """Whether ``plan`` is intact, checked for real while torch.compile traces a function
     (pointers cannot be traced); the answer is built into the compiled code. A watch that

@@ -37,6 +37,7 @@ from torch.compiler import is_compiling
 from rlweights.checks import check_choice, check_fraction, check_number
 from rlweights.flat import FlatWeights, bump_versions, layout_of, registered_layout
 from rlweights.registration import GENERATION, overwrites_params
+from rlweights.tracing import constant_when_traced
 from rlweights.weights import (
     Entry,
     NonFiniteError,
@@ -309,7 +310,7 @@ def _eager(fn: Callable[_P, _R]) -> Callable[_P, _R]:
     return wrapper
 
 
-@torch.compiler.assume_constant_result
+@constant_when_traced
 def _flat_pair_at_trace(target: Weights, source: Weights) -> bool:
     """Whether ``target`` and ``source`` share an intact flat layout. Inside torch.compile
     this runs once, for real, when the function is traced (the pointer checks cannot be

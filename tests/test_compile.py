@@ -7,6 +7,7 @@ from conftest import NETS, named
 from torch.testing import assert_close
 
 import rlweights as rw
+from rlweights.tracing import constant_when_traced
 
 
 def test_compiled_step_with_polyak_matches_eager():
@@ -58,3 +59,19 @@ def test_compiled_step_with_copy_clamp_and_average_matches_eager():
         assert_close(named(a)[name], t)
     floats = {k: v.float() for k, v in want_soup.items()}
     assert_close(got, torch.func.functional_call(soup, floats, (x,)).sum())
+
+
+def test_a_function_marked_constant_when_traced_is_marked_as_torchs_decorator_marks_it():
+    """The core marks its trace-time checks without importing torch's compiler; the mark must
+    stay the one ``torch.compiler.assume_constant_result`` sets (the compiled tests above and
+    in test_capture.py rely on what it does)."""
+
+    def ours() -> bool:
+        return True
+
+    def theirs() -> bool:
+        return True
+
+    assert constant_when_traced(ours) is ours
+    assert torch.compiler.assume_constant_result(theirs) is theirs
+    assert vars(ours) == vars(theirs) != {}
