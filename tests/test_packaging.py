@@ -12,6 +12,8 @@
 from __future__ import annotations
 
 import ast
+import importlib
+import json
 import os
 import subprocess
 import sys
@@ -73,6 +75,56 @@ def test_import_rlweights_loads_no_extra_and_no_application():
     )
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "[]"
+
+
+def _loaded(prefixes: tuple[str, ...]) -> str:
+    """Code printing, as one JSON line, the loaded modules that start with ``prefixes``."""
+    return f"print(json.dumps(sorted(m for m in sys.modules if m.startswith({prefixes!r}))))"
+
+
+COMPILER = ("torch._dynamo", "torch._inductor")
+
+
+def test_import_rlweights_loads_core_and_routines_only_and_no_compiler():
+    done = _python(
+        f"""
+        import json, sys
+        import rlweights as rw
+        {_loaded(("torch", "rlweights."))}
+        for name in rw.__all__:
+            if name != "distributed":
+                getattr(rw, name)
+        {_loaded(("rlweights.",))}
+        {_loaded(COMPILER)}
+        assert rw.distributed.PeerError and rw.flat.layout_of
+        {_loaded(("rlweights.distributed",))}
+        """
+    )
+    assert done.returncode == 0, done.stderr
+    at_import, used, compiler, distributed = map(json.loads, done.stdout.splitlines())
+    assert at_import == []  # not even torch: the command's help needs none
+    assert used and {_layer(m) for m in used} <= {CORE, ROUTINES}, used
+    assert "rlweights.distributed" not in used
+    assert compiler == []
+    assert distributed == ["rlweights.distributed"]
+
+
+def test_the_facade_gives_what_it_names_for_type_checkers():
+    import rlweights as rw
+
+    tree = ast.parse((ROOT / "rlweights" / "__init__.py").read_text())
+    (block,) = [
+        n for n in tree.body if isinstance(n, ast.If) and ast.unparse(n.test) == "TYPE_CHECKING"
+    ]
+    named = {a.name: node.module for node in block.body for a in node.names}
+    assert set(named) == set(rw.__all__) - {"__version__"} <= set(dir(rw))
+    for name, module in named.items():
+        if module == "rlweights":
+            assert getattr(rw, name) is importlib.import_module(f"rlweights.{name}")
+        else:
+            assert getattr(rw, name) is getattr(importlib.import_module(module), name), name
+    with pytest.raises(AttributeError, match="module 'rlweights' has no attribute 'polyak'"):
+        rw.polyak  # noqa: B018
 
 
 def test_core_works_without_any_extra():
@@ -338,21 +390,36 @@ def test_the_installed_wheel_trains(installed, tmp_path, where):
 
 # Layer of each module of the installed package (by dotted name); a module may import its own
 # layer and those below, never one above, at module level or lazily inside a function.
-CORE, INTEGRATION, APPLICATION, TOP = 0, 1, 2, 3
-INTEGRATIONS = ("rlweights.sb3", "rlweights.tensorboard", "rlweights.distributed", "rlweights.soup")
+CORE, ROUTINES, INTEGRATION, APPLICATION, TOP = range(5)
+LAYERS = {
+    CORE: (
+        "weights",
+        "flat",
+        "ops",
+        "checks",
+        "periodic",
+        "registration",
+        "files",
+        "extras",
+        "tracing",
+    ),
+    ROUTINES: ("targets", "averaging", "constraints", "plasticity", "capture", "drift"),
+    INTEGRATION: ("sb3", "tensorboard", "distributed", "soup"),
+    APPLICATION: ("agents", "envs"),
+    TOP: ("bench", "cli", "__main__"),
+}
+# The package facade holds the core's and the routines' names; it names rw.distributed too,
+# which it imports only when that attribute is first used.
+FACADE_LAZY = ("rlweights.distributed",)
 STDLIB = set(sys.stdlib_module_names)
 
 
-def _layer(module: str) -> int:
-    if module == "rlweights":  # the facade re-exports the core and rlweights.distributed
-        return INTEGRATION
-    if module.startswith(("rlweights.bench", "rlweights.cli", "rlweights.__main__")):
-        return TOP
-    if module.startswith(("rlweights.agents", "rlweights.envs")):
-        return APPLICATION
-    if module.startswith(INTEGRATIONS):
-        return INTEGRATION
-    return CORE
+def _layer(module: str) -> int | None:
+    """The layer of a module or of a name in it (``rlweights.ops.polyak_``); None: unlisted."""
+    if module == "rlweights":
+        return ROUTINES
+    name = module.split(".")[1]
+    return next((layer for layer, names in LAYERS.items() if name in names), None)
 
 
 def _modules() -> dict[str, Path]:
@@ -370,11 +437,11 @@ def _modules() -> dict[str, Path]:
     return found
 
 
-def _imports(module: str, path: Path) -> list[tuple[str, list[str], bool, int]]:
+def _imports(module: str, source: str, is_package: bool) -> list[tuple[str, list[str], bool, int]]:
     """(imported module, imported names, at module level?, line) of every import."""
-    tree = ast.parse(path.read_text())
+    tree = ast.parse(source)
     top_level = {id(node) for node in tree.body}
-    package = module if path.name == "__init__.py" else module.rpartition(".")[0]
+    package = module if is_package else module.rpartition(".")[0]
     out = []
     for node in ast.walk(tree):
         if isinstance(node, ast.Import):
@@ -390,27 +457,73 @@ def _imports(module: str, path: Path) -> list[tuple[str, list[str], bool, int]]:
     return out
 
 
-def test_dependencies_run_one_way():
+def _layer_problems(sources: dict[str, tuple[str, str, bool]]) -> list[str]:
+    """What breaks the layers in ``sources`` (module -> (where, source, is a package))."""
     problems = []
-    for module, path in _modules().items():
+    for module, (where, source, is_package) in sources.items():
         mine = _layer(module)
-        for imported, names, _, line in _imports(module, path):
-            where = f"{path.relative_to(ROOT)}:{line}"
+        if mine is None:
+            problems.append(f"{where}: {module} is in no layer (add it to LAYERS)")
+            continue
+        for imported, names, _, line in _imports(module, source, is_package):
+            at = f"{where}:{line}"
             top = imported.split(".")[0]
             if top in ("agents", "envs"):
-                problems.append(f"{where} imports {imported!r}: use rlweights.{imported}")
+                problems.append(f"{at} imports {imported!r}: use rlweights.{imported}")
             if top == "rlweights":
-                targets = [imported] + [f"{imported}.{n}" for n in names]
-                for target in targets:
-                    if (
-                        target.startswith("rlweights")
-                        and _layer(target) > mine
-                        and (target == imported or target in _modules())
-                    ):
-                        problems.append(f"{where}: {module} imports {target} (a higher layer)")
-            elif mine == CORE and top not in STDLIB and top not in ("torch", "numpy"):
-                problems.append(f"{where}: the core module {module} imports {imported}")
+                for target in [imported] + [f"{imported}.{n}" for n in names]:
+                    if target == module or not (target == imported or target in sources):
+                        continue
+                    if module == "rlweights" and target in FACADE_LAZY:
+                        continue
+                    theirs = _layer(target)
+                    if theirs is None or theirs > mine:
+                        problems.append(f"{at}: {module} imports {target} (a higher layer)")
+            elif mine <= ROUTINES and top not in STDLIB and top not in ("torch", "numpy"):
+                problems.append(f"{at}: the core or routine module {module} imports {imported}")
+    return problems
+
+
+def _sources() -> dict[str, tuple[str, str, bool]]:
+    return {
+        module: (str(path.relative_to(ROOT)), path.read_text(), path.name == "__init__.py")
+        for module, path in _modules().items()
+    }
+
+
+def test_dependencies_run_one_way():
+    problems = _layer_problems(_sources())
     assert not problems, "\n".join(problems)
+
+
+@pytest.mark.parametrize(
+    ("module", "imports", "layer"),
+    [
+        ("rlweights.ops", "from rlweights.targets import make_target", "rlweights.targets"),
+        ("rlweights.flat", "import rlweights", "rlweights"),
+        ("rlweights.capture", "from rlweights import distributed", "rlweights.distributed"),
+        ("rlweights.targets", "from rlweights.sb3 import attach", "rlweights.sb3"),
+        ("rlweights.soup", "from rlweights.agents.train import train", "rlweights.agents.train"),
+        ("rlweights.envs.chain", "import rlweights.cli", "rlweights.cli"),
+        ("rlweights", "from rlweights.sb3 import attach", "rlweights.sb3"),
+    ],
+)
+def test_an_import_of_a_higher_layer_is_found(module, imports, layer):
+    """Each layer is told from the one above it: the layer test finds one import added."""
+    sources = _sources()
+    where, source, is_package = sources[module]
+    assert not _layer_problems({module: sources[module]})
+    sources[module] = (where, f"{source}\n\ndef late():\n    {imports}\n", is_package)
+    problems = _layer_problems({module: sources[module], layer: sources[layer]})
+    assert len(problems) == 1, problems
+    assert problems[0].endswith(f": {module} imports {layer} (a higher layer)")
+
+
+def test_a_module_in_no_layer_is_found():
+    sources = {"rlweights.helpers": ("rlweights/helpers.py", "import torch\n", False)}
+    assert _layer_problems(sources) == [
+        "rlweights/helpers.py: rlweights.helpers is in no layer (add it to LAYERS)"
+    ]
 
 
 def test_no_private_name_crosses_a_module_and_no_import_cycle():
@@ -418,7 +531,9 @@ def test_no_private_name_crosses_a_module_and_no_import_cycle():
     problems, graph = [], {}
     for module, path in modules.items():
         graph[module] = set()
-        for imported, names, at_top, line in _imports(module, path):
+        for imported, names, at_top, line in _imports(
+            module, path.read_text(), path.name == "__init__.py"
+        ):
             if not imported.startswith("rlweights"):
                 continue
             private = [n for n in names if n.startswith("_") and not n.startswith("__")]
