@@ -91,6 +91,13 @@ COMMANDS: dict[str, tuple[str, str, str, str | None, str]] = {
         None,
         "benchmark averaging across processes against torch's average_parameters",
     ),
+    "bench-startup": (
+        "rlweights.bench.startup",
+        "add_arguments",
+        "main_from_args",
+        None,
+        "time the command's start-up ('rlweights --help', 'train --help') against importing torch",
+    ),
 }
 
 

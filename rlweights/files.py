@@ -13,7 +13,6 @@ from pathlib import Path
 from typing import IO, Any
 
 import numpy as np
-import torch
 
 __all__ = [
     "WriteError",
@@ -98,6 +97,8 @@ def write_json(path: str | Path, data: Any) -> None:
 
 
 def _digest(value: Any, sha: Any) -> None:
+    import torch  # here: the commands that write only JSON start without torch
+
     if isinstance(value, torch.Tensor):
         value = value.detach().cpu().contiguous()
         sha.update(f"T{value.dtype}{tuple(value.shape)}".encode())

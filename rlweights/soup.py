@@ -27,13 +27,12 @@ import io
 import sys
 import zipfile
 from pathlib import Path
-from typing import Any
-
-import torch
-from torch import Tensor
+from typing import TYPE_CHECKING, Any
 
 from rlweights.files import atomic_write, checksum_matches, sealed
-from rlweights.ops import average_
+
+if TYPE_CHECKING:
+    from torch import Tensor
 
 __all__ = ["add_arguments", "average_checkpoints", "load_any", "main_from_args"]
 
@@ -45,6 +44,8 @@ class SoupError(ValueError):
 
 
 def _torch_load(data: bytes | Path, where: str) -> Any:
+    import torch  # here and below: 'rlweights average --help' starts without torch
+
     try:
         source = io.BytesIO(data) if isinstance(data, bytes) else data
         return torch.load(source, map_location="cpu", weights_only=True)
@@ -121,7 +122,9 @@ def _check_fit(paths: list[Path], sources: list[dict[str, Tensor]]) -> None:
 def _tensors(state: Any, path: Path) -> dict[str, Tensor]:
     if not isinstance(state, dict) or not state:
         raise SoupError(f"{path} holds no state_dict (a mapping of names to tensors)")
-    bad = [str(k) for k, v in state.items() if not isinstance(v, Tensor)]
+    import torch
+
+    bad = [str(k) for k, v in state.items() if not isinstance(v, torch.Tensor)]
     if bad:
         raise SoupError(f"{path} is not a plain state_dict: {', '.join(bad[:3])} are no tensors")
     return dict(state)
@@ -132,6 +135,8 @@ def average_checkpoints(
 ) -> tuple[str, Any]:
     """Load and average (uniformly when ``coefficients`` is None); returns (kind, the object
     to write)."""
+    from rlweights.ops import average_
+
     if len(paths) < 2:
         raise SoupError("give at least two checkpoints to average")
     if coefficients is not None and len(coefficients) != len(paths):
@@ -177,6 +182,8 @@ def average_checkpoints(
 
 
 def _write(kind: str, result: Any, first: Path, out: Path) -> None:
+    import torch
+
     if kind != "sb3":
         atomic_write(out, lambda f: torch.save(result, f))
         return

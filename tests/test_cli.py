@@ -34,6 +34,7 @@ def _run(*args: str) -> subprocess.CompletedProcess:
         "bench-drift",
         "bench-train",
         "bench-distributed",
+        "bench-startup",
         "demo",
         "demo baird",
         "demo chain",
@@ -99,6 +100,30 @@ def test_bench_refuses_cuda_without_a_gpu():
 def test_bench_rejects_bad_rounds():
     done = _run(sys.executable, "-m", "rlweights", "bench", "--rounds", "0")
     assert done.returncode != 0 and "--rounds must be >= 1" in done.stderr
+
+
+def test_bench_startup_script_smoke(tmp_path):
+    out = tmp_path / "startup.json"
+    done = _run(sys.executable, "scripts/bench_startup.py", "--rounds", "1", "--json", str(out))
+    assert done.returncode == 0, done.stderr
+    result = json.loads(out.read_text())
+    rows = result["commands"]
+    assert list(rows) == ["rlweights --help", "rlweights train --help", 'python -c "import torch"']
+    torch_s = rows['python -c "import torch"']["median_s"]
+    for row in rows.values():
+        assert row["median_s"] > 0
+        assert row["vs_torch_s"] == pytest.approx(row["median_s"] - torch_s)
+    assert result["rounds"] == 1 and result["torch"] == torch.__version__
+    assert "| `rlweights train --help` |" in done.stdout
+
+
+def test_bench_startup_rejects_bad_rounds(capsys):
+    from rlweights.cli import main
+
+    assert main(["bench-startup", "--rounds", "0"]) == 2
+    assert capsys.readouterr().err == (
+        "rlweights bench-startup: error: --rounds must be >= 1, got 0\n"
+    )
 
 
 def test_bench_sb3_script_smoke(tmp_path):

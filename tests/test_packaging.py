@@ -256,6 +256,33 @@ def test_help_works_with_the_core_alone():
         assert "usage: rlweights" in done.stdout
 
 
+@pytest.mark.parametrize(
+    ("command", "unloaded"),
+    [
+        ([], ("torch",)),
+        (["average"], ("torch",)),
+        (["bench-startup"], ("torch",)),
+        (["train"], COMPILER),  # its flags come from the agents' configs, which need torch
+    ],
+    ids=["rlweights", "average", "bench-startup", "train"],
+)
+def test_help_starts_without_torch_or_without_its_compiler(command, unloaded):
+    done = _python(
+        f"""
+        import json, sys
+        from rlweights.cli import main
+        try:
+            main({[*command, "--help"]!r})
+        except SystemExit:
+            pass
+        {_loaded(unloaded)}
+        """
+    )
+    assert done.returncode == 0, done.stderr
+    assert "usage: rlweights" in done.stdout
+    assert done.stdout.splitlines()[-1] == "[]"
+
+
 # ---- the installed wheel -------------------------------------------------------------------
 
 
