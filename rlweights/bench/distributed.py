@@ -21,9 +21,6 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
-import torch
-import torch.distributed as dist
-
 import rlweights as rw
 from rlweights.bench.models import MODELS
 from rlweights.files import write_json
@@ -35,6 +32,8 @@ BASELINE = "torch average_parameters"
 
 def _candidates(build: Any) -> dict[str, Any]:
     """{name: call} for one network size, each on its own copy of the network."""
+    import torch  # here and below, not at import: the command's --help starts without torch
+    import torch.distributed as dist
     from torch.distributed.algorithms.model_averaging.utils import average_parameters
 
     torch_net, plain, flat = build(), build(), build()
@@ -49,6 +48,9 @@ def _candidates(build: Any) -> dict[str, Any]:
 
 
 def _worker(rank: int, world: int, port: int, models: list[str], rounds: int, queue: Any) -> None:
+    import torch
+    import torch.distributed as dist
+
     torch.set_num_threads(1)
     dist.init_process_group(
         "gloo",
@@ -93,6 +95,8 @@ def _worker(rank: int, world: int, port: int, models: list[str], rounds: int, qu
 
 
 def run(models: list[str], rounds: int = 15, processes: int = 2) -> dict[str, Any]:
+    import torch
+
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]

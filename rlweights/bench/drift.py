@@ -13,17 +13,17 @@ import statistics
 import time
 from pathlib import Path
 
-import torch
-
 import rlweights as rw
 from rlweights.bench.models import mlp_16m, sac_critic
-from rlweights.drift import DriftMonitor
 from rlweights.files import write_json
 
 __all__ = ["add_arguments", "main_from_args", "run"]
 
 
 def _measure_vs_update(rounds: int) -> dict:
+    # here and below, not at import: the command's --help starts without torch
+    from rlweights.drift import DriftMonitor
+
     out = {}
     for name, build in (("sac_critic", sac_critic), ("mlp_16m", mlp_16m)):
         online = build()
@@ -121,6 +121,8 @@ def _overhead(run_one, rounds: int, steps: int, every: int) -> dict:
 
 
 def run(rounds: int = 15, sac_rounds: int = 2, sac_steps: int = 3000, every: int = 1000) -> dict:
+    import torch
+
     return {
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),

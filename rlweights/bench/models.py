@@ -5,14 +5,17 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
-from torch import nn
+if TYPE_CHECKING:
+    from torch import nn
 
 __all__ = ["MODELS", "mlp_16m", "nature_dqn", "sac_critic"]
 
 
 def sac_critic() -> nn.Module:
     """SAC's twin Q-network for HalfCheetah (obs 17 + action 6): 144k parameters, 12 tensors."""
+    from torch import nn  # here and below: the commands' --help starts without torch
 
     def q() -> nn.Module:
         return nn.Sequential(
@@ -24,6 +27,8 @@ def sac_critic() -> nn.Module:
 
 def nature_dqn() -> nn.Module:
     """The Nature-DQN CNN on 4x84x84 frames with 18 actions: 1.7M parameters."""
+    from torch import nn
+
     return nn.Sequential(
         nn.Conv2d(4, 32, 8, stride=4),
         nn.ReLU(),
@@ -40,6 +45,8 @@ def nature_dqn() -> nn.Module:
 
 def mlp_16m() -> nn.Module:
     """A wide MLP of 16.8M parameters, where every implementation is memory-bound."""
+    from torch import nn
+
     sizes = [1024, 2048, 2048, 2048, 2048, 1024]
     layers: list[nn.Module] = []
     for n_in, n_out in itertools.pairwise(sizes):

@@ -16,13 +16,15 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-
-import torch
-from torch import nn
+from typing import TYPE_CHECKING
 
 import rlweights as rw
 from rlweights.bench.models import MODELS, sac_critic
 from rlweights.files import write_json
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
 
 __all__ = ["markdown", "run"]
 
@@ -42,6 +44,8 @@ class _Competitor:
 
 
 def _pair(build: Callable[[], nn.Module], device: torch.device) -> tuple[nn.Module, nn.Module]:
+    import torch  # here and below, not at import: the command's --help starts without torch
+
     online = build().to(device)
     target = build().to(device)
     target.load_state_dict(online.state_dict())
@@ -53,6 +57,8 @@ def _pair(build: Callable[[], nn.Module], device: torch.device) -> tuple[nn.Modu
 
 
 def _competitors(build: Callable[[], nn.Module], device: torch.device) -> list[_Competitor]:
+    import torch
+
     numel = sum(p.numel() for p in build().parameters())
     lerp_bytes, copy_bytes = 3 * 4 * numel, 2 * 4 * numel  # float32: read 2 + write 1, r1 + w1
     out = []
@@ -148,6 +154,8 @@ def _time_batch(call: Callable[[], object], inner: int, sync: Callable[[], None]
 
 
 def _bench_model(name: str, device: torch.device, rounds: int, min_batch_s: float) -> dict:
+    import torch
+
     build = MODELS[name]
     torch.manual_seed(0)
     model = build()
@@ -189,6 +197,8 @@ def _bench_model(name: str, device: torch.device, rounds: int, min_batch_s: floa
 
 def _kernels_per_update(device: torch.device) -> int | None:
     """CUDA kernels launched by one rw.polyak_ on a make_target pair (SAC critic)."""
+    import torch
+
     if device.type != "cuda":
         return None
     online = sac_critic().to(device)
@@ -205,6 +215,8 @@ def run(
     models: list[str], device: str = "cpu", rounds: int = 15, min_batch_s: float = 0.002
 ) -> dict:
     """Benchmark each model; returns a JSON-able dict (see :func:`markdown`)."""
+    import torch
+
     dev = torch.device(device)
     result = {
         "device": torch.cuda.get_device_name(dev)
@@ -311,6 +323,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def main_from_args(args: argparse.Namespace) -> int:
+    import torch
+
     if args.rounds < 1:
         raise SystemExit("rlweights bench: --rounds must be >= 1")
     if args.device.startswith("cuda") and not torch.cuda.is_available():

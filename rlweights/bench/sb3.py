@@ -18,8 +18,6 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-import torch
-
 from rlweights.files import write_json
 
 __all__ = ["add_arguments", "main_from_args", "run"]
@@ -143,6 +141,8 @@ def _training(rounds: int, steps: int) -> dict:
 
 
 def run(rounds: int = 21, inner: int = 200, train_rounds: int = 2, train_steps: int = 3000) -> dict:
+    import torch  # here, not at import: the command's --help starts without torch
+
     return {
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
