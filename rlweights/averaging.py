@@ -26,9 +26,9 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from rlweights.capture import FrozenPlan, frozen_plan, lerp_when, plan_device
+from rlweights.capture import check_plan, frozen_plan, plan_device
 from rlweights.checks import check_choice, check_fraction, warn_small_tau
-from rlweights.ops import BufferPolicy, polyak_
+from rlweights.ops import BufferPolicy, Plan, polyak_, write_
 from rlweights.periodic import PeriodicRoutine
 from rlweights.targets import make_target
 from rlweights.weights import WeightMismatchError
@@ -56,7 +56,7 @@ class _Average(PeriodicRoutine):
         self.module = module
         self.buffers = buffers
         self.averaged = make_target(module)
-        self.plan: FrozenPlan | None = None
+        self.plan: Plan | None = None
         device = None
         if capturable:
             self.plan = frozen_plan(self.averaged, module, name)
@@ -77,19 +77,19 @@ class _Average(PeriodicRoutine):
         assert self.plan is not None
         tau = self._tau_tensor(self.updates)  # type: ignore[arg-type]
         always = self.every == 1 and self.start == 0
-        lerp_when(self.plan, due, tau, buffers=self.buffers, always=always)
+        write_(self.plan, tau, buffers=self.buffers, when=None if always else due)
 
     def check(self) -> None:
         """Capturable averages: raise :class:`~rlweights.LayoutChangedError` if the weights
         moved since the average was built."""
         if self.plan is not None:
-            self.plan.check()
+            check_plan(self.plan)
 
     def update(self) -> bool | Tensor:
         """Count a step; move the average when due. Returns whether it moved (a 0-dim bool
         tensor for capturable averages)."""
         if self.plan is not None:
-            self.plan.check()  # inside torch.compile: at trace time, then guarded
+            check_plan(self.plan)  # inside torch.compile: at trace time, then guarded
         return PeriodicRoutine.step(self)
 
     step = update

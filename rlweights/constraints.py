@@ -20,10 +20,10 @@ from torch.compiler import is_compiling
 from torch.optim import Optimizer
 from torch.utils.hooks import RemovableHandle
 
-from rlweights.capture import FrozenPlan, single_plan
+from rlweights.capture import check_plan, single_plan
 from rlweights.checks import check_number, check_trained
 from rlweights.flat import FlatWeights, bump_versions, layout_of
-from rlweights.ops import clamp_, max_norm_, unit_norms_
+from rlweights.ops import Plan, clamp_, max_norm_, unit_norms_
 from rlweights.weights import Weights, entries
 
 __all__ = [
@@ -105,23 +105,24 @@ class BoundConstraint:
         name = type(constraint).__name__
         self.constraint = constraint
         self.weights = weights
-        self.plan: FrozenPlan = single_plan(weights, name)  # validated, as the eager ops
-        views = [t for t, _ in self.plan.params if t._base is not None]
-        if views:
+        self.plan: Plan = single_plan(weights, name)  # validated, as the eager ops
+        tensors, views = self.plan.params[0][0], self.plan.traced_params[0][0]
+        sliced = [t for t in tensors if t._base is not None]
+        if sliced:
             raise ValueError(
-                f"{name}.bind: {len(views)} of the tensors are views of other tensors (e.g. "
+                f"{name}.bind: {len(sliced)} of the tensors are views of other tensors (e.g. "
                 "rows or slices of a weight); inside a compiled step such views alias the "
                 "weights without the compiler knowing. Bind the module or the parameters "
                 "themselves, or make the views inside the compiled function."
             )
-        self.flats = [t for t, _ in self.plan.params]
-        self.views = [v for v, _ in self.plan.view_params]
+        self.flats = list(tensors)
+        self.views = list(views)
 
     def check(self) -> None:
-        self.plan.check()
+        check_plan(self.plan)
 
     def __call__(self) -> None:
-        self.plan.check()  # inside torch.compile: at trace time, then guarded
+        check_plan(self.plan)  # inside torch.compile: at trace time, then guarded
         if is_compiling():
             with torch.no_grad():
                 self.constraint._apply_tensors(self.views)

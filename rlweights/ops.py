@@ -25,7 +25,7 @@ from __future__ import annotations
 import functools
 import weakref
 from collections.abc import Callable, Sequence
-from contextlib import AbstractContextManager, nullcontext
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from operator import itemgetter
 from typing import Literal, ParamSpec, TypeVar
@@ -36,7 +36,7 @@ from torch.compiler import is_compiling
 
 from rlweights.checks import check_choice, check_fraction, check_number
 from rlweights.flat import FlatWeights, bump_versions, layout_of, registered_layout
-from rlweights.registration import GENERATION, overwrites_params
+from rlweights.registration import GENERATION, StructureWatch, overwrites_params
 from rlweights.tracing import constant_when_traced
 from rlweights.weights import (
     Entry,
@@ -53,7 +53,7 @@ from rlweights.weights import (
 )
 
 __all__ = [
-    "PairPlan",
+    "Plan",
     "average_",
     "clamp_",
     "constrained_tensors",
@@ -63,31 +63,42 @@ __all__ = [
     "max_norm_",
     "pair_plan",
     "polyak_",
-    "polyak_as_sb3_",
     "unit_norms_",
+    "write_",
 ]
 
 NonFinite = Literal["propagate", "raise", "skip"]
 BufferPolicy = Literal["copy", "polyak", "skip"]
 AverageBuffers = Literal["average", "copy", "skip"]
 
-_Group = tuple[list[Tensor], list[Tensor]]
+_Group = tuple[Sequence[Tensor], Sequence[Tensor]]
 
 
-@dataclass(slots=True)
-class PairPlan:
-    """Matched, validated (target, source) pairs grouped by (device, dtype), ready to run.
+@dataclass(slots=True, eq=False)
+class Plan:
+    """Matched, validated (target, source) tensors by role, what :func:`write_` writes.
 
     ``params`` are floating parameters (or the tensors of sequences and state_dicts),
-    ``buffers`` floating buffers, ``others`` non-floating tensors (copied, never
-    interpolated); each group is ``(targets, sources)``. For a flat plan each group is one
-    flat buffer, ``bump_*`` list the views whose autograd version must be bumped after a
-    write, and ``views`` / ``ptrs`` are what the per-call integrity check compares.
+    ``buffers`` floating buffers, each a list of ``(targets, sources)`` groups of one
+    (device, dtype); ``others`` are non-floating pairs (copied, never interpolated). A
+    constraint's plan pairs each tensor with itself. In a flat plan each group is one flat
+    buffer and ``traced_params`` / ``traced_buffers`` hold the same pairs as the buffers'
+    views: inside torch.compile the writes go through the views, as each has a storage
+    object of its own, so the compiler cannot see that a flat buffer aliases the weights a
+    step reads and could order the write before those reads (it fuses the per-view writes
+    anyway). Without a flat layout they are ``params`` / ``buffers``.
+
+    ``bump_*`` list the views whose autograd version an eager flat write must bump; ``views``
+    / ``ptrs`` are what the integrity checks compare. ``resolve``, ``ids``, ``generation``
+    and ``watch`` are set for the capturable routines' checks (:mod:`rlweights.capture`).
     """
 
+    op: str
     params: list[_Group]
     buffers: list[_Group]
     others: list[tuple[Tensor, Tensor]]
+    traced_params: list[_Group]
+    traced_buffers: list[_Group]
     flat: bool = False
     bump_params: list[Tensor] = field(default_factory=list)
     bump_buffers: list[Tensor] = field(default_factory=list)
@@ -95,6 +106,13 @@ class PairPlan:
     layouts: tuple[FlatWeights, ...] = ()
     views: list[Tensor] = field(default_factory=list)
     ptrs: list[int] = field(default_factory=list)
+    # Without a flat layout: how to find the weight sets' tensors again, when a registration
+    # anywhere may have replaced one (load_state_dict(assign=True), a new Parameter), and
+    # the ids of those found when the plan was made.
+    resolve: Callable[[], list[Tensor]] | None = None
+    ids: list[int] = field(default_factory=list)
+    generation: int = 0
+    watch: StructureWatch | None = None
 
 
 def _grouped(pairs: list[tuple[Tensor, Tensor]]) -> list[_Group]:
@@ -117,21 +135,20 @@ def _classify(t: Entry, s: Entry, op: str, ints_ok: bool) -> str:
     return "buffer" if kind == "buffer" else "param"
 
 
-def _plan_from_pairs(pairs: list[tuple[Entry, Entry]], op: str, ints_ok: bool) -> PairPlan:
+def _plan_from_pairs(pairs: list[tuple[Entry, Entry]], op: str, ints_ok: bool) -> Plan:
     sorted_pairs: dict[str, list[tuple[Tensor, Tensor]]] = {"param": [], "buffer": [], "other": []}
     for t, s in pairs:
         sorted_pairs[_classify(t, s, op, ints_ok)].append((t.tensor, s.tensor))
-    return PairPlan(
-        _grouped(sorted_pairs["param"]), _grouped(sorted_pairs["buffer"]), sorted_pairs["other"]
-    )
+    params, buffers = _grouped(sorted_pairs["param"]), _grouped(sorted_pairs["buffer"])
+    return Plan(op, params, buffers, sorted_pairs["other"], params, buffers)
 
 
 # Flat plans of recent (target, source) pairs, keyed by the objects' ids and checked by
 # weak reference (an entry goes away with either object).
-_PAIR_PLANS: dict[tuple[int, int], tuple[weakref.ref, weakref.ref, PairPlan]] = {}
+_PAIR_PLANS: dict[tuple[int, int], tuple[weakref.ref, weakref.ref, Plan]] = {}
 
 
-def _cached_flat_plan(target: Weights, source: Weights) -> PairPlan | None:
+def _cached_flat_plan(target: Weights, source: Weights) -> Plan | None:
     """The flat plan of an earlier call on this pair, if both layouts are still intact.
 
     This is the hot path: one dict lookup, one data-pointer check per view, nothing else.
@@ -150,18 +167,26 @@ def _cached_flat_plan(target: Weights, source: Weights) -> PairPlan | None:
     return plan
 
 
-def _flat_plan(
-    target: Weights, source: Weights, tl: FlatWeights, sl: FlatWeights, op: str
-) -> PairPlan:
+def _view_groups(tl: FlatWeights, sl: FlatWeights, role: str) -> list[_Group]:
+    """The (target views, source views) of each flat buffer of ``role`` of a layout pair."""
+    return [
+        (tg.views, sg.views) for tg, sg in zip(tl.groups, sl.groups, strict=True) if tg.role == role
+    ]
+
+
+def _flat_plan(target: Weights, source: Weights, tl: FlatWeights, sl: FlatWeights, op: str) -> Plan:
     check_writable(list(tl.others), op)  # the flat buffers themselves are contiguous
     # The flat buffers are checked too: if their storage moved (share_memory_), a later
     # allocation could reuse the old addresses and make stale views look intact.
     views = [*tl.param_views, *tl.buffer_views, *sl.param_views, *sl.buffer_views]
     views += [g.flat for g in tl.groups] + [g.flat for g in sl.groups]
-    plan = PairPlan(
+    plan = Plan(
+        op,
         [([t], [s]) for t, s in zip(tl.param_flats, sl.param_flats, strict=True)],
         [([t], [s]) for t, s in zip(tl.buffer_flats, sl.buffer_flats, strict=True)],
         [(t.tensor, s.tensor) for t, s in zip(tl.others, sl.others, strict=True)],
+        _view_groups(tl, sl, "param"),
+        _view_groups(tl, sl, "buffer"),
         flat=True,
         bump_params=tl.param_views,
         bump_buffers=tl.buffer_views,
@@ -192,7 +217,7 @@ def _shared_layouts(*weight_sets: Weights) -> list[FlatWeights] | None:
 
 def pair_plan(
     target: Weights, source: Weights, op: str, ints_ok: bool = False, flat: bool = True
-) -> PairPlan:
+) -> Plan:
     """Pair and validate ``target`` with ``source`` (raising :class:`WeightMismatchError`
     otherwise) and group the pairs for the ops: the cached flat plan when both share an intact
     flat layout (and ``flat``), else one built now. ``ints_ok`` lets sequences hold integer
@@ -210,6 +235,18 @@ def pair_plan(
     return _plan_from_pairs(match(t_entries, t_named, s_entries, s_named, op), op, ints_ok)
 
 
+def _all_finite(sources: list[Tensor]) -> Tensor | None:
+    """A 0-dim bool tensor, every floating source finite (no host sync); None if none."""
+    floats = [s for s in sources if is_float(s)]
+    if not floats:
+        return None
+    home = floats[0].device
+    flags = [torch.isfinite(s).all() for s in floats]
+    if any(s.device != home for s in floats):
+        flags = [f.to(home) for f in flags]
+    return torch.stack(flags).all()
+
+
 def _finite_guard(
     sources: list[Tensor], nonfinite: NonFinite, op: str, source_sets: Sequence[Weights]
 ) -> Tensor | None:
@@ -219,14 +256,8 @@ def _finite_guard(
     """
     if nonfinite == "propagate":
         return None
-    floats = [s for s in sources if is_float(s)]
-    if not floats:
-        return None
-    devices = {s.device for s in floats}
-    home = floats[0].device
-    flags = [torch.isfinite(s).all() for s in floats]
-    ok = torch.stack([f.to(home) for f in flags] if len(devices) > 1 else flags).all()
-    if nonfinite == "raise" and not bool(ok):
+    ok = _all_finite(sources)
+    if ok is not None and nonfinite == "raise" and not bool(ok):
         bad = []
         for i, weights in enumerate(source_sets):
             label = "source" if len(source_sets) == 1 else f"sources[{i}]"
@@ -241,33 +272,6 @@ def _finite_guard(
             "the values through."
         )
     return ok
-
-
-def _lerp(group: _Group, tau: float | Tensor, ok: Tensor | None) -> None:
-    ts, ss = group
-    if isinstance(tau, Tensor):
-        tau = tau.to(ts[0].device)
-    if ok is not None:
-        for t, s in zip(ts, ss, strict=True):
-            torch.where(ok, torch.lerp(t, s, tau), t, out=t)
-    elif len(ts) == 1:
-        ts[0].lerp_(ss[0], tau)
-    elif isinstance(tau, Tensor):
-        for t, s in zip(ts, ss, strict=True):
-            t.lerp_(s, tau)
-    else:
-        torch._foreach_lerp_(ts, ss, tau)
-
-
-def _copy(group: _Group, ok: Tensor | None) -> None:
-    ts, ss = group
-    if ok is not None:
-        for t, s in zip(ts, ss, strict=True):
-            torch.where(ok, s, t, out=t)
-    elif len(ts) == 1:
-        ts[0].copy_(ss[0])
-    else:
-        torch._foreach_copy_(ts, ss)
 
 
 class _no_grad:
@@ -285,6 +289,115 @@ class _no_grad:
 
 
 _NULL = nullcontext()
+
+
+def _write_group(
+    ts: Sequence[Tensor],
+    ss: Sequence[Tensor],
+    tau: float | Tensor | None,
+    when: Tensor | None,
+    one_by_one: bool,
+) -> None:
+    """``ts <- lerp(ts, ss, tau)`` (a copy for ``tau=None``), only where ``when`` if given: one
+    kernel for a single tensor (a flat buffer), ``torch._foreach_*`` for several, one by one
+    where foreach has no form (a tensor ``tau``, ``when``) or under trace (``one_by_one``)."""
+    if isinstance(tau, Tensor) and ts:
+        tau = tau.to(ts[0].device)
+    if when is not None:
+        for t, s in zip(ts, ss, strict=True):
+            new = s if tau is None else torch.lerp(t, s, tau)
+            if one_by_one:  # traced: out= would hide the write from the compiler
+                t.copy_(torch.where(when, new, t))
+            else:
+                torch.where(when, new, t, out=t)
+    elif len(ts) == 1 or one_by_one or isinstance(tau, Tensor):
+        for t, s in zip(ts, ss, strict=True):
+            if tau is None:
+                t.copy_(s)
+            else:
+                t.lerp_(s, tau)
+    elif tau is None:
+        torch._foreach_copy_(ts, ss)
+    else:
+        torch._foreach_lerp_(ts, ss, tau)
+
+
+def write_(
+    plan: Plan,
+    tau: float | Tensor | None,
+    *,
+    params: bool = True,
+    buffers: BufferPolicy = "copy",
+    when: Tensor | None = None,
+    skip_nonfinite: bool = False,
+) -> None:
+    """Write a validated plan: the one writer of Polyak updates and hard copies.
+
+    Parameters move ``tau`` of the way to their sources, ``target <- target + tau * (source -
+    target)`` (copied for ``tau=None``, left for ``params=False``); floating buffers are
+    copied (``buffers="copy"``), moved as well (``"polyak"``) or left (``"skip"``);
+    non-floating tensors are copied unless ``"skip"``. ``when``, a 0-dim bool tensor (a
+    capturable routine's due flag), writes only where it is True, without a host sync;
+    ``skip_nonfinite`` also leaves everything when a source it reads is not finite.
+
+    Nothing is checked here (the plan was, when it was made or found in the cache): eager,
+    a flat plan costs one kernel per flat buffer and a version bump of its views; inside
+    torch.compile the writes go through the views (see :class:`Plan`) and are traced.
+    """
+    eager_flat = when is None and plan.flat and not skip_nonfinite
+    if eager_flat and (tau is None or type(tau) is float) and not is_compiling():
+        # The hot path (a target update every gradient step): one kernel per flat buffer,
+        # then the views' versions; flat buffers never require grad, so no grad toggle.
+        lerp_buffers = buffers == "polyak" and tau is not None
+        if params:
+            for (t,), (s,) in plan.params:
+                if tau is None:
+                    t.copy_(s)
+                else:
+                    t.lerp_(s, tau)
+        if buffers == "skip":
+            torch._C._increment_version(plan.bump_params if params else [])
+            return
+        for (t,), (s,) in plan.buffers:
+            if lerp_buffers:
+                t.lerp_(s, tau)
+            else:
+                t.copy_(s)
+        for t, s in plan.others:
+            t.copy_(s)
+        torch._C._increment_version(plan.bump_all if params else plan.bump_buffers)
+        return
+    traced = is_compiling()
+    groups = (plan.traced_params, plan.traced_buffers) if traced else (plan.params, plan.buffers)
+    param_groups = groups[0] if params else []
+    buffer_groups = groups[1] if buffers != "skip" else []
+    if skip_nonfinite:
+        ok = _all_finite([s for _, ss in param_groups + buffer_groups for s in ss])
+        if ok is not None:
+            when = ok if when is None else when & ok
+    with torch.no_grad() if traced else _NULL if plan.flat else _no_grad():
+        for ts, ss in param_groups:
+            _write_group(ts, ss, tau, when, traced)
+        buffer_tau = tau if buffers == "polyak" else None
+        for ts, ss in buffer_groups:
+            _write_group(ts, ss, buffer_tau, when, traced)
+        if buffers != "skip":
+            for t, s in plan.others:
+                t.copy_(s if when is None else torch.where(when, s, t))
+    if traced:  # written through the views: their own version counters moved
+        return
+    if buffers == "skip":
+        bump_versions(plan.bump_params if params else [])
+    else:
+        bump_versions(plan.bump_all if params else plan.bump_buffers)
+
+
+def _read(plan: Plan, params: bool, buffers: BufferPolicy) -> list[Tensor]:
+    """The sources that :func:`write_` reads with these settings (for the finite check)."""
+    groups = (plan.params if params else []) + (plan.buffers if buffers != "skip" else [])
+    return [s for _, ss in groups for s in ss]
+
+
 _P = ParamSpec("_P")
 _R = TypeVar("_R")
 
@@ -338,35 +451,14 @@ def _traced_layout(weights: Weights) -> FlatWeights:
     return weights if isinstance(weights, FlatWeights) else registered_layout(weights)  # type: ignore[arg-type,return-value]
 
 
-def _write_flat_traced(
-    target: Weights, source: Weights, tau: float | Tensor | None, buffers: str
-) -> None:
-    """The traceable form of the flat path (inside torch.compile, after
-    :func:`_flat_pair_traced`): ``lerp_`` (``tau``) or ``copy_`` (None) of every tensor,
-    written through the views themselves, not their flat buffers. Each view has a storage
-    object of its own (see :mod:`rlweights.flat`), so the compiler cannot see that a buffer
-    aliases the tensors the step reads; writing the views keeps every read and write in
-    order, and the compiler fuses the writes into a few kernels anyway."""
+def _traced_plan(target: Weights, source: Weights, op: str) -> Plan:
+    """The plan of a flat pair inside torch.compile (after :func:`_flat_pair_traced`): its
+    views, as :func:`write_` writes them there. Built while tracing, from the layouts alone:
+    the cached eager plan is found by pointer checks, which cannot be traced."""
     tl, sl = _traced_layout(target), _traced_layout(source)
-    with torch.no_grad():
-        for t, s in zip(tl.param_views, sl.param_views, strict=True):
-            if tau is None:
-                t.copy_(s)
-            else:
-                t.lerp_(s, tau)
-        if buffers != "skip":
-            for t, s in zip(tl.buffer_views, sl.buffer_views, strict=True):
-                if buffers == "polyak" and tau is not None:
-                    t.lerp_(s, tau)
-                else:
-                    t.copy_(s)
-            for te, se in zip(tl.others, sl.others, strict=True):
-                te.tensor.copy_(se.tensor)
-
-
-def _grad_off(plan: PairPlan) -> AbstractContextManager[None]:
-    # Flat buffers never require grad, so writing them records nothing: skip the toggle.
-    return _NULL if plan.flat else _no_grad()
+    params, buffers = _view_groups(tl, sl, "param"), _view_groups(tl, sl, "buffer")
+    others = [(t.tensor, s.tensor) for t, s in zip(tl.others, sl.others, strict=True)]
+    return Plan(op, params, buffers, others, params, buffers, flat=True)
 
 
 def polyak_(
@@ -392,75 +484,36 @@ def polyak_(
     if is_compiling():
         # Flat layouts trace (no graph break); anything else runs eagerly (a break, see _eager).
         if nonfinite == "propagate" and _flat_pair_traced(target, source):
-            check_choice(buffers, ("copy", "polyak", "skip"), "buffers", "polyak_")
-            return _write_flat_traced(
-                target, source, check_fraction(tau, "tau", "polyak_"), buffers
-            )
+            op = "polyak_"
+            check_choice(buffers, ("copy", "polyak", "skip"), "buffers", op)
+            tau = check_fraction(tau, "tau", op)
+            plan = _traced_plan(target, source, op)
+            return write_(plan, tau, params=not _is_zero(tau), buffers=buffers)
         return _polyak_eager(target, source, tau, buffers=buffers, nonfinite=nonfinite)
     if type(tau) is float and nonfinite == "propagate" and 0.0 < tau <= 1.0:
         # The hot path (a target update every gradient step): nothing but the integrity
-        # check of the cached flat plan, one lerp_ per flat buffer and the version bump.
-        plan = _cached_flat_plan(target, source) if buffers in ("copy", "skip") else None
+        # check of the cached flat plan before the write.
+        plan = _cached_flat_plan(target, source) if buffers in _BUFFER_POLICIES else None
         if plan is not None:
-            for (t,), (s,) in plan.params:
-                t.lerp_(s, tau)
-            if buffers == "skip":
-                torch._C._increment_version(plan.bump_params)
-                return
-            for (t,), (s,) in plan.buffers:
-                t.copy_(s)
-            for t, s in plan.others:
-                t.copy_(s)
-            torch._C._increment_version(plan.bump_all)
-            return
+            return write_(plan, tau, buffers=buffers)
     op = "polyak_"
     tau = check_fraction(tau, "tau", op)
-    check_choice(buffers, ("copy", "polyak", "skip"), "buffers", op)
+    check_choice(buffers, _BUFFER_POLICIES, "buffers", op)
     check_choice(nonfinite, ("propagate", "raise", "skip"), "nonfinite", op)
     plan = pair_plan(target, source, op)
-    write_params = not (type(tau) is float and tau == 0.0)
-    with _grad_off(plan):
-        ok = None
-        if nonfinite != "propagate":
-            read = [s for _, ss in plan.params for s in ss] if write_params else []
-            if buffers != "skip":
-                read += [s for _, ss in plan.buffers for s in ss]
-            ok = _finite_guard(read, nonfinite, op, [source])
-        if write_params:
-            for group in plan.params:
-                _lerp(group, tau, ok)
-            bump_versions(plan.bump_params)
-        if buffers != "skip":
-            for group in plan.buffers:
-                if buffers == "copy":
-                    _copy(group, ok)
-                else:
-                    _lerp(group, tau, ok)
-            for t, s in plan.others:
-                t.copy_(s)
-            bump_versions(plan.bump_buffers)
+    write_params = not _is_zero(tau)
+    if nonfinite == "raise":
+        _finite_guard(_read(plan, write_params, buffers), nonfinite, op, [source])
+    write_(plan, tau, params=write_params, buffers=buffers, skip_nonfinite=nonfinite == "skip")
 
 
-def polyak_as_sb3_(target: Weights, source: Weights, tau: float) -> None:
-    """SB3's formula, ``target <- target * (1 - tau) + tau * source`` (two passes, rounded as
-    SB3 rounds), on the parameters only, on the same validated paths as :func:`polyak_`.
+_BUFFER_POLICIES = ("copy", "polyak", "skip")
 
-    ``rlweights.sb3.attach`` uses it so that an attached model trains bit-identically to a
-    plain one. ``tau=0`` writes nothing.
-    """
-    if type(tau) is not float or not 0.0 < tau <= 1.0:
-        tau = float(check_fraction(tau, "tau", "attach"))  # SB3's tau is a Python number
-        if tau == 0.0:
-            return
-    plan = _cached_flat_plan(target, source) or pair_plan(target, source, "attach")
-    with _grad_off(plan):
-        for ts, ss in plan.params:
-            if len(ts) == 1:
-                ts[0].mul_(1 - tau).add_(ss[0], alpha=tau)
-            else:
-                torch._foreach_mul_(ts, 1 - tau)
-                torch._foreach_add_(ts, ss, alpha=tau)
-        bump_versions(plan.bump_params)
+
+def _is_zero(tau: float | Tensor) -> bool:
+    """A Python ``tau=0``: the weights are left without being read (a tensor's value is not
+    read, that would sync)."""
+    return type(tau) is float and tau == 0.0
 
 
 # The checks are Python bookkeeping that must not be traced; polyak_ tests for compilation
@@ -489,7 +542,7 @@ def copy_(
     if is_compiling():
         plain = include is None and exclude is None and nonfinite == "propagate"
         if plain and _flat_pair_traced(target, source):
-            return _write_flat_traced(target, source, None, "copy")
+            return write_(_traced_plan(target, source, "copy_"), None)
         return _copy_eager(target, source, include=include, exclude=exclude, nonfinite=nonfinite)
     op = "copy_"
     check_choice(nonfinite, ("propagate", "raise", "skip"), "nonfinite", op)
@@ -508,15 +561,9 @@ def copy_(
         s_entries = [e for e in s_entries if e.name in s_names]
         pairs = match(t_entries, True, s_entries, True, op)
         plan = _plan_from_pairs(pairs, op, ints_ok=True)
-    with _grad_off(plan):
-        read = [s for _, ss in plan.params + plan.buffers for s in ss]
-        ok = _finite_guard(read, nonfinite, op, [source])
-        for group in plan.params + plan.buffers:
-            _copy(group, ok)
-        for t, s in plan.others:
-            t.copy_(s)
-        bump_versions(plan.bump_params)
-        bump_versions(plan.bump_buffers)
+    if nonfinite == "raise":
+        _finite_guard(_read(plan, True, "copy"), nonfinite, op, [source])
+    write_(plan, None, skip_nonfinite=nonfinite == "skip")
 
 
 _copy_eager = _eager(copy_)
@@ -605,8 +652,8 @@ def average_(
         for role in ("params", "buffers"):
             if role == "buffers" and buffers != "average":
                 if buffers == "copy":
-                    for group in first.buffers:
-                        _copy(group, ok)
+                    for ts, ss in first.buffers:
+                        _write_group(ts, ss, None, ok, False)
                 continue
             for g, (ts, _) in enumerate(getattr(first, role)):
                 for j, t in enumerate(ts):
@@ -619,7 +666,10 @@ def average_(
                         torch.where(ok, new, t, out=t)
         if buffers != "skip":
             for t, s in first.others:
-                t.copy_(s)
+                if ok is None:
+                    t.copy_(s)
+                else:
+                    torch.where(ok, s, t, out=t)
             bump_versions(first.bump_buffers)
         bump_versions(first.bump_params)
 

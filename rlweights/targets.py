@@ -9,10 +9,10 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from rlweights.capture import FrozenPlan, copy_when, frozen_plan, lerp_when, plan_device
+from rlweights.capture import check_plan, frozen_plan, plan_device
 from rlweights.checks import check_choice, check_fraction, warn_small_tau
 from rlweights.flat import flatten_, lives_in_other_layout
-from rlweights.ops import BufferPolicy, NonFinite, copy_, pair_plan, polyak_
+from rlweights.ops import BufferPolicy, NonFinite, Plan, copy_, pair_plan, polyak_, write_
 from rlweights.periodic import PeriodicRoutine
 from rlweights.weights import Weights, entries, is_float
 
@@ -76,7 +76,7 @@ class TargetRoutine(PeriodicRoutine):
         name = type(self).__name__
         if (source is None) != (target is None):
             raise ValueError(f"{name}: pass both source and target, or neither")
-        self.plan: FrozenPlan | None = None
+        self.plan: Plan | None = None
         device = None
         if source is not None:
             # Pair and validate now, not at the first due step (maybe thousands later).
@@ -105,7 +105,7 @@ class TargetRoutine(PeriodicRoutine):
         the step is traced, and the compiled code is traced again after a change, see
         :mod:`rlweights.capture`)."""
         if self.plan is not None:
-            self.plan.check()
+            check_plan(self.plan)
 
     def step(self) -> bool | Tensor:
         """Count one step; update the target when due. Returns whether it updated (a 0-dim bool
@@ -116,7 +116,7 @@ class TargetRoutine(PeriodicRoutine):
                 "use .bind(source, target), or attach it to an SB3 model (rlweights.sb3.attach)."
             )
         if self.plan is not None:
-            self.plan.check()  # inside torch.compile: at trace time, then guarded
+            check_plan(self.plan)  # inside torch.compile: at trace time, then guarded
         return PeriodicRoutine.step(self)  # not super(): cheaper, and this runs every step
 
     def _repr_extra(self) -> str:
@@ -230,14 +230,12 @@ class PolyakUpdate(TargetRoutine):
 
     def _run_when(self, due: Tensor) -> None:
         assert self.plan is not None and self._tau_t is not None
-        skip = self.nonfinite == "skip"
-        lerp_when(
+        write_(
             self.plan,
-            due,
             self._tau_t,
             buffers=self.buffers,
-            always=_always(self),
-            skip_nonfinite=skip,
+            when=None if _always(self) else due,
+            skip_nonfinite=self.nonfinite == "skip",
         )
 
     def _extra_state(self) -> dict[str, Any]:
@@ -294,7 +292,8 @@ class HardUpdate(TargetRoutine):
 
     def _run_when(self, due: Tensor) -> None:
         assert self.plan is not None
-        copy_when(self.plan, due, always=_always(self), skip_nonfinite=self.nonfinite == "skip")
+        when = None if _always(self) else due
+        write_(self.plan, None, when=when, skip_nonfinite=self.nonfinite == "skip")
 
 
 def _refuse_raise(nonfinite: str, name: str) -> None:

@@ -19,13 +19,14 @@ def poisoned(request):
     with torch.no_grad():
         source[4].weight[0, 0] = float("nan")
         source[0].bias[1] = float("inf")
+        source[1].num_batches_tracked.fill_(7)  # an integer buffer to copy, or not
     return target, source
 
 
 OPS = {
     "polyak_": lambda t, s, mode: rw.polyak_(t, s, 0.5, nonfinite=mode),
     "copy_": lambda t, s, mode: rw.copy_(t, s, nonfinite=mode),
-    "average_": lambda t, s, mode: rw.average_(t, [t, s], nonfinite=mode),
+    "average_": lambda t, s, mode: rw.average_(t, [s, t], nonfinite=mode),
     "PolyakUpdate": lambda t, s, mode: rw.PolyakUpdate(s, t, 0.5, nonfinite=mode).step(),
     "HardUpdate": lambda t, s, mode: rw.HardUpdate(s, t, nonfinite=mode).step(),
 }
@@ -37,6 +38,7 @@ def test_propagate_writes_through(poisoned, op):
     OPS[op](target, source, "propagate")
     assert torch.isnan(target[4].weight[0, 0])
     assert not torch.isfinite(target[0].bias[1])
+    assert target[1].num_batches_tracked.item() == 7
 
 
 @pytest.mark.parametrize("op", sorted(OPS))
@@ -52,6 +54,7 @@ def test_raise_names_the_tensors_and_writes_nothing(poisoned, op):
 
 @pytest.mark.parametrize("op", sorted(OPS))
 def test_skip_leaves_the_target_and_updates_when_finite(poisoned, op):
+    """Untouched means every tensor, the integer buffers too (as the capturable form does)."""
     target, source = poisoned
     before = snapshot(target)
     OPS[op](target, source, "skip")

@@ -26,15 +26,20 @@ from __future__ import annotations
 import importlib
 import weakref
 from collections.abc import Callable, Iterable
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from types import ModuleType
 from typing import Any
 
+import torch
 from torch import Tensor, nn
 
 import rlweights as rw
-from rlweights.ops import pair_plan, polyak_as_sb3_
+from rlweights.checks import check_fraction
+from rlweights.flat import bump_versions
+from rlweights.ops import pair_plan
 from rlweights.targets import TargetRoutine
+from rlweights.weights import Weights
 
 __all__ = [
     "SUPPORTED",
@@ -181,6 +186,30 @@ def algorithm_names(model: object) -> tuple[str, str, tuple, tuple]:
     )
 
 
+def _polyak_as_sb3_(target: Weights, source: Weights, tau: float) -> None:
+    """SB3's own formula, ``target <- target * (1 - tau) + tau * source`` (two passes, rounded
+    as SB3's ``polyak_update`` rounds), on the parameters only, on the validated plans of
+    :func:`rlweights.polyak_` (one kernel pair per flat buffer).
+
+    An attached model uses it where it is given no routine, so that it trains bit-identically
+    to a plain one. ``tau=0`` writes nothing.
+    """
+    if type(tau) is not float or not 0.0 < tau <= 1.0:
+        tau = float(check_fraction(tau, "tau", "attach"))  # SB3's tau is a Python number
+        if tau == 0.0:
+            return
+    plan = pair_plan(target, source, "attach")
+    # Flat buffers never require grad, so writing them records nothing: skip the toggle.
+    with nullcontext() if plan.flat else torch.no_grad():
+        for ts, ss in plan.params:
+            if len(ts) == 1:
+                ts[0].mul_(1 - tau).add_(ss[0], alpha=tau)
+            else:
+                torch._foreach_mul_(ts, 1 - tau)
+                torch._foreach_add_(ts, ss, alpha=tau)
+    bump_versions(plan.bump_params)
+
+
 @dataclass
 class _Pair:
     name: str
@@ -192,7 +221,7 @@ class _Pair:
         if self.routine is None:
             # What SB3 does, rounded as SB3 rounds (parameters only; BatchNorm statistics come
             # in their own call), on the flat fast path.
-            polyak_as_sb3_(self.target, self.source, tau)
+            _polyak_as_sb3_(self.target, self.source, tau)
         elif isinstance(self.routine, TargetRoutine):
             self.routine.step()
         else:
@@ -205,7 +234,7 @@ class _Stats:
     target: list[Tensor]
 
     def update(self, tau: float) -> None:
-        polyak_as_sb3_(self.target, self.source, tau)  # SB3 passes tau=1: a hard copy
+        _polyak_as_sb3_(self.target, self.source, tau)  # SB3 passes tau=1: a hard copy
 
 
 @dataclass
