@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import torch
-from conftest import NETS, named
+from conftest import NETS, assert_unchanged, named, snapshot
 from torch.testing import assert_close
 
 import rlweights as rw
@@ -75,3 +75,15 @@ def test_a_function_marked_constant_when_traced_is_marked_as_torchs_decorator_ma
     assert constant_when_traced(ours) is ours
     assert torch.compiler.assume_constant_result(theirs) is theirs
     assert vars(ours) == vars(theirs) != {}
+
+
+def test_compiled_polyak_with_tau_0_leaves_the_target_bit_identical():
+    """As eager: a Python ``tau=0`` does not read the weights, so a NaN source is not written."""
+    torch._dynamo.reset()
+    online = NETS["mlp"](0)
+    target = rw.make_target(online)
+    with torch.no_grad():
+        next(online.parameters())[0, 0] = float("nan")
+    before = snapshot(target)
+    torch.compile(lambda tau: rw.polyak_(target, online, tau), fullgraph=True)(0.0)
+    assert_unchanged(before, target)
