@@ -7,7 +7,9 @@ the device unless asked to (``nonfinite="raise"``).
 
 Paths, fastest first: both sides flattened with the same layout (:func:`rlweights.flatten_`):
 one kernel per flat buffer; otherwise ``torch._foreach_*`` per (device, dtype) group;
-per-tensor where foreach has no form (tensor coefficients, non-finite guards).
+per-tensor where foreach has no form (tensor coefficients, non-finite guards). Every Polyak
+update and copy, eager, traced inside torch.compile or of a capturable routine, is written by
+one function, :func:`write_`, from one validated :class:`Plan`.
 
 Coefficient convention, everywhere: ``tau`` is the step toward the source,
 ``target <- target + tau * (source - target)`` as in SB3, CleanRL and Tianshou. TorchRL's
@@ -69,6 +71,7 @@ __all__ = [
 
 NonFinite = Literal["propagate", "raise", "skip"]
 BufferPolicy = Literal["copy", "polyak", "skip"]
+_BUFFER_POLICIES = ("copy", "polyak", "skip")
 AverageBuffers = Literal["average", "copy", "skip"]
 
 _Group = tuple[Sequence[Tensor], Sequence[Tensor]]
@@ -485,7 +488,7 @@ def polyak_(
         # Flat layouts trace (no graph break); anything else runs eagerly (a break, see _eager).
         if nonfinite == "propagate" and _flat_pair_traced(target, source):
             op = "polyak_"
-            check_choice(buffers, ("copy", "polyak", "skip"), "buffers", op)
+            check_choice(buffers, _BUFFER_POLICIES, "buffers", op)
             tau = check_fraction(tau, "tau", op)
             plan = _traced_plan(target, source, op)
             return write_(plan, tau, params=not _is_zero(tau), buffers=buffers)
@@ -505,9 +508,6 @@ def polyak_(
     if nonfinite == "raise":
         _finite_guard(_read(plan, write_params, buffers), nonfinite, op, [source])
     write_(plan, tau, params=write_params, buffers=buffers, skip_nonfinite=nonfinite == "skip")
-
-
-_BUFFER_POLICIES = ("copy", "polyak", "skip")
 
 
 def _is_zero(tau: float | Tensor) -> bool:

@@ -186,6 +186,9 @@ def algorithm_names(model: object) -> tuple[str, str, tuple, tuple]:
     )
 
 
+_NO_TOGGLE = nullcontext()
+
+
 def _polyak_as_sb3_(target: Weights, source: Weights, tau: float) -> None:
     """SB3's own formula, ``target <- target * (1 - tau) + tau * source`` (two passes, rounded
     as SB3's ``polyak_update`` rounds), on the parameters only, on the validated plans of
@@ -200,7 +203,7 @@ def _polyak_as_sb3_(target: Weights, source: Weights, tau: float) -> None:
             return
     plan = pair_plan(target, source, "attach")
     # Flat buffers never require grad, so writing them records nothing: skip the toggle.
-    with nullcontext() if plan.flat else torch.no_grad():
+    with _NO_TOGGLE if plan.flat else torch.no_grad():
         for ts, ss in plan.params:
             if len(ts) == 1:
                 ts[0].mul_(1 - tau).add_(ss[0], alpha=tau)
