@@ -114,8 +114,9 @@ def frozen_plan(target: Weights, source: Weights, op: str) -> Plan:
     :func:`~rlweights.ops.write_` writes, with what :func:`check_plan` compares."""
     plan = pair_plan(target, source, op, ints_ok=True)
     if plan.flat:
-        # A copy: the cached plan of the eager ops is shared, and this one carries a watch.
-        plan = dataclasses.replace(plan, views=list(plan.views), ptrs=list(plan.ptrs))
+        # A copy: the eager ops share the cached plan; this one names the routine in its
+        # refusal and carries a watch.
+        plan = dataclasses.replace(plan, op=op, views=list(plan.views), ptrs=list(plan.ptrs))
     else:
         plan.views = [x for ts, ss in plan.params + plan.buffers for x in (*ts, *ss)]
         plan.views += [x for pair in plan.others for x in pair]

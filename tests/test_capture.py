@@ -272,14 +272,16 @@ def test_a_compiled_training_step_breaks_nowhere_in_rlweights_and_matches_eager(
 
 def test_a_changed_layout_is_refused_and_nothing_is_written():
     source, target = NETS["mlp"](1), NETS["mlp"](0)
-    routine = rw.PolyakUpdate(source, rw.make_target(source), tau=0.5, capturable=True)
+    polyak_target = rw.make_target(source)
+    rw.polyak_(polyak_target, source, 0.0)  # the eager ops' plan of the pair is made first
+    routine = rw.PolyakUpdate(source, polyak_target, tau=0.5, capturable=True)
     hard = rw.HardUpdate(source, target, every=1, capturable=True)
     # new Parameter objects: the flat layout breaks, and the routines' tensors are not the
     # module's any more
     source.load_state_dict(copy.deepcopy(source.state_dict()), assign=True)
     before = snapshot(routine.target), snapshot(target)
     for r in (routine, hard):
-        with pytest.raises(rw.LayoutChangedError, match="build it again"):
+        with pytest.raises(rw.LayoutChangedError, match=rf"^{type(r).__name__}: .*build it again"):
             r.step()
         with pytest.raises(rw.LayoutChangedError):
             r.check()
