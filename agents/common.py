@@ -14,11 +14,10 @@ import gymnasium as gym
 import numpy as np
 import torch
 from torch import Tensor, nn
-from torch.func import functional_call
-from torch.nn import functional as F
+from torch.func import functional_call, grad_and_value
 
 import rlweights as rw
-from rlweights.agents.compiled import CompiledStep, forget_adam_state_
+from rlweights.agents.compiled import CompiledStep, adam_, forget_adam_state_, prepare_adam
 from rlweights.agents.networks import TwinQ
 from rlweights.agents.target_update import TargetUpdateSpec
 from rlweights.checks import check_int
@@ -430,14 +429,17 @@ def split_patterns(text: str | None) -> list[str] | None:
 
 
 class OffPolicyAgent:
-    """The base of DQN, SAC and TD3: holds the networks, optimizers and rlweights routines.
+    """The base of DQN, SAC and TD3: holds the networks, optimizers and rlweights routines,
+    and runs the gradient step.
 
     A subclass builds its networks and optimizers, then calls :meth:`_setup_routines` with
     the online networks whose targets it keeps and the policy network to average. It
     implements ``act`` (exploring actions), ``policy`` (deterministic actions, for
-    evaluation) and ``update``, one whole gradient step, which calls :meth:`optimizer_step`
-    (weight constraints included), :meth:`average_policy` and ``target_routine.step()`` at
-    the algorithm's update points.
+    evaluation), ``step_inputs`` (the step's random draws) and ``gradient_step``, the whole
+    gradient step written once: its losses as functions of the network they train, each
+    handed to :meth:`minimize` (gradients, Adam, weight constraints), then
+    :meth:`average_policy` and ``target_routine.step()`` at the algorithm's update points.
+    :meth:`update` runs it, eagerly or compiled (``--compile``).
     """
 
     name: ClassVar[str] = ""
@@ -507,17 +509,20 @@ class OffPolicyAgent:
             )
             self.networks[f"{policy}_ema"] = self.ema_routine.averaged
             self.flat_units.append(self.ema_routine.averaged)
-        # The weight constraints, bound to each trained network (capturable, for --compile).
-        self.bound_constraints: dict[str, list[rw.constraints.BoundConstraint]] = {}
-        if capturable:
-            for name in (n for n in self.optimizers if n in self.networks):
-                net = self.networks[name]
-                bound = []
-                if cfg.clip is not None:
-                    clamp = rw.constraints.Clamp(-cfg.clip, cfg.clip, capturable=True)
-                    bound.append(clamp.bind(net))
-                self.bound_constraints[name] = bound
         self._setup_plasticity()
+        # --compile: the gradient step compiled as one graph; Adam's state made now, so
+        # that the graph reads it (see rlweights.agents.compiled)
+        self.compiled: CompiledStep | None = None
+        if cfg.compile:
+            for optimizer in self.optimizers.values():
+                prepare_adam(optimizer)
+            self.compiled = CompiledStep(
+                self.gradient_step,
+                f"{self.name}'s gradient step",
+                cfg.cudagraphs,
+                self.layout_checks(),
+                cpp_wrapper=self.device.type == "cpu",
+            )
 
     def _setup_plasticity(self) -> None:
         """``--reset-every`` / ``--shrink-perturb``: :class:`rw.ShrinkPerturb` routines over
@@ -606,29 +611,84 @@ class OffPolicyAgent:
             for optimizer in self.optimizers.values():
                 flush_subnormal_state_(optimizer)
 
-    def optimizer_step(self, name: str, loss: Tensor, max_grad_norm: float | None = None) -> None:
-        """One optimizer step of network ``name`` down ``loss`` (its gradient norm clipped to
-        ``max_grad_norm`` if given), then the weight constraints of the config."""
-        optimizer = self.optimizers[name]
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        if max_grad_norm is not None:
-            nn.utils.clip_grad_norm_(self.networks[name].parameters(), max_grad_norm, foreach=True)
-        optimizer.step()
+    def update(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
+        """One gradient step on ``batch``: :meth:`gradient_step` with the step's random draws
+        and schedule (:meth:`step_inputs`), compiled under ``--compile`` (eagerly where it
+        cannot be compiled here). Returns the step's losses (detached)."""
+        fields = [batch[name] for name in ReplayBuffer.FIELDS]
+        args = (*fields, *self.step_inputs(len(fields[0])))
+        losses = self.compiled(*args) if self.compiled is not None else None
+        if losses is None:
+            losses = self.gradient_step(*args)
+        self.count_update()
+        return losses
+
+    def minimize(
+        self,
+        name: str,
+        loss_fn: Callable[[Callable[..., Any]], Any],
+        has_aux: bool = False,
+        max_grad_norm: float | None = None,
+    ) -> Any:
+        """One optimizer step of network ``name`` down ``loss_fn(network)`` (which returns the
+        loss, or ``(loss, aux)`` with ``has_aux``), its gradient norm clipped to
+        ``max_grad_norm`` if given, then the weight constraints (:meth:`constrain`). Returns
+        what ``loss_fn`` returned, detached.
+
+        The one place where eager and compiled steps differ: eagerly, ``loss.backward()`` and
+        the ``torch.optim.Adam`` step; inside ``torch.compile`` (``--compile``), the gradients
+        by ``torch.func.grad_and_value`` of ``loss_fn`` called with the same module on its
+        parameters as inputs, and Adam as tensor code on the optimizer's own state
+        (:func:`~rlweights.agents.compiled.adam_`)."""
+        net = self.networks[name]
+        params = list(net.parameters())
+        if torch.compiler.is_compiling():
+
+            def of_params(p: dict[str, Tensor]) -> Any:
+                return loss_fn(lambda *args, **kwargs: functional_call(net, p, args, kwargs))
+
+            detached = {key: t.detach() for key, t in net.named_parameters()}
+            found, out = grad_and_value(of_params, has_aux=has_aux)(detached)
+            grads = list(found.values())
+        else:
+            out = loss_fn(net)
+            self.optimizers[name].zero_grad(set_to_none=True)
+            (out[0] if has_aux else out).backward()
+            grads = [p.grad for p in params]
+        if max_grad_norm is not None:  # as nn.utils.clip_grad_norm_(foreach=True) clips
+            total = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))
+            torch._foreach_mul_(grads, (max_grad_norm / (total + 1e-6)).clamp(max=1.0))
+        self.apply_gradients(name, params, grads)
         self.constrain(name)
+        return tuple(t.detach() for t in out) if has_aux else out.detach()
+
+    def apply_gradients(self, name: str, params: list[Tensor], grads: list[Tensor]) -> None:
+        """One step of optimizer ``name`` (Adam) down ``grads``: ``torch.optim.Adam``'s
+        eagerly, its tensor form inside ``torch.compile``."""
+        optimizer = self.optimizers[name]
+        if torch.compiler.is_compiling():
+            adam_(optimizer, params, grads)
+            return
+        for p, g in zip(params, grads, strict=True):
+            if p.grad is not g:  # the temperature's gradient, written directly
+                p.grad = g
+        optimizer.step()
 
     def constrain(self, name: str) -> None:
         """``--clip``: clamp every weight of network ``name`` to [-clip, clip];
         ``--max-norm``: rescale each unit's incoming weights to L2 norm <= max_norm;
-        ``--unit-sphere``: the selected weights' units to norm 1. In place, through
-        rlweights."""
+        ``--unit-sphere``: the selected weights' units to norm 1. In place, as tensor code on
+        the parameters (the same eagerly and inside a compiled step)."""
         cfg, net = self.config, self.networks[name]
-        if cfg.clip is not None:
-            rw.clamp_(net, -cfg.clip, cfg.clip)
-        if cfg.max_norm is not None:
-            rw.max_norm_(_constraint_tensors(net), cfg.max_norm)
-        if name in self.unit_sphere:
-            rw.constraints.UnitSphere()(_constraint_tensors(net, self.unit_sphere[name]))
+        with torch.no_grad():
+            if cfg.clip is not None:
+                params = list(net.parameters())
+                torch._foreach_clamp_min_(params, -cfg.clip)
+                torch._foreach_clamp_max_(params, cfg.clip)
+            if cfg.max_norm is not None:
+                unit_norms_(_constraint_tensors(net), cfg.max_norm, at_most=True)
+            if name in self.unit_sphere:
+                unit_norms_(_constraint_tensors(net, self.unit_sphere[name]), 1.0, at_most=False)
 
     def layout_checks(self) -> list[Callable[[], None]]:
         """The layout checks of the capturable routines and constraints (``--compile``), run
@@ -636,29 +696,7 @@ class OffPolicyAgent:
         found = [self.target_routine.check]
         if self.ema_routine is not None:
             found.append(self.ema_routine.check)
-        found += [c.check for bound in self.bound_constraints.values() for c in bound]
         return found
-
-    def compiled_step(self, fn: Callable[..., Any], name: str) -> CompiledStep:
-        """``fn`` compiled as one step (``--compile``) with this agent's settings: captured in a
-        CUDA graph under ``--cudagraphs``, the layout checks before every call, inductor's C++
-        wrapper on the CPU."""
-        cfg = self.config
-        cpu = self.device.type == "cpu"
-        return CompiledStep(fn, name, cfg.cudagraphs, self.layout_checks(), cpp_wrapper=cpu)
-
-    def constrain_bound(self, name: str) -> None:
-        """The compiled step's form of :meth:`constrain`: network ``name``'s bound capturable
-        clip, then the per-unit max-norm on views made here, inside the traced step (views
-        made outside it would alias the weights behind the compiler's back)."""
-        for constraint in self.bound_constraints.get(name, ()):
-            constraint()
-        net = self.networks[name]
-        with torch.no_grad():
-            if self.config.max_norm is not None:
-                unit_norms_(_constraint_tensors(net), self.config.max_norm, at_most=True)
-            if name in self.unit_sphere:
-                unit_norms_(_constraint_tensors(net, self.unit_sphere[name]), 1.0, at_most=False)
 
     def average_policy(self) -> None:
         """Advance the policy EMA (if the config keeps one): after each policy step."""
@@ -742,7 +780,15 @@ class OffPolicyAgent:
     def policy(self, obs: Tensor, network: nn.Module | None = None) -> Tensor:
         raise NotImplementedError
 
-    def update(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
+    def step_inputs(self, batch_size: int) -> tuple[Any, ...]:
+        """What :meth:`gradient_step` takes besides the batch, made outside it in the eager
+        step's order: the random draws (so that a compiled step draws the eager one's numbers)
+        and host-side schedules (TD3's policy delay)."""
+        raise NotImplementedError
+
+    def gradient_step(self, *fields_and_inputs: Any) -> dict[str, Tensor]:
+        """The algorithm's whole gradient step on a batch's obs, actions, rewards, next_obs,
+        dones and the :meth:`step_inputs`: run eagerly, and compiled as it is."""
         raise NotImplementedError
 
 
@@ -778,13 +824,3 @@ class ContinuousAgent(OffPolicyAgent):
     @property
     def critic(self) -> TwinQ:
         return self.networks["critic"]
-
-    def critic_loss(
-        self, batch: dict[str, Tensor], target: Tensor, params: dict[str, Tensor] | None = None
-    ) -> Tensor:
-        """The twin critic's loss toward the TD ``target``: the mean over both networks'
-        squared errors (SB3's 0.5 * (mse_1 + mse_2)); ``params``: the critic's parameters to
-        use instead of its own (the compiled step differentiates with respect to them)."""
-        x = torch.cat([batch["obs"], batch["actions"]], -1)
-        q = self.critic(x) if params is None else functional_call(self.critic, params, (x,))
-        return F.mse_loss(q, target.expand_as(q))

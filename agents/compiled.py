@@ -1,14 +1,15 @@
 """A native agent's whole gradient step compiled as one unit (``rlweights train --compile``).
 
-In this torch, ``loss.backward()`` and ``optimizer.step()`` break a ``torch.compile`` graph, and
-compiling an eager step piece by piece is slower than not compiling it (measured on this
-project's CPU: 0.65x). So the compiled step is written functionally: gradients with
-``torch.func.grad_and_value`` over the networks' parameters (``functional_call`` of the same
-modules the eager step uses), Adam as tensor code on the ``torch.optim.Adam`` objects' own
-state (checkpoints and ``--resume`` see the same optimizer state either way), and the
-capturable rlweights routines and constraints (:mod:`rlweights.capture`) for the target
-update, the policy EMA and the weight constraints. The whole step is one graph,
-``torch.compile(fullgraph=True)``: no host sync, no graph break.
+The compiled step is the agent's own ``gradient_step``, the one the eager run executes,
+wrapped in ``torch.compile(fullgraph=True)``: one graph, no host sync, no graph break. In this
+torch, ``loss.backward()`` and ``optimizer.step()`` break a graph (and a step compiled piece
+by piece is slower than an eager one), so the one place where the two differ,
+:meth:`~rlweights.agents.common.OffPolicyAgent.minimize`, takes the gradients there with
+``torch.func.grad_and_value`` (the same modules, called on their parameters as inputs) and
+Adam as tensor code on the ``torch.optim.Adam`` objects' own state (:func:`adam_`:
+checkpoints and ``--resume`` see the same optimizer state either way). The target update
+and the policy EMA are the capturable rlweights routines (:mod:`rlweights.capture`), eagerly
+too.
 
 Random draws (the policy's noise) are made outside the graph, in the eager step's order, so
 that a compiled run draws the numbers the eager one draws.

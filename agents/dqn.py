@@ -14,11 +14,9 @@ import gymnasium as gym
 import numpy as np
 import torch
 from torch import Tensor, nn
-from torch.func import functional_call, grad_and_value
 from torch.nn import functional as F
 
 from rlweights.agents.common import AgentConfig, OffPolicyAgent, adam
-from rlweights.agents.compiled import CompiledStep, adam_, prepare_adam
 from rlweights.agents.networks import mlp
 
 __all__ = ["DQN", "DQNConfig"]
@@ -73,10 +71,6 @@ class DQN(OffPolicyAgent):
         self.networks["q"] = mlp([obs_dim, *config.hidden, self.n_actions]).to(self.device)
         self.optimizers["q"] = adam(self.networks["q"].parameters(), config.learning_rate)
         self._setup_routines(("q",), "q", per_env_step=True)
-        self.compiled: CompiledStep | None = None
-        if config.compile:
-            prepare_adam(self.optimizers["q"])
-            self.compiled = self.compiled_step(self.functional_update, "DQN's gradient step")
 
     @property
     def q(self) -> nn.Module:
@@ -101,62 +95,26 @@ class DQN(OffPolicyAgent):
     def policy(self, obs: Tensor, network: nn.Module | None = None) -> Tensor:
         return (network or self.q)(obs).argmax(-1)
 
-    def update(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
-        """One gradient step of the Q-network (then the policy EMA); the target update is
-        not part of it (:meth:`on_env_step`). ``--compile``: :meth:`functional_update`."""
-        if self.compiled is not None and not self.compiled.failed:
-            fields = [batch[k] for k in ("obs", "actions", "rewards", "next_obs", "dones")]
-            out = self.compiled(*fields)
-            if out is not None:
-                self.count_update()
-                return {"loss": out}
-        loss = self.loss(batch, self.td_target(batch))
-        self.optimizer_step("q", loss, max_grad_norm=self.config.max_grad_norm)
+    def step_inputs(self, batch_size: int) -> tuple[()]:
+        """A DQN step draws nothing."""
+        return ()
+
+    def gradient_step(self, obs, actions, rewards, next_obs, dones):
+        """One gradient step of the Q-network, in SB3's order: the TD target from the target
+        network, the Huber loss of the taken actions' Q-values, the step (its gradient norm
+        clipped), then the policy EMA. The target update is not part of it: it counts
+        environment steps (:meth:`on_env_step`)."""
+        with torch.no_grad():
+            next_q = self.networks["q_target"](next_obs).max(-1)[0]
+            target = rewards + self.config.gamma * (1 - dones) * next_q
+
+        def loss(q: nn.Module) -> Tensor:
+            taken = q(obs).gather(-1, actions.long().unsqueeze(-1)).squeeze(-1)
+            return F.smooth_l1_loss(taken, target)
+
+        loss_value = self.minimize("q", loss, max_grad_norm=self.config.max_grad_norm)
         self.average_policy()
-        self.count_update()
-        return {"loss": loss}
-
-    def loss(
-        self, batch: dict[str, Tensor], target: Tensor, params: dict[str, Tensor] | None = None
-    ) -> Tensor:
-        """The Huber loss of the taken actions' Q-values toward the TD ``target``
-        (``params``: the Q-network's parameters to use instead of its own)."""
-        q_all = (
-            self.q(batch["obs"])
-            if params is None
-            else functional_call(self.q, params, (batch["obs"],))
-        )
-        q = q_all.gather(-1, batch["actions"].long().unsqueeze(-1)).squeeze(-1)
-        return F.smooth_l1_loss(q, target)
-
-    def functional_update(self, obs, actions, rewards, next_obs, dones) -> Tensor:
-        """:meth:`update` for ``torch.compile(fullgraph=True)``: gradients by ``torch.func``,
-        their norm clipped as ``clip_grad_norm_`` clips it, Adam on the optimizer's state, the
-        bound constraints, the policy EMA."""
-        batch = {"obs": obs, "actions": actions, "rewards": rewards, "next_obs": next_obs}
-        batch["dones"] = dones
-        target = self.td_target(batch)
-        params = dict(self.q.named_parameters())
-        detached = {name: t.detach() for name, t in params.items()}
-        grads, loss = grad_and_value(lambda p: self.loss(batch, target, p))(detached)
-        grads = list(grads.values())
-        max_norm = self.config.max_grad_norm
-        if max_norm is not None:
-            total = torch.linalg.vector_norm(
-                torch.stack([torch.linalg.vector_norm(g) for g in grads])
-            )
-            scale = (max_norm / (total + 1e-6)).clamp(max=1.0)
-            grads = [g * scale for g in grads]
-        adam_(self.optimizers["q"], list(params.values()), grads)
-        self.constrain_bound("q")
-        self.average_policy()
-        return loss.detach()
-
-    @torch.no_grad()
-    def td_target(self, batch: dict[str, Tensor]) -> Tensor:
-        """reward + gamma * max over actions of the target network."""
-        next_q = self.networks["q_target"](batch["next_obs"]).max(-1)[0]
-        return batch["rewards"] + self.config.gamma * (1 - batch["dones"]) * next_q
+        return {"loss": loss_value}
 
     def on_env_step(self) -> None:
         """DQN's update point: the target routine counts environment steps."""

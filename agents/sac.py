@@ -17,11 +17,9 @@ from typing import ClassVar
 import gymnasium as gym
 import torch
 from torch import Tensor, nn
-from torch.func import functional_call, grad_and_value
 from torch.nn import functional as F
 
 from rlweights.agents.common import AgentConfig, ContinuousAgent, adam
-from rlweights.agents.compiled import CompiledStep, adam_, prepare_adam
 from rlweights.agents.networks import BoundedActor, TwinQ, mlp
 
 __all__ = ["SAC", "Actor", "SACConfig", "StateDependentActor"]
@@ -105,8 +103,8 @@ class StateDependentActor(BoundedActor):
     learned parameter per (feature, action); the mean is clipped to [-2, 2] as in SB3.
 
     Acting uses the matrices of :meth:`reset_noise` (one per environment); a gradient step
-    draws its own standard normal matrix with :meth:`draw_noise`, scaled by ``exp(log_std)``
-    in :meth:`forward` (gradients reach ``log_std`` through it)."""
+    draws its own standard normal matrix, scaled by ``exp(log_std)`` in :meth:`forward`
+    (gradients reach ``log_std`` through it)."""
 
     def __init__(
         self, obs_dim: int, act_dim: int, hidden: tuple[int, ...], low, high, log_std_init: float
@@ -117,16 +115,11 @@ class StateDependentActor(BoundedActor):
         self.log_std_init = float(log_std_init)
         self.log_std = nn.Parameter(torch.full((hidden[-1], act_dim), self.log_std_init))
         self.acting_noise: Tensor | None = None  # (environments, features, actions)
-        self.train_noise: Tensor | None = None  # (features, actions), standard normal
 
     @torch.no_grad()
     def reset_parameters(self) -> None:
         """``log_std`` back to ``log_std_init`` (its layers reset themselves)."""
         self.log_std.fill_(self.log_std_init)
-
-    def draw_noise(self) -> None:
-        """A new standard normal matrix for the gradient step."""
-        self.train_noise = torch.randn_like(self.log_std)
 
     @torch.no_grad()
     def reset_noise(self, n: int) -> None:
@@ -141,15 +134,13 @@ class StateDependentActor(BoundedActor):
         self, obs: Tensor, deterministic: bool = False, noise: Tensor | None = None
     ) -> tuple[Tensor, Tensor]:
         """(action, log-probability of it) with the gradient step's noise matrix (``noise``:
-        its standard normal draw, else the one of :meth:`draw_noise`)."""
+        its standard normal draw, of ``log_std``'s shape; drawn here if not given)."""
         h = self.trunk(obs)
         mean = self._mean(h)
         if deterministic:
             return self.to_bounds(torch.tanh(mean)), torch.zeros(len(obs), device=obs.device)
         if noise is None:
-            if self.train_noise is None:
-                self.draw_noise()
-            noise = self.train_noise
+            noise = torch.randn_like(self.log_std)
         noise = h @ (self.log_std.exp() * noise)
         variance = h.square() @ self.log_std.exp().square() + SDE_VARIANCE_FLOOR
         pre = mean + noise
@@ -191,11 +182,6 @@ class SAC(ContinuousAgent):
         self.optimizers["critic"] = adam(self.networks["critic"].parameters(), lr)
         self.optimizers["alpha"] = adam([self.log_alpha], lr)
         self._setup_routines(("critic",), "actor")
-        self.compiled: CompiledStep | None = None
-        if config.compile:
-            for optimizer in self.optimizers.values():
-                prepare_adam(optimizer)
-            self.compiled = self.compiled_step(self.functional_update, "SAC's gradient step")
 
     @property
     def critic_target(self) -> TwinQ:
@@ -215,123 +201,58 @@ class SAC(ContinuousAgent):
     def policy(self, obs: Tensor, network: nn.Module | None = None) -> Tensor:
         return (network or self.actor)(obs, deterministic=True)[0]
 
-    def update(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
-        """One gradient step in SB3's order: the policy's actions for the batch, the
-        temperature, the critic, the actor (through the updated critic; then the policy EMA),
-        then the target update. The temperature of all losses is the one before its step.
-        gSDE: one noise matrix for the step (SB3's ``reset_noise`` per gradient step).
-        ``--compile``: :meth:`functional_update`, compiled, with the same draws."""
-        if self.compiled is not None and not self.compiled.failed:
-            if self.config.use_sde:
-                noise = next_noise = torch.randn_like(self.actor.log_std)
-            else:
-                noise = torch.randn(len(batch["obs"]), self.act_dim, device=self.device)
-                next_noise = torch.randn_like(noise)
-            fields = [batch[k] for k in ("obs", "actions", "rewards", "next_obs", "dones")]
-            out = self.compiled(*fields, noise, next_noise)
-            if out is not None:
-                self.count_update()
-                return dict(
-                    zip(("critic_loss", "actor_loss", "alpha", "entropy"), out, strict=True)
-                )
+    def step_inputs(self, batch_size: int) -> tuple[Tensor, Tensor]:
+        """The policy's standard normal draws for the batch's observations and next
+        observations (gSDE: the step's one noise matrix, SB3's ``reset_noise`` per gradient
+        step, for both)."""
         if self.config.use_sde:
-            self.actor.draw_noise()
-        actions, log_prob = self.actor(batch["obs"])
+            noise = torch.randn_like(self.actor.log_std)
+            return noise, noise
+        noise = torch.randn(batch_size, self.act_dim, device=self.device)
+        return noise, torch.randn_like(noise)
+
+    def gradient_step(self, obs, actions, rewards, next_obs, dones, noise, next_noise):
+        """One gradient step in SB3's order: the soft TD target, the critic's step, the
+        actor's step (through the updated critic), the temperature's step, the policy EMA,
+        the target update. All losses use the temperature before its step (SB3 steps it
+        first; it changes no loss of this step, so it comes after the actor, whose forward
+        pass gives the log-probabilities it needs)."""
+        cfg = self.config
         alpha = self.alpha()
-        if self.config.ent_coef is None:
-            self.temperature_step(log_prob.detach())
-        critic_loss = self.critic_loss(batch, self.td_target(batch, alpha))
-        self.optimizer_step("critic", critic_loss)
-
-        q_pi = self.critic(torch.cat([batch["obs"], actions], -1), detach_weights=True).min(0)[0]
-        actor_loss = (alpha * log_prob - q_pi).mean()
-        self.optimizer_step("actor", actor_loss)
-        self.average_policy()
-        self.target_routine.step()
-        self.count_update()
-        if self.config.use_sde:
-            self.actor.train_noise = None  # the next step draws its own matrix
-        return {
-            "critic_loss": critic_loss,
-            "actor_loss": actor_loss,
-            "alpha": alpha,
-            "entropy": -log_prob.detach().mean(),
-        }
-
-    def functional_update(
-        self,
-        obs: Tensor,
-        actions: Tensor,
-        rewards: Tensor,
-        next_obs: Tensor,
-        dones: Tensor,
-        noise: Tensor,
-        next_noise: Tensor,
-    ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        """:meth:`update` written for ``torch.compile(fullgraph=True)`` (see
-        :mod:`rlweights.agents.compiled`): the same steps in the same order, gradients by
-        ``torch.func``, Adam on the optimizers' state, the capturable routines and constraints.
-        ``noise`` / ``next_noise``: the policy's standard normal draws for ``obs`` and
-        ``next_obs`` (gSDE: the step's one matrix, twice). The policy runs forward on ``obs``
-        once, inside the actor's gradient: the temperature's step, which needs only those
-        log-probabilities and changes no loss of this step, comes after the actor's."""
-        batch = {"obs": obs, "actions": actions, "rewards": rewards, "next_obs": next_obs}
-        batch["dones"] = dones
-        actor, critic = self.actor, self.critic
-        actor_params = dict(actor.named_parameters())
-        critic_params = dict(critic.named_parameters())
         with torch.no_grad():
-            alpha = self.alpha()  # the temperature before its step, for all losses
-            target = self.td_target(batch, alpha, next_noise)
+            next_actions, next_log_prob = self.actor(next_obs, noise=next_noise)
+            next_q = self.critic_target(torch.cat([next_obs, next_actions], -1)).min(0)[0]
+            target = rewards + cfg.gamma * (1 - dones) * (next_q - alpha * next_log_prob)
 
-        def critic_loss(params: dict[str, Tensor]) -> Tensor:
-            return self.critic_loss(batch, target, params)
+        def critic_loss(critic: nn.Module) -> Tensor:  # SB3's 0.5 * (mse_1 + mse_2)
+            q = critic(torch.cat([obs, actions], -1))
+            return F.mse_loss(q, target.expand_as(q))
 
-        detached = {name: p.detach() for name, p in critic_params.items()}
-        grads, critic_loss_value = grad_and_value(critic_loss)(detached)
-        adam_(self.optimizers["critic"], list(critic_params.values()), grads.values())
-        self.constrain_bound("critic")
+        def actor_loss(actor: nn.Module) -> tuple[Tensor, Tensor]:
+            acts, log_prob = actor(obs, noise=noise)
+            # the critic's weights detached: no critic gradients computed to be thrown away
+            q_pi = self.critic(torch.cat([obs, acts], -1), detach_weights=True).min(0)[0]
+            return (alpha * log_prob - q_pi).mean(), log_prob
 
-        def actor_loss(params: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
-            acts, lp = functional_call(actor, params, (obs,), {"noise": noise})
-            q_pi = critic(torch.cat([obs, acts], -1), detach_weights=True).min(0)[0]
-            return (alpha * lp - q_pi).mean(), lp
-
-        detached = {name: p.detach() for name, p in actor_params.items()}
-        grads, (actor_loss_value, lp) = grad_and_value(actor_loss, has_aux=True)(detached)
-        adam_(self.optimizers["actor"], list(actor_params.values()), grads.values())
-        self.constrain_bound("actor")
-        if self.config.ent_coef is None:  # lp: the policy's log-probabilities before its step
-            grad = -(lp.detach() + self.target_entropy).mean().reshape(1)
-            adam_(self.optimizers["alpha"], [self.log_alpha], [grad])
+        critic_loss_value = self.minimize("critic", critic_loss)
+        actor_loss_value, log_prob = self.minimize("actor", actor_loss, has_aux=True)
+        if cfg.ent_coef is None:  # loss -(log_alpha * (log_prob + target entropy)).mean()
+            grad = -(log_prob + self.target_entropy).mean().reshape(1)
+            self.apply_gradients("alpha", [self.log_alpha], [grad])
         self.average_policy()
         self.target_routine.step()
-        return critic_loss_value.detach(), actor_loss_value.detach(), alpha, -lp.mean()
+        return {
+            "critic_loss": critic_loss_value,
+            "actor_loss": actor_loss_value,
+            "alpha": alpha,
+            "entropy": -log_prob.mean(),
+        }
 
     def alpha(self) -> Tensor:
         """The temperature: the fixed ``ent_coef``, or the tuned one."""
         if self.config.ent_coef is not None:
             return torch.full((1,), self.config.ent_coef, device=self.device)
         return self.log_alpha.exp().detach()
-
-    @torch.no_grad()
-    def td_target(
-        self, batch: dict[str, Tensor], alpha: Tensor, noise: Tensor | None = None
-    ) -> Tensor:
-        """The soft TD target: reward + gamma * (min of the target critics - alpha * log pi)
-        (``noise``: the policy's draw for the next observations, drawn here if not given)."""
-        next_actions, next_log_prob = self.actor(batch["next_obs"], noise=noise)
-        next_q = self.critic_target(torch.cat([batch["next_obs"], next_actions], -1)).min(0)[0]
-        soft = next_q - alpha * next_log_prob
-        return batch["rewards"] + self.config.gamma * (1 - batch["dones"]) * soft
-
-    @torch.no_grad()
-    def temperature_step(self, log_prob: Tensor) -> None:
-        """One Adam step of the temperature. Its loss is -(log_alpha * (log_prob +
-        target_entropy)).mean(); its gradient is written directly (a scalar: no autograd pass
-        needed)."""
-        self.log_alpha.grad = -(log_prob + self.target_entropy).mean().reshape(1)
-        self.optimizers["alpha"].step()
 
     def averaged_tensors(self) -> list[torch.Tensor]:
         return [self.log_alpha]

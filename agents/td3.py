@@ -14,10 +14,9 @@ from typing import ClassVar
 import gymnasium as gym
 import torch
 from torch import Tensor, nn
-from torch.func import functional_call, grad_and_value
+from torch.nn import functional as F
 
 from rlweights.agents.common import AgentConfig, ContinuousAgent, adam
-from rlweights.agents.compiled import CompiledStep, adam_, prepare_adam
 from rlweights.agents.networks import BoundedActor, TwinQ, mlp
 from rlweights.periodic import Periodic
 
@@ -81,16 +80,6 @@ class TD3(ContinuousAgent):
         self._setup_routines(("actor", "critic"), "actor")
         # Counts critic steps: the actor steps at every policy_delay-th one.
         self.actor_delay = Periodic(config.policy_delay, name="TD3 policy_delay")
-        # --compile: two graphs, a critic step and a critic + actor step; the host counter
-        # above says which one runs (it needs no value from the device).
-        self.compiled: tuple[CompiledStep, CompiledStep] | None = None
-        if config.compile:
-            for optimizer in self.optimizers.values():
-                prepare_adam(optimizer)
-            self.compiled = (
-                self.compiled_step(self.functional_critic_step, "TD3's critic step"),
-                self.compiled_step(self.functional_full_step, "TD3's critic and actor step"),
-            )
 
     @torch.no_grad()
     def act(self, obs: Tensor, steps: int = 0) -> Tensor:
@@ -102,89 +91,42 @@ class TD3(ContinuousAgent):
     def policy(self, obs: Tensor, network: nn.Module | None = None) -> Tensor:
         return (network or self.actor)(obs)
 
-    def update(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
-        """A critic step; at every ``policy_delay``-th one, an actor step (then the policy
-        EMA) and the target update. ``--compile``: the compiled forms of the two, with the
-        same draws."""
-        if self.compiled is not None and not any(c.failed for c in self.compiled):
-            fields = [batch[k] for k in ("obs", "actions", "rewards", "next_obs", "dones")]
-            noise = torch.randn(len(batch["obs"]), self.act_dim, device=self.device)
-            counter = self.actor_delay.state_dict()
-            full = self.actor_delay.step()
-            out = self.compiled[int(full)](*fields, noise)
-            if out is not None:
-                self.count_update()
-                names = ("critic_loss", "actor_loss")[: len(out)]
-                return dict(zip(names, out, strict=True))
-            self.actor_delay.load_state_dict(counter)  # not compiled: the eager step counts
-        critic_loss = self.critic_loss(batch, self.td_target(batch))
-        self.optimizer_step("critic", critic_loss)
-        self.count_update()
-        losses = {"critic_loss": critic_loss}
-        if self.actor_delay.step():
-            actions = self.actor(batch["obs"])
-            q_pi = self.critic(
-                torch.cat([batch["obs"], actions], -1), detach_weights=True, first=1
-            )[0]
-            actor_loss = -q_pi.mean()
-            self.optimizer_step("actor", actor_loss)
+    def step_inputs(self, batch_size: int) -> tuple[Tensor, bool]:
+        """The target smoothing's standard normal draw, and whether the actor steps in this
+        gradient step (every ``policy_delay``-th critic step; compiled, one graph for each)."""
+        noise = torch.randn(batch_size, self.act_dim, device=self.device)
+        return noise, self.actor_delay.step()
+
+    def gradient_step(self, obs, actions, rewards, next_obs, dones, noise, update_actor):
+        """One gradient step in SB3's order: the TD target at the target actor's smoothed
+        action, the critic's step; with ``update_actor``, the actor's step (through the
+        updated critic's first network), the policy EMA and the target update."""
+        cfg = self.config
+        actor_target, critic_target = self.networks["actor_target"], self.networks["critic_target"]
+        with torch.no_grad():
+            next_actions = actor_target(next_obs)
+            noise = (noise * cfg.target_policy_noise).clamp(
+                -cfg.target_noise_clip, cfg.target_noise_clip
+            )
+            # SB3 adds the noise in the [-1, 1] action scale before clipping to the bounds.
+            next_actions = actor_target.clamp(next_actions + noise * actor_target.scale)
+            next_q = critic_target(torch.cat([next_obs, next_actions], -1)).min(0)[0]
+            target = rewards + cfg.gamma * (1 - dones) * next_q
+
+        def critic_loss(critic: nn.Module) -> Tensor:  # SB3's 0.5 * (mse_1 + mse_2)
+            q = critic(torch.cat([obs, actions], -1))
+            return F.mse_loss(q, target.expand_as(q))
+
+        def actor_loss(actor: nn.Module) -> Tensor:
+            q_pi = self.critic(torch.cat([obs, actor(obs)], -1), detach_weights=True, first=1)
+            return -q_pi[0].mean()
+
+        losses = {"critic_loss": self.minimize("critic", critic_loss)}
+        if update_actor:
+            losses["actor_loss"] = self.minimize("actor", actor_loss)
             self.average_policy()
             self.target_routine.step()
-            losses["actor_loss"] = actor_loss
         return losses
-
-    def functional_critic_step(self, *fields: Tensor) -> tuple[Tensor]:
-        """:meth:`update`'s critic step for ``torch.compile(fullgraph=True)``: ``fields`` are
-        the batch's obs, actions, rewards, next_obs, dones and the target smoothing draw."""
-        return (self._critic_step(*fields),)
-
-    def functional_full_step(self, *fields: Tensor) -> tuple[Tensor, Tensor]:
-        """The critic step, then the actor step, the policy EMA and the target update."""
-        critic_loss = self._critic_step(*fields)
-        obs = fields[0]
-        actor, critic = self.actor, self.critic
-        params = dict(actor.named_parameters())
-
-        def actor_loss(p: dict[str, Tensor]) -> Tensor:
-            acts = functional_call(actor, p, (obs,))
-            return -critic(torch.cat([obs, acts], -1), detach_weights=True, first=1)[0].mean()
-
-        detached = {name: t.detach() for name, t in params.items()}
-        grads, actor_loss_value = grad_and_value(actor_loss)(detached)
-        adam_(self.optimizers["actor"], list(params.values()), grads.values())
-        self.constrain_bound("actor")
-        self.average_policy()
-        self.target_routine.step()
-        return critic_loss, actor_loss_value.detach()
-
-    def _critic_step(self, obs, actions, rewards, next_obs, dones, noise) -> Tensor:
-        batch = {"obs": obs, "actions": actions, "rewards": rewards, "next_obs": next_obs}
-        batch["dones"] = dones
-        target = self.td_target(batch, noise)
-        params = dict(self.critic.named_parameters())
-        detached = {name: t.detach() for name, t in params.items()}
-        grads, loss = grad_and_value(lambda p: self.critic_loss(batch, target, p))(detached)
-        adam_(self.optimizers["critic"], list(params.values()), grads.values())
-        self.constrain_bound("critic")
-        return loss.detach()
-
-    @torch.no_grad()
-    def td_target(self, batch: dict[str, Tensor], noise: Tensor | None = None) -> Tensor:
-        """reward + gamma * min of the target critics at the target actor's smoothed action
-        (``noise``: the standard normal draw of the smoothing, drawn here if not given)."""
-        cfg = self.config
-        actor_target = self.networks["actor_target"]
-        next_actions = actor_target(batch["next_obs"])
-        if noise is None:
-            noise = torch.randn_like(next_actions)
-        noise = (noise * cfg.target_policy_noise).clamp(
-            -cfg.target_noise_clip, cfg.target_noise_clip
-        )
-        # SB3 adds the noise in the [-1, 1] action scale before clipping to the bounds.
-        next_actions = actor_target.clamp(next_actions + noise * actor_target.scale)
-        critic_target = self.networks["critic_target"]
-        next_q = critic_target(torch.cat([batch["next_obs"], next_actions], -1)).min(0)[0]
-        return batch["rewards"] + cfg.gamma * (1 - batch["dones"]) * next_q
 
     def _extra_state(self) -> dict:
         return {"actor_delay": self.actor_delay.state_dict()}

@@ -89,7 +89,7 @@ def _sac_on_cuda(compile: bool):
 
     from rlweights.agents.train import ALGOS, make_config
 
-    config = make_config("sac", "Pendulum-v1", device="cuda", compile=compile)
+    config = make_config("sac", "Pendulum-v1", device="cuda", compile=compile, cudagraphs=compile)
     env = gym.make("Pendulum-v1")
     torch.manual_seed(0)
     agent = ALGOS["sac"][1](config, env.observation_space, env.action_space)
@@ -97,51 +97,36 @@ def _sac_on_cuda(compile: bool):
     return agent
 
 
-def _sac_inputs(seed: int) -> list[torch.Tensor]:
+def _sac_batch(seed: int) -> dict[str, torch.Tensor]:
     gen = torch.Generator(device="cuda").manual_seed(seed)
     n = 256
-    return [
-        torch.randn(n, 3, device="cuda", generator=gen),
-        torch.rand(n, 1, device="cuda", generator=gen) * 4 - 2,
-        torch.randn(n, device="cuda", generator=gen),
-        torch.randn(n, 3, device="cuda", generator=gen),
-        (torch.rand(n, device="cuda", generator=gen) < 0.1).float(),
-        torch.randn(n, 1, device="cuda", generator=gen),
-        torch.randn(n, 1, device="cuda", generator=gen),
-    ]
+    return {
+        "obs": torch.randn(n, 3, device="cuda", generator=gen),
+        "actions": torch.rand(n, 1, device="cuda", generator=gen) * 4 - 2,
+        "rewards": torch.randn(n, device="cuda", generator=gen),
+        "next_obs": torch.randn(n, 3, device="cuda", generator=gen),
+        "dones": (torch.rand(n, device="cuda", generator=gen) < 0.1).float(),
+    }
 
 
-def test_a_whole_sac_update_captured_in_a_cuda_graph_replays_with_new_batches():
-    """Critic, actor, temperature and the target update (capturable), recorded once as a CUDA
-    graph and replayed with new batches and draws copied into its inputs: the weights follow
-    the same steps run eagerly."""
-    eager, captured = _sac_on_cuda(True), _sac_on_cuda(True)
+def test_sacs_gradient_step_replayed_as_a_cuda_graph_takes_the_eager_steps():
+    """--compile --cudagraphs: SAC's one gradient step (critic, actor, temperature, the
+    capturable target update), compiled, recorded as a CUDA graph and replayed with new
+    batches and draws copied into its inputs: the weights follow the eager steps."""
+    eager, captured = _sac_on_cuda(False), _sac_on_cuda(True)
     captured.load_weights(eager.weights_state())
-    static = _sac_inputs(0)
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):  # warm-up off the default stream, as capture wants
-        for step in range(3):
-            inputs = _sac_inputs(100 + step)
-            eager.functional_update(*inputs)
-            for s, x in zip(static, inputs, strict=True):
-                s.copy_(x)
-            captured.functional_update(*static)
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        captured.functional_update(*static)
-    for step in range(10):
-        inputs = _sac_inputs(200 + step)
-        eager.functional_update(*inputs)
-        for s, x in zip(static, inputs, strict=True):
-            s.copy_(x)
-        graph.replay()
+    for step in range(13):
+        batch = _sac_batch(100 + step)
+        torch.manual_seed(step)
+        eager.update(batch)
+        torch.manual_seed(step)
+        captured.update(batch)
     torch.cuda.synchronize()
+    assert captured.compiled is not None and not captured.compiled.failed
     for name, net in eager.networks.items():
         for a, b in zip(net.parameters(), captured.networks[name].parameters(), strict=True):
-            assert_close(b, a, rtol=1e-4, atol=1e-5)
-    assert_close(captured.log_alpha, eager.log_alpha)
+            assert_close(b, a, rtol=1e-3, atol=1e-4)
+    assert_close(captured.log_alpha, eager.log_alpha, rtol=1e-4, atol=1e-5)
     assert int(captured.target_routine.updates) == int(eager.target_routine.updates) == 13
 
 
