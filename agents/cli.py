@@ -54,7 +54,7 @@ from rlweights.extras import require
 from rlweights.files import WriteError, write_json
 
 TRAIN_DESCRIPTION = """\
-Train a native DQN, SAC or TD3 agent on a Gymnasium environment (with --impl sb3: SB3's
+Train a native DQN, SAC, TD3 or DDPG agent on a Gymnasium environment (with --impl sb3: SB3's
 algorithm of the same name, rlweights attached). Without arguments: SAC on Pendulum-v1.
 Hyperparameters come from rl-baselines3-zoo's preset for the algorithm and environment
 (classic control, Box2D with gymnasium[box2d], MuJoCo v5 with the mujoco extra; the table:
@@ -136,7 +136,7 @@ HYPERPARAMETERS: list[tuple[str, str, Any, str, str]] = [
         "target_update",
         str,
         "SPEC",
-        "polyak:TAU (TAU in [0, 1]) or hard:EVERY; sac/td3 default polyak:0.005, dqn hard:10",
+        "polyak:TAU (TAU in [0, 1]) or hard:EVERY; dqn default hard:10, else polyak:0.005",
     ),
     (
         "--policy-ema",

@@ -429,8 +429,8 @@ def split_patterns(text: str | None) -> list[str] | None:
 
 
 class OffPolicyAgent:
-    """The base of DQN, SAC and TD3: holds the networks, optimizers and rlweights routines,
-    and runs the gradient step.
+    """The base of DQN, SAC, TD3 and DDPG: holds the networks, optimizers and rlweights
+    routines, and runs the gradient step.
 
     A subclass builds its networks and optimizers, then calls :meth:`_setup_routines` with
     the online networks whose targets it keeps and the policy network to average. It

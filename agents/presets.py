@@ -1,8 +1,9 @@
 """Hyperparameters per (algorithm, environment), from rl-baselines3-zoo (hyperparams/dqn.yml,
-sac.yml, td3.yml; its MuJoCo v4 settings for the v5 environments).
+sac.yml, td3.yml, ddpg.yml; its MuJoCo v4 settings for the v5 environments).
 
 A preset holds what differs from the algorithm's defaults (the defaults are the zoo's settings
-for CartPole-v1 (DQN) and Pendulum-v1 (SAC, TD3)); flags override it. Where the zoo uses
+for CartPole-v1 (DQN) and Pendulum-v1 (SAC, TD3, DDPG)); flags override it. The zoo's DDPG
+settings for these environments are its TD3 ones, so DDPG's presets are TD3's. Where the zoo uses
 something the native agents do not have, the preset keeps the rest and says so in ``NOTES``
 (the SB3 runs of 'rlweights train --impl sb3' and 'rlweights bench-learning' use the same
 preset, so the comparison stays like for like). Zoo's ``gradient_steps: -1`` (one gradient
@@ -107,11 +108,13 @@ PRESETS: dict[tuple[str, str], dict[str, Any]] = {
     ("td3", "Ant-v5"): _TD3_MUJOCO,
     ("td3", "Humanoid-v5"): {**_TD3_MUJOCO, "total_steps": 2_000_000},
 }
+PRESETS |= {("ddpg", env_id): values for (algo, env_id), values in PRESETS.items() if algo == "td3"}
 
 # What the zoo does that these presets cannot (the native agents lack it).
 NOTES: dict[tuple[str, str], str] = {
     ("sac", "LunarLanderContinuous-v3"): "the zoo decays the learning rate linearly",
     ("td3", "MountainCarContinuous-v0"): "the zoo's exploration noise is Ornstein-Uhlenbeck",
+    ("ddpg", "MountainCarContinuous-v0"): "the zoo's exploration noise is Ornstein-Uhlenbeck",
 }
 
 

@@ -101,7 +101,7 @@ def build_sb3_model(config: AgentConfig) -> tuple[Any, Any]:
     route_mujoco_warnings(config.env_id)
     vec_env = make_vec_env(config.env_id, n_envs=config.num_envs, seed=config.seed)
     kwargs = sb3_kwargs(config)
-    if config.algo == "td3":
+    if config.algo in ("td3", "ddpg"):
         n = int(np.prod(vec_env.action_space.shape))
         kwargs["action_noise"] = NormalActionNoise(
             np.zeros(n), config.exploration_noise * np.ones(n)

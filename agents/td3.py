@@ -61,6 +61,12 @@ class DeterministicActor(BoundedActor):
     def forward(self, obs: Tensor) -> Tensor:
         return self.to_bounds(torch.tanh(self.net(obs)))
 
+    def explore(self, obs: Tensor, noise_std: float) -> Tensor:
+        """The action plus Gaussian noise of std ``noise_std`` relative to the bounds (SB3's
+        ``NormalActionNoise`` on the [-1, 1] scale), clipped to the bounds."""
+        action = self(obs)
+        return self.clamp(action + torch.randn_like(action) * noise_std * self.scale)
+
 
 class TD3(ContinuousAgent):
     """Networks ``actor``, ``critic`` and their targets, optimizers and rlweights routines."""
@@ -83,9 +89,7 @@ class TD3(ContinuousAgent):
 
     @torch.no_grad()
     def act(self, obs: Tensor, steps: int = 0) -> Tensor:
-        action = self.actor(obs)
-        noise = torch.randn_like(action) * self.config.exploration_noise * self.actor.scale
-        return self.actor.clamp(action + noise)
+        return self.actor.explore(obs, self.config.exploration_noise)
 
     @torch.no_grad()
     def policy(self, obs: Tensor, network: nn.Module | None = None) -> Tensor:

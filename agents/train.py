@@ -40,6 +40,7 @@ from rlweights.agents.common import (
     seed_everything,
     set_rng_state,
 )
+from rlweights.agents.ddpg import DDPG, DDPGConfig
 from rlweights.agents.dqn import DQN, DQNConfig
 from rlweights.agents.presets import preset
 from rlweights.agents.sac import SAC, SACConfig
@@ -76,6 +77,7 @@ ALGOS: dict[str, tuple[type[AgentConfig], type[OffPolicyAgent]]] = {
     "dqn": (DQNConfig, DQN),
     "sac": (SACConfig, SAC),
     "td3": (TD3Config, TD3),
+    "ddpg": (DDPGConfig, DDPG),
 }
 
 CHECKPOINT_FORMAT = "rlweights-agent"

@@ -65,6 +65,7 @@ CASES = [
     ("sac", "MountainCarContinuous-v0", {}),  # gSDE, a fixed temperature
     ("td3", "Pendulum-v1", {"policy_ema": 0.05, "max_norm": 2.0}),  # two graphs: policy delay
     ("dqn", "CartPole-v1", {"clip": 0.3}),  # gradient norm clipping
+    ("ddpg", "Pendulum-v1", {"policy_ema": 0.05, "max_norm": 2.0, "target_update": "hard:3"}),
     # resets (their targets copied, the optimizers' state forgotten) and the unit sphere
     ("sac", "Pendulum-v1", {"reset_every": 7, "reset_layers": "critic.*,actor.mean.*"}),
     ("td3", "Pendulum-v1", {"shrink_perturb": (0.6, 0.4), "sp_every": 9, "unit_sphere": "*"}),

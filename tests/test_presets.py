@@ -52,6 +52,19 @@ def test_flags_override_the_preset_and_sb3_gets_the_same_settings():
     assert (td3.gamma, td3.hidden, td3.learning_starts) == (0.99, (400, 300), 10_000)
 
 
+def test_ddpg_takes_the_zoos_td3_settings_and_sb3s_ddpg_gets_no_td3_argument():
+    """rl-baselines3-zoo sets DDPG as it sets TD3 on these environments; SB3's DDPG fixes
+    TD3's delay and target smoothing itself, so none of them is passed to it."""
+    for env_id in ("Pendulum-v1", "MountainCarContinuous-v0", "HalfCheetah-v5"):
+        ddpg, td3 = make_config("ddpg", env_id), make_config("td3", env_id)
+        for field in ("total_steps", "gamma", "buffer_size", "learning_starts", "hidden"):
+            assert getattr(ddpg, field) == getattr(td3, field), (env_id, field)
+        assert ddpg.learning_rate == td3.learning_rate == 1e-3
+        assert ddpg.exploration_noise == td3.exploration_noise
+    kwargs = sb3_kwargs(make_config("ddpg", "Pendulum-v1"))
+    assert not {"policy_delay", "target_policy_noise", "target_noise_clip"} & set(kwargs)
+
+
 @pytest.mark.parametrize(
     ("args", "line"),
     [

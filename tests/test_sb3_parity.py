@@ -155,9 +155,9 @@ def _continuous_pair(algo: str, **overrides):
     environment's units are SB3's normalised actions."""
     _, model, agent = _pair(algo, "MountainCarContinuous-v0", **overrides)
     _copy_linears(model.actor, agent.actor)
-    _copy_twin([model.critic.qf0, model.critic.qf1], agent.critic)
-    _copy_twin([model.critic_target.qf0, model.critic_target.qf1], agent.networks["critic_target"])
-    if algo == "td3":
+    _copy_twin(model.critic.q_networks, agent.critic)
+    _copy_twin(model.critic_target.q_networks, agent.networks["critic_target"])
+    if algo != "sac":
         _copy_linears(model.actor_target, agent.networks["actor_target"])
     return model, agent
 
@@ -231,6 +231,21 @@ def test_td3_gradient_steps_match_sb3_on_identical_batches():
         rtol=1e-4,
         atol=1e-5,
     )
+
+
+def test_ddpg_gradient_steps_match_sb3_on_identical_batches():
+    """SB3's DDPG (its TD3 with one critic, policy_delay 1 and target noise clipped to 0):
+    the critic's step, the actor's step and both targets after every gradient step."""
+    model, agent = _continuous_pair("ddpg", learning_rate=3e-3, target_update="polyak:0.1")
+    assert len(model.critic.q_networks) == len(agent.critic.weights[0]) == 1
+    _train_both(model, agent, steps=10, seed=0)
+    for ours, theirs in (("actor", model.actor), ("actor_target", model.actor_target)):
+        for s, t in zip(_linears(theirs), _linears(agent.networks[ours]), strict=True):
+            assert_close(t.weight, s.weight, **TOL)
+            assert_close(t.bias, s.bias, **TOL)
+    _assert_twin(model.critic.q_networks, agent.critic, **TOL)
+    _assert_twin(model.critic_target.q_networks, agent.networks["critic_target"], **TOL)
+    assert agent.gradient_updates == 10 and int(agent.target_routine.updates) == 10
 
 
 def _one_matrix_per_draw(model) -> None:

@@ -42,7 +42,7 @@ def weights(agent) -> dict[str, torch.Tensor]:
     }
 
 
-@pytest.mark.parametrize("algo", ["dqn", "sac", "td3"])
+@pytest.mark.parametrize("algo", ["dqn", "sac", "td3", "ddpg"])
 def test_same_seed_same_run(algo):
     a, summary = train(tiny(algo, total_steps=150, seed=3))
     b, _ = train(tiny(algo, total_steps=150, seed=3))
@@ -181,6 +181,7 @@ def _envs(config):
         ("sac", ["--target-update", "hard:20", "--max-norm", "2"]),
         ("td3", ["--policy-ema", "0.1", "--target-update", "hard:3", "--clip", "1"]),
         ("td3", ["--max-norm", "1.5", "--num-envs", "2", "--drift-every", "50"]),
+        ("ddpg", ["--policy-ema", "0.1", "--target-update", "hard:3", "--clip", "1"]),
         ("dqn", ["--policy-ema", "0.2", "--target-update", "polyak:0.1", "--max-norm", "1"]),
         ("dqn", ["--num-envs", "2", "--clip", "0.3", "--target-update", "hard:8"]),
     ],
@@ -224,7 +225,7 @@ def test_evaluate_matches_the_final_evaluation_of_the_run(tmp_path, capsys):
     assert f"mean return {summary['final_eval_return']:.1f}" in capsys.readouterr().out
 
 
-@pytest.mark.parametrize("algo", ["dqn", "sac", "td3"])
+@pytest.mark.parametrize("algo", ["dqn", "sac", "td3", "ddpg"])
 def test_impl_sb3_trains_evaluates_and_resumes(tmp_path, capsys, algo):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -714,6 +715,7 @@ def _schedules(saved) -> dict:
         ("native", "dqn", {"target_update": "hard:8", "clip": 1.0}),
         ("sb3", "sac", {"target_update": "hard:7", "policy_ema": 0.2, "clip": 1.0, **PLASTIC}),
         ("sb3", "td3", {"target_update": "hard:3", "policy_ema": 0.1}),
+        ("native", "ddpg", {"target_update": "hard:3", "policy_ema": 0.1, "max_norm": 1.5}),
         ("sb3", "dqn", {"target_update": "hard:8", "train_freq": 1, "gradient_steps": 1}),
     ],
 )
