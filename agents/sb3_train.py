@@ -22,7 +22,7 @@ import copy
 import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -46,6 +46,9 @@ from rlweights.agents.train import (
 from rlweights.files import write_json
 from rlweights.periodic import Periodic
 from rlweights.targets import TargetRoutine
+
+if TYPE_CHECKING:
+    from rlweights.sb3.algorithms import Algorithm
 
 __all__ = ["build_sb3_model", "check_plasticity", "load_sb3_policy", "sb3_kwargs", "train_sb3"]
 
@@ -92,7 +95,6 @@ def sb3_kwargs(config: AgentConfig) -> dict[str, Any]:
 
 def build_sb3_model(config: AgentConfig) -> tuple[Any, Any]:
     """(model, attachment): the SB3 model for ``config`` with rlweights attached."""
-    import stable_baselines3 as sb3
     from stable_baselines3.common.env_util import make_vec_env
     from stable_baselines3.common.noise import NormalActionNoise
 
@@ -101,15 +103,17 @@ def build_sb3_model(config: AgentConfig) -> tuple[Any, Any]:
     route_mujoco_warnings(config.env_id)
     vec_env = make_vec_env(config.env_id, n_envs=config.num_envs, seed=config.seed)
     kwargs = sb3_kwargs(config)
-    if config.algo in ("td3", "ddpg"):
+    algorithm = _sb3_class(config.algo)
+    if _row(config.algo).acts == "actor":  # a deterministic actor explores by action noise
         n = int(np.prod(vec_env.action_space.shape))
         kwargs["action_noise"] = NormalActionNoise(
             np.zeros(n), config.exploration_noise * np.ones(n)
         )
-    model = getattr(sb3, config.algo.upper())("MlpPolicy", vec_env, **kwargs)
+    model = algorithm("MlpPolicy", vec_env, **kwargs)
     # None: SB3's own rule (its tau, and for DQN its target_update_interval).
     spec = TargetUpdateSpec.parse(config.target_update)
-    routine = spec.routine() if spec.kind == "hard" and config.algo != "dqn" else None
+    hard = spec.kind == "hard" and not _row(config.algo).env_step_targets
+    routine = spec.routine() if hard else None
     return model, attach(model, routine)
 
 
@@ -145,24 +149,43 @@ def check_plasticity(config: AgentConfig) -> None:
         model.get_env().close()
 
 
+def _sb3_class(algo: str) -> type:
+    """SB3's class of the native algorithm named ``algo`` (``"ddpg"``: ``DDPG``)."""
+    import stable_baselines3 as sb3
+
+    return getattr(sb3, algo.upper())
+
+
+def _row(algo: str) -> Algorithm:
+    """The row of SB3's names for the native algorithm named ``algo``."""
+    from rlweights.sb3.algorithms import algorithm_of
+
+    return algorithm_of(_sb3_class(algo))
+
+
 def _policy_network(model: Any, algo: str) -> nn.Module:
-    return model.q_net if algo == "dqn" else model.actor
+    return getattr(model, _row(algo).policy)
 
 
 def _policy_optimizer(model: Any, algo: str) -> torch.optim.Optimizer:
-    return model.policy.optimizer if algo == "dqn" else model.actor.optimizer
+    return getattr(model, _row(algo).optimizer).optimizer
 
 
 def _policy_fn(model: Any, algo: str, network: nn.Module) -> Callable:
     """Deterministic actions of ``network`` (SB3's actor / Q-network, or its EMA) in the
     environment's units."""
-    if algo == "dqn":
+    acts = _row(algo).acts
+    if acts == "argmax":
         return lambda obs: network(obs).argmax(-1)
     low = torch.as_tensor(model.action_space.low, device=model.device)
     high = torch.as_tensor(model.action_space.high, device=model.device)
 
     def act(obs: torch.Tensor) -> torch.Tensor:
-        squashed = network(obs, deterministic=True) if algo == "sac" else network(obs)
+        squashed = (
+            network(obs, deterministic=True)
+            if acts == "actor(deterministic=True)"
+            else network(obs)
+        )
         return low + (squashed + 1.0) * 0.5 * (high - low)  # SB3's unscale_action
 
     return act
@@ -347,7 +370,7 @@ class _SB3Run:
         config, callbacks = self.config, []
         self.constraints = None
         if config.clip is not None or config.max_norm is not None:
-            modules = ("q_net",) if config.algo == "dqn" else ("actor", "critic")
+            modules = _row(config.algo).trained
             clamp = (-config.clip, config.clip) if config.clip is not None else None
             self.constraints = WeightConstraintCallback(
                 modules, clamp=clamp, max_norm=config.max_norm

@@ -17,25 +17,10 @@ import rlweights as rw
 from rlweights.checks import check_choice, check_fraction, check_int
 from rlweights.files import atomic_write
 from rlweights.periodic import Periodic
-from rlweights.sb3.patching import algorithm_names, matching_row, refresh_batch_norm_stats
+from rlweights.sb3.algorithms import ALGORITHMS, algorithm_of
+from rlweights.sb3.patching import algorithm_names, refresh_batch_norm_stats
 
-__all__ = ["ACTING_OPTIMIZERS", "PolicyAveragingCallback"]
-
-
-# (package, class, attribute whose .optimizer trains the network that acts). Subclasses match
-# through their base (DDPG is a TD3). TRPO is not here: its actor moves by a line search, not
-# by an optimizer step; MaskablePPO is not: evaluate_policy would act without its masks.
-ACTING_OPTIMIZERS: tuple[tuple[str, str, str], ...] = (
-    ("stable_baselines3", "SAC", "actor"),
-    ("stable_baselines3", "TD3", "actor"),
-    ("stable_baselines3", "DQN", "policy"),
-    ("stable_baselines3", "PPO", "policy"),
-    ("stable_baselines3", "A2C", "policy"),
-    ("sb3_contrib", "TQC", "actor"),
-    ("sb3_contrib", "CrossQ", "actor"),
-    ("sb3_contrib", "QRDQN", "policy"),
-    ("sb3_contrib", "RecurrentPPO", "policy"),
-)
+__all__ = ["PolicyAveragingCallback"]
 
 Average = Literal["ema", "swa"]
 
@@ -44,15 +29,15 @@ def _acting_optimizer(model: Any) -> Optimizer:
     """The optimizer whose steps move the network that chooses ``model``'s actions."""
     from stable_baselines3.common.base_class import BaseAlgorithm
 
-    names = ", ".join(name for _, name, _ in ACTING_OPTIMIZERS)
+    names = ", ".join(row.name for row in ALGORITHMS)
     if not isinstance(model, BaseAlgorithm):
         raise TypeError(
             f"PolicyAveragingCallback works with Stable-Baselines3 models ({names}), "
             f"got {type(model).__name__}"
         )
-    row = matching_row(model, ACTING_OPTIMIZERS)
+    row = algorithm_of(model)
     if row is not None:
-        return getattr(model, row[2]).optimizer
+        return getattr(model, row.optimizer).optimizer
     raise TypeError(
         f"PolicyAveragingCallback does not know which optimizer trains the policy of "
         f"{type(model).__name__}; it supports {names} (and their subclasses, e.g. DDPG)."
@@ -73,7 +58,8 @@ class PolicyAveragingCallback(BaseCallback):
 
     When it updates: after every optimizer step of the network that acts (a step post-hook
     on ``actor.optimizer`` for SAC, TD3/DDPG, TQC, CrossQ; on ``policy.optimizer`` for DQN,
-    QR-DQN, PPO, A2C, RecurrentPPO; see :data:`ACTING_OPTIMIZERS`). That is the averaging
+    QR-DQN, PPO, A2C, RecurrentPPO; each algorithm's ``optimizer`` in
+    :data:`rlweights.sb3.algorithms.ALGORITHMS`). That is the averaging
     of the SWA/EMA literature (one snapshot per gradient step of the policy), independent of
     ``train_freq``, ``gradient_steps``, ``learning_starts``, ``policy_delay`` (TD3's actor
     steps every ``policy_delay``-th update) or PPO's epochs and minibatches, which an update
@@ -166,11 +152,11 @@ class PolicyAveragingCallback(BaseCallback):
         # make_target may have flattened the online policy: refresh SB3's cached BatchNorm
         # lists.
         try:
-            _, _, pair_attrs, bn_attrs = algorithm_names(self.model)
+            row = algorithm_names(self.model)
         except ValueError:  # no target networks, so no cached lists
             pass
         else:
-            refresh_batch_norm_stats(self.model, pair_attrs, bn_attrs)
+            refresh_batch_norm_stats(self.model, row)
         return averager
 
     def _on_training_start(self) -> None:

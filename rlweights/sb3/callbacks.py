@@ -129,7 +129,7 @@ class DriftCallback(BaseCallback):
         from stable_baselines3.common.logger import TensorBoardOutputFormat
 
         try:
-            _, _, pairs, _ = algorithm_names(self.model)
+            pairs = algorithm_names(self.model).targets
             modules = {s: getattr(self.model, s) for s, _ in pairs}
             targets = {s: getattr(self.model, t) for s, t in pairs}
         except ValueError:  # no target networks: watch the whole policy

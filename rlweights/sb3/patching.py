@@ -19,6 +19,8 @@ which the native agents and ``--impl sb3`` refer to):
 
 BatchNorm running statistics are hard-copied to the targets at every update point, as SB3
 does, from the lists SB3 caches in ``_setup_model`` (flattening keeps those tensor objects).
+Each algorithm's target pairs, lists and module are its row of
+:data:`rlweights.sb3.algorithms.ALGORITHMS`.
 """
 
 from __future__ import annotations
@@ -38,66 +40,20 @@ import rlweights as rw
 from rlweights.checks import check_fraction
 from rlweights.flat import bump_versions
 from rlweights.ops import pair_plan
+from rlweights.sb3.algorithms import Algorithm, algorithm_of
 from rlweights.targets import TargetRoutine
 from rlweights.weights import Weights
 
 __all__ = [
-    "SUPPORTED",
     "Attachment",
     "algorithm_names",
     "attach",
     "detach",
-    "matching_row",
     "polyak_update",
     "refresh_batch_norm_stats",
 ]
 
 MIN_SB3, MAX_SB3 = (2, 3), (3, 0)
-
-# (package, class, module whose polyak_update name is replaced, target pairs, BN stat lists).
-# Subclasses match through their base (DDPG is a TD3).
-_Names = tuple[tuple[str, str], ...]
-SUPPORTED: tuple[tuple[str, str, str, _Names, _Names], ...]
-SUPPORTED = (
-    (
-        "stable_baselines3",
-        "SAC",
-        "stable_baselines3.sac.sac",
-        (("critic", "critic_target"),),
-        (("batch_norm_stats", "batch_norm_stats_target"),),
-    ),
-    (
-        "stable_baselines3",
-        "TD3",
-        "stable_baselines3.td3.td3",
-        (("critic", "critic_target"), ("actor", "actor_target")),
-        (
-            ("critic_batch_norm_stats", "critic_batch_norm_stats_target"),
-            ("actor_batch_norm_stats", "actor_batch_norm_stats_target"),
-        ),
-    ),
-    (
-        "stable_baselines3",
-        "DQN",
-        "stable_baselines3.dqn.dqn",
-        (("q_net", "q_net_target"),),
-        (("batch_norm_stats", "batch_norm_stats_target"),),
-    ),
-    (
-        "sb3_contrib",
-        "TQC",
-        "sb3_contrib.tqc.tqc",
-        (("critic", "critic_target"),),
-        (("batch_norm_stats", "batch_norm_stats_target"),),
-    ),
-    (
-        "sb3_contrib",
-        "QRDQN",
-        "sb3_contrib.qrdqn.qrdqn",
-        (("quantile_net", "quantile_net_target"),),
-        (("batch_norm_stats", "batch_norm_stats_target"),),
-    ),
-)
 
 Routine = TargetRoutine | Callable[[nn.Module, nn.Module, float], None] | None
 
@@ -154,22 +110,9 @@ def _check_version() -> None:
         )
 
 
-def matching_row(model: object, table: Iterable[tuple]) -> tuple | None:
-    """The first row ``(package, class name, ...)`` of ``table`` whose class ``model`` is an
-    instance of (subclasses match through their base: DDPG is a TD3); rows of packages that
-    are not installed are skipped."""
-    for row in table:
-        try:
-            cls = getattr(importlib.import_module(row[0]), row[1])
-        except (ImportError, AttributeError):
-            continue
-        if isinstance(model, cls):
-            return row
-    return None
-
-
-def algorithm_names(model: object) -> tuple[str, str, tuple, tuple]:
-    """(class name, module path, pairs, BN lists) of the supported algorithm of ``model``."""
+def algorithm_names(model: object) -> Algorithm:
+    """The row of :data:`rlweights.sb3.algorithms.ALGORITHMS` of ``model``, an algorithm
+    with target networks."""
     from stable_baselines3.common.base_class import BaseAlgorithm
 
     if not isinstance(model, BaseAlgorithm):
@@ -177,9 +120,9 @@ def algorithm_names(model: object) -> tuple[str, str, tuple, tuple]:
             f"attach takes a Stable-Baselines3 model (SAC, TD3, DDPG, DQN, TQC, QRDQN), "
             f"got {type(model).__name__}"
         )
-    row = matching_row(model, SUPPORTED)
-    if row is not None:
-        return row[1:]
+    row = algorithm_of(model)
+    if row is not None and row.targets:
+        return row
     raise ValueError(
         f"{type(model).__name__} has no target networks, so there is nothing to attach to: "
         "rlweights.sb3.attach works with SAC, TD3, DDPG, DQN and sb3-contrib's TQC and QRDQN."
@@ -322,12 +265,12 @@ def _flatten_disjoint(modules: dict[str, nn.Module]) -> list[str]:
     return done
 
 
-def refresh_batch_norm_stats(model: Any, pair_attrs: _Names, bn_attrs: _Names) -> None:
+def refresh_batch_norm_stats(model: Any, row: Algorithm) -> None:
     """SB3 caches detached aliases of the BatchNorm statistics (from ``state_dict()``) in
     ``_setup_model``; flattening rebinds those buffers, so refresh the lists in place."""
     from stable_baselines3.common.utils import get_parameters_by_name
 
-    for module_attrs, list_attrs in zip(pair_attrs, bn_attrs, strict=True):
+    for module_attrs, list_attrs in zip(row.targets, row.batch_norm_stats, strict=True):
         for module_attr, list_attr in zip(module_attrs, list_attrs, strict=True):
             getattr(model, list_attr)[:] = get_parameters_by_name(
                 getattr(model, module_attr), ["running_"]
@@ -345,7 +288,7 @@ def attach(model: Any, routine: Routine = None) -> Attachment:
     replaces the earlier attachment. Returns a handle with ``detach()``.
     """
     _check_version()
-    name, module_path, pair_attrs, bn_attrs = algorithm_names(model)
+    row = algorithm_names(model)
     if routine is not None and not (isinstance(routine, TargetRoutine) or callable(routine)):
         raise TypeError(
             "attach: routine must be None, a rw.PolyakUpdate / rw.HardUpdate, or a callable "
@@ -355,28 +298,28 @@ def attach(model: Any, routine: Routine = None) -> Attachment:
     if previous is not None:
         previous.detach()
     modules = {}
-    for source_attr, target_attr in pair_attrs:
+    for source_attr, target_attr in row.targets:
         modules[source_attr] = getattr(model, source_attr)
         modules[target_attr] = getattr(model, target_attr)
     flattened = _flatten_disjoint(modules)
-    refresh_batch_norm_stats(model, pair_attrs, bn_attrs)
+    refresh_batch_norm_stats(model, row)
     pairs = []
-    for source_attr, target_attr in pair_attrs:
+    for source_attr, target_attr in row.targets:
         source, target = modules[source_attr], modules[target_attr]
         bound = routine.bind(source, target) if isinstance(routine, TargetRoutine) else routine
         if bound is routine:
             pair_plan(target, source, "attach")  # validate the pair now
         pairs.append(_Pair(source_attr, source, target, bound))
-    attachment = Attachment(name, module_path, pairs, flattened)
+    attachment = Attachment(row.name, row.module, pairs, flattened)
     for pair in pairs:
         attachment._route(pair.target, pair)
-    for source_attr, target_attr in bn_attrs:
+    for source_attr, target_attr in row.batch_norm_stats:
         source_stats, target_stats = getattr(model, source_attr), getattr(model, target_attr)
         if target_stats:
             stats = _Stats(source_stats, target_stats)
             attachment.stats.append(stats)
             attachment._route(target_stats, stats)
-    _patch(module_path)
+    _patch(row.module)
     _ATTACHED[model] = attachment
     return attachment
 
