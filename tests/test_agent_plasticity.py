@@ -311,24 +311,6 @@ def test_sb3_plasticity_callback_reused_after_load_touches_only_the_loaded_model
     callback.on_training_end()
 
 
-def test_sb3_plasticity_callback_after_a_learn_that_raised_leaves_no_hook_behind():
-    from stable_baselines3 import SAC
-
-    from rlweights.sb3 import PlasticityCallback
-
-    first = SAC("MlpPolicy", "Pendulum-v1", seed=0, policy_kwargs={"net_arch": [8]})
-    second = SAC("MlpPolicy", "Pendulum-v1", seed=1, policy_kwargs={"net_arch": [8]})
-    callback = PlasticityCallback(unit_sphere="actor.mu.weight")
-    callback.init_callback(first)
-    callback.on_training_start({}, {})  # a learn() that raised: no on_training_end
-    callback.init_callback(second)
-    callback.on_training_start({}, {})
-    assert not first.actor.optimizer._optimizer_step_post_hooks
-    assert len(second.actor.optimizer._optimizer_step_post_hooks) == 1
-    callback.on_training_end()
-    assert not second.actor.optimizer._optimizer_step_post_hooks
-
-
 def test_sb3_plasticity_callback_resets_the_state_independent_log_std_to_its_init():
     from stable_baselines3 import PPO, SAC
 

@@ -326,9 +326,17 @@ def test_drift_callback_without_tensorboard_records_through_the_logger():
     assert values["drift/policy/init_distance"] > 0
 
 
-def test_weight_constraint_callback_after_a_learn_that_raised_leaves_no_hook_behind():
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: rsb3.WeightConstraintCallback(("actor",), clamp=(-0.05, 0.05)),
+        lambda: rsb3.PlasticityCallback(unit_sphere="actor.mu.weight"),
+    ],
+    ids=["constraints", "plasticity"],
+)
+def test_a_callback_after_a_learn_that_raised_leaves_no_hook_behind(make):
     first, second = _make(SAC), _make(SAC, seed=1)
-    callback = rsb3.WeightConstraintCallback(("actor",), clamp=(-0.05, 0.05))
+    callback = make()
     callback.init_callback(first)
     callback.on_training_start({}, {})  # a learn() that raised: no on_training_end
     callback.init_callback(second)
@@ -336,6 +344,7 @@ def test_weight_constraint_callback_after_a_learn_that_raised_leaves_no_hook_beh
     assert not first.actor.optimizer._optimizer_step_post_hooks
     assert len(second.actor.optimizer._optimizer_step_post_hooks) == 1
     callback.on_training_end()
+    assert not second.actor.optimizer._optimizer_step_post_hooks
 
 
 def test_drift_callback_reused_on_a_model_without_tensorboard_logs_nothing_into_the_old_run(
