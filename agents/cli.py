@@ -94,9 +94,9 @@ class UsageError(Exception):
     """Bad input from the user: reported in one line, exit code 2."""
 
 
-# One thread per training process: two 2-thread runs side by side slow down more than tenfold
-# on a 2-core machine (OpenMP threads waiting on each other), while 1-thread runs side by
-# side keep their speed (measurements in docs/benchmarks.md).
+# One thread per training process: 2-thread runs side by side on a 2-core machine slow each
+# other down many times over (OpenMP threads waiting on each other), while 1-thread runs side
+# by side keep their speed (measurements in docs/benchmarks.md).
 DEFAULT_THREADS = 1
 
 

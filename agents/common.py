@@ -233,9 +233,8 @@ def flush_subnormal_state_(optimizer: torch.optim.Optimizer) -> None:
     Why: the gradient of a dead ReLU unit's weights is exactly 0, so Adam's moments of them
     decay geometrically (``exp_avg`` by 0.9 per step) and, rounding to nearest, stop at the
     smallest subnormal float instead of reaching 0. On x86 CPUs every arithmetic operation on a
-    subnormal takes a microcode assist: in a native TD3 HalfCheetah-v5 run after 30k steps,
-    40 % of the actor's second-layer ``exp_avg`` was subnormal and the fused Adam step took
-    2.1 ms instead of 0.2 ms (docs/benchmarks.md). The values flushed are below 1.2e-38, and
+    subnormal takes a microcode assist, which made a native TD3 HalfCheetah-v5 run's Adam step
+    several times slower (docs/benchmarks.md). The values flushed are below 1.2e-38, and
     an update made of them is below 1e-30: nothing a run can see. The tensors stay the same
     objects (a compiled step reads them)."""
     with torch.no_grad():
@@ -286,8 +285,8 @@ class ReplayBuffer:
         self.size = 0
         self.generator = torch.Generator(device=self.device).manual_seed(seed)
         # On the CPU, numpy views of the same storage: a transition is written and a batch
-        # gathered by numpy's indexing, without a tensor made per field and step (about 40 us
-        # less per environment step for a one-environment run; the same values).
+        # gathered by numpy's indexing, without a tensor made per field and step (the same
+        # values, less time per environment step).
         self._host = (
             {name: getattr(self, name).numpy() for name in self.FIELDS}
             if self.device.type == "cpu"

@@ -78,8 +78,8 @@ def adam_(
             state["exp_avg_sq"].mul_(beta2).addcmul_(g, g, value=1 - beta2)
             # The step size and the bias correction, computed once into a buffer of their
             # own (stacked): inlined, inductor's CPU loop recomputes their powers for every
-            # vector of the parameter (the step is re-read after each store), which made
-            # Adam's pass 1.5-2x slower. Same arithmetic, bit-identical results.
+            # vector of the parameter (the step is re-read after each store), a slower pass
+            # (docs/benchmarks.md). Same arithmetic, bit-identical results.
             scalars = torch.stack([lr / (1 - beta1**step), (1 - beta2**step).sqrt()])
             denom = (state["exp_avg_sq"].sqrt() / scalars[1]).add_(eps)
             p.sub_(scalars[0] * state["exp_avg"] / denom)
@@ -107,9 +107,9 @@ class CompiledStep:
         # and routines' tensors stay where they are)
         self.mode = "reduce-overhead" if cudagraphs else None
         # ``cpp_wrapper`` (the agents ask for it on the CPU): inductor's C++ wrapper calls the
-        # step's kernels and matmuls from C++ instead of a Python function; measured on this
-        # project's CPU, SAC's compiled update 5-8 % faster, bit-identical, for about twice the
-        # cold compile time. Where it cannot compile, the step is compiled again without it.
+        # step's kernels and matmuls from C++ instead of a Python function: a faster update on
+        # the CPU, bit-identical, for a longer cold compile (docs/benchmarks.md). Where it
+        # cannot compile, the step is compiled again without it.
         use_cpp = cpp_wrapper and not cudagraphs and BACKEND == "inductor"
         self.options: dict[str, Any] | None = {"cpp_wrapper": True} if use_cpp else None
         self._source = fn
