@@ -146,7 +146,13 @@ HYPERPARAMETERS: list[tuple[str, str, Any, str, str]] = [
         "keep an exponential moving average of the policy with this TAU (0 < TAU <= 1), "
         "updated after every policy step, and evaluate it next to the policy (eval/ema_return)",
     ),
-    ("--clip", "clip", float, "VALUE", "clamp weights to [-VALUE, VALUE] after optimizer steps"),
+    (
+        "--weight-clip",
+        "weight_clip",
+        float,
+        "VALUE",
+        "clamp weights to [-VALUE, VALUE] after optimizer steps",
+    ),
     (
         "--max-norm",
         "max_norm",

@@ -17,7 +17,12 @@ from torch import Tensor, nn
 from torch.func import functional_call, grad_and_value
 
 import rlweights as rw
-from rlweights.agents.compiled import CompiledStep, adam_, forget_adam_state_, prepare_adam
+from rlweights.agents.compiled import (
+    CompiledStep,
+    forget_adam_state_,
+    prepare_adam,
+    tensor_adam_step_,
+)
 from rlweights.agents.networks import TwinQ
 from rlweights.agents.target_update import TargetUpdateSpec
 from rlweights.checks import check_int
@@ -32,9 +37,9 @@ __all__ = [
     "ContinuousAgent",
     "OffPolicyAgent",
     "ReplayBuffer",
-    "adam",
     "check_flat_observations",
     "flush_subnormal_state_",
+    "make_adam",
     "rng_state",
     "seed_everything",
     "set_rng_state",
@@ -118,7 +123,9 @@ class AgentConfig:
     gradient_steps: int = 1
     target_update: str = "polyak:0.005"  # the spec: "polyak:TAU" or "hard:EVERY"
     policy_ema: float | None = None  # tau of an EMA of the policy, evaluated next to it
-    clip: float | None = None  # clamp weights to [-clip, clip] after each optimizer step
+    weight_clip: float | None = (
+        None  # clamp weights to [-weight_clip, weight_clip] after each optimizer step
+    )
     max_norm: float | None = None  # per-unit max-norm after each optimizer step
     device: str = "cpu"
     drift_every: int = 1000  # 0 disables drift logging
@@ -163,7 +170,7 @@ class AgentConfig:
             "train_freq": self.train_freq >= 1,
             "gradient_steps": self.gradient_steps >= 1,
             "policy_ema": self.policy_ema is None or 0.0 < self.policy_ema <= 1.0,
-            "clip": self.clip is None or self.clip > 0.0,
+            "weight_clip": self.weight_clip is None or self.weight_clip > 0.0,
             "max_norm": self.max_norm is None or self.max_norm > 0.0,
             "drift_every": self.drift_every >= 0,
             "eval_every": self.eval_every >= 0,
@@ -244,7 +251,7 @@ def flush_subnormal_state_(optimizer: torch.optim.Optimizer) -> None:
                     value.masked_fill_(value.abs() < torch.finfo(value.dtype).tiny, 0)
 
 
-def adam(params: Iterable[Tensor], lr: float) -> torch.optim.Adam:
+def make_adam(params: Iterable[Tensor], lr: float) -> torch.optim.Adam:
     """Adam with the fused kernel (one pass over all tensors; CPU and CUDA since torch 2.4),
     falling back to foreach where fused is unavailable."""
     params = list(params)
@@ -261,7 +268,7 @@ class ReplayBuffer:
     uniformly with a torch generator, so sampling needs no host round trip.
     """
 
-    FIELDS = ("obs", "actions", "rewards", "next_obs", "dones")
+    FIELDS = ("obs", "actions", "rewards", "next_obs", "terminated")
 
     def __init__(
         self,
@@ -280,7 +287,7 @@ class ReplayBuffer:
             (capacity, *action_shape), dtype=action_dtype, device=self.device
         )
         self.rewards = torch.zeros(capacity, device=self.device)
-        self.dones = torch.zeros(capacity, device=self.device)
+        self.terminated = torch.zeros(capacity, device=self.device)
         self.position = 0
         self.size = 0
         self.generator = torch.Generator(device=self.device).manual_seed(seed)
@@ -610,7 +617,7 @@ class OffPolicyAgent:
             for optimizer in self.optimizers.values():
                 flush_subnormal_state_(optimizer)
 
-    def update(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
+    def train_step(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
         """One gradient step on ``batch``: :meth:`gradient_step` with the step's random draws
         and schedule (:meth:`step_inputs`), compiled under ``--compile`` (eagerly where it
         cannot be compiled here). Returns the step's losses (detached)."""
@@ -638,7 +645,7 @@ class OffPolicyAgent:
         the ``torch.optim.Adam`` step; inside ``torch.compile`` (``--compile``), the gradients
         by ``torch.func.grad_and_value`` of ``loss_fn`` called with the same module on its
         parameters as inputs, and Adam as tensor code on the optimizer's own state
-        (:func:`~rlweights.agents.compiled.adam_`)."""
+        (:func:`~rlweights.agents.compiled.tensor_adam_step_`)."""
         net = self.networks[name]
         params = list(net.parameters())
         if torch.compiler.is_compiling():
@@ -666,7 +673,7 @@ class OffPolicyAgent:
         eagerly, its tensor form inside ``torch.compile``."""
         optimizer = self.optimizers[name]
         if torch.compiler.is_compiling():
-            adam_(optimizer, params, grads)
+            tensor_adam_step_(optimizer, params, grads)
             return
         for p, g in zip(params, grads, strict=True):
             if p.grad is not g:  # the temperature's gradient, written directly
@@ -674,16 +681,16 @@ class OffPolicyAgent:
         optimizer.step()
 
     def constrain(self, name: str) -> None:
-        """``--clip``: clamp every weight of network ``name`` to [-clip, clip];
+        """``--weight-clip``: clamp every weight of network ``name`` to [-weight_clip, weight_clip];
         ``--max-norm``: rescale each unit's incoming weights to L2 norm <= max_norm;
         ``--unit-sphere``: the selected weights' units to norm 1. In place, as tensor code on
         the parameters (the same eagerly and inside a compiled step)."""
         cfg, net = self.config, self.networks[name]
         with torch.no_grad():
-            if cfg.clip is not None:
+            if cfg.weight_clip is not None:
                 params = list(net.parameters())
-                torch._foreach_clamp_min_(params, -cfg.clip)
-                torch._foreach_clamp_max_(params, cfg.clip)
+                torch._foreach_clamp_min_(params, -cfg.weight_clip)
+                torch._foreach_clamp_max_(params, cfg.weight_clip)
             if cfg.max_norm is not None:
                 unit_norms_(_constraint_tensors(net), cfg.max_norm, at_most=True)
             if name in self.unit_sphere:
@@ -787,7 +794,7 @@ class OffPolicyAgent:
 
     def gradient_step(self, *fields_and_inputs: Any) -> dict[str, Tensor]:
         """The algorithm's whole gradient step on a batch's obs, actions, rewards, next_obs,
-        dones and the :meth:`step_inputs`: run eagerly, and compiled as it is."""
+        terminated flags and the :meth:`step_inputs`: run eagerly, and compiled as it is."""
         raise NotImplementedError
 
 

@@ -6,7 +6,7 @@ torch, ``loss.backward()`` and ``optimizer.step()`` break a graph (and a step co
 by piece is slower than an eager one), so the one place where the two differ,
 :meth:`~rlweights.agents.common.OffPolicyAgent.minimize`, takes the gradients there with
 ``torch.func.grad_and_value`` (the same modules, called on their parameters as inputs) and
-Adam as tensor code on the ``torch.optim.Adam`` objects' own state (:func:`adam_`:
+Adam as tensor code on the ``torch.optim.Adam`` objects' own state (:func:`tensor_adam_step_`:
 checkpoints and ``--resume`` see the same optimizer state either way). The target update
 and the policy EMA are the capturable rlweights routines (:mod:`rlweights.capture`), eagerly
 too.
@@ -24,7 +24,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-__all__ = ["BACKEND", "CompiledStep", "adam_", "forget_adam_state_", "prepare_adam"]
+__all__ = ["BACKEND", "CompiledStep", "forget_adam_state_", "prepare_adam", "tensor_adam_step_"]
 
 # torch.compile's backend for the compiled steps: inductor generates the fused kernels; the
 # tests also use "aot_eager" (the same tracing and functionalization, no code generation,
@@ -60,7 +60,7 @@ def forget_adam_state_(optimizer: torch.optim.Optimizer, params: Iterable[Tensor
                     value.zero_()
 
 
-def adam_(
+def tensor_adam_step_(
     optimizer: torch.optim.Optimizer, params: Sequence[Tensor], grads: Iterable[Tensor]
 ) -> None:
     """One Adam step of ``params`` (all in the optimizer's first group) down ``grads``, as

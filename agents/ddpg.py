@@ -17,7 +17,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from rlweights.agents.common import AgentConfig, ContinuousAgent, adam
+from rlweights.agents.common import AgentConfig, ContinuousAgent, make_adam
 from rlweights.agents.networks import TwinQ
 from rlweights.agents.td3 import DeterministicActor
 
@@ -57,7 +57,7 @@ class DDPG(ContinuousAgent):
         critic = TwinQ(self.obs_dim + self.act_dim, config.hidden, n=1)
         self.networks["critic"] = critic.to(self.device)
         for name, net in self.networks.items():
-            self.optimizers[name] = adam(net.parameters(), config.learning_rate)
+            self.optimizers[name] = make_adam(net.parameters(), config.learning_rate)
         self._setup_routines(("actor", "critic"), "actor")
 
     @torch.no_grad()
@@ -72,7 +72,7 @@ class DDPG(ContinuousAgent):
         """A DDPG step draws nothing."""
         return ()
 
-    def gradient_step(self, obs, actions, rewards, next_obs, dones):
+    def gradient_step(self, obs, actions, rewards, next_obs, terminated):
         """One gradient step in SB3's order: the TD target at the target actor's action, the
         critic's step, the actor's step (through the updated critic), the policy EMA, the
         target update."""
@@ -80,7 +80,7 @@ class DDPG(ContinuousAgent):
             next_actions = self.networks["actor_target"](next_obs)
             next_x = torch.cat([next_obs, next_actions], -1)
             next_q = self.networks["critic_target"](next_x)[0]
-            target = rewards + self.config.gamma * (1 - dones) * next_q
+            target = rewards + self.config.gamma * (1 - terminated) * next_q
 
         def critic_loss(critic: nn.Module) -> Tensor:
             q = critic(torch.cat([obs, actions], -1))

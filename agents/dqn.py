@@ -16,7 +16,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from rlweights.agents.common import AgentConfig, OffPolicyAgent, adam
+from rlweights.agents.common import AgentConfig, OffPolicyAgent, make_adam
 from rlweights.agents.networks import mlp
 
 __all__ = ["DQN", "DQNConfig"]
@@ -69,7 +69,7 @@ class DQN(OffPolicyAgent):
         obs_dim = int(np.prod(observation_space.shape))
         self.n_actions = int(action_space.n)
         self.networks["q"] = mlp([obs_dim, *config.hidden, self.n_actions]).to(self.device)
-        self.optimizers["q"] = adam(self.networks["q"].parameters(), config.learning_rate)
+        self.optimizers["q"] = make_adam(self.networks["q"].parameters(), config.learning_rate)
         self._setup_routines(("q",), "q", per_env_step=True)
 
     @property
@@ -99,14 +99,14 @@ class DQN(OffPolicyAgent):
         """A DQN step draws nothing."""
         return ()
 
-    def gradient_step(self, obs, actions, rewards, next_obs, dones):
+    def gradient_step(self, obs, actions, rewards, next_obs, terminated):
         """One gradient step of the Q-network, in SB3's order: the TD target from the target
         network, the Huber loss of the taken actions' Q-values, the step (its gradient norm
         clipped), then the policy EMA. The target update is not part of it: it counts
         environment steps (:meth:`on_env_step`)."""
         with torch.no_grad():
             next_q = self.networks["q_target"](next_obs).max(-1)[0]
-            target = rewards + self.config.gamma * (1 - dones) * next_q
+            target = rewards + self.config.gamma * (1 - terminated) * next_q
 
         def loss(q: nn.Module) -> Tensor:
             taken = q(obs).gather(-1, actions.long().unsqueeze(-1)).squeeze(-1)

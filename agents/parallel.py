@@ -70,7 +70,7 @@ class Learners:
         for unit in self._units:
             rw.distributed.broadcast_(unit, src=0)
 
-    def average(self) -> Tensor | None:
+    def sync_weights(self) -> Tensor | None:
         """Average every network across the learners. On rank 0, returns the L2 distance its
         weights (all networks) moved (how far the learners had drifted apart), else None."""
         before = None

@@ -19,7 +19,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from rlweights.agents.common import AgentConfig, ContinuousAgent, adam
+from rlweights.agents.common import AgentConfig, ContinuousAgent, make_adam
 from rlweights.agents.networks import BoundedActor, TwinQ, mlp
 
 __all__ = ["SAC", "Actor", "SACConfig", "StateDependentActor"]
@@ -178,9 +178,9 @@ class SAC(ContinuousAgent):
         self.log_alpha = torch.zeros(1, device=self.device, requires_grad=True)
         self.target_entropy = -float(act_dim)
         lr = config.learning_rate
-        self.optimizers["actor"] = adam(self.networks["actor"].parameters(), lr)
-        self.optimizers["critic"] = adam(self.networks["critic"].parameters(), lr)
-        self.optimizers["alpha"] = adam([self.log_alpha], lr)
+        self.optimizers["actor"] = make_adam(self.networks["actor"].parameters(), lr)
+        self.optimizers["critic"] = make_adam(self.networks["critic"].parameters(), lr)
+        self.optimizers["alpha"] = make_adam([self.log_alpha], lr)
         self._setup_routines(("critic",), "actor")
 
     @property
@@ -211,7 +211,7 @@ class SAC(ContinuousAgent):
         noise = torch.randn(batch_size, self.act_dim, device=self.device)
         return noise, torch.randn_like(noise)
 
-    def gradient_step(self, obs, actions, rewards, next_obs, dones, noise, next_noise):
+    def gradient_step(self, obs, actions, rewards, next_obs, terminated, noise, next_noise):
         """One gradient step in SB3's order: the soft TD target, the critic's step, the
         actor's step (through the updated critic), the temperature's step, the policy EMA,
         the target update. All losses use the temperature before its step (SB3 steps it
@@ -222,7 +222,7 @@ class SAC(ContinuousAgent):
         with torch.no_grad():
             next_actions, next_log_prob = self.actor(next_obs, noise=next_noise)
             next_q = self.critic_target(torch.cat([next_obs, next_actions], -1)).min(0)[0]
-            target = rewards + cfg.gamma * (1 - dones) * (next_q - alpha * next_log_prob)
+            target = rewards + cfg.gamma * (1 - terminated) * (next_q - alpha * next_log_prob)
 
         def critic_loss(critic: nn.Module) -> Tensor:  # SB3's 0.5 * (mse_1 + mse_2)
             q = critic(torch.cat([obs, actions], -1))

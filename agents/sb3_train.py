@@ -369,9 +369,13 @@ class _SB3Run:
 
         config, callbacks = self.config, []
         self.constraints = None
-        if config.clip is not None or config.max_norm is not None:
+        if config.weight_clip is not None or config.max_norm is not None:
             modules = _row(config.algo).trained
-            clamp = (-config.clip, config.clip) if config.clip is not None else None
+            clamp = (
+                (-config.weight_clip, config.weight_clip)
+                if config.weight_clip is not None
+                else None
+            )
             self.constraints = WeightConstraintCallback(
                 modules, clamp=clamp, max_norm=config.max_norm
             )

@@ -16,7 +16,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from rlweights.agents.common import AgentConfig, ContinuousAgent, adam
+from rlweights.agents.common import AgentConfig, ContinuousAgent, make_adam
 from rlweights.agents.networks import BoundedActor, TwinQ, mlp
 from rlweights.periodic import Periodic
 
@@ -81,8 +81,8 @@ class TD3(ContinuousAgent):
         self.networks["actor"] = actor.to(self.device)
         self.networks["critic"] = TwinQ(self.obs_dim + self.act_dim, config.hidden).to(self.device)
         lr = config.learning_rate
-        self.optimizers["actor"] = adam(self.networks["actor"].parameters(), lr)
-        self.optimizers["critic"] = adam(self.networks["critic"].parameters(), lr)
+        self.optimizers["actor"] = make_adam(self.networks["actor"].parameters(), lr)
+        self.optimizers["critic"] = make_adam(self.networks["critic"].parameters(), lr)
         self._setup_routines(("actor", "critic"), "actor")
         # Counts critic steps: the actor steps at every policy_delay-th one.
         self.actor_delay = Periodic(config.policy_delay, name="TD3 policy_delay")
@@ -101,7 +101,7 @@ class TD3(ContinuousAgent):
         noise = torch.randn(batch_size, self.act_dim, device=self.device)
         return noise, self.actor_delay.step()
 
-    def gradient_step(self, obs, actions, rewards, next_obs, dones, noise, update_actor):
+    def gradient_step(self, obs, actions, rewards, next_obs, terminated, noise, update_actor):
         """One gradient step in SB3's order: the TD target at the target actor's smoothed
         action, the critic's step; with ``update_actor``, the actor's step (through the
         updated critic's first network), the policy EMA and the target update."""
@@ -115,7 +115,7 @@ class TD3(ContinuousAgent):
             # SB3 adds the noise in the [-1, 1] action scale before clipping to the bounds.
             next_actions = actor_target.clamp(next_actions + noise * actor_target.scale)
             next_q = critic_target(torch.cat([next_obs, next_actions], -1)).min(0)[0]
-            target = rewards + cfg.gamma * (1 - dones) * next_q
+            target = rewards + cfg.gamma * (1 - terminated) * next_q
 
         def critic_loss(critic: nn.Module) -> Tensor:  # SB3's 0.5 * (mse_1 + mse_2)
             q = critic(torch.cat([obs, actions], -1))

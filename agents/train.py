@@ -81,9 +81,14 @@ ALGOS: dict[str, tuple[type[AgentConfig], type[OffPolicyAgent]]] = {
 }
 
 CHECKPOINT_FORMAT = "rlweights-agent"
-# Version 2: the routines' states in the one counter format of rlweights.periodic. Older
-# checkpoints still load for evaluation; only the current version resumes.
-CHECKPOINT_VERSION = 2
+# Version 2: the routines' states in the one counter format of rlweights.periodic. Version 3:
+# the config's weight clamp is ``weight_clip`` (was ``clip``) and the replay buffer's terminal
+# flags ``terminated`` (were ``dones``); a version 2 checkpoint is read with those names
+# changed and resumes. Version 1 checkpoints load for evaluation only.
+CHECKPOINT_VERSION = 3
+RESUMABLE_VERSIONS = (2, 3)
+# Names a version 2 file gives what version 3 names otherwise (config field, buffer field).
+_RENAMED_IN_3 = {"config": {"clip": "weight_clip"}, "buffer": {"dones": "terminated"}}
 EVAL_SEED_OFFSET = 1_000_000  # evaluation episodes never reuse a training seed
 
 
@@ -339,16 +344,23 @@ def load_checkpoint(path: str | Path, *, resume: bool = False) -> dict[str, Any]
             f"{path} has checkpoint version {version}, this rlweights reads versions 1 to "
             f"{CHECKPOINT_VERSION}"
         )
-    if resume and version != CHECKPOINT_VERSION:
+    if resume and version not in RESUMABLE_VERSIONS:
         raise CheckpointError(
             f"{path} was written by an earlier rlweights (checkpoint version {version}): it "
-            f"evaluates, but only version {CHECKPOINT_VERSION} resumes; start a new run"
+            f"evaluates, but only versions {RESUMABLE_VERSIONS[0]} to {CHECKPOINT_VERSION} "
+            "resume; start a new run"
         )
     if resume and "training" not in state:
         made = "an average of checkpoints" if "averaged_from" in state else "a checkpoint"
         raise CheckpointError(
             f"{path} is {made} without training state (optimizers, replay buffer): it "
             "evaluates, but does not resume; start a new run"
+        )
+    if version < 3:
+        _rename(state.get("config"), _RENAMED_IN_3["config"])
+        training = state.get("training")
+        _rename(
+            training.get("buffer") if isinstance(training, dict) else None, _RENAMED_IN_3["buffer"]
         )
     _check_fields(state, path)
     if version == 1:
@@ -359,6 +371,14 @@ def load_checkpoint(path: str | Path, *, resume: bool = False) -> dict[str, Any]
             stacklevel=2,
         )
     return state
+
+
+def _rename(fields: Any, names: dict[str, str]) -> None:
+    """Give the entries of a dict read from an earlier version their current names."""
+    if isinstance(fields, dict):
+        for old, new in names.items():
+            if old in fields and new not in fields:
+                fields[new] = fields.pop(old)
 
 
 @contextlib.contextmanager
@@ -487,6 +507,7 @@ def config_from_checkpoint(
     environment id imports no module unless the user names it (``env``, see
     :func:`_check_env_from_file`)."""
     saved = dict(state["config"])
+    _rename(saved, _RENAMED_IN_3["config"])  # a config.json written before version 3
     algo = saved.pop("algo")
     _check_env_from_file(saved.get("env_id"), env, where)
     if algo in ALGOS:
@@ -720,7 +741,7 @@ class _Run:
         intervals = {
             "train": cfg.train_freq,
             "log_losses": max(cfg.train_freq, 100),
-            "average": cfg.average_every if learners is not None else 0,
+            "sync": cfg.average_every if learners is not None else 0,
             "monitor": monitor_every if monitor is not None else 0,
             "drift": cfg.drift_every if self.drift is not None else 0,
             "evaluate": cfg.eval_every if self.rank0 else 0,
@@ -779,8 +800,8 @@ class _Run:
                 if stop.requested:
                     self.stop()
                 self.collect()
-                self.update()
-                self.average()
+                self.run_gradient_steps()
+                self.sync_learners()
                 self.log()
                 self.evaluate_and_checkpoint()
                 self.report()
@@ -823,7 +844,7 @@ class _Run:
                 self.writer.add_scalar("charts/episodic_length", final["episode"]["l"][i], at)
         return real_next
 
-    def update(self) -> None:
+    def run_gradient_steps(self) -> None:
         """The agent's per-environment-step routine (DQN's target update), then, once learning
         has started, ``gradient_steps`` gradient steps every ``train_freq`` environment steps."""
         cfg = self.config
@@ -833,7 +854,7 @@ class _Run:
         if "train" not in self.due or self.steps <= cfg.learning_starts:
             return
         for batch in self.buffer.batches(cfg.gradient_steps, cfg.batch_size):
-            losses = self.agent.update(batch)
+            losses = self.agent.train_step(batch)
         if self.writer is not None and "log_losses" in self.due:
             for name, value in losses.items():
                 self.writer.add_scalar(f"losses/{name}", value.item(), self.steps)
@@ -854,10 +875,10 @@ class _Run:
                         by_network.setdefault(network, []).append(tensor)
                 self.drift.monitor.reset(by_network)
 
-    def average(self) -> None:
+    def sync_learners(self) -> None:
         """Parallel learners: average the weights across them."""
-        if "average" in self.due:
-            moved = self.learners.average()
+        if "sync" in self.due:
+            moved = self.learners.sync_weights()
             if self.writer is not None and moved is not None:
                 self.writer.add_scalar("distributed/distance_to_average", moved.item(), self.steps)
 

@@ -50,13 +50,13 @@ __all__ = [
 
 if TYPE_CHECKING:
     from rlweights import constraints, distributed
-    from rlweights.averaging import EMA, SWA
     from rlweights.capture import LayoutChangedError
     from rlweights.checks import PrecisionWarning
     from rlweights.constraints import constrain, reset_optimizer_state_
     from rlweights.flat import FlatLayoutWarning, FlatWeights, flatten_
     from rlweights.ops import average_, clamp_, copy_, distance, distances, max_norm_, polyak_
     from rlweights.plasticity import ShrinkPerturb, reinit_, shrink_perturb_
+    from rlweights.running_average import EMA, SWA
     from rlweights.targets import HardUpdate, PolyakUpdate, make_target
     from rlweights.weights import NonFiniteError, WeightMismatchError
 
@@ -64,8 +64,8 @@ if TYPE_CHECKING:
 _HOME = {
     "constraints": "constraints",
     "distributed": "distributed",
-    "EMA": "averaging",
-    "SWA": "averaging",
+    "EMA": "running_average",
+    "SWA": "running_average",
     "LayoutChangedError": "capture",
     "PrecisionWarning": "checks",
     "constrain": "constraints",

@@ -35,7 +35,7 @@ COMMANDS: dict[str, tuple[str, str, str, str | None, str]] = {
         "EVALUATE_DESCRIPTION",
         "evaluate a checkpoint written by 'rlweights train'",
     ),
-    "average": (
+    "soup": (
         "rlweights.soup",
         "add_arguments",
         "main_from_args",

@@ -1,4 +1,4 @@
-"""rlweights average: the weighted average of checkpoints of one architecture (a model soup).
+"""rlweights soup: the weighted average of checkpoints of one architecture (a model soup).
 
 Reads three kinds of checkpoints, all of one kind per call:
 
@@ -16,8 +16,8 @@ The output is written atomically; on any error nothing is written and the exit c
 --out never replaces an input, nor writes into the folder of a run (one that holds a
 model.pt or config.json) unless --force says so.
 
-  rlweights average run_a run_b --out soup.pt
-  rlweights average a.zip b.zip c.zip --coefficients 2 1 1 --out soup.zip
+  rlweights soup run_a run_b --out soup.pt
+  rlweights soup a.zip b.zip c.zip --coefficients 2 1 1 --out soup.zip
 """
 
 from __future__ import annotations
@@ -44,7 +44,7 @@ class SoupError(ValueError):
 
 
 def _torch_load(data: bytes | Path, where: str) -> Any:
-    import torch  # here and below: 'rlweights average --help' starts without torch
+    import torch  # here and below: 'rlweights soup --help' starts without torch
 
     try:
         source = io.BytesIO(data) if isinstance(data, bytes) else data
@@ -244,7 +244,7 @@ def main_from_args(args: argparse.Namespace) -> int:
         kind, result = average_checkpoints(args.checkpoints, args.coefficients)
         _write(kind, result, args.checkpoints[0], args.out)
     except (SoupError, OSError) as exc:
-        print(f"rlweights average: error: {exc}", file=sys.stderr)
+        print(f"rlweights soup: error: {exc}", file=sys.stderr)
         return 2
     print(f"wrote the average of {len(args.checkpoints)} {kind} checkpoints to {args.out}")
     return 0

@@ -32,7 +32,7 @@ def _batch(obs_dim: int, actions: torch.Tensor, n: int = 32) -> dict[str, torch.
         "actions": actions,
         "rewards": torch.randn(n, generator=g),
         "next_obs": torch.randn(n, obs_dim, generator=g),
-        "dones": torch.zeros(n),
+        "terminated": torch.zeros(n),
     }
 
 
@@ -48,7 +48,7 @@ def _reference_reset(module: nn.Module, seed: int) -> None:
 
 def test_a_reset_redraws_the_layers_their_targets_follow_and_their_adam_state_restarts():
     agent = _agent("sac", "Pendulum-v1", reset_every=5, reset_layers="critic.*")
-    agent.update(_batch(3, torch.rand(32, 1) * 4 - 2))
+    agent.train_step(_batch(3, torch.rand(32, 1) * 4 - 2))
     actor_state = {
         k: v.clone()
         for k, v in agent.optimizers["actor"].state[agent.actor.trunk[0].weight].items()
@@ -70,7 +70,7 @@ def test_a_reset_redraws_the_layers_their_targets_follow_and_their_adam_state_re
         assert p not in agent.optimizers["critic"].state
     for key, value in actor_state.items():  # the actor was not touched
         assert torch.equal(agent.optimizers["actor"].state[agent.actor.trunk[0].weight][key], value)
-    agent.update(_batch(3, torch.rand(32, 1) * 4 - 2))  # training goes on
+    agent.train_step(_batch(3, torch.rand(32, 1) * 4 - 2))  # training goes on
     assert agent.optimizers["critic"].state[agent.critic.weights[0]]["step"] == 1
     assert agent.routines()["reset_routine"].state_dict()["updates"] == 1
 
@@ -86,7 +86,7 @@ def test_a_reset_policy_restarts_its_ema(compile):
         compile=compile,
     )
     for _ in range(2):
-        agent.update(_batch(3, torch.rand(32, 1) * 4 - 2))
+        agent.train_step(_batch(3, torch.rand(32, 1) * 4 - 2))
     ema = agent.networks["actor_ema"]
     pairs = list(zip(ema.parameters(), agent.actor.parameters(), strict=True))
     assert not all(torch.equal(e, p) for e, p in pairs)  # it has averaged
@@ -96,7 +96,7 @@ def test_a_reset_policy_restarts_its_ema(compile):
         assert torch.equal(e, p)  # the average starts again from the reset policy
     for t, before in zip(agent.critic_target.parameters(), critic_target, strict=True):
         assert torch.equal(t, before)  # the critic was not reset: its target stays
-    agent.update(_batch(3, torch.rand(32, 1) * 4 - 2))  # and averages on from there
+    agent.train_step(_batch(3, torch.rand(32, 1) * 4 - 2))  # and averages on from there
     assert not all(torch.equal(e, p) for e, p in pairs)
 
 
@@ -135,7 +135,7 @@ def test_shrink_perturb_of_dqn_is_the_formula_in_float64():
 
 def test_unit_sphere_projects_the_named_weights_after_every_optimizer_step():
     agent = _agent("sac", "Pendulum-v1", unit_sphere="critic.weights.0,actor.trunk.0.weight")
-    agent.update(_batch(3, torch.rand(32, 1) * 4 - 2))
+    agent.train_step(_batch(3, torch.rand(32, 1) * 4 - 2))
 
     def unit_norms(matrix):  # (outputs, inputs): one norm per output unit
         return torch.linalg.vector_norm(matrix.detach().double(), dim=1)

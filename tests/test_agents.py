@@ -89,7 +89,7 @@ def test_update_moves_the_target_by_tau_through_rlweights():
         torch.zeros(50),
     )
     before = [p.detach().double().clone() for p in agent.critic_target.parameters()]
-    agent.update(buffer.sample(32))
+    agent.train_step(buffer.sample(32))
     after = [p.detach().double() for p in agent.critic_target.parameters()]
     online = [p.detach().double() for p in agent.critic.parameters()]
     for b, a, o in zip(before, after, online, strict=True):
@@ -148,7 +148,7 @@ def test_sac_policy_ema_follows_the_actor_by_tau():
     agent = SAC(SACConfig(hidden=(16, 16), policy_ema=0.3), *pendulum())
     ema = agent.networks["actor_ema"]
     before = doubles(ema)
-    agent.update(filled_buffer().sample(32))
+    agent.train_step(filled_buffer().sample(32))
     for b, e, a in zip(before, doubles(ema), doubles(agent.actor), strict=True):
         assert_close(e, b + 0.3 * (a - b))
     assert agent.ema_routine.updates == 1
@@ -162,7 +162,7 @@ def test_td3_updates_actor_and_targets_every_policy_delay_steps():
     targets = [agent.networks["actor_target"], agent.networks["critic_target"]]
     onlines = [agent.actor, agent.critic]
     t0 = [doubles(t) for t in targets]
-    losses = agent.update(batch)
+    losses = agent.train_step(batch)
     assert "actor_loss" not in losses
     assert all(torch.equal(a, b) for a, b in zip(actor_before, doubles(agent.actor), strict=True))
     assert all(
@@ -170,7 +170,7 @@ def test_td3_updates_actor_and_targets_every_policy_delay_steps():
         for t, ref in zip(targets, t0, strict=True)
         for a, b in zip(doubles(t), ref, strict=True)
     )
-    losses = agent.update(batch)
+    losses = agent.train_step(batch)
     assert "actor_loss" in losses
     assert agent.target_routine.updates == 1
     for target, online, before in zip(targets, onlines, t0, strict=True):
@@ -213,12 +213,12 @@ def test_dqn_loss_is_the_huber_td_error_of_a_float64_reference():
 
     y = (
         batch["rewards"].double()
-        + 0.9 * (1 - batch["dones"].double()) * q(target, batch["next_obs"]).max(1)[0]
+        + 0.9 * (1 - batch["terminated"].double()) * q(target, batch["next_obs"]).max(1)[0]
     )
     pred = q(online, batch["obs"]).gather(1, batch["actions"].unsqueeze(1)).squeeze(1)
     d = (pred - y).abs()
     want = torch.where(d < 1, 0.5 * d**2, d - 0.5).mean()
-    loss = agent.update(batch)["loss"]
+    loss = agent.train_step(batch)["loss"]
     assert_close(loss.double(), want, rtol=1e-5, atol=1e-6)
 
 
@@ -239,8 +239,8 @@ def test_dqn_hard_target_update_counts_environment_steps():
 
 
 def test_clip_and_max_norm_hold_after_every_optimizer_step():
-    agent = SAC(SACConfig(hidden=(16, 16), clip=0.05, max_norm=0.2), *pendulum())
-    agent.update(filled_buffer().sample(32))
+    agent = SAC(SACConfig(hidden=(16, 16), weight_clip=0.05, max_norm=0.2), *pendulum())
+    agent.train_step(filled_buffer().sample(32))
     for name in ("actor", "critic"):
         params = list(agent.networks[name].parameters())
         assert all(p.abs().max() <= 0.05 for p in params)
@@ -304,7 +304,7 @@ def test_agents_flush_subnormal_moments_every_n_updates(algo):
         agent = make(config(hidden=(16, 16)), *pendulum())
         buffer = filled_buffer()
     for _ in range(2):  # every optimizer has stepped (TD3's actor every second update)
-        agent.update(buffer.sample(32))
+        agent.train_step(buffer.sample(32))
     for optimizer in backpropagated(agent):
         first = optimizer.param_groups[0]["params"][0]
         first.register_hook(torch.zeros_like)
@@ -313,9 +313,9 @@ def test_agents_flush_subnormal_moments_every_n_updates(algo):
     count = subnormal_moments(agent)
     assert count > 0
     agent.gradient_updates = 5 * FLUSH_SUBNORMALS_EVERY - 2
-    agent.update(buffer.sample(32))  # not the N-th: the moments decay and stay subnormal
+    agent.train_step(buffer.sample(32))  # not the N-th: the moments decay and stay subnormal
     assert subnormal_moments(agent) == count
-    agent.update(buffer.sample(32))  # the N-th update flushes them
+    agent.train_step(buffer.sample(32))  # the N-th update flushes them
     assert agent.gradient_updates % FLUSH_SUBNORMALS_EVERY == 0
     assert subnormal_moments(agent) == 0
 
@@ -393,10 +393,10 @@ def test_td3_policy_delay_counter_survives_a_checkpoint():
     config = TD3Config(hidden=(8,), policy_delay=3)
     agent = TD3(config, *pendulum())
     batch = filled_buffer().sample(16)
-    assert ["actor_loss" in agent.update(batch) for _ in range(2)] == [False, False]
+    assert ["actor_loss" in agent.train_step(batch) for _ in range(2)] == [False, False]
     fresh = TD3(config, *pendulum())
     fresh.load_training_state(agent.training_state())
-    assert "actor_loss" in fresh.update(batch)  # the third critic step: an actor step
+    assert "actor_loss" in fresh.train_step(batch)  # the third critic step: an actor step
 
 
 def test_bad_configs_and_wrong_spaces():
@@ -426,7 +426,7 @@ def test_sac_temperature_gradient_is_that_of_its_loss():
     -(log_alpha * (log_prob + target_entropy)).mean(), directly: compare with autograd."""
     agent = SAC(SACConfig(hidden=(16, 16)), *pendulum())
     before = agent.log_alpha.detach().clone()
-    out = agent.update(filled_buffer().sample(32))
+    out = agent.train_step(filled_buffer().sample(32))
     log_alpha = before.clone().requires_grad_(True)
     log_prob_mean = -out["entropy"]  # the loss is linear in log_prob: its mean suffices
     (-(log_alpha * (log_prob_mean + agent.target_entropy))).mean().backward()
@@ -468,7 +468,7 @@ def test_replay_buffer_stores_and_draws_what_torch_casting_and_indexing_give():
                 ("actions", actions, act_dtype),
                 ("rewards", rewards, torch.float32),
                 ("next_obs", next_obs, torch.float32),
-                ("dones", terminated, torch.float32),
+                ("terminated", terminated, torch.float32),
             ]
         }
         for name, value in expected.items():

@@ -135,7 +135,7 @@ def test_variants_are_native_runs_with_more_flags_and_get_a_verdict_against_nati
     train = command.index("train")
     assert command[train + 2 : train + 6] == ["--gradient-steps", "4", "--reset-every", "50"]
     assert command[command.index("--impl") + 1] == "native"
-    for bad in ("native:--clip 1", "Reset:--reset-every 5", "reset:", "reset"):
+    for bad in ("native:--weight-clip 1", "Reset:--reset-every 5", "reset:", "reset"):
         with pytest.raises(ValueError, match="expected NAME:FLAGS"):
             _variants([bad])
     curves = [
@@ -149,7 +149,7 @@ def test_variants_are_native_runs_with_more_flags_and_get_a_verdict_against_nati
         )
         for s, r in enumerate(finals)
     ]
-    table = variants_markdown(summarise(curves), {**variants, "worse": ("--clip", "0.1")})
+    table = variants_markdown(summarise(curves), {**variants, "worse": ("--weight-clip", "0.1")})
     assert (
         "| sac | E | 10 | reset | `--reset-every 50` | 3 | 6.0 [5.0, 7.0], 6.0 | better |" in table
     )
@@ -157,7 +157,7 @@ def test_variants_are_native_runs_with_more_flags_and_get_a_verdict_against_nati
         "| sp | `--shrink-perturb 0.5,0.5 --sp-every 50` | 3 | 2.0 [1.0, 3.0], 2.0 | "
         "intervals overlap |" in table
     )
-    assert "| worse | `--clip 0.1` | 3 | -8.0 [-9.0, -7.0], -8.0 | **worse** |" in table
+    assert "| worse | `--weight-clip 0.1` | 3 | -8.0 [-9.0, -7.0], -8.0 | **worse** |" in table
     assert "| native | `-` | 3 | 1.0 [0.0, 2.0], 1.0 | - |" in table
 
 

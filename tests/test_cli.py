@@ -28,7 +28,7 @@ def _run(*args: str) -> subprocess.CompletedProcess:
         "",
         "train",
         "evaluate",
-        "average",
+        "soup",
         "bench",
         "bench-sb3",
         "bench-drift",
@@ -49,7 +49,7 @@ def test_help(command):
     # Issue 13: help showed raw reST (``model.pt``); it is written for a terminal.
     assert not re.search(r"``|:(func|class|mod|meth|attr):`", done.stdout), done.stdout
     if not command:
-        for sub in ("train", "evaluate", "average", "demo", "bench-train", "bench-distributed"):
+        for sub in ("train", "evaluate", "soup", "demo", "bench-train", "bench-distributed"):
             assert sub in done.stdout
 
 
@@ -213,12 +213,12 @@ def test_the_bound_replays_exactly_the_matmuls_of_the_update(algo):
         "actions": torch.rand(16, 1) * 2 - 1,
         "rewards": torch.randn(16),
         "next_obs": torch.randn(16, 3),
-        "dones": torch.zeros(16),
+        "terminated": torch.zeros(16),
     }
 
     def cycle():  # TD3: a critic-only update, then one with the delayed actor
         for _ in range(2):
-            agent.update(batch)
+            agent.train_step(batch)
 
     with FlopCounterMode(display=False) as counter:
         cycle()
@@ -305,6 +305,6 @@ def test_docstring_markup_becomes_terminal_text(monkeypatch, capsys):
     # A command whose docstring and argument help carry markup shows them plainly.
     monkeypatch.setattr(rlweights.soup, "__doc__", "Average ``model.pt`` files (:func:`average_`).")
     with pytest.raises(SystemExit):
-        cli.main(["average", "--help"])
+        cli.main(["soup", "--help"])
     out = capsys.readouterr().out
     assert "Average 'model.pt' files (average_)." in out and "``" not in out

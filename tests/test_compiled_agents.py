@@ -9,11 +9,11 @@ import torch
 from torch.testing import assert_close
 
 import rlweights as rw
-from rlweights.agents.compiled import adam_, prepare_adam
+from rlweights.agents.compiled import prepare_adam, tensor_adam_step_
 from rlweights.agents.train import ALGOS, make_config
 
 
-def test_functional_adam_takes_torch_adams_steps():
+def test_tensor_adam_step_takes_torch_adams_steps():
     torch.manual_seed(0)
     params = [torch.nn.Parameter(torch.randn(7, 3)), torch.nn.Parameter(torch.randn(3))]
     mine = [torch.nn.Parameter(p.detach().clone()) for p in params]
@@ -27,7 +27,7 @@ def test_functional_adam_takes_torch_adams_steps():
         for p, g in zip(params, grads, strict=True):
             p.grad = g
         reference.step()
-        adam_(optimizer, mine, grads)
+        tensor_adam_step_(optimizer, mine, grads)
     for a, b in zip(params, mine, strict=True):
         assert_close(b, a, rtol=1e-5, atol=1e-6)
     for a, b in zip(params, mine, strict=True):  # the same state: checkpoints carry over
@@ -56,15 +56,15 @@ def _batch(agent, n: int, seed: int) -> dict[str, torch.Tensor]:
         "actions": actions,
         "rewards": torch.randn(n, generator=gen),
         "next_obs": torch.randn(n, obs_dim, generator=gen),
-        "dones": (torch.rand(n, generator=gen) < 0.1).float(),
+        "terminated": (torch.rand(n, generator=gen) < 0.1).float(),
     }
 
 
 CASES = [
-    ("sac", "Pendulum-v1", {"policy_ema": 0.05, "clip": 0.5, "max_norm": 2.0}),
+    ("sac", "Pendulum-v1", {"policy_ema": 0.05, "weight_clip": 0.5, "max_norm": 2.0}),
     ("sac", "MountainCarContinuous-v0", {}),  # gSDE, a fixed temperature
     ("td3", "Pendulum-v1", {"policy_ema": 0.05, "max_norm": 2.0}),  # two graphs: policy delay
-    ("dqn", "CartPole-v1", {"clip": 0.3}),  # gradient norm clipping
+    ("dqn", "CartPole-v1", {"weight_clip": 0.3}),  # gradient norm clipping
     ("ddpg", "Pendulum-v1", {"policy_ema": 0.05, "max_norm": 2.0, "target_update": "hard:3"}),
     # resets (their targets copied, the optimizers' state forgotten) and the unit sphere
     ("sac", "Pendulum-v1", {"reset_every": 7, "reset_layers": "critic.*,actor.mean.*"}),
@@ -108,9 +108,9 @@ def _check_compiled_against_eager(algo: str, env_id: str, overrides: dict) -> No
     for step in range(30):
         batch = _batch(eager, 64, step)
         torch.manual_seed(1000 + step)
-        want = eager.update(batch)
+        want = eager.train_step(batch)
         torch.manual_seed(1000 + step)
-        got = compiled.update(batch)
+        got = compiled.train_step(batch)
         torch.manual_seed(2000 + step)
         fired = eager.plasticity_step(1)
         torch.manual_seed(2000 + step)
@@ -197,11 +197,11 @@ def test_a_compiled_step_refuses_weights_moved_since_it_was_built():
     Q-network's parameters raises instead of a compiled write into the old memory."""
     torch._dynamo.reset()
     agent = _agent("dqn", "CartPole-v1", True)
-    agent.update(_batch(agent, 32, 0))
+    agent.train_step(_batch(agent, 32, 0))
     q = agent.networks["q"]
     before = {k: v.clone() for k, v in agent.networks["q_target"].state_dict().items()}
     q.load_state_dict({k: v.clone() for k, v in q.state_dict().items()}, assign=True)
     with pytest.raises(rw.LayoutChangedError, match="build it again"):
-        agent.update(_batch(agent, 32, 1))
+        agent.train_step(_batch(agent, 32, 1))
     for key, value in agent.networks["q_target"].state_dict().items():
         assert torch.equal(value, before[key])

@@ -105,7 +105,7 @@ def _sac_batch(seed: int) -> dict[str, torch.Tensor]:
         "actions": torch.rand(n, 1, device="cuda", generator=gen) * 4 - 2,
         "rewards": torch.randn(n, device="cuda", generator=gen),
         "next_obs": torch.randn(n, 3, device="cuda", generator=gen),
-        "dones": (torch.rand(n, device="cuda", generator=gen) < 0.1).float(),
+        "terminated": (torch.rand(n, device="cuda", generator=gen) < 0.1).float(),
     }
 
 
@@ -118,9 +118,9 @@ def test_sacs_gradient_step_replayed_as_a_cuda_graph_takes_the_eager_steps():
     for step in range(13):
         batch = _sac_batch(100 + step)
         torch.manual_seed(step)
-        eager.update(batch)
+        eager.train_step(batch)
         torch.manual_seed(step)
-        captured.update(batch)
+        captured.train_step(batch)
     torch.cuda.synchronize()
     assert captured.compiled is not None and not captured.compiled.failed
     for name, net in eager.networks.items():

@@ -243,7 +243,7 @@ def test_the_command_names_the_missing_extra(args, blocked, extra, tmp_path):
 
 
 def test_help_works_with_the_core_alone():
-    for args in ([], ["average"], ["bench"]):
+    for args in ([], ["soup"], ["bench"]):
         done = _python(
             f"""
             import sys
@@ -259,7 +259,7 @@ def test_help_works_with_the_core_alone():
 # Commands whose help needs no agents: none of them imports torch to print it.
 NO_AGENTS = (
     "",
-    "average",
+    "soup",
     "bench",
     "bench-sb3",
     "bench-drift",
@@ -436,7 +436,7 @@ LAYERS = {
         "extras",
         "tracing",
     ),
-    ROUTINES: ("targets", "averaging", "constraints", "plasticity", "capture", "drift"),
+    ROUTINES: ("targets", "running_average", "constraints", "plasticity", "capture", "drift"),
     INTEGRATION: ("sb3", "tensorboard", "distributed", "soup"),
     APPLICATION: ("agents", "envs"),
     TOP: ("bench", "cli", "__main__"),

@@ -57,7 +57,7 @@ def _batch(model, n: int, seed: int) -> tuple[dict[str, torch.Tensor], ReplayBuf
     rewards = torch.randn(n, generator=gen)
     dones = (torch.rand(n, generator=gen) < 0.1).float()
     native = {"obs": obs, "actions": actions, "rewards": rewards, "next_obs": next_obs}
-    native["dones"] = dones
+    native["terminated"] = dones
     sb3 = ReplayBufferSamples(
         obs, sb3_actions, next_obs, dones.unsqueeze(-1), rewards.unsqueeze(-1), None
     )
@@ -73,7 +73,7 @@ def test_dqn_gradient_steps_match_sb3_on_identical_batches():
     model.replay_buffer.sample = lambda *args, **kwargs: next(feed)
     model.train(gradient_steps=len(batches), batch_size=64)
     for native, _ in batches:
-        agent.update(native)
+        agent.train_step(native)
     for s, t in zip(_linears(model.q_net), _linears(agent.q), strict=True):
         assert_close(t.weight, s.weight, **TOL)
         assert_close(t.bias, s.bias, **TOL)
@@ -170,7 +170,7 @@ def _train_both(model, agent, steps: int, seed: int) -> None:
     model.train(gradient_steps=steps, batch_size=32)
     torch.manual_seed(seed)
     for native, _ in batches:
-        agent.update(native)
+        agent.train_step(native)
 
 
 def test_sac_gradient_steps_match_sb3_on_identical_batches():

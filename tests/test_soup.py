@@ -1,4 +1,4 @@
-"""``rlweights average`` (issue 6): plain state_dicts, training checkpoints, SB3 zips, and
+"""``rlweights soup`` (issue 6): plain state_dicts, training checkpoints, SB3 zips, and
 every refusal (exit 2, no output file, no code run)."""
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ def test_weighted_average_of_state_dicts_matches_float64(tmp_path, capsys):
     paths = [save(tmp_path, f"{i}.pt", n.state_dict()) for i, n in enumerate(nets)]
     out = tmp_path / "soup.pt"
     args = ["--out", str(out), "--coefficients", "1", "2", "1"]
-    assert main(["average", *map(str, paths), *args]) == 0
+    assert main(["soup", *map(str, paths), *args]) == 0
     got = torch.load(out, weights_only=True)
     for key, value in nets[0].state_dict().items():
         if value.is_floating_point():
@@ -45,7 +45,7 @@ def test_huge_coefficients_are_normalised_without_overflow(tmp_path):
     paths = [save(tmp_path, f"{i}.pt", n.state_dict()) for i, n in enumerate(nets)]
     out = tmp_path / "soup.pt"
     args = ["--out", str(out), "--coefficients", "1e308", "1e308"]
-    assert main(["average", *map(str, paths), *args]) == 0
+    assert main(["soup", *map(str, paths), *args]) == 0
     got = torch.load(out, weights_only=True)
     for key, value in nets[0].state_dict().items():
         want = (value.double() + nets[1].state_dict()[key].double()) / 2
@@ -70,7 +70,7 @@ def test_average_of_training_checkpoints_evaluates(tmp_path, capsys):
         train(config, tmp_path / f"r{seed}")
         runs.append(tmp_path / f"r{seed}" / "model.pt")
     out = tmp_path / "soup" / "model.pt"
-    assert main(["average", *map(str, runs), "--out", str(out)]) == 0
+    assert main(["soup", *map(str, runs), "--out", str(out)]) == 0
     soup = torch.load(out, weights_only=True)
     a, b = (torch.load(r, weights_only=True)["weights"] for r in runs)
     for net in a:
@@ -83,10 +83,10 @@ def test_average_of_training_checkpoints_evaluates(tmp_path, capsys):
     # of an average ended in a KeyError traceback.
     original = runs[0].read_bytes()
     for same in (runs[0], runs[0].parent / ".." / "r0" / "model.pt"):
-        assert main(["average", *map(str, runs), "--out", str(same)]) == 2
+        assert main(["soup", *map(str, runs), "--out", str(same)]) == 2
         (line,) = capsys.readouterr().err.strip().splitlines()
         assert line == (
-            f"rlweights average: error: --out {same} is one of the checkpoints to average: "
+            f"rlweights soup: error: --out {same} is one of the checkpoints to average: "
             "writing there would replace it; give another path"
         )
     assert runs[0].read_bytes() == original
@@ -111,7 +111,7 @@ def test_average_of_sb3_models_loads_in_sb3(tmp_path):
     out.chmod(0o600)
     mask = os.umask(0o022)
     try:
-        assert main(["average", *map(str, paths), "--out", str(out)]) == 0
+        assert main(["soup", *map(str, paths), "--out", str(out)]) == 0
     finally:
         os.umask(mask)
     assert stat.S_IMODE(out.stat().st_mode) == 0o644  # issue 13: the umask, like any tool
@@ -148,10 +148,10 @@ def test_refusals_exit_2_and_write_nothing(tmp_path, capsys):
         ([a, tmp_path / "missing.pt"], [], "no file at"),
     ]
     for files, extra, message in cases:
-        code = main(["average", *map(str, files), "--out", str(out), *extra])
+        code = main(["soup", *map(str, files), "--out", str(out), *extra])
         err = capsys.readouterr().err.strip().splitlines()
         assert code == 2 and len(err) == 1, (files, err)
-        assert err[0].startswith("rlweights average: error: ") and message in err[0], err
+        assert err[0].startswith("rlweights soup: error: ") and message in err[0], err
         assert not out.exists()
     assert not (tmp_path / "pwned").exists()
 
@@ -183,7 +183,7 @@ def test_average_takes_run_folders_refuses_other_environments_and_other_runs(tmp
     files = {run: (run / "model.pt").read_bytes() for run in (r0, r1, v0)}
     # run folders, as 'evaluate' and 'train --resume' take them
     out = tmp_path / "soup.pt"
-    assert main(["average", str(r0), str(r1), "--out", str(out)]) == 0
+    assert main(["soup", str(r0), str(r1), "--out", str(out)]) == 0
     soup = torch.load(out, weights_only=True)
     a, b = (torch.load(r / "model.pt", weights_only=True)["weights"] for r in (r0, r1))
     for net in a:
@@ -206,17 +206,17 @@ def test_average_takes_run_folders_refuses_other_environments_and_other_runs(tmp
     ]
     for inputs, extra, says in refusals:
         extra = extra or ["--out", str(tmp_path / "other.pt")]
-        code = main(["average", *map(str, inputs), *extra])
+        code = main(["soup", *map(str, inputs), *extra])
         err = capsys.readouterr().err.strip().splitlines()
         assert code == 2 and len(err) == 1, err
         assert says in err[0], err
         assert not (tmp_path / "other.pt").exists() and not (v0 / "soup.pt").exists()
     assert {run: (run / "model.pt").read_bytes() for run in (r0, r1, v0)} == files
     # an input is never replaced, even with --force
-    assert main(["average", str(r0), str(r1), "--out", str(r0 / "model.pt"), "--force"]) == 2
+    assert main(["soup", str(r0), str(r1), "--out", str(r0 / "model.pt"), "--force"]) == 2
     assert "one of the checkpoints to average" in capsys.readouterr().err
     # --force: the user means it
-    assert main(["average", str(r0), str(r1), "--out", str(v0 / "model.pt"), "--force"]) == 0
+    assert main(["soup", str(r0), str(r1), "--out", str(v0 / "model.pt"), "--force"]) == 0
     forced = torch.load(v0 / "model.pt", weights_only=True)["weights"]
     assert all(torch.equal(forced[n][k], v) for n in forced for k, v in soup["weights"][n].items())
 
@@ -232,7 +232,7 @@ def test_a_mismatch_is_said_in_the_command_s_terms(tmp_path, capsys):
         (wide, f"{a} and {wide} do not fit together: '0.weight' shape (16, 5) vs (3, 5)"),
     ]
     for second, says in cases:
-        assert main(["average", str(a), str(second), "--out", str(tmp_path / "s.pt")]) == 2
+        assert main(["soup", str(a), str(second), "--out", str(tmp_path / "s.pt")]) == 2
         (line,) = capsys.readouterr().err.strip().splitlines()
         assert says in line, line
         assert line.endswith("average checkpoints of one architecture")

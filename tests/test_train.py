@@ -177,13 +177,13 @@ def _envs(config):
 @pytest.mark.parametrize(
     ("algo", "flags"),
     [
-        ("sac", ["--policy-ema", "0.05", "--clip", "0.5", "--num-envs", "2"]),
+        ("sac", ["--policy-ema", "0.05", "--weight-clip", "0.5", "--num-envs", "2"]),
         ("sac", ["--target-update", "hard:20", "--max-norm", "2"]),
-        ("td3", ["--policy-ema", "0.1", "--target-update", "hard:3", "--clip", "1"]),
+        ("td3", ["--policy-ema", "0.1", "--target-update", "hard:3", "--weight-clip", "1"]),
         ("td3", ["--max-norm", "1.5", "--num-envs", "2", "--drift-every", "50"]),
-        ("ddpg", ["--policy-ema", "0.1", "--target-update", "hard:3", "--clip", "1"]),
+        ("ddpg", ["--policy-ema", "0.1", "--target-update", "hard:3", "--weight-clip", "1"]),
         ("dqn", ["--policy-ema", "0.2", "--target-update", "polyak:0.1", "--max-norm", "1"]),
-        ("dqn", ["--num-envs", "2", "--clip", "0.3", "--target-update", "hard:8"]),
+        ("dqn", ["--num-envs", "2", "--weight-clip", "0.3", "--target-update", "hard:8"]),
     ],
 )
 def test_train_command_flag_combinations(tmp_path, capsys, algo, flags):
@@ -196,8 +196,8 @@ def test_train_command_flag_combinations(tmp_path, capsys, algo, flags):
     config = json.loads((run / "config.json").read_text())
     assert summary["steps"] == 200 and config["algo"] == algo and config["impl"] == "native"
     saved = load_checkpoint(run)
-    if "--clip" in flags:
-        bound = float(flags[flags.index("--clip") + 1])
+    if "--weight-clip" in flags:
+        bound = float(flags[flags.index("--weight-clip") + 1])
         online = [n for n in saved["weights"] if n in ("actor", "critic", "q")]
         for name in online:
             for key, value in saved["weights"][name].items():
@@ -231,7 +231,16 @@ def test_impl_sb3_trains_evaluates_and_resumes(tmp_path, capsys, algo):
 
     dqn = ["--train-freq", "4", "--gradient-steps", "2"] if algo == "dqn" else []
     args = ["train", "--impl", "sb3", "--algo", algo, "--steps", "160", *TINY_FLAGS, *dqn]
-    extra = ["--policy-ema", "0.1", "--clip", "1.0", "--eval-every", "100", "--drift-every", "50"]
+    extra = [
+        "--policy-ema",
+        "0.1",
+        "--weight-clip",
+        "1.0",
+        "--eval-every",
+        "100",
+        "--drift-every",
+        "50",
+    ]
     assert main([*args, *extra, "--logdir", str(tmp_path), "--run-name", "r"]) == 0
     run = tmp_path / "r"
     summary = json.loads((run / "summary.json").read_text())
@@ -282,7 +291,7 @@ def _errors(capsys) -> list[str]:
         (["--algo", "td3", "--env", "CartPole-v1"], "TD3 needs continuous"),
         (["--steps", "0"], "impossible values: total_steps=0"),
         (["--policy-ema", "1.5"], "policy_ema=1.5"),
-        (["--clip", "-1"], "clip=-1.0"),
+        (["--weight-clip", "-1"], "weight_clip=-1.0"),
         (["--max-norm", "0"], "max_norm=0.0"),
         (["--gamma", "2"], "gamma=2.0"),
         (["--eval-episodes", "0"], "eval_episodes=0"),
@@ -407,7 +416,10 @@ def test_a_version_1_checkpoint_evaluates_but_does_not_resume(tmp_path, capsys):
     assert main(["evaluate", str(path), "--episodes", "1"]) == 0
     assert "has no checksum" in _errors(capsys)[0]
     assert main(["train", "--resume", str(tmp_path / "r"), "--steps", "80"]) == 2
-    assert "(checkpoint version 1): it evaluates, but only version 2 resumes" in _errors(capsys)[0]
+    assert (
+        "(checkpoint version 1): it evaluates, but only versions 2 to 3 resume"
+        in _errors(capsys)[0]
+    )
 
 
 def test_real_process_exit_codes_and_no_traceback(tmp_path):
@@ -712,8 +724,12 @@ def _schedules(saved) -> dict:
     ("impl", "algo", "settings"),
     [
         ("native", "sac", {"target_update": "hard:7", "policy_ema": 0.2, **PLASTIC}),
-        ("native", "dqn", {"target_update": "hard:8", "clip": 1.0}),
-        ("sb3", "sac", {"target_update": "hard:7", "policy_ema": 0.2, "clip": 1.0, **PLASTIC}),
+        ("native", "dqn", {"target_update": "hard:8", "weight_clip": 1.0}),
+        (
+            "sb3",
+            "sac",
+            {"target_update": "hard:7", "policy_ema": 0.2, "weight_clip": 1.0, **PLASTIC},
+        ),
         ("sb3", "td3", {"target_update": "hard:3", "policy_ema": 0.1}),
         ("native", "ddpg", {"target_update": "hard:3", "policy_ema": 0.1, "max_norm": 1.5}),
         ("sb3", "dqn", {"target_update": "hard:8", "train_freq": 1, "gradient_steps": 1}),
@@ -757,6 +773,38 @@ def _reseal(path, change) -> None:
     state.pop("checksum")
     change(state)
     torch.save(sealed(state), path)
+
+
+def test_a_version_2_checkpoint_resumes_under_the_names_of_version_3(tmp_path):
+    """Version 3 renamed the config's ``clip`` (now ``weight_clip``) and the replay buffer's
+    ``dones`` (now ``terminated``): a version 2 run, its model.pt and config.json written with
+    the old names, resumes to the same weights as the same run written as version 3."""
+    import shutil
+
+    args = ["train", "--steps", "120", *TINY_FLAGS, "--weight-clip", "0.5", "--logdir"]
+    assert main([*args, str(tmp_path), "--run-name", "v3"]) == 0
+    shutil.copytree(tmp_path / "v3", tmp_path / "v2")
+
+    def as_version_2(state):
+        state["version"] = 2
+        state["config"]["clip"] = state["config"].pop("weight_clip")
+        buffer = state["training"]["buffer"]
+        buffer["dones"] = buffer.pop("terminated")
+
+    _reseal(tmp_path / "v2" / "model.pt", as_version_2)
+    config = json.loads((tmp_path / "v2" / "config.json").read_text())
+    config["clip"] = config.pop("weight_clip")
+    (tmp_path / "v2" / "config.json").write_text(json.dumps(config))
+    for name in ("v2", "v3"):
+        assert main(["train", "--resume", str(tmp_path / name), "--steps", "200"]) == 0
+    new, old = (load_checkpoint(tmp_path / name) for name in ("v3", "v2"))
+    assert new["version"] == old["version"] == 3 and old["config"]["weight_clip"] == 0.5
+    for network, tensors in new["weights"].items():
+        for key, value in tensors.items():
+            assert torch.equal(value, old["weights"][network][key]), (network, key)
+    assert torch.equal(
+        new["training"]["buffer"]["terminated"], old["training"]["buffer"]["terminated"]
+    )
 
 
 def test_an_environment_id_from_a_file_never_imports_a_module(tmp_path, capsys, monkeypatch):

@@ -217,7 +217,7 @@ def _bound_here(config: Any, rounds: int = 5, repeats: int = 20) -> dict[str, fl
         ),
         "rewards": torch.randn(n, generator=gen),
         "next_obs": torch.randn(n, obs_dim, generator=gen),
-        "dones": torch.zeros(n),
+        "terminated": torch.zeros(n),
     }
     device = torch.device(config.device)
     batch = {k: v.to(device) for k, v in batch.items()}
@@ -245,17 +245,17 @@ def _bound_here(config: Any, rounds: int = 5, repeats: int = 20) -> dict[str, fl
     actions = itertools.cycle([envs.action_space.sample() for _ in range(1000)])
     # TD3 updates its actor every policy_delay-th update: a cycle of updates is recorded
     cycle = getattr(config, "policy_delay", 1)
-    products = UpdateMatmuls.record(lambda: [agents[False].update(batch) for _ in range(cycle)])
+    products = UpdateMatmuls.record(lambda: [agents[False].train_step(batch) for _ in range(cycle)])
     h = config.hidden[0]
     a, b = torch.randn(n, h, device=device), torch.randn(h, h, device=device)
     timers = {
-        "updates_per_second": (lambda: agents[False].update(batch), repeats),
+        "updates_per_second": (lambda: agents[False].train_step(batch), repeats),
         "bound_updates_per_second": (products.replay, repeats),
         "square_matmul_flops_per_second": (lambda: a @ b, 10 * repeats),
         "env_steps_per_second": (lambda: envs.step(next(actions)), 10 * repeats),
     }
     if config.compile:
-        timers["compiled_updates_per_second"] = (lambda: agents[True].update(batch), repeats)
+        timers["compiled_updates_per_second"] = (lambda: agents[True].train_step(batch), repeats)
     for fn, _ in timers.values():  # warm-up: the compiled update compiles here
         for _ in range(3):
             fn()

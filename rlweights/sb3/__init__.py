@@ -16,7 +16,7 @@ unit-sphere projection):
 >>> averaging.save_averaged("sac_ema.zip")   # SAC.load("sac_ema.zip") acts with the average
 
 Modules: ``algorithms`` (SB3's per-algorithm attribute names, one row per algorithm),
-``patching`` (``attach``, and SB3's update points), ``callbacks``, ``averaging``. Needs the
+``patching`` (``attach``, and SB3's update points), ``callbacks``, ``running_average``. Needs the
 ``sb3`` extra: ``pip install 'rlweights[sb3]'``.
 """
 
@@ -25,13 +25,13 @@ from rlweights.extras import require
 require("stable_baselines3", "sb3", "rlweights.sb3")
 
 from rlweights.sb3.algorithms import ALGORITHMS, Algorithm  # noqa: E402
-from rlweights.sb3.averaging import PolicyAveragingCallback  # noqa: E402
 from rlweights.sb3.callbacks import (  # noqa: E402
     DriftCallback,
     PlasticityCallback,
     WeightConstraintCallback,
 )
 from rlweights.sb3.patching import Attachment, attach, detach  # noqa: E402
+from rlweights.sb3.running_average import PolicyAveragingCallback  # noqa: E402
 
 __all__ = [
     "ALGORITHMS",
