@@ -1,12 +1,15 @@
-"""Native RL agents built on rlweights: DQN (``rlweights.agents.dqn``), SAC
-(``rlweights.agents.sac``) and TD3 (``rlweights.agents.td3``), from the networks of
-``rlweights.agents.networks`` and the shared parts of ``rlweights.agents.common``; the
-training loop with evaluation, checkpoints and resume (``rlweights.agents.train``), its SB3
-counterpart (``rlweights.agents.sb3_train``), the target-update specs they share
-(``rlweights.agents.target_update``) and the ``rlweights train`` / ``rlweights evaluate``
-commands (``rlweights.agents.cli``).
+"""Native RL agents built on rlweights, and the run machinery of ``rlweights train``.
 
->>> from rlweights.agents.train import make_config, train
+One file per algorithm, each with its whole gradient step in one method: ``dqn``, ``sac``,
+``td3``, ``ddpg``. What they share: ``config`` (``AgentConfig``), ``agent`` (the base classes,
+``minimize``), ``networks``, ``replay``, ``target_update``, ``compiled``. The run machinery:
+``registry`` (the algorithms by name), ``train`` (the native training loop), ``sb3_train``
+(``--impl sb3``), ``run`` (what both runs share), ``evaluation``, ``checkpoint``, ``signals``,
+``run_folder``, ``memory``, ``environments``, ``seeding``; ``parallel`` (learners under
+torchrun) and ``cli`` (the ``rlweights train`` / ``evaluate`` commands).
+
+>>> from rlweights.agents.registry import make_config
+>>> from rlweights.agents.train import train
 >>> agent, summary = train(make_config("sac", total_steps=10_000), "runs/my-sac")
 """
 

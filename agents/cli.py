@@ -19,9 +19,19 @@ import gymnasium as gym
 import numpy as np
 import torch
 
-from rlweights.agents.common import MAX_SEED
+from rlweights.agents.checkpoint import (
+    CheckpointError,
+    UnverifiedCheckpointWarning,
+    checkpoint_steps,
+    config_from_checkpoint,
+    load_checkpoint,
+)
+from rlweights.agents.environments import route_mujoco_warnings, spaces_of
+from rlweights.agents.evaluation import evaluate
+from rlweights.agents.memory import available_memory, memory_needed
 from rlweights.agents.parallel import launched_ranks
 from rlweights.agents.presets import NOTES, preset
+from rlweights.agents.registry import ALGOS, make_config
 from rlweights.agents.run_folder import (
     MARKER,
     clean_temporaries,
@@ -33,22 +43,8 @@ from rlweights.agents.run_folder import (
     never_checkpointed,
     reset_for_rerun,
 )
-from rlweights.agents.train import (
-    ALGOS,
-    CheckpointError,
-    GracefulStop,
-    Stopped,
-    UnverifiedCheckpointWarning,
-    available_memory,
-    checkpoint_steps,
-    config_from_checkpoint,
-    evaluate,
-    load_checkpoint,
-    make_config,
-    memory_needed,
-    route_mujoco_warnings,
-    spaces_of,
-)
+from rlweights.agents.seeding import MAX_SEED
+from rlweights.agents.signals import GracefulStop, Stopped
 from rlweights.distributed import PeerError
 from rlweights.extras import require
 from rlweights.files import WriteError, write_json
@@ -975,7 +971,8 @@ def _prepare_evaluate(args: argparse.Namespace) -> tuple[Any, Any, dict[str, Any
         from rlweights.agents.sb3_train import load_sb3_policy
 
         return config, load_sb3_policy(config, saved, ema=args.ema), saved
-    from rlweights.agents.train import build_agent, make_envs
+    from rlweights.agents.environments import make_envs
+    from rlweights.agents.registry import build_agent
 
     envs = make_envs(config.env_id, 1)
     agent = build_agent(config, envs)

@@ -4,7 +4,7 @@ The compiled step is the agent's own ``gradient_step``, the one the eager run ex
 wrapped in ``torch.compile(fullgraph=True)``: one graph, no host sync, no graph break. In this
 torch, ``loss.backward()`` and ``optimizer.step()`` break a graph (and a step compiled piece
 by piece is slower than an eager one), so the one place where the two differ,
-:meth:`~rlweights.agents.common.OffPolicyAgent.minimize`, takes the gradients there with
+:meth:`~rlweights.agents.agent.OffPolicyAgent.minimize`, takes the gradients there with
 ``torch.func.grad_and_value`` (the same modules, called on their parameters as inputs) and
 Adam as tensor code on the ``torch.optim.Adam`` objects' own state (:func:`tensor_adam_step_`:
 checkpoints and ``--resume`` see the same optimizer state either way). The target update

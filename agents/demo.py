@@ -181,7 +181,8 @@ def chain_dqn(
     ``polyak:1`` at every environment step, before every gradient step), returning the
     Q-error curves against :meth:`rlweights.envs.chain.Chain.optimal_q`. ``overrides``
     change the DQN settings below."""
-    from rlweights.agents.train import make_config, train
+    from rlweights.agents.registry import make_config
+    from rlweights.agents.train import train
 
     env_id = "rlweights/Chain-v0"
     settings: dict[str, Any] = {

@@ -16,7 +16,8 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from rlweights.agents.common import AgentConfig, OffPolicyAgent, make_adam
+from rlweights.agents.agent import OffPolicyAgent, make_adam
+from rlweights.agents.config import AgentConfig
 from rlweights.agents.networks import mlp
 
 __all__ = ["DQN", "DQNConfig"]

@@ -23,7 +23,8 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 import rlweights as rw
-from rlweights.agents.common import AgentConfig, OffPolicyAgent
+from rlweights.agents.agent import OffPolicyAgent
+from rlweights.agents.config import AgentConfig
 
 __all__ = ["Learners", "launched_ranks"]
 

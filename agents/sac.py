@@ -19,7 +19,8 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from rlweights.agents.common import AgentConfig, ContinuousAgent, make_adam
+from rlweights.agents.agent import ContinuousAgent, make_adam
+from rlweights.agents.config import AgentConfig
 from rlweights.agents.networks import BoundedActor, TwinQ, mlp
 
 __all__ = ["SAC", "Actor", "SACConfig", "StateDependentActor"]

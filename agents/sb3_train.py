@@ -1,6 +1,6 @@
 """``rlweights train --impl sb3``: the SB3 algorithm of the same name, rlweights attached.
 
-The same config, the same evaluation (:func:`rlweights.agents.train.evaluate`, same seeds),
+The same config, the same evaluation (:func:`rlweights.agents.evaluation.evaluate`, same seeds),
 the same outputs (TensorBoard events through SB3's logger, ``model.pt``, ``summary.json``) as
 the native agents, so that the two can be compared run for run. Target updates go through
 :func:`rlweights.sb3.attach`, at SB3's update points (the table is in
@@ -29,20 +29,11 @@ import torch
 from torch import nn
 
 import rlweights as rw
-from rlweights.agents.common import AgentConfig, rng_state, set_rng_state, split_patterns
+from rlweights.agents.config import AgentConfig, split_patterns
+from rlweights.agents.environments import route_mujoco_warnings, spaces_of
+from rlweights.agents.run import Run
+from rlweights.agents.signals import GracefulStop, Stopped
 from rlweights.agents.target_update import TargetUpdateSpec
-from rlweights.agents.train import (
-    EVAL_SEED_OFFSET,
-    GracefulStop,
-    Stopped,
-    evaluate,
-    load_checkpoint,
-    restoring,
-    route_mujoco_warnings,
-    run_summary,
-    save_checkpoint,
-    spaces_of,
-)
 from rlweights.files import write_json
 from rlweights.periodic import Periodic
 from rlweights.targets import TargetRoutine
@@ -247,10 +238,12 @@ def train_sb3(
         return _SB3Run(config, Path(run_dir), resume, progress).train(stop)
 
 
-class _SB3Run:
+class _SB3Run(Run):
     """One ``--impl sb3`` run: the SB3 model with rlweights attached, the policy EMA, the
     episode returns and the outputs. SB3's ``learn`` is the loop; at each of its
     environment steps, :meth:`on_step` evaluates and checkpoints the step before when due."""
+
+    impl = "sb3"
 
     def __init__(
         self,
@@ -261,8 +254,10 @@ class _SB3Run:
     ):
         from stable_baselines3.common.logger import configure
 
-        self.config, self.run_dir, self.resume, self.progress = config, run_dir, resume, progress
+        super().__init__(config, run_dir, progress)
+        self.resume = resume
         self.model, self.attachment = build_sb3_model(config)
+        self.device = self.model.device
         self.ema_routine = self.ema_hook = None
         if config.policy_ema is not None:
             policy = _policy_network(self.model, config.algo)
@@ -271,8 +266,6 @@ class _SB3Run:
             self.ema_hook = optimizer.register_step_post_hook(
                 lambda _o, _a, _k: self.ema_routine.update()
             )
-        self.episodes: list[float] = []  # every return (SB3 keeps only the last 100)
-        self.wall_before = 0.0
         # made once, before restore(): a resumed run loads their schedules
         self.plasticity = plasticity_callback(config)
         self.callbacks = self.weight_callbacks()
@@ -286,8 +279,6 @@ class _SB3Run:
         self.model.set_logger(configure(str(run_dir), ["tensorboard"]))
         self.session_start = time.perf_counter()
         self.start_steps = self.model.num_timesteps
-        self.aside = 0.0  # seconds spent evaluating and checkpointing (not training)
-        self.stopping = GracefulStop()  # the one train() is given replaces it
         self.evaluations = None
         if config.eval_every:
             self.evaluations = Periodic(config.eval_every, name="eval_every")
@@ -296,20 +287,22 @@ class _SB3Run:
         # report, whether an evaluation is due after it); see on_step.
         self.pending: tuple[dict[str, float], bool] | None = None
 
-    def restore(self) -> None:
-        """Continue from ``run_dir/model.pt``."""
-        model = self.model
-        path = self.run_dir / "model.pt"
-        saved = load_checkpoint(path, resume=True)
-        training = saved["training"]
-        with restoring(path):
-            model.set_parameters(training["parameters"], exact_match=True, device=model.device)
-            with torch.no_grad():
-                for name, value in training["variables"].items():
-                    getattr(model, name).copy_(value)
-            self.load_routine_states(training["routines"])
-            _load_buffer_state(model.replay_buffer, training["buffer"])
-            set_rng_state(training["rng"])
+    @property
+    def steps(self) -> int:
+        return self.model.num_timesteps
+
+    @property
+    def session_steps(self) -> int:
+        return self.model.num_timesteps - self.start_steps
+
+    def load_training_state(self, saved: dict[str, Any]) -> None:
+        model, training = self.model, saved["training"]
+        model.set_parameters(training["parameters"], exact_match=True, device=model.device)
+        with torch.no_grad():
+            for name, value in training["variables"].items():
+                getattr(model, name).copy_(value)
+        self.load_routine_states(training["routines"])
+        _load_buffer_state(model.replay_buffer, training["buffer"])
         model.num_timesteps = saved["steps"]
         model._n_updates = training["n_updates"]
         if hasattr(model, "_n_calls"):  # DQN's count of steps, for its target updates
@@ -319,8 +312,6 @@ class _SB3Run:
         for callback in self.callbacks:  # drift every N calls: those of the resumed run too
             if isinstance(callback, DriftCallback):
                 callback.counter.step(model.num_timesteps // self.config.num_envs)
-        self.episodes = list(training["episodes"])
-        self.wall_before = training["wall_seconds"]
 
     def train(self, stop: GracefulStop) -> dict[str, Any]:
         from stable_baselines3.common.callbacks import CallbackList
@@ -459,73 +450,43 @@ class _SB3Run:
         if self.constraints is not None:
             self.constraints.load_state_dict(states["constraints"])
 
-    def evaluate(self, interruptible: bool = False) -> dict[str, np.ndarray]:
-        """Deterministic episodes of the policy (and of its EMA), with the evaluation seeds;
-        ``interruptible``: a stop signal ends it."""
-        tick = time.perf_counter()
-        config, model = self.config, self.model
-        interrupted = (lambda: self.stopping.requested) if interruptible else None
-        seed = config.seed + EVAL_SEED_OFFSET
-        policies = {"return": _policy_fn(model, config.algo, _policy_network(model, config.algo))}
+    def policies(self) -> dict[str, Callable[[torch.Tensor], torch.Tensor]]:
+        model, algo = self.model, self.config.algo
+        found = {"return": _policy_fn(model, algo, _policy_network(model, algo))}
         if self.ema_routine is not None:
-            policies["ema_return"] = _policy_fn(model, config.algo, self.ema_routine.averaged)
-        results = {
-            name: evaluate(
-                policy, config.env_id, config.eval_episodes, seed, model.device, interrupted
-            )
-            for name, policy in policies.items()
-        }
-        for name, returns in results.items():
-            model.logger.record(f"eval/{name}", float(returns.mean()))
-        model.logger.dump(model.num_timesteps)
-        self.aside += time.perf_counter() - tick
-        return results
+            found["ema_return"] = _policy_fn(model, algo, self.ema_routine.averaged)
+        return found
 
-    def checkpoint(self) -> None:
-        """``run_dir/model.pt``: the policy's weights and all that a resumed run needs."""
-        tick = time.perf_counter()
+    def record_evaluation(self, results: dict[str, np.ndarray]) -> None:
+        for name, returns in results.items():
+            self.model.logger.record(f"eval/{name}", float(returns.mean()))
+        self.model.logger.dump(self.model.num_timesteps)
+
+    def weights(self) -> dict[str, dict[str, torch.Tensor]]:
+        weights = {"policy": self.model.policy.state_dict()}
+        if self.ema_routine is not None:
+            weights["policy_ema"] = self.ema_routine.averaged.state_dict()
+        return weights
+
+    def trained_tensors(self) -> Iterable[torch.Tensor]:
+        return self.model.policy.state_dict().values()
+
+    def spaces(self) -> dict[str, str]:
+        return spaces_of(self.model.get_env())
+
+    def training_state(self) -> dict[str, Any]:
         model = self.model
-        weights = {"policy": model.policy.state_dict()}
-        training = {
+        return {
             "parameters": model.get_parameters(),
             "variables": _torch_variables(model),
             "buffer": _buffer_state(model.replay_buffer),
             "n_updates": model._n_updates,
             "n_calls": getattr(model, "_n_calls", 0),
             "routines": self.routine_states(),
-            "rng": rng_state(),
-            "episodes": list(self.episodes),
-            "wall_seconds": self.wall_before + time.perf_counter() - self.session_start,
         }
-        if self.ema_routine is not None:
-            weights["policy_ema"] = self.ema_routine.averaged.state_dict()
-        state = {
-            "algo": self.config.algo,
-            "impl": "sb3",
-            "config": self.config.to_dict(),
-            "spaces": spaces_of(model.get_env()),
-            "steps": model.num_timesteps,
-            "weights": weights,
-            "training": training,
-        }
-        save_checkpoint(self.run_dir / "model.pt", state)
-        self.aside += time.perf_counter() - tick
 
     def summary(self, results: dict[str, np.ndarray], train_seconds: float) -> dict[str, Any]:
-        model = self.model
-        summary = run_summary(
-            self.config,
-            "sb3",
-            model.num_timesteps,
-            results,
-            model.num_timesteps - self.start_steps,
-            train_seconds,
-            self.wall_before + time.perf_counter() - self.session_start,
-            self.episodes,
-            model.policy.state_dict().values(),
-        )
-        summary["gradient_updates"] = model._n_updates
-        return summary
+        return super().summary(results, train_seconds) | {"gradient_updates": self.model._n_updates}
 
 
 def _on_step_callback(run: _SB3Run) -> Any:

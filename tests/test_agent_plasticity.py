@@ -13,7 +13,8 @@ from torch import nn
 from torch.testing import assert_close
 
 from rlweights.agents.networks import TwinQ
-from rlweights.agents.train import ALGOS, make_config, train
+from rlweights.agents.registry import ALGOS, make_config
+from rlweights.agents.train import train
 
 
 def _agent(algo: str, env_id: str, **overrides):

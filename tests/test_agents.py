@@ -13,16 +13,12 @@ from torch.testing import assert_close
 from torch.utils.flop_counter import FlopCounterMode
 
 import rlweights as rw
-from rlweights.agents.common import (
-    FLUSH_SUBNORMALS_EVERY,
-    ReplayBuffer,
-    flush_subnormal_state_,
-    rng_state,
-    set_rng_state,
-)
+from rlweights.agents.agent import FLUSH_SUBNORMALS_EVERY, flush_subnormal_state_
 from rlweights.agents.dqn import DQN, DQNConfig
 from rlweights.agents.networks import TwinQ
+from rlweights.agents.replay import ReplayBuffer
 from rlweights.agents.sac import SAC, Actor, SACConfig
+from rlweights.agents.seeding import rng_state, set_rng_state
 from rlweights.agents.target_update import TargetUpdateSpec
 from rlweights.agents.td3 import TD3, TD3Config
 

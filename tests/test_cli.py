@@ -202,7 +202,7 @@ def test_the_bound_replays_exactly_the_matmuls_of_the_update(algo):
     import gymnasium as gym
     from torch.utils.flop_counter import FlopCounterMode
 
-    from rlweights.agents.train import ALGOS, make_config
+    from rlweights.agents.registry import ALGOS, make_config
     from rlweights.bench.train import UpdateMatmuls
 
     env = gym.make("Pendulum-v1")

@@ -10,7 +10,7 @@ from torch.testing import assert_close
 
 import rlweights as rw
 from rlweights.agents.compiled import prepare_adam, tensor_adam_step_
-from rlweights.agents.train import ALGOS, make_config
+from rlweights.agents.registry import ALGOS, make_config
 
 
 def test_tensor_adam_step_takes_torch_adams_steps():

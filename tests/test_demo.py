@@ -17,7 +17,8 @@ from conftest import SUBPROCESS_TIMEOUT
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from rlweights.agents.demo import DIVERGED_NORM, baird_td, chain_dqn, chain_q_error
-from rlweights.agents.train import make_config, train
+from rlweights.agents.registry import make_config
+from rlweights.agents.train import train
 from rlweights.cli import main
 from rlweights.envs.baird import BairdCounterexample as Baird
 

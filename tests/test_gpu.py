@@ -87,7 +87,7 @@ def _sac_on_cuda(compile: bool):
     pytest.importorskip("gymnasium")
     import gymnasium as gym
 
-    from rlweights.agents.train import ALGOS, make_config
+    from rlweights.agents.registry import ALGOS, make_config
 
     config = make_config("sac", "Pendulum-v1", device="cuda", compile=compile, cudagraphs=compile)
     env = gym.make("Pendulum-v1")

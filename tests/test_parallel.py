@@ -14,7 +14,9 @@ import torch
 from conftest import SUBPROCESS_TIMEOUT, launch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from rlweights.agents.train import load_checkpoint, make_config, train
+from rlweights.agents.checkpoint import load_checkpoint
+from rlweights.agents.registry import make_config
+from rlweights.agents.train import train
 from rlweights.cli import main
 from rlweights.distributed import PeerError
 

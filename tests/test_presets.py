@@ -6,9 +6,10 @@ from __future__ import annotations
 import gymnasium as gym
 import pytest
 
+from rlweights.agents.environments import route_mujoco_warnings
 from rlweights.agents.presets import PRESETS
+from rlweights.agents.registry import ALGOS, make_config
 from rlweights.agents.sb3_train import sb3_kwargs
-from rlweights.agents.train import ALGOS, make_config, route_mujoco_warnings
 from rlweights.cli import main
 
 

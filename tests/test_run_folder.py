@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 from conftest import SUBPROCESS_TIMEOUT
 
-from rlweights.agents.train import load_checkpoint
+from rlweights.agents.checkpoint import load_checkpoint
 from rlweights.cli import main
 
 TINY_FLAGS = ["--hidden", "16,16", "--batch-size", "32", "--learning-starts", "50"]
@@ -278,9 +278,9 @@ def test_a_full_disk_at_a_checkpoint_ends_in_one_line_and_keeps_the_last_one(
 ):
     """No space left at the second checkpoint: a traceback before; now one line, exit code 2,
     the first checkpoint intact and no temporary file left."""
-    import rlweights.agents.train as train_module
+    import rlweights.agents.checkpoint as checkpoint_module
 
-    real = train_module.atomic_write
+    real = checkpoint_module.atomic_write
     kept = {}
 
     def write(path, writer, mode="wb"):
@@ -294,7 +294,7 @@ def test_a_full_disk_at_a_checkpoint_ends_in_one_line_and_keeps_the_last_one(
 
         return real(path, full, mode)
 
-    monkeypatch.setattr(train_module, "atomic_write", write)
+    monkeypatch.setattr(checkpoint_module, "atomic_write", write)
     assert _train(tmp_path, "--run-name", "r", "--steps", "200", "--eval-every", "100") == 2
     line = _one_line(capsys)
     run = tmp_path / "r"

@@ -13,8 +13,8 @@ from stable_baselines3.common.logger import configure
 from stable_baselines3.common.type_aliases import ReplayBufferSamples
 from torch.testing import assert_close
 
+from rlweights.agents.registry import ALGOS, make_config
 from rlweights.agents.sb3_train import build_sb3_model
-from rlweights.agents.train import ALGOS, make_config
 
 TOL = {"rtol": 1e-5, "atol": 1e-6}
 

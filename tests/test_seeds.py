@@ -14,9 +14,9 @@ from pathlib import Path
 import pytest
 from conftest import SUBPROCESS_TIMEOUT
 
+from rlweights.agents.checkpoint import load_checkpoint
 from rlweights.agents.cli import _child_arguments, _prepare_seeds
 from rlweights.agents.side_by_side import Finished, SideBySide
-from rlweights.agents.train import load_checkpoint
 from rlweights.cli import build_parser, main
 
 TINY = ["--hidden", "16,16", "--batch-size", "32", "--learning-starts", "50"]

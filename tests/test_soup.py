@@ -53,7 +53,8 @@ def test_huge_coefficients_are_normalised_without_overflow(tmp_path):
 
 
 def test_average_of_training_checkpoints_evaluates(tmp_path, capsys):
-    from rlweights.agents.train import make_config, train
+    from rlweights.agents.registry import make_config
+    from rlweights.agents.train import train
 
     runs = []
     for seed in (0, 1):
@@ -157,7 +158,8 @@ def test_refusals_exit_2_and_write_nothing(tmp_path, capsys):
 
 
 def _dqn_run(folder, env_id, seed):
-    from rlweights.agents.train import make_config, train
+    from rlweights.agents.registry import make_config
+    from rlweights.agents.train import train
 
     config = make_config(
         "dqn",

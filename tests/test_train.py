@@ -20,7 +20,9 @@ import torch
 from conftest import SUBPROCESS_TIMEOUT
 
 from rlweights.agents import run_folder
-from rlweights.agents.train import load_checkpoint, make_config, train
+from rlweights.agents.checkpoint import load_checkpoint
+from rlweights.agents.registry import make_config
+from rlweights.agents.train import train
 from rlweights.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -154,7 +156,7 @@ def test_resume_restores_optimizers_routines_and_counters(tmp_path):
     config = tiny("sac", total_steps=200, eval_every=0, policy_ema=0.2)
     agent, _ = train(config, tmp_path)
     saved = load_checkpoint(tmp_path)
-    fresh = sys.modules["rlweights.agents.train"].build_agent(config, _envs(config))
+    fresh = sys.modules["rlweights.agents.registry"].build_agent(config, _envs(config))
     fresh.load_weights(saved["weights"])
     fresh.load_training_state(saved["training"]["agent"])
     for name, opt in agent.optimizers.items():
@@ -169,7 +171,7 @@ def test_resume_restores_optimizers_routines_and_counters(tmp_path):
 
 
 def _envs(config):
-    from rlweights.agents.train import make_envs
+    from rlweights.agents.environments import make_envs
 
     return make_envs(config.env_id, 1)
 
@@ -596,7 +598,7 @@ def test_files_of_a_run_honour_the_umask(tmp_path):
 
 def test_a_diverged_run_writes_strict_json_with_null(tmp_path):
     """Issue 13: a NaN return went into summary.json as NaN, which is not JSON."""
-    from rlweights.agents.train import run_summary
+    from rlweights.agents.run import run_summary
     from rlweights.files import write_json
 
     config = tiny("sac")

@@ -13,7 +13,9 @@ import numpy as np
 import pytest
 import torch
 
-from rlweights.agents.train import load_checkpoint, make_config, train
+from rlweights.agents.checkpoint import load_checkpoint
+from rlweights.agents.registry import make_config
+from rlweights.agents.train import train
 from rlweights.cli import main
 
 TINY_FLAGS = ["--hidden", "8,8", "--batch-size", "16", "--learning-starts", "20"]
@@ -147,7 +149,7 @@ def test_a_batch_or_environments_larger_than_the_memory_are_refused_first(
 
 
 def test_the_memory_estimate_counts_a_gradient_step_s_batch():
-    from rlweights.agents.train import memory_needed
+    from rlweights.agents.memory import memory_needed
 
     config = make_config("sac", "Pendulum-v1", batch_size=100)
     space = gym.make("Pendulum-v1")
@@ -234,9 +236,8 @@ class _Signalling(_Actions):
 
 def _signal_while_making(monkeypatch, count: int) -> None:
     """SIGTERM as the first of ``count`` environments made together is being made."""
-    from rlweights.agents import train as train_module
-
-    make_envs = train_module.make_envs
+    from rlweights.agents import evaluation, train
+    from rlweights.agents.environments import make_envs
 
     def arming(env_id, num_envs, *args, **kwargs):
         if num_envs == count:
@@ -244,7 +245,8 @@ def _signal_while_making(monkeypatch, count: int) -> None:
         return make_envs(env_id, num_envs, *args, **kwargs)
 
     _Signalling.armed, _Signalling.made_after = False, -1  # -1: no signal sent yet
-    monkeypatch.setattr(train_module, "make_envs", arming)
+    for module in (train, evaluation):  # a run's environments, an evaluation's
+        monkeypatch.setattr(module, "make_envs", arming)
 
 
 @pytest.fixture

@@ -85,7 +85,8 @@ def _native_run(drift: bool, steps: int, every: int, seed: int) -> tuple[float, 
     """The native SAC agent with TensorBoard logging: (training seconds, seconds in drift)."""
     import tempfile
 
-    from rlweights.agents.train import make_config, train
+    from rlweights.agents.registry import make_config
+    from rlweights.agents.train import train
 
     with tempfile.TemporaryDirectory() as logdir:
         config = make_config(

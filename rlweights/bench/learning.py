@@ -102,7 +102,7 @@ def bootstrap_interval(
 
 def _configuration(cell: Cell, points: int, episodes: int) -> list[str]:
     """The 'rlweights train' arguments of the cell's run: all but where it is written."""
-    from rlweights.agents.train import make_config
+    from rlweights.agents.registry import make_config
 
     steps = cell.budget or make_config(cell.algo, cell.env_id).total_steps
     impl = ["--impl", "sb3" if cell.impl == "sb3" else "native"]

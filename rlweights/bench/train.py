@@ -51,7 +51,9 @@ from typing import Any
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from rlweights.agents.train import make_config, make_envs, train
+from rlweights.agents.environments import make_envs
+from rlweights.agents.registry import make_config
+from rlweights.agents.train import train
 from rlweights.files import write_json
 
 __all__ = ["IMPLS", "SETTINGS", "algorithm", "ceiling", "markdown", "run"]
@@ -200,7 +202,7 @@ def _bound_here(config: Any, rounds: int = 5, repeats: int = 20) -> dict[str, fl
     hidden), each timed on a fixed batch after a warm-up; medians, per update."""
     import gymnasium as gym
 
-    from rlweights.agents.train import ALGOS
+    from rlweights.agents.registry import ALGOS
 
     env = gym.make(config.env_id)
     obs_dim = int(torch.tensor(env.observation_space.shape).prod())

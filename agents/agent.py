@@ -1,13 +1,11 @@
-"""What every native agent shares: the common config, seeding, Adam, a replay buffer of torch
-tensors, and the agent base classes, which keep the rlweights routines (target update, policy
-EMA, weight constraints) that each algorithm's gradient step calls."""
+"""The base classes of the native agents. An agent holds its networks and optimizers and the
+rlweights routines (target update, policy EMA, weight constraints, plasticity) that its gradient
+step calls; ``OffPolicyAgent.minimize`` is the one place where an eager and a compiled step
+differ."""
 
 from __future__ import annotations
 
-import math
-import random
-from collections.abc import Callable, Container, Iterable, Iterator
-from dataclasses import dataclass, fields
+from collections.abc import Callable, Container, Iterable
 from typing import Any, ClassVar
 
 import gymnasium as gym
@@ -23,209 +21,22 @@ from rlweights.agents.compiled import (
     prepare_adam,
     tensor_adam_step_,
 )
+from rlweights.agents.config import AgentConfig, split_patterns
+from rlweights.agents.environments import check_flat_observations
 from rlweights.agents.networks import TwinQ
+from rlweights.agents.replay import ReplayBuffer
 from rlweights.agents.target_update import TargetUpdateSpec
-from rlweights.checks import check_int
 from rlweights.ops import unit_norms_
 from rlweights.plasticity import follow_targets_, step_schedules
 from rlweights.weights import entries, select
 
 __all__ = [
     "FLUSH_SUBNORMALS_EVERY",
-    "MAX_SEED",
-    "AgentConfig",
     "ContinuousAgent",
     "OffPolicyAgent",
-    "ReplayBuffer",
-    "check_flat_observations",
     "flush_subnormal_state_",
     "make_adam",
-    "rng_state",
-    "seed_everything",
-    "set_rng_state",
 ]
-
-
-# Evaluations per run by default. TensorBoard's Scalars dashboard, with its default "ignore
-# outliers in chart scaling", draws no line for a series of two points: a run needs more.
-EVALUATIONS = 10
-
-# Seeds are 31-bit: numpy takes up to 2**32 - 1, and parallel learners add their rank's
-# offset (rlweights.agents.parallel) to the seed.
-MAX_SEED = 2**31 - 1
-
-
-def seed_everything(seed: int) -> None:
-    """Seed python, numpy and torch (environments are seeded through ``reset(seed=...)``)."""
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-
-
-def rng_state() -> dict[str, Any]:
-    """The global RNG states of python, numpy and torch, as plain tensors and numbers (so
-    that a checkpoint holding them loads with ``weights_only=True``)."""
-    kind, keys, pos, has_gauss, gauss = np.random.get_state()
-    version, py_state, py_gauss = random.getstate()
-    return {
-        "torch": torch.get_rng_state(),
-        "numpy": {
-            "kind": kind,
-            "keys": torch.from_numpy(keys.astype(np.int64)),
-            "pos": int(pos),
-            "has_gauss": int(has_gauss),
-            "gauss": float(gauss),
-        },
-        "python": {"version": version, "state": list(py_state), "gauss": py_gauss},
-    }
-
-
-def set_rng_state(state: dict[str, Any]) -> None:
-    torch.set_rng_state(state["torch"])
-    n = state["numpy"]
-    keys = n["keys"].numpy().astype(np.uint32)
-    np.random.set_state((n["kind"], keys, n["pos"], n["has_gauss"], n["gauss"]))
-    p = state["python"]
-    random.setstate((p["version"], tuple(p["state"]), p["gauss"]))
-
-
-def check_flat_observations(env_id: str, observation_space: gym.Space) -> None:
-    """The native agents use MLPs: observations must be a Box vector."""
-    if not isinstance(observation_space, gym.spaces.Box) or len(observation_space.shape) != 1:
-        raise ValueError(
-            f"the native agents take vector observations (a 1-D Box), but {env_id} has "
-            f"{observation_space}; flatten them with a gymnasium wrapper first"
-        )
-
-
-@dataclass
-class AgentConfig:
-    """Settings shared by every native agent. Each algorithm's subclass sets its defaults
-    (rl-baselines3-zoo's hyperparameters for its default environment) and adds its own.
-
-    Units: ``total_steps``, ``learning_starts``, ``train_freq``, ``eval_every`` and
-    ``drift_every`` count environment steps summed over the vectorised environments;
-    ``gradient_steps`` gradient steps are done every ``train_freq`` environment steps.
-    """
-
-    algo: ClassVar[str] = ""
-    env_id: str = ""
-    total_steps: int = 20_000
-    seed: int = 0
-    num_envs: int = 1
-    buffer_size: int = 1_000_000
-    batch_size: int = 256
-    learning_starts: int = 100
-    gamma: float = 0.99
-    learning_rate: float = 1e-3
-    hidden: tuple[int, ...] = (256, 256)
-    train_freq: int = 1
-    gradient_steps: int = 1
-    target_update: str = "polyak:0.005"  # the spec: "polyak:TAU" or "hard:EVERY"
-    policy_ema: float | None = None  # tau of an EMA of the policy, evaluated next to it
-    weight_clip: float | None = (
-        None  # clamp weights to [-weight_clip, weight_clip] after each optimizer step
-    )
-    max_norm: float | None = None  # per-unit max-norm after each optimizer step
-    device: str = "cpu"
-    drift_every: int = 1000  # 0 disables drift logging
-    # None: EVALUATIONS evaluations (and checkpoints) per run, so that eval/ is a curve; 0:
-    # evaluate only at the end.
-    eval_every: int | None = None
-    eval_episodes: int = 10
-    average_every: int = 0  # >0: torchrun learners average their weights every N env steps
-    peer_timeout: int = 300  # seconds a learner waits for the others before it gives up
-    compile: bool = False  # the whole gradient step as one torch.compile graph (agents.compiled)
-    cudagraphs: bool = False  # with compile, on CUDA: the compiled step replayed as a CUDA graph
-    # Plasticity (rlweights.plasticity), counted in environment steps: re-initialise the
-    # reset layers every reset_every steps; shrink-and-perturb them every sp_every steps;
-    # project the unit_sphere weights onto the unit sphere after every optimizer step.
-    # Patterns: comma-separated globs over "network.parameter" names ("critic.*").
-    reset_every: int = 0
-    reset_layers: str | None = None  # None: every parameter of the trained networks
-    shrink_perturb: tuple[float, float] | None = None  # (shrink, perturb), with sp_every
-    sp_every: int = 0
-    unit_sphere: str | None = None
-
-    def __post_init__(self) -> None:
-        self.hidden = tuple(self.hidden)
-        if self.shrink_perturb is not None:  # a list when read back from config.json
-            self.shrink_perturb = tuple(self.shrink_perturb)
-        if self.eval_every is None:
-            self.eval_every = max(self.total_steps // EVALUATIONS, 1)
-        self.checks()
-
-    def _rules(self) -> dict[str, bool]:
-        return {
-            "env_id": bool(self.env_id),
-            "total_steps": self.total_steps >= 1,
-            "seed": 0 <= self.seed <= MAX_SEED,
-            "num_envs": self.num_envs >= 1,
-            "buffer_size": self.buffer_size >= 1,
-            "batch_size": self.batch_size >= 1,
-            "learning_starts": self.learning_starts >= 0,
-            "gamma": 0.0 <= self.gamma <= 1.0,
-            "learning_rate": self.learning_rate > 0.0,
-            "hidden": len(self.hidden) >= 1 and all(h >= 1 for h in self.hidden),
-            "train_freq": self.train_freq >= 1,
-            "gradient_steps": self.gradient_steps >= 1,
-            "policy_ema": self.policy_ema is None or 0.0 < self.policy_ema <= 1.0,
-            "weight_clip": self.weight_clip is None or self.weight_clip > 0.0,
-            "max_norm": self.max_norm is None or self.max_norm > 0.0,
-            "drift_every": self.drift_every >= 0,
-            "eval_every": self.eval_every >= 0,
-            "eval_episodes": self.eval_episodes >= 1,
-            "average_every": self.average_every >= 0,
-            "peer_timeout": self.peer_timeout >= 1,
-            "cudagraphs": not self.cudagraphs or (self.compile and self.device.startswith("cuda")),
-            "reset_every": self.reset_every >= 0,
-            "sp_every": self.sp_every >= 0,
-            "shrink_perturb": self.shrink_perturb is None
-            or (len(self.shrink_perturb) == 2 and all(0 <= x <= 1 for x in self.shrink_perturb)),
-        }
-
-    def checks(self) -> None:
-        TargetUpdateSpec.parse(self.target_update)
-        infinite = [
-            f"{f.name}={value!r}"
-            for f in fields(self)
-            if isinstance(value := getattr(self, f.name), float) and not math.isfinite(value)
-        ]
-        if infinite:
-            raise ValueError(
-                f"{type(self).__name__}: {', '.join(infinite)}: hyperparameters must be finite "
-                "numbers"
-            )
-        if (self.shrink_perturb is None) != (self.sp_every == 0):
-            raise ValueError(
-                f"{type(self).__name__}: shrink_perturb={self.shrink_perturb!r} and "
-                f"sp_every={self.sp_every!r}: shrink-and-perturb needs both "
-                "(--shrink-perturb SHRINK,PERTURB --sp-every N)"
-            )
-        if self.reset_layers is not None and not (self.reset_every or self.sp_every):
-            raise ValueError(
-                f"{type(self).__name__}: --reset-layers {self.reset_layers!r} chooses what "
-                "--reset-every and --shrink-perturb touch: give one of them with it"
-            )
-        for flag, text in (
-            ("--reset-layers", self.reset_layers),
-            ("--unit-sphere", self.unit_sphere),
-        ):
-            if text is not None and not split_patterns(text):
-                raise ValueError(
-                    f"{type(self).__name__}: {flag} {text!r} names no pattern: give "
-                    "comma-separated globs such as 'critic.*' or 'actor.mean.*'"
-                )
-        bad = [name for name, ok in self._rules().items() if not ok]
-        if bad:
-            values = ", ".join(f"{name}={getattr(self, name)!r}" for name in bad)
-            raise ValueError(f"{type(self).__name__}: impossible values: {values}")
-
-    def to_dict(self) -> dict[str, Any]:
-        data = {f.name: getattr(self, f.name) for f in fields(self)}
-        if self.shrink_perturb is not None:
-            data["shrink_perturb"] = list(self.shrink_perturb)
-        return {"algo": self.algo, **data, "hidden": list(self.hidden)}
 
 
 # Every this many gradient updates (on the CPU), the optimizers' subnormal state becomes 0:
@@ -261,157 +72,6 @@ def make_adam(params: Iterable[Tensor], lr: float) -> torch.optim.Adam:
         return torch.optim.Adam(params, lr=lr, foreach=True)
 
 
-class ReplayBuffer:
-    """A ring buffer of transitions kept as torch tensors on the training device.
-
-    Transitions arrive in batches (one row per vectorised environment) and are sampled
-    uniformly with a torch generator, so sampling needs no host round trip.
-    """
-
-    FIELDS = ("obs", "actions", "rewards", "next_obs", "terminated")
-
-    def __init__(
-        self,
-        capacity: int,
-        obs_shape: tuple[int, ...],
-        action_shape: tuple[int, ...],
-        device: torch.device | str = "cpu",
-        action_dtype: torch.dtype = torch.float32,
-        seed: int = 0,
-    ):
-        self.capacity = check_int(capacity, "capacity", "ReplayBuffer")
-        self.device = torch.device(device)
-        self.obs = torch.zeros((capacity, *obs_shape), device=self.device)
-        self.next_obs = torch.zeros((capacity, *obs_shape), device=self.device)
-        self.actions = torch.zeros(
-            (capacity, *action_shape), dtype=action_dtype, device=self.device
-        )
-        self.rewards = torch.zeros(capacity, device=self.device)
-        self.terminated = torch.zeros(capacity, device=self.device)
-        self.position = 0
-        self.size = 0
-        self.generator = torch.Generator(device=self.device).manual_seed(seed)
-        # On the CPU, numpy views of the same storage: a transition is written and a batch
-        # gathered by numpy's indexing, without a tensor made per field and step (the same
-        # values, less time per environment step).
-        self._host = (
-            {name: getattr(self, name).numpy() for name in self.FIELDS}
-            if self.device.type == "cpu"
-            else None
-        )
-
-    def __len__(self) -> int:
-        return self.size
-
-    def add(self, obs, actions, rewards, next_obs, terminated) -> None:
-        """Store a batch of transitions (arrays or tensors with a leading batch dim).
-
-        ``terminated`` marks true terminal states only (not time-limit truncations), so
-        that bootstrapping stops exactly where the episode really ended.
-        """
-        n = len(rewards)
-        start = self.position
-        # A slice while the rows fit before the end of the ring (cheaper than indexing).
-        rows: Any = slice(start, start + n) if start + n <= self.capacity else None
-        if rows is None:
-            rows = (np.arange(n) + start) % self.capacity
-            if self._host is None:
-                rows = torch.as_tensor(rows, device=self.device)
-        values = (obs, actions, rewards, next_obs, terminated)
-        for name, value in zip(self.FIELDS, values, strict=True):
-            if self._host is not None:  # numpy casts to the field's dtype as torch's .to() does
-                self._host[name][rows] = np.asarray(value)
-            else:
-                store: Tensor = getattr(self, name)
-                store[rows] = torch.as_tensor(np.asarray(value), device=self.device).to(store.dtype)
-        self.position = (self.position + n) % self.capacity
-        self.size = min(self.size + n, self.capacity)
-
-    # The most bytes one draw of several batches gathers at once (:meth:`batches`).
-    GATHER_BYTES = 64 * 2**20
-
-    def sample(self, batch_size: int) -> dict[str, Tensor]:
-        """A uniformly sampled batch (with replacement)."""
-        return next(self.batches(1, batch_size))
-
-    def batches(self, count: int, batch_size: int) -> Iterator[dict[str, Tensor]]:
-        """``count`` uniformly sampled batches (with replacement) for as many gradient steps,
-        drawn together: one index draw and one gather per field for all of them (in chunks
-        of at most :attr:`GATHER_BYTES`), not one per step. On the CPU the batches are
-        exactly those of ``count`` calls of :meth:`sample` (the generator's stream is the
-        same); on CUDA they are other uniform draws."""
-        if self.size == 0:
-            raise ValueError("ReplayBuffer.sample: the buffer is empty")
-        row = sum(getattr(self, name)[:1].nbytes for name in self.FIELDS)
-        chunk = max(1, min(count, self.GATHER_BYTES // max(1, row * batch_size)))
-        for start in range(0, count, chunk):
-            steps = min(chunk, count - start)
-            idx = torch.randint(
-                self.size, (steps, batch_size), device=self.device, generator=self.generator
-            )
-            if self._host is not None:
-                rows = idx.numpy()
-                drawn = {name: torch.from_numpy(self._host[name][rows]) for name in self.FIELDS}
-            else:
-                drawn = {name: getattr(self, name)[idx] for name in self.FIELDS}
-            for i in range(steps):
-                yield {name: values[i] for name, values in drawn.items()}
-
-    def state_dict(self) -> dict[str, Any]:
-        """The stored rows only (not the empty capacity), the ring position and the sampler."""
-        state: dict[str, Any] = {name: getattr(self, name)[: self.size] for name in self.FIELDS}
-        state.update(position=self.position, size=self.size, generator=self.generator.get_state())
-        return state
-
-    def check_state(self, state: Any) -> None:
-        """Raise ``ValueError`` unless ``state`` is a :meth:`state_dict` this buffer can load:
-        counters that are integers in range, and ``size`` rows of each field in this buffer's
-        shapes and dtypes."""
-        op = "ReplayBuffer.load_state_dict"
-        expected = {*self.FIELDS, "position", "size", "generator"}
-        if not isinstance(state, dict) or set(state) != expected:
-            got = sorted(state) if isinstance(state, dict) else type(state).__name__
-            raise ValueError(f"{op}: expected keys {sorted(expected)}, got {got}")
-        size = check_int(state["size"], "size", op, minimum=0)
-        if size > self.capacity:
-            raise ValueError(
-                f"ReplayBuffer: the saved buffer holds {size} transitions, more than this "
-                f"buffer's capacity {self.capacity}"
-            )
-        position = check_int(state["position"], "position", op, minimum=0)
-        if position > size:
-            raise ValueError(f"{op}: position={position} is past the {size} stored rows")
-        for name in self.FIELDS:
-            value, store = state[name], getattr(self, name)
-            shape = (size, *store.shape[1:])
-            if not (
-                isinstance(value, Tensor) and value.dtype == store.dtype and value.shape == shape
-            ):
-                got = (value.dtype, tuple(value.shape)) if isinstance(value, Tensor) else value
-                raise ValueError(
-                    f"{op}: {name} must be {store.dtype} rows of shape {shape}, got {got!r:.60}"
-                )
-        generator = state["generator"]
-        if not (isinstance(generator, Tensor) and generator.dtype == torch.uint8):
-            raise ValueError(f"{op}: generator must be a torch generator state (uint8 tensor)")
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore :meth:`state_dict`, validated first. Into a buffer of another capacity (a
-        run resumed with more steps), the rows are laid oldest first from row 0, so that the
-        ring goes on as it would have in a buffer of this capacity: new rows never overwrite
-        old ones while there is room, and no empty row is ever sampled."""
-        self.check_state(state)
-        size, position = state["size"], state["position"]
-        values = {name: state[name].to(self.device) for name in self.FIELDS}
-        if size < self.capacity and position != size:  # wrapped or full in a smaller ring
-            values = {name: value.roll(-position, 0) for name, value in values.items()}
-            position = size
-        for name, value in values.items():
-            getattr(self, name)[:size] = value
-        self.position, self.size = position % self.capacity, size
-        self.generator.set_state(state["generator"])
-
-
 def _constraint_tensors(module: nn.Module, names: Container[str] | None = None) -> list[Tensor]:
     """The weight matrices a per-unit constraint (max-norm, unit sphere) applies to, each
     shaped (out_units, inputs): of the parameters named in ``names`` (all if None)."""
@@ -425,13 +85,6 @@ def _constraint_tensors(module: nn.Module, names: Container[str] | None = None) 
             inner = None if names is None else {n[len(at) :] for n in names if n.startswith(at)}
             tensors.extend(unit_weights(inner))
     return tensors
-
-
-def split_patterns(text: str | None) -> list[str] | None:
-    """Comma-separated globs (``--reset-layers "critic.*,actor.mean.*"``) as a list."""
-    if text is None:
-        return None
-    return [part.strip() for part in text.split(",") if part.strip()]
 
 
 class OffPolicyAgent:
