@@ -10,6 +10,8 @@ import re
 import signal
 import sys
 import time
+import types
+import typing
 import warnings
 from contextlib import ExitStack
 from pathlib import Path
@@ -26,6 +28,7 @@ from rlweights.agents.checkpoint import (
     config_from_checkpoint,
     load_checkpoint,
 )
+from rlweights.agents.config import setting_of
 from rlweights.agents.environments import route_mujoco_warnings, spaces_of
 from rlweights.agents.evaluation import evaluate
 from rlweights.agents.memory import available_memory, memory_needed
@@ -123,114 +126,6 @@ def _pair(text: str) -> tuple[float, float]:
     return pair
 
 
-# Flags that set a hyperparameter: (flag, config field, type, metavar, help).
-HYPERPARAMETERS: list[tuple[str, str, Any, str, str]] = [
-    ("--steps", "total_steps", _count, "N", "environment steps in total (summed over --num-envs)"),
-    ("--num-envs", "num_envs", _count, "N", "environments stepped side by side (gymnasium.vector)"),
-    (
-        "--target-update",
-        "target_update",
-        str,
-        "SPEC",
-        "polyak:TAU (TAU in [0, 1]) or hard:EVERY; dqn default hard:10, else polyak:0.005",
-    ),
-    (
-        "--policy-ema",
-        "policy_ema",
-        float,
-        "TAU",
-        "keep an exponential moving average of the policy with this TAU (0 < TAU <= 1), "
-        "updated after every policy step, and evaluate it next to the policy (eval/ema_return)",
-    ),
-    (
-        "--weight-clip",
-        "weight_clip",
-        float,
-        "VALUE",
-        "clamp weights to [-VALUE, VALUE] after optimizer steps",
-    ),
-    (
-        "--max-norm",
-        "max_norm",
-        float,
-        "VALUE",
-        "rescale each unit's incoming weights to L2 norm <= VALUE after each optimizer step",
-    ),
-    ("--drift-every", "drift_every", _count, "N", "log weight drift every N env steps (0: never)"),
-    (
-        "--eval-every",
-        "eval_every",
-        _count,
-        "N",
-        "evaluate + checkpoint every N env steps (default: 10 times per run; 0: at the end)",
-    ),
-    ("--eval-episodes", "eval_episodes", _count, "K", "deterministic episodes per evaluation"),
-    ("--learning-rate", "learning_rate", float, "LR", "Adam learning rate"),
-    ("--batch-size", "batch_size", _count, "N", "replay batch size"),
-    (
-        "--buffer-size",
-        "buffer_size",
-        _count,
-        "N",
-        "replay capacity in transitions (at most --steps)",
-    ),
-    ("--learning-starts", "learning_starts", _count, "N", "random-action steps before learning"),
-    ("--gamma", "gamma", float, "GAMMA", "discount factor"),
-    ("--train-freq", "train_freq", _count, "N", "env steps between training phases"),
-    ("--gradient-steps", "gradient_steps", _count, "N", "gradient steps per training phase"),
-    (
-        "--reset-every",
-        "reset_every",
-        _count,
-        "N",
-        "re-initialise the --reset-layers every N env steps (each layer's reset_parameters; "
-        "their optimizer state is forgotten, their targets and the policy EMA take the same "
-        "weights; 0: never)",
-    ),
-    (
-        "--reset-layers",
-        "reset_layers",
-        str,
-        "PATTERNS",
-        "comma-separated globs over NETWORK.PARAMETER names that --reset-every and "
-        "--shrink-perturb touch, e.g. 'critic.*' or 'actor.mean.*,critic.weights.2' "
-        "(default: every parameter of the trained networks)",
-    ),
-    (
-        "--shrink-perturb",
-        "shrink_perturb",
-        _pair,
-        "SHRINK,PERTURB",
-        "every --sp-every env steps, theta <- SHRINK * theta + PERTURB * a fresh initialisation "
-        "of the --reset-layers (both in [0, 1]; BBF: 0.5,0.5; Ash & Adams: 0.4-0.6, 0.001-0.01)",
-    ),
-    ("--sp-every", "sp_every", _count, "N", "env steps between shrink-and-perturbs"),
-    (
-        "--unit-sphere",
-        "unit_sphere",
-        str,
-        "PATTERNS",
-        "after every optimizer step, project the units of the weight matrices named by these "
-        "comma-separated globs onto the unit sphere (SimbaV2), e.g. 'critic.*'",
-    ),
-    (
-        "--average-every",
-        "average_every",
-        _count,
-        "K",
-        "under torchrun --nproc_per_node=N: the N learners average all their networks every K "
-        "env steps (rank 0 evaluates, logs and checkpoints)",
-    ),
-    (
-        "--peer-timeout",
-        "peer_timeout",
-        _count,
-        "SECONDS",
-        "with --average-every: how long a learner waits for the others before it stops (300)",
-    ),
-]
-
-
 def _hidden(text: str) -> tuple[int, ...]:
     try:
         sizes = tuple(int(part) for part in text.split(","))
@@ -239,39 +134,113 @@ def _hidden(text: str) -> tuple[int, ...]:
     return sizes
 
 
+# How a flag reads the type of its config field, and its metavar unless the field names one.
+_PARSERS: dict[Any, tuple[Any, str]] = {
+    int: (_count, "N"),
+    float: (float, "VALUE"),
+    str: (str, "TEXT"),
+    tuple[int, ...]: (_hidden, "SIZES"),
+    tuple[float, float]: (_pair, "A,B"),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class Flag:
+    """A flag of ``rlweights train``, made from a config field
+    (:func:`~rlweights.agents.config.setting`): its name, the field it sets, the field's type
+    and what was said about it, and the algorithms whose configs have the field."""
+
+    flag: str
+    field: str
+    hint: Any
+    setting: Any
+    algos: tuple[str, ...]
+
+    def add_to(self, group: Any) -> None:
+        text = self.setting["help"]
+        if len(self.algos) < len(ALGOS):
+            text += f" ({', '.join(self.algos)})"
+        if self.hint is bool:
+            group.add_argument(
+                self.flag, dest=self.field, action=argparse.BooleanOptionalAction, help=text
+            )
+            return
+        parse, metavar = _PARSERS[self.hint]
+        metavar = self.setting["metavar"] or metavar
+        group.add_argument(self.flag, dest=self.field, type=parse, metavar=metavar, help=text)
+
+    def as_argument(self, value: Any) -> str:
+        """The flag with ``value``, as one argument (a value that begins with '-' stays the
+        flag's value)."""
+        if self.hint is bool:
+            return self.flag if value else f"--no-{self.flag[2:]}"
+        return f"{self.flag}={','.join(map(str, value)) if isinstance(value, tuple) else value}"
+
+
+def _flags() -> list[Flag]:
+    """The flags of every algorithm's config fields that have a help text, the shared ones
+    first, in the order the configs declare them."""
+    found: dict[str, Flag] = {}
+    for algo, (cls, _) in ALGOS.items():
+        hints = typing.get_type_hints(cls)
+        for field in dataclasses.fields(cls):
+            meta = setting_of(cls, field.name)
+            if not meta.get("help"):
+                continue
+            if field.name in found:
+                flag = found[field.name]
+                found[field.name] = dataclasses.replace(flag, algos=(*flag.algos, algo))
+                continue
+            hint = hints[field.name]
+            if typing.get_origin(hint) in (types.UnionType, typing.Union):  # X | None
+                hint = next(arg for arg in typing.get_args(hint) if arg is not type(None))
+            name = meta["flag"] or "--" + field.name.replace("_", "-")
+            found[field.name] = Flag(name, field.name, hint, meta, (algo,))
+    return list(found.values())
+
+
+FLAGS = _flags()
+
+
 def add_train_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--algo", choices=sorted(ALGOS), help="default: sac")
-    parser.add_argument(
+    run = parser.add_argument_group("run and output")
+    groups = {
+        "run": run,
+        "hyperparameters": parser.add_argument_group(
+            "algorithm and hyperparameters (default: the zoo's preset for the environment)"
+        ),
+        "weights": parser.add_argument_group("weight operations"),
+        "plasticity": parser.add_argument_group("plasticity"),
+        "parallel": parser.add_argument_group("several seeds and parallel learners"),
+    }
+    speed = parser.add_argument_group("speed")
+    groups["hyperparameters"].add_argument("--algo", choices=sorted(ALGOS), help="default: sac")
+    run.add_argument(
         "--env", metavar="ID", help="Gymnasium id (default: CartPole-v1 for dqn, else Pendulum-v1)"
     )
-    parser.add_argument(
-        "--seed", type=int, metavar="S", help="seeds python, numpy, torch, envs (0)"
-    )
-    parser.add_argument(
+    run.add_argument("--seed", type=int, metavar="S", help="seeds python, numpy, torch, envs (0)")
+    run.add_argument(
         "--logdir", default="runs", metavar="DIR", help="parent of the run directory (runs)"
     )
-    parser.add_argument("--run-name", metavar="NAME", help="default: ALGO-ENV-sSEED-DATE-TIME")
-    parser.add_argument(
+    run.add_argument("--run-name", metavar="NAME", help="default: ALGO-ENV-sSEED-DATE-TIME")
+    run.add_argument(
         "--device", choices=("cpu", "cuda", "auto"), default="cpu", help="auto: cuda if present"
     )
-    parser.add_argument(
+    groups["hyperparameters"].add_argument(
         "--impl",
         choices=("native", "sb3"),
         help="native agents (default) or the SB3 algorithm of the same name, rlweights attached",
     )
-    parser.add_argument(
+    run.add_argument(
         "--resume",
         metavar="RUN_DIR",
         help="continue an interrupted run from RUN_DIR/model.pt (only --steps, --device, "
         "--no-progress and --env with the run's own environment id may be given with it)",
     )
-    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
-    for flag, field, kind, metavar, text in HYPERPARAMETERS:
-        parser.add_argument(flag, dest=field, type=kind, metavar=metavar, help=text)
-    parser.add_argument(
-        "--hidden", type=_hidden, metavar="SIZES", help="hidden layer sizes, e.g. 256,256"
-    )
-    parser.add_argument(
+    run.add_argument("--no-progress", action="store_true", help="no progress bar")
+    for flag in FLAGS:
+        flag.add_to(groups[flag.setting["group"]])
+    speed.add_argument(
         "--threads",
         type=_count,
         default=DEFAULT_THREADS,
@@ -280,7 +249,7 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
         "side, or next to other busy processes, do not slow each other down; "
         "docs/benchmarks.md has the numbers)",
     )
-    parser.add_argument(
+    groups["parallel"].add_argument(
         "--seeds",
         type=int,
         nargs="+",
@@ -288,20 +257,20 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
         help="train one run per seed, each in its own run folder, --workers at a time "
         "(instead of --seed)",
     )
-    parser.add_argument(
+    groups["parallel"].add_argument(
         "--workers",
         type=_count,
         metavar="N",
         help="with --seeds: runs side by side (default: the CPU cores divided by --threads)",
     )
-    parser.add_argument(
+    speed.add_argument(
         "--compile",
         action="store_const",
         const=True,
         help="compile the whole gradient step (losses, gradients, Adam, temperature, "
         "constraints, policy EMA, target update) as one torch.compile graph",
     )
-    parser.add_argument(
+    speed.add_argument(
         "--cudagraphs",
         action="store_const",
         const=True,
@@ -545,7 +514,7 @@ class _Progress:
 
 
 def _overrides(args: argparse.Namespace) -> dict[str, Any]:
-    fields = [field for _, field, _, _, _ in HYPERPARAMETERS] + ["hidden", "compile", "cudagraphs"]
+    fields = [flag.field for flag in FLAGS] + ["compile", "cudagraphs"]
     return {field: getattr(args, field) for field in fields}
 
 
@@ -649,7 +618,13 @@ def _checked_config(args: argparse.Namespace, seed: int, device: str) -> tuple[A
     """(config, impl) of a new run with ``seed``, every input checked."""
     if args.cudagraphs and not (args.compile and device.startswith("cuda")):
         raise UsageError("--cudagraphs needs --compile and a CUDA device (--device cuda)")
-    config = make_config(args.algo or "sac", args.env, seed=seed, device=device, **_overrides(args))
+    algo = args.algo or "sac"
+    for flag in FLAGS:
+        if getattr(args, flag.field) is not None and algo not in flag.algos:
+            raise UsageError(
+                f"{flag.flag} is a setting of {' and '.join(flag.algos)}, not of {algo}"
+            )
+    config = make_config(algo, args.env, seed=seed, device=device, **_overrides(args))
     impl = args.impl or "native"
     _check_impl(impl)
     if config.compile and impl != "native":
@@ -748,12 +723,10 @@ def _child_arguments(args: argparse.Namespace) -> list[str]:
         value = getattr(args, flag)
         if value is not None:
             out.append(f"--{flag}={value}")
-    for flag, field, _, _, _ in HYPERPARAMETERS:
-        value = getattr(args, field)
+    for flag in FLAGS:
+        value = getattr(args, flag.field)
         if value is not None:
-            out.append(f"{flag}={','.join(map(str, value)) if isinstance(value, tuple) else value}")
-    if args.hidden is not None:
-        out.append(f"--hidden={','.join(map(str, args.hidden))}")
+            out.append(flag.as_argument(value))
     for flag in ("compile", "cudagraphs"):
         if getattr(args, flag):
             out.append(f"--{flag}")

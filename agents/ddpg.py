@@ -18,7 +18,7 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from rlweights.agents.agent import ContinuousAgent, make_adam
-from rlweights.agents.config import AgentConfig
+from rlweights.agents.config import AgentConfig, exploration_noise
 from rlweights.agents.networks import TwinQ
 from rlweights.agents.td3 import DeterministicActor
 
@@ -38,10 +38,7 @@ class DDPGConfig(AgentConfig):
     buffer_size: int = 200_000
     learning_starts: int = 10_000
     hidden: tuple[int, ...] = (400, 300)
-    exploration_noise: float = 0.1  # std of the Gaussian action noise, relative to the bounds
-
-    def _rules(self) -> dict[str, bool]:
-        return {**super()._rules(), "exploration_noise": self.exploration_noise >= 0.0}
+    exploration_noise: float = exploration_noise()
 
 
 class DDPG(ContinuousAgent):

@@ -17,10 +17,14 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from rlweights.agents.agent import OffPolicyAgent, make_adam
-from rlweights.agents.config import AgentConfig
+from rlweights.agents.config import AgentConfig, setting
 from rlweights.agents.networks import mlp
 
 __all__ = ["DQN", "DQNConfig"]
+
+
+def _fraction(value: float) -> bool:
+    return 0.0 <= value <= 1.0
 
 
 @dataclass
@@ -39,19 +43,26 @@ class DQNConfig(AgentConfig):
     train_freq: int = 256
     gradient_steps: int = 128
     target_update: str = "hard:10"
-    exploration_fraction: float = 0.16
-    exploration_initial_eps: float = 1.0
-    exploration_final_eps: float = 0.04
-    max_grad_norm: float = 10.0
-
-    def _rules(self) -> dict[str, bool]:
-        return {
-            **super()._rules(),
-            "exploration_fraction": 0.0 <= self.exploration_fraction <= 1.0,
-            "exploration_initial_eps": 0.0 <= self.exploration_initial_eps <= 1.0,
-            "exploration_final_eps": 0.0 <= self.exploration_final_eps <= 1.0,
-            "max_grad_norm": self.max_grad_norm > 0.0,
-        }
+    exploration_fraction: float = setting(
+        0.16,
+        "share of the run over which epsilon falls from its initial to its final value",
+        rule=_fraction,
+        metavar="F",
+        sb3="exploration_fraction",
+    )
+    exploration_initial_eps: float = setting(
+        1.0, "epsilon at the start", rule=_fraction, metavar="EPS", sb3="exploration_initial_eps"
+    )
+    exploration_final_eps: float = setting(
+        0.04, "epsilon at the end", rule=_fraction, metavar="EPS", sb3="exploration_final_eps"
+    )
+    max_grad_norm: float = setting(
+        10.0,
+        "clip the gradient's global L2 norm to this value",
+        rule=lambda v: v > 0.0,
+        metavar="NORM",
+        sb3="max_grad_norm",
+    )
 
 
 class DQN(OffPolicyAgent):

@@ -20,7 +20,7 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from rlweights.agents.agent import ContinuousAgent, make_adam
-from rlweights.agents.config import AgentConfig
+from rlweights.agents.config import AgentConfig, setting
 from rlweights.agents.networks import BoundedActor, TwinQ, mlp
 
 __all__ = ["SAC", "Actor", "SACConfig", "StateDependentActor"]
@@ -41,19 +41,25 @@ class SACConfig(AgentConfig):
     env_id: str = "Pendulum-v1"
     total_steps: int = 10_000
     learning_rate: float = 1e-3
-    ent_coef: float | None = None  # a fixed temperature; None: tuned automatically
+    ent_coef: float | None = setting(
+        None,
+        "a fixed entropy temperature (default: tuned automatically toward entropy -dim(A))",
+        rule=lambda v: v is None or v > 0.0,
+        metavar="ALPHA",
+        sb3="ent_coef",
+    )
     # gSDE exploration (SB3's use_sde, log_std_init, sde_sample_freq): a noise matrix drawn at
     # the start of every train_freq steps (and every sde_sample_freq steps if > 0).
-    use_sde: bool = False
-    log_std_init: float = -3.0
-    sde_sample_freq: int = -1
-
-    def _rules(self) -> dict[str, bool]:
-        return {
-            **super()._rules(),
-            "ent_coef": self.ent_coef is None or self.ent_coef > 0.0,
-            "sde_sample_freq": self.sde_sample_freq == -1 or self.sde_sample_freq >= 1,
-        }
+    use_sde: bool = setting(
+        False, "state-dependent exploration (gSDE) instead of independent noise", sb3="use_sde"
+    )
+    log_std_init: float = setting(-3.0, "with --use-sde: the initial log std", metavar="LOG_STD")
+    sde_sample_freq: int = setting(
+        -1,
+        "with --use-sde: draw a new noise matrix every N steps (-1: at each rollout's start)",
+        rule=lambda v: v == -1 or v >= 1,
+        sb3="sde_sample_freq",
+    )
 
 
 class Actor(BoundedActor):

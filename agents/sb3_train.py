@@ -19,6 +19,7 @@ pickled zip.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -29,7 +30,7 @@ import torch
 from torch import nn
 
 import rlweights as rw
-from rlweights.agents.config import AgentConfig, split_patterns
+from rlweights.agents.config import AgentConfig, setting_of, split_patterns
 from rlweights.agents.environments import route_mujoco_warnings, spaces_of
 from rlweights.agents.run import Run
 from rlweights.agents.signals import GracefulStop, Stopped
@@ -45,42 +46,23 @@ __all__ = ["build_sb3_model", "check_plasticity", "load_sb3_policy", "sb3_kwargs
 
 
 def sb3_kwargs(config: AgentConfig) -> dict[str, Any]:
-    """SB3 constructor arguments equivalent to ``config``."""
-    spec = TargetUpdateSpec.parse(config.target_update)
-    kwargs: dict[str, Any] = {
-        "learning_rate": config.learning_rate,
-        "buffer_size": config.buffer_size,
-        "learning_starts": config.learning_starts,
-        "batch_size": config.batch_size,
-        "gamma": config.gamma,
-        "train_freq": max(config.train_freq // config.num_envs, 1),
-        "gradient_steps": config.gradient_steps,
-        "policy_kwargs": {"net_arch": list(config.hidden)},
-        "seed": config.seed,
-        "device": config.device,
-    }
-    if config.algo == "dqn":
-        kwargs.update(
-            exploration_fraction=config.exploration_fraction,
-            exploration_initial_eps=config.exploration_initial_eps,
-            exploration_final_eps=config.exploration_final_eps,
-            max_grad_norm=config.max_grad_norm,
-            target_update_interval=spec.every,
-            tau=spec.tau,
-        )
-    else:  # hard:EVERY is a routine of its own (build_sb3_model), stepped with tau=1
-        kwargs["tau"] = spec.tau
-    if config.algo == "sac" and config.ent_coef is not None:
-        kwargs["ent_coef"] = config.ent_coef
-    if config.algo == "sac" and config.use_sde:
-        kwargs.update(use_sde=True, sde_sample_freq=config.sde_sample_freq)
+    """SB3 constructor arguments equivalent to ``config``: every field that names its SB3
+    argument (:func:`~rlweights.agents.config.setting`'s ``sb3``) with its value (``None``:
+    SB3's default), then the ones that SB3 takes in another form."""
+    kwargs: dict[str, Any] = {}
+    for field in dataclasses.fields(config):
+        name, value = setting_of(type(config), field.name).get("sb3"), getattr(config, field.name)
+        if name is not None and value is not None:
+            kwargs[name] = value
+    # train_freq counts the steps of every environment, SB3's those of one
+    kwargs["train_freq"] = max(config.train_freq // config.num_envs, 1)
+    kwargs["policy_kwargs"] = {"net_arch": list(config.hidden)}
+    if getattr(config, "use_sde", False):
         kwargs["policy_kwargs"]["log_std_init"] = config.log_std_init
-    if config.algo == "td3":
-        kwargs.update(
-            policy_delay=config.policy_delay,
-            target_policy_noise=config.target_policy_noise,
-            target_noise_clip=config.target_noise_clip,
-        )
+    spec = TargetUpdateSpec.parse(config.target_update)
+    kwargs["tau"] = spec.tau
+    if config.algo == "dqn":  # else hard:EVERY is a routine of its own, stepped with tau=1
+        kwargs["target_update_interval"] = spec.every
     return kwargs
 
 

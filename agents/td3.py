@@ -17,7 +17,7 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from rlweights.agents.agent import ContinuousAgent, make_adam
-from rlweights.agents.config import AgentConfig
+from rlweights.agents.config import AgentConfig, exploration_noise, setting
 from rlweights.agents.networks import BoundedActor, TwinQ, mlp
 from rlweights.periodic import Periodic
 
@@ -37,19 +37,27 @@ class TD3Config(AgentConfig):
     buffer_size: int = 200_000
     learning_starts: int = 10_000
     hidden: tuple[int, ...] = (400, 300)
-    policy_delay: int = 2
-    target_policy_noise: float = 0.2
-    target_noise_clip: float = 0.5
-    exploration_noise: float = 0.1  # std of the Gaussian action noise, relative to the bounds
-
-    def _rules(self) -> dict[str, bool]:
-        return {
-            **super()._rules(),
-            "policy_delay": self.policy_delay >= 1,
-            "target_policy_noise": self.target_policy_noise >= 0.0,
-            "target_noise_clip": self.target_noise_clip >= 0.0,
-            "exploration_noise": self.exploration_noise >= 0.0,
-        }
+    policy_delay: int = setting(
+        2,
+        "critic steps per actor step (and per target update)",
+        rule=lambda v: v >= 1,
+        sb3="policy_delay",
+    )
+    target_policy_noise: float = setting(
+        0.2,
+        "std of the noise added to the target policy's actions",
+        rule=lambda v: v >= 0.0,
+        metavar="STD",
+        sb3="target_policy_noise",
+    )
+    target_noise_clip: float = setting(
+        0.5,
+        "the target policy noise is clipped to [-CLIP, CLIP]",
+        rule=lambda v: v >= 0.0,
+        metavar="CLIP",
+        sb3="target_noise_clip",
+    )
+    exploration_noise: float = exploration_noise()
 
 
 class DeterministicActor(BoundedActor):
