@@ -28,6 +28,7 @@ from rlweights.agents.checkpoint import (
     config_from_checkpoint,
     load_checkpoint,
 )
+from rlweights.agents.compiled import compile_pays
 from rlweights.agents.config import setting_of
 from rlweights.agents.environments import route_mujoco_warnings, spaces_of
 from rlweights.agents.evaluation import evaluate
@@ -265,10 +266,13 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     )
     speed.add_argument(
         "--compile",
-        action="store_const",
-        const=True,
+        nargs="?",
+        const="on",
+        choices=("auto", "on", "off"),
         help="compile the whole gradient step (losses, gradients, Adam, temperature, "
-        "constraints, policy EMA, target update) as one torch.compile graph",
+        "constraints, policy EMA, target update) as one torch.compile graph: on (--compile "
+        "alone), off, or auto (the default: on the CPU, SAC, TD3 and DDPG runs long enough "
+        "for compiling to pay; the run says which)",
     )
     speed.add_argument(
         "--cudagraphs",
@@ -514,8 +518,9 @@ class _Progress:
 
 
 def _overrides(args: argparse.Namespace) -> dict[str, Any]:
-    fields = [flag.field for flag in FLAGS] + ["compile", "cudagraphs"]
-    return {field: getattr(args, field) for field in fields}
+    overrides = {flag.field: getattr(args, flag.field) for flag in FLAGS}
+    compile_mode = {"on": True, "off": False}.get(args.compile)  # auto: decided with the config
+    return overrides | {"compile": compile_mode, "cudagraphs": args.cudagraphs}
 
 
 def _rank() -> int:
@@ -616,7 +621,7 @@ def _prepare_resume(
 
 def _checked_config(args: argparse.Namespace, seed: int, device: str) -> tuple[Any, str]:
     """(config, impl) of a new run with ``seed``, every input checked."""
-    if args.cudagraphs and not (args.compile and device.startswith("cuda")):
+    if args.cudagraphs and not (args.compile == "on" and device.startswith("cuda")):
         raise UsageError("--cudagraphs needs --compile and a CUDA device (--device cuda)")
     algo = args.algo or "sac"
     for flag in FLAGS:
@@ -629,6 +634,8 @@ def _checked_config(args: argparse.Namespace, seed: int, device: str) -> tuple[A
     _check_impl(impl)
     if config.compile and impl != "native":
         raise UsageError("--compile compiles the native agents' step, not --impl sb3")
+    if args.compile in (None, "auto") and impl == "native":
+        config = dataclasses.replace(config, compile=compile_pays(config)[0])
     _check_env(config, impl=impl)
     return config, impl
 
@@ -727,9 +734,10 @@ def _child_arguments(args: argparse.Namespace) -> list[str]:
         value = getattr(args, flag.field)
         if value is not None:
             out.append(flag.as_argument(value))
-    for flag in ("compile", "cudagraphs"):
-        if getattr(args, flag):
-            out.append(f"--{flag}")
+    if args.compile is not None:
+        out.append(f"--compile={args.compile}")
+    if args.cudagraphs:
+        out.append("--cudagraphs")
     return out
 
 
@@ -850,6 +858,8 @@ def _train(
         )
         if not args.resume:
             print(_preset_line(config), flush=True)
+            if args.compile in (None, "auto") and impl == "native":
+                print(f"rlweights train: --compile auto: {compile_pays(config)[1]}", flush=True)
     progress = _Progress(config.total_steps, initial, enabled=lead and not args.no_progress)
     resume = initial > 0
     try:

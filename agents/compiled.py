@@ -24,12 +24,51 @@ from typing import Any
 import torch
 from torch import Tensor
 
-__all__ = ["BACKEND", "CompiledStep", "forget_adam_state_", "prepare_adam", "tensor_adam_step_"]
+__all__ = [
+    "BACKEND",
+    "COMPILE_PAYS_FROM",
+    "CompiledStep",
+    "compile_pays",
+    "forget_adam_state_",
+    "planned_gradient_steps",
+    "prepare_adam",
+    "tensor_adam_step_",
+]
 
 # torch.compile's backend for the compiled steps: inductor generates the fused kernels; the
 # tests also use "aot_eager" (the same tracing and functionalization, no code generation,
 # seconds instead of a minute of compiling).
 BACKEND = "inductor"
+
+
+# ``rlweights train --compile auto`` (the default) compiles the gradient step of a run that
+# plans at least this many gradient steps: about twice as many as it takes, on the CPU, for
+# the compiled step's saving to pay for compiling with an empty inductor cache
+# (docs/benchmarks.md, "When compiling pays"). DQN is left eager: its compiled step gains
+# too little per step for its runs' lengths.
+COMPILE_PAYS_FROM = {"sac": 16_000, "td3": 30_000, "ddpg": 24_000}
+
+
+def planned_gradient_steps(config: Any) -> int:
+    """The gradient steps a run of ``config`` makes: ``gradient_steps`` at every
+    ``train_freq``-th environment step after ``learning_starts``."""
+    trained = max(config.total_steps - config.learning_starts, 0)
+    return trained // config.train_freq * config.gradient_steps
+
+
+def compile_pays(config: Any) -> tuple[bool, str]:
+    """``--compile auto``: whether a run of ``config`` compiles its gradient step, and why, in
+    a few words. On the CPU only: on CUDA, where compiling has not been measured, auto stays
+    eager (``--compile on`` compiles)."""
+    planned = planned_gradient_steps(config)
+    threshold = COMPILE_PAYS_FROM.get(config.algo)
+    if threshold is None:
+        return False, f"eager ({config.algo}'s compiled step does not pay for its compiling)"
+    if not config.device.startswith("cpu"):
+        return False, "eager (on CUDA only --compile on compiles)"
+    if planned < threshold:
+        return False, f"eager ({planned} gradient steps; compiling pays from about {threshold})"
+    return True, f"compiled ({planned} gradient steps; compiling pays from about {threshold})"
 
 
 def prepare_adam(optimizer: torch.optim.Optimizer) -> None:

@@ -79,7 +79,9 @@ def test_a_compile_cell_trains_the_native_agent_with_compile(tmp_path):
 
     command = _command(Cell("sac", "Pendulum-v1", 300, "compile", 1), tmp_path, 3, 1)
     i = command.index("--impl")
-    assert command[i : i + 3] == ["--impl", "native", "--compile"]
+    assert command[i : i + 3] == ["--impl", "native", "--compile=on"]
+    native = _command(Cell("sac", "Pendulum-v1", 300, "native", 1), tmp_path, 3, 1)
+    assert "--compile=off" in native  # eager, whatever --compile auto would choose
     assert Cell("sac", "Pendulum-v1", 300, "compile", 1).name == "sac-Pendulum-v1-compile-s1"
 
 

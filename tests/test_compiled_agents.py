@@ -155,6 +155,49 @@ def test_the_command_takes_compile_and_refuses_it_for_sb3(tmp_path, capsys):
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.parametrize(
+    ("algo", "steps", "compiled"),
+    [
+        ("sac", 10_000, False),  # the default run: 9,900 gradient steps
+        ("sac", 20_000, True),
+        ("td3", 40_000, True),  # 30,000 after TD3's 10,000 random steps
+        ("td3", 30_000, False),
+        ("ddpg", 40_000, True),
+        ("dqn", 1_000_000, False),  # never: DQN stays eager
+    ],
+)
+def test_compile_auto_compiles_the_runs_long_enough_for_it_to_pay(algo, steps, compiled):
+    """--compile auto (the default) against COMPILE_PAYS_FROM, counted by hand: the gradient
+    steps after learning_starts, gradient_steps every train_freq steps."""
+    from rlweights.agents.cli import _checked_config
+    from rlweights.agents.compiled import COMPILE_PAYS_FROM
+    from rlweights.cli import build_parser
+
+    for given in ([], ["--compile", "auto"]):
+        args = build_parser("train").parse_args(
+            ["train", "--algo", algo, "--steps", str(steps), *given]
+        )
+        config, _ = _checked_config(args, 0, "cpu")
+        planned = (steps - config.learning_starts) // config.train_freq * config.gradient_steps
+        assert (planned >= COMPILE_PAYS_FROM.get(algo, float("inf"))) == compiled
+        assert config.compile is compiled
+    for mode, want in (("on", True), ("off", False)):
+        args = build_parser("train").parse_args(["train", "--algo", algo, "--compile", mode])
+        assert _checked_config(args, 0, "cpu")[0].compile is want
+    args = build_parser("train").parse_args(["train", "--algo", algo, "--impl", "sb3"])
+    assert _checked_config(args, 0, "cpu")[0].compile is False  # auto: SB3 runs its own step
+
+
+def test_compile_auto_says_which_it_chose(tmp_path, capsys):
+    from rlweights.cli import main
+
+    args = ["train", "--steps", "120", "--learning-starts", "50", "--hidden", "8,8"]
+    assert main([*args, "--no-progress", "--logdir", str(tmp_path), "--eval-episodes", "1"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    said = "rlweights train: --compile auto: eager (70 gradient steps; compiling pays from about"
+    assert f"{said} 16000)" in lines, lines
+
+
 def test_a_step_the_cpp_wrapper_cannot_compile_is_compiled_without_it(monkeypatch, capsys):
     from torch._dynamo.exc import BackendCompilerFailed
 

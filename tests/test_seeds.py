@@ -47,7 +47,7 @@ def test_each_seed_gets_the_flags_given(tmp_path):
     assert child[0] == "--algo=td3" and not any(a.startswith(("--seeds", "--w")) for a in child)
     for flag in ("--steps=1000", "--policy-ema=0.01", "--hidden=8,8", "--threads=2"):
         assert flag in child
-    assert "--compile" in child
+    assert "--compile=on" in child
 
 
 @pytest.mark.parametrize(

@@ -106,8 +106,8 @@ def _configuration(cell: Cell, points: int, episodes: int) -> list[str]:
 
     steps = cell.budget or make_config(cell.algo, cell.env_id).total_steps
     impl = ["--impl", "sb3" if cell.impl == "sb3" else "native"]
-    if cell.impl == "compile":
-        impl.append("--compile")
+    if cell.impl != "sb3":  # the native agent as asked, never as --compile auto chooses
+        impl.append("--compile=on" if cell.impl == "compile" else "--compile=off")
     return [
         *cell.flags,
         *("--algo", cell.algo, "--env", cell.env_id, *impl),
