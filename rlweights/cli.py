@@ -91,6 +91,13 @@ COMMANDS: dict[str, tuple[str, str, str, str | None, str]] = {
         None,
         "benchmark averaging across processes against torch's average_parameters",
     ),
+    "bench-compile": (
+        "rlweights.bench.compile",
+        "add_arguments",
+        "main_from_args",
+        None,
+        "when compiling a native agent's gradient step pays: compile seconds and break-even",
+    ),
     "bench-startup": (
         "rlweights.bench.startup",
         "add_arguments",

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+import statistics
 import subprocess
 import sys
 from pathlib import Path
@@ -35,6 +36,7 @@ def _run(*args: str) -> subprocess.CompletedProcess:
         "bench-train",
         "bench-distributed",
         "bench-startup",
+        "bench-compile",
         "demo",
         "demo baird",
         "demo chain",
@@ -195,6 +197,42 @@ def test_bench_train_smoke(tmp_path):
     ceiling = sac["ceiling_steps_per_second"][str(result["machine"]["threads"])]
     assert max(sac["steps_per_second"].values()) < ceiling
     assert "| SAC | Pendulum-v1 | 256-256 | 256 | 400 |" in done.stdout
+
+
+def test_bench_compile_smoke(tmp_path):
+    """Compile seconds from an empty inductor cache and from the cache that run left, and the
+    break-even they imply, against the formula written out here."""
+    from rlweights.bench.compile import break_even
+
+    assert break_even(10.0, 0.003, 0.001) == pytest.approx(5000.0)
+    assert break_even(10.0, 0.001, 0.002) is None  # compiled slower: it never pays
+    out = tmp_path / "bench-compile.json"
+    args = ("--algos", "dqn", "--repeats", "1", "--rounds", "1", "--steps", "5")
+    done = _run(sys.executable, "scripts/bench_compile.py", *args, "--json", str(out))
+    assert done.returncode == 0, done.stderr
+    dqn = json.loads(out.read_text())["algos"]["dqn"]
+    assert dqn["compiled"]  # it compiled, not an eager fallback
+    # the warm process reuses the cold one's kernels: compiling is much cheaper
+    assert dqn["compile_seconds_warm"] < dqn["compile_seconds_cold"]
+    gain = (dqn["eager_ms_per_step"] - dqn["compiled_ms_per_step"]) / 1e3
+    for kind in ("cold", "warm"):
+        want = dqn[f"compile_seconds_{kind}"] / gain if gain > 0 else None
+        assert dqn[f"break_even_{kind}"] == (pytest.approx(want) if want else None)
+    assert "| dqn | " in done.stdout and "never (eager) |" in done.stdout
+
+
+def test_bench_revisions_smoke(tmp_path):
+    """Two revisions' runs alternated (here one environment as both): each run timed, the
+    table's ratio the median of the rounds' new / old."""
+    out = tmp_path / "revisions.json"
+    python = sys.executable
+    args = ("--rounds", "2", "--algos", "sac", "--impls", "native", "--steps", "300")
+    done = _run(python, "scripts/bench_revisions.py", python, python, *args, "--json", str(out))
+    assert done.returncode == 0, done.stderr
+    runs = json.loads(out.read_text())["sac native"]
+    ratio = statistics.median(n / o for n, o in zip(runs["new"], runs["old"], strict=True))
+    assert f"| sac native | {statistics.median(runs['old']):.0f} |" in done.stdout
+    assert f"| {ratio:.2f}x |" in done.stdout
 
 
 @pytest.mark.parametrize("algo", ["sac", "td3"])

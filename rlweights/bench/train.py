@@ -56,7 +56,16 @@ from rlweights.agents.registry import make_config
 from rlweights.agents.train import train
 from rlweights.files import write_json
 
-__all__ = ["IMPLS", "SETTINGS", "algorithm", "ceiling", "markdown", "run"]
+__all__ = [
+    "IMPLS",
+    "SETTINGS",
+    "agents_and_batch",
+    "algorithm",
+    "ceiling",
+    "in_fresh_process",
+    "markdown",
+    "run",
+]
 
 IMPLS = ("native", "compile", "cudagraphs", "sb3", "sbx")
 WARMUP = 100  # training steps before the timing starts (compiling happens in them)
@@ -155,24 +164,31 @@ def _timed(impl: str, config: Any, threads: int) -> dict[str, float]:
     return _native(config, compile=impl != "native", cudagraphs=impl == "cudagraphs")
 
 
-def _isolated(impl: str, config: Any, threads: int | None = None) -> Any:
-    """One timed run of ``impl`` in a fresh process (spawned) with ``threads`` threads (this
-    process's count by default; ``OMP_NUM_THREADS`` set before the process starts, as
-    ``rlweights train --threads`` does): no framework's thread pools, JIT or compile caches
-    in memory from an earlier run (JAX and torch are never in one process), as users run
-    them. ``impl="bound"``: :func:`_bound_here`."""
-    threads = threads or torch.get_num_threads()
+def in_fresh_process(call: Callable[..., Any], *args: Any, env: dict[str, str]) -> Any:
+    """``call(*args)`` in a fresh process (spawned) whose environment has ``env`` set besides
+    this one's: no framework's thread pools, JIT or compile caches in memory from an earlier
+    run, as users run them."""
     context = multiprocessing.get_context("spawn")
-    before = os.environ.get("OMP_NUM_THREADS")
-    os.environ["OMP_NUM_THREADS"] = str(threads)
+    before = {name: os.environ.get(name) for name in env}
+    os.environ.update(env)
     try:
         with ProcessPoolExecutor(max_workers=1, mp_context=context) as pool:
-            return pool.submit(_timed, impl, config, threads).result()
+            return pool.submit(call, *args).result()
     finally:
-        if before is None:
-            del os.environ["OMP_NUM_THREADS"]
-        else:
-            os.environ["OMP_NUM_THREADS"] = before
+        for name, value in before.items():
+            if value is None:
+                del os.environ[name]
+            else:
+                os.environ[name] = value
+
+
+def _isolated(impl: str, config: Any, threads: int | None = None) -> Any:
+    """One timed run of ``impl`` in a fresh process with ``threads`` threads (this process's
+    count by default; ``OMP_NUM_THREADS`` set before the process starts, as ``rlweights train
+    --threads`` does; JAX and torch are never in one process). ``impl="bound"``:
+    :func:`_bound_here`."""
+    threads = threads or torch.get_num_threads()
+    return in_fresh_process(_timed, impl, config, threads, env={"OMP_NUM_THREADS": str(threads)})
 
 
 def update_bound(config: Any, compiled: bool = True, threads: tuple[int, ...] = ()) -> dict:
@@ -194,12 +210,12 @@ def update_bound(config: Any, compiled: bool = True, threads: tuple[int, ...] = 
     return {"flops_per_update": flops, "threads": rows}
 
 
-def _bound_here(config: Any, rounds: int = 5, repeats: int = 20) -> dict[str, float]:
-    """In this process: the matmuls of one eager update (:class:`UpdateMatmuls`; of one cycle
-    of updates where they differ, TD3's delayed actor), then ``rounds`` interleaved rounds of
-    the eager update, the compiled one (if ``config.compile``; compiled here, at this thread
-    count), those matmuls replayed alone and a square matmul (batch x hidden by hidden x
-    hidden), each timed on a fixed batch after a warm-up; medians, per update."""
+def agents_and_batch(
+    config: Any, compiled: tuple[bool, ...] = (False, True)
+) -> tuple[Any, dict[bool, Any], dict[str, torch.Tensor]]:
+    """(environment, {compiled: agent}, batch): the agents of ``config``, eager and compiled as
+    asked, and one fixed random batch of its environment's shapes on its device, for timing an
+    update alone."""
     import gymnasium as gym
 
     from rlweights.agents.registry import ALGOS
@@ -221,8 +237,27 @@ def _bound_here(config: Any, rounds: int = 5, repeats: int = 20) -> dict[str, fl
         "next_obs": torch.randn(n, obs_dim, generator=gen),
         "terminated": torch.zeros(n),
     }
+    batch = {k: v.to(torch.device(config.device)) for k, v in batch.items()}
+    agents = {
+        c: ALGOS[config.algo][1](
+            dataclasses.replace(config, compile=c), env.observation_space, env.action_space
+        )
+        for c in compiled
+    }
+    return env, agents, batch
+
+
+def _bound_here(config: Any, rounds: int = 5, repeats: int = 20) -> dict[str, float]:
+    """In this process: the matmuls of one eager update (:class:`UpdateMatmuls`; of one cycle
+    of updates where they differ, TD3's delayed actor), then ``rounds`` interleaved rounds of
+    the eager update, the compiled one (if ``config.compile``; compiled here, at this thread
+    count), those matmuls replayed alone and a square matmul (batch x hidden by hidden x
+    hidden), each timed on a fixed batch after a warm-up; medians, per update."""
+    env, agents, batch = agents_and_batch(
+        config, compiled=(False, True) if config.compile else (False,)
+    )
+    n = config.batch_size
     device = torch.device(config.device)
-    batch = {k: v.to(device) for k, v in batch.items()}
 
     def sync() -> None:
         if device.type == "cuda":
@@ -236,10 +271,6 @@ def _bound_here(config: Any, rounds: int = 5, repeats: int = 20) -> dict[str, fl
         sync()
         return count / (time.perf_counter() - start)
 
-    agents = {}
-    for compile in (False, True) if config.compile else (False,):
-        cfg = dataclasses.replace(config, compile=compile)
-        agents[compile] = ALGOS[config.algo][1](cfg, env.observation_space, env.action_space)
     env.close()
     envs = make_envs(config.env_id, config.num_envs)
     envs.action_space.seed(0)
