@@ -19,6 +19,7 @@ import os
 import statistics
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 # One timed run in the revision's own code: its config maker moved between revisions.
@@ -42,13 +43,17 @@ def one(python: Path, algo: str, impl: str, steps: int, seed: int, threads: int)
     """Steps per second of one timed run of ``algo`` (``impl``: native or compile)."""
     steps = 10 * steps if algo == "dqn" else steps  # as rlweights bench-train times DQN
     env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
-    done = subprocess.run(
-        [str(python), "-c", _RUN, algo, impl, str(steps), str(seed)],
-        capture_output=True,
-        text=True,
-        check=True,
-        env=env,
-    )
+    # run outside any checkout: "python -c" imports from its working directory first
+    with tempfile.TemporaryDirectory() as elsewhere:
+        done = subprocess.run(
+            [str(python), "-c", _RUN, algo, impl, str(steps), str(seed)],
+            capture_output=True,
+            text=True,
+            env=env,
+            cwd=elsewhere,
+        )
+    if done.returncode != 0:
+        raise SystemExit(f"{python}: the run of {algo} {impl} failed:\n{done.stderr}")
     return float(json.loads(done.stdout.strip().splitlines()[-1])["steps_per_second"])
 
 
