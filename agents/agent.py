@@ -301,7 +301,8 @@ class OffPolicyAgent:
         (:func:`~rlweights.agents.compiled.tensor_adam_step_`)."""
         net = self.networks[name]
         params = list(net.parameters())
-        if torch.compiler.is_compiling():
+        compiling = torch.compiler.is_compiling()
+        if compiling:
 
             def of_params(p: dict[str, Tensor]) -> Any:
                 return loss_fn(lambda *args, **kwargs: functional_call(net, p, args, kwargs))
@@ -315,7 +316,10 @@ class OffPolicyAgent:
             (out[0] if has_aux else out).backward()
             grads = [p.grad for p in params]
         if max_grad_norm is not None:  # as nn.utils.clip_grad_norm_(foreach=True) clips
-            total = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))
+            # compiled: one norm per tensor, which inductor fuses (it has no kernel of its own
+            # for _foreach_norm and would call back into torch for it)
+            norms = [torch.linalg.vector_norm(g) for g in grads] if compiling else None
+            total = torch.linalg.vector_norm(torch.stack(norms or torch._foreach_norm(grads)))
             torch._foreach_mul_(grads, (max_grad_norm / (total + 1e-6)).clamp(max=1.0))
         self.apply_gradients(name, params, grads)
         self.constrain(name)
