@@ -151,6 +151,23 @@ class Run:
         self.aside += time.perf_counter() - tick
         return results
 
+    def after_earlier_events(self) -> None:
+        """Before a resumed run opens its TensorBoard event file: wait, if need be, for the
+        clock's next second after the newest event file in the run folder. TensorBoard reads
+        a folder's event files in name order, and a name begins with the second the file was
+        made: a file made in the same second (a run resumed at once, in the same process)
+        could sort before the earlier one, and its events would read as the older ones."""
+        if self.run_dir is None:
+            return
+        seconds = [
+            int(stamp)
+            for path in self.run_dir.glob("events.out.tfevents.*")
+            if (stamp := path.name.split(".")[3]).isdigit()
+        ]
+        wait = max(seconds, default=0) + 1 - time.time()
+        if wait > 0:
+            time.sleep(wait)
+
     def wall_seconds(self) -> float:
         return self.wall_before + time.perf_counter() - self.session_start
 

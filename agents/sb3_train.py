@@ -258,6 +258,8 @@ class _SB3Run(Run):
                 self.release()
                 raise
         # after restore(): a checkpoint that does not fit leaves the run folder as it was
+        if resume:
+            self.after_earlier_events()
         self.model.set_logger(configure(str(run_dir), ["tensorboard"]))
         self.session_start = time.perf_counter()
         self.start_steps = self.model.num_timesteps

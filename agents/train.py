@@ -170,6 +170,8 @@ class _Run(Run):
         # Events of the checkpoint's own step were written before it (the evaluation at that
         # step too): only later ones, which the resumed run writes again, are dropped.
         purge = self.steps + 1 if resume else None
+        if resume:
+            self.after_earlier_events()
         self.writer = SummaryWriter(str(self.run_dir), purge_step=purge)
         if self.config.drift_every:
             from rlweights.drift import DriftMonitor

@@ -152,6 +152,24 @@ def test_a_resumed_run_keeps_the_evaluation_of_its_checkpoint_step(tmp_path):
     assert [e.step for e in events.Scalars("eval/return")] == [100, 200, 300]
 
 
+def test_a_resumed_runs_event_file_sorts_after_the_earlier_ones(tmp_path):
+    """TensorBoard reads a folder's event files in name order, and a name begins with the
+    second the file was made (then host, process, a counter that can go from 9 to 10): a run
+    resumed in the same second and process could sort first. A resumed run opens its file
+    after the newest file's second."""
+    from torch.utils.tensorboard import SummaryWriter
+
+    from rlweights.agents.run import Run
+
+    newest = int(time.time()) + 1  # made "later this second": the clock has not passed it
+    (tmp_path / f"events.out.tfevents.{newest:010d}.host.1.9").write_bytes(b"")
+    Run(tiny("sac"), tmp_path, None).after_earlier_events()
+    writer = SummaryWriter(str(tmp_path))
+    writer.close()
+    names = sorted(p.name for p in tmp_path.glob("events.out.tfevents.*"))
+    assert len(names) == 2 and int(names[-1].split(".")[3]) > newest  # the new file, last
+
+
 def test_resume_restores_optimizers_routines_and_counters(tmp_path):
     config = tiny("sac", total_steps=200, eval_every=0, policy_ema=0.2)
     agent, _ = train(config, tmp_path)
