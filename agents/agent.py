@@ -88,7 +88,7 @@ def _constraint_tensors(module: nn.Module, names: Container[str] | None = None) 
 
 
 class OffPolicyAgent:
-    """The base of DQN, SAC, TD3 and DDPG: holds the networks, optimizers and rlweights
+    """The base of DQN, SAC, TD3, DDPG and TQC: holds the networks, optimizers and rlweights
     routines, and runs the gradient step.
 
     A subclass builds its networks and optimizers, then calls :meth:`_setup_routines` with

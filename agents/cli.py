@@ -54,8 +54,9 @@ from rlweights.extras import require
 from rlweights.files import WriteError, write_json
 
 TRAIN_DESCRIPTION = """\
-Train a native DQN, SAC, TD3 or DDPG agent on a Gymnasium environment (with --impl sb3: SB3's
-algorithm of the same name, rlweights attached). Without arguments: SAC on Pendulum-v1.
+Train a native DQN, SAC, TD3, DDPG or TQC agent on a Gymnasium environment (with --impl sb3:
+SB3's or sb3-contrib's algorithm of the same name, rlweights attached). Without arguments: SAC
+on Pendulum-v1.
 Hyperparameters come from rl-baselines3-zoo's preset for the algorithm and environment
 (classic control, Box2D with gymnasium[box2d], MuJoCo v5 with the mujoco extra; the table:
 python -m pydoc rlweights.agents.presets); an environment without one gets the algorithm's

@@ -44,9 +44,11 @@ BACKEND = "inductor"
 # ``rlweights train --compile auto`` (the default) compiles the gradient step of a run that
 # plans at least this many gradient steps: about twice as many as it takes, on the CPU, for
 # the compiled step's saving to pay for compiling with an empty inductor cache
-# (docs/benchmarks.md, "When compiling pays"). DQN is left eager: its compiled step gains
-# too little per step for its runs' lengths.
-COMPILE_PAYS_FROM = {"sac": 16_000, "td3": 30_000, "ddpg": 24_000}
+# (docs/benchmarks.md, "When compiling pays"). DQN (None) is left eager: its compiled step
+# gains too little per step for its runs' lengths. An algorithm not listed has not been
+# measured: eager unless --compile on.
+COMPILE_PAYS_FROM: dict[str, int | None] = {"sac": 16_000, "td3": 30_000, "ddpg": 24_000}
+COMPILE_PAYS_FROM["dqn"] = None
 
 
 def planned_gradient_steps(config: Any) -> int:
@@ -61,7 +63,9 @@ def compile_pays(config: Any) -> tuple[bool, str]:
     a few words. On the CPU only: on CUDA, where compiling has not been measured, auto stays
     eager (``--compile on`` compiles)."""
     planned = planned_gradient_steps(config)
-    threshold = COMPILE_PAYS_FROM.get(config.algo)
+    if config.algo not in COMPILE_PAYS_FROM:
+        return False, f"eager (when compiling {config.algo} pays is not measured; --compile on)"
+    threshold = COMPILE_PAYS_FROM[config.algo]
     if threshold is None:
         return False, f"eager ({config.algo}'s compiled step does not pay for its compiling)"
     if not config.device.startswith("cpu"):

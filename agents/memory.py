@@ -58,7 +58,8 @@ def memory_needed(
         passes = 2  # online and target Q-network
     else:
         actor = _mlp_parameters([obs, *hidden, 2 * act])
-        critic = 2 * _mlp_parameters([obs + act, *hidden, 1])
+        critics = 1 if config.algo == "ddpg" else getattr(config, "n_critics", 2)
+        critic = critics * _mlp_parameters([obs + act, *hidden, getattr(config, "n_quantiles", 1)])
         networks = 5 * (actor + critic) + (actor if config.policy_ema else 0)
         passes = 8  # actor twice, twin critic three times (target, online, actor loss)
     capacity = config.buffer_size

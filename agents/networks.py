@@ -26,16 +26,17 @@ def mlp(sizes: Iterable[int], activate_last: bool = False) -> nn.Sequential:
 
 
 class TwinQ(nn.Module):
-    """Two Q-networks evaluated together: every layer is one batched matmul for both.
+    """``n`` Q-networks evaluated together (two by default): every layer is one batched matmul
+    for all of them. Each outputs ``out`` values (1: a Q-value; TQC: its quantiles).
 
     Weights are stored as (networks, inputs, outputs) so that ``baddbmm`` needs no transpose;
     :meth:`unit_weights` gives the (outputs, inputs) view of each network's layer that a
     per-unit constraint such as max-norm works on.
     """
 
-    def __init__(self, in_dim: int, hidden: tuple[int, ...], n: int = 2):
+    def __init__(self, in_dim: int, hidden: tuple[int, ...], n: int = 2, out: int = 1):
         super().__init__()
-        sizes = [in_dim, *hidden, 1]
+        sizes = [in_dim, *hidden, out]
         self.weights = nn.ParameterList()
         self.biases = nn.ParameterList()
         for n_in, n_out in itertools.pairwise(sizes):
@@ -53,8 +54,9 @@ class TwinQ(nn.Module):
             b.uniform_(-bound, bound)
 
     def forward(self, x: Tensor, detach_weights: bool = False, first: int | None = None) -> Tensor:
-        """Q-values of shape (n, batch). ``detach_weights``: gradients flow to ``x`` only (the
-        actor's loss reads the critic without computing critic gradients it would discard).
+        """Q-values of shape (n, batch), or (n, batch, out) for ``out`` > 1.
+        ``detach_weights``: gradients flow to ``x`` only (the actor's loss reads the critic
+        without computing critic gradients it would discard).
         ``first``: evaluate only the first ``first`` networks (TD3's actor reads Q1 alone), of
         shape (first, batch)."""
         n = len(self.weights[0]) if first is None else first
@@ -68,7 +70,7 @@ class TwinQ(nn.Module):
             h = torch.baddbmm(b, h, w)
             if i < last:
                 h = F.relu(h)
-        return h.squeeze(-1)
+        return h.squeeze(-1) if h.shape[-1] == 1 else h
 
     def unit_weights(self, names: Container[str] | None = None) -> list[Tensor]:
         """Each network's layer weights as (outputs, inputs) views, of the layers named in

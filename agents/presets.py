@@ -1,5 +1,5 @@
 """Hyperparameters per (algorithm, environment), from rl-baselines3-zoo (hyperparams/dqn.yml,
-sac.yml, td3.yml, ddpg.yml; its MuJoCo v4 settings for the v5 environments).
+sac.yml, td3.yml, ddpg.yml, tqc.yml; its MuJoCo v4 settings for the v5 environments).
 
 A preset holds what differs from the algorithm's defaults (the defaults are the zoo's settings
 for CartPole-v1 (DQN) and Pendulum-v1 (SAC, TD3, DDPG)); flags override it. The zoo's DDPG
@@ -109,10 +109,15 @@ PRESETS: dict[tuple[str, str], dict[str, Any]] = {
     ("td3", "Humanoid-v5"): {**_TD3_MUJOCO, "total_steps": 2_000_000},
 }
 PRESETS |= {("ddpg", env_id): values for (algo, env_id), values in PRESETS.items() if algo == "td3"}
+# The zoo's TQC settings for these environments are its SAC ones (TQC's defaults are SAC's),
+# but on Hopper, where it drops 5 quantiles per critic instead of 2.
+PRESETS |= {("tqc", env_id): values for (algo, env_id), values in PRESETS.items() if algo == "sac"}
+PRESETS[("tqc", "Hopper-v5")] = {**_SAC_MUJOCO, "top_quantiles_to_drop_per_net": 5}
 
 # What the zoo does that these presets cannot (the native agents lack it).
 NOTES: dict[tuple[str, str], str] = {
     ("sac", "LunarLanderContinuous-v3"): "the zoo decays the learning rate linearly",
+    ("tqc", "LunarLanderContinuous-v3"): "the zoo decays the learning rate linearly",
     ("td3", "MountainCarContinuous-v0"): "the zoo's exploration noise is Ornstein-Uhlenbeck",
     ("ddpg", "MountainCarContinuous-v0"): "the zoo's exploration noise is Ornstein-Uhlenbeck",
 }

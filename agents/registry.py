@@ -14,6 +14,7 @@ from rlweights.agents.dqn import DQN, DQNConfig
 from rlweights.agents.presets import preset
 from rlweights.agents.sac import SAC, SACConfig
 from rlweights.agents.td3 import TD3, TD3Config
+from rlweights.agents.tqc import TQC, TQCConfig
 
 __all__ = ["ALGOS", "build_agent", "make_config"]
 
@@ -23,6 +24,7 @@ ALGOS: dict[str, tuple[type[AgentConfig], type[OffPolicyAgent]]] = {
     "sac": (SACConfig, SAC),
     "td3": (TD3Config, TD3),
     "ddpg": (DDPGConfig, DDPG),
+    "tqc": (TQCConfig, TQC),
 }
 
 

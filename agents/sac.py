@@ -181,7 +181,7 @@ class SAC(ContinuousAgent):
         else:
             actor = Actor(obs_dim, act_dim, hidden, *bounds)
         self.networks["actor"] = actor.to(self.device)
-        self.networks["critic"] = TwinQ(obs_dim + act_dim, hidden).to(self.device)
+        self.networks["critic"] = self.make_critic().to(self.device)
         self.log_alpha = torch.zeros(1, device=self.device, requires_grad=True)
         self.target_entropy = -float(act_dim)
         lr = config.learning_rate
@@ -189,6 +189,10 @@ class SAC(ContinuousAgent):
         self.optimizers["critic"] = make_adam(self.networks["critic"].parameters(), lr)
         self.optimizers["alpha"] = make_adam([self.log_alpha], lr)
         self._setup_routines(("critic",), "actor")
+
+    def make_critic(self) -> TwinQ:
+        """The critic: two Q-networks, batched."""
+        return TwinQ(self.obs_dim + self.act_dim, self.config.hidden)
 
     @property
     def critic_target(self) -> TwinQ:

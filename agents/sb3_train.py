@@ -35,6 +35,7 @@ from rlweights.agents.environments import route_mujoco_warnings, spaces_of
 from rlweights.agents.run import Run
 from rlweights.agents.signals import GracefulStop, Stopped
 from rlweights.agents.target_update import TargetUpdateSpec
+from rlweights.extras import EXTRA_OF, require
 from rlweights.files import write_json
 from rlweights.periodic import Periodic
 from rlweights.targets import TargetRoutine
@@ -53,10 +54,14 @@ def sb3_kwargs(config: AgentConfig) -> dict[str, Any]:
     for field in dataclasses.fields(config):
         name, value = setting_of(type(config), field.name).get("sb3"), getattr(config, field.name)
         if name is not None and value is not None:
-            kwargs[name] = value
+            *within, name = name.split(".")  # "policy_kwargs.n_critics": inside policy_kwargs
+            into = kwargs
+            for key in within:
+                into = into.setdefault(key, {})
+            into[name] = value
     # train_freq counts the steps of every environment, SB3's those of one
     kwargs["train_freq"] = max(config.train_freq // config.num_envs, 1)
-    kwargs["policy_kwargs"] = {"net_arch": list(config.hidden)}
+    kwargs.setdefault("policy_kwargs", {})["net_arch"] = list(config.hidden)
     if getattr(config, "use_sde", False):
         kwargs["policy_kwargs"]["log_std_init"] = config.log_std_init
     spec = TargetUpdateSpec.parse(config.target_update)
@@ -123,10 +128,17 @@ def check_plasticity(config: AgentConfig) -> None:
 
 
 def _sb3_class(algo: str) -> type:
-    """SB3's class of the native algorithm named ``algo`` (``"ddpg"``: ``DDPG``)."""
+    """SB3's class of the native algorithm named ``algo`` (``"ddpg"``: ``DDPG``), or
+    sb3-contrib's (``"tqc"``: ``TQC``, a row of :data:`rlweights.sb3.algorithms.ALGORITHMS`)."""
     import stable_baselines3 as sb3
 
-    return getattr(sb3, algo.upper())
+    from rlweights.sb3.algorithms import ALGORITHMS
+
+    if hasattr(sb3, algo.upper()):
+        return getattr(sb3, algo.upper())
+    row = next(row for row in ALGORITHMS if row.name == algo.upper())
+    require(row.package, EXTRA_OF[row.package], f"--impl sb3 --algo {algo}")
+    return row.cls()
 
 
 def _row(algo: str) -> Algorithm:

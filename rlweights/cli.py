@@ -26,7 +26,7 @@ COMMANDS: dict[str, tuple[str, str, str, str | None, str]] = {
         "add_train_arguments",
         "train_main",
         "TRAIN_DESCRIPTION",
-        "train a native DQN/SAC/TD3/DDPG agent (or SB3's, with --impl sb3) on a Gymnasium env",
+        "train a native DQN/SAC/TD3/DDPG/TQC agent (or SB3's, with --impl sb3) on a Gymnasium env",
     ),
     "evaluate": (
         "rlweights.agents.cli",
@@ -144,7 +144,7 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
         prog="rlweights",
         description=(
             "Fast, validated in-place weight operations for deep RL: Polyak/hard target "
-            "updates, averaging, clipping, native DQN/SAC/TD3/DDPG agents, an SB3 plug-in and "
+            "updates, averaging, clipping, native DQN/SAC/TD3/DDPG/TQC agents, an SB3 plug-in and "
             "weight drift in TensorBoard. 'rlweights COMMAND --help' explains each command."
         ),
     )

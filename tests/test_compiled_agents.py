@@ -66,6 +66,7 @@ CASES = [
     ("td3", "Pendulum-v1", {"policy_ema": 0.05, "max_norm": 2.0}),  # two graphs: policy delay
     ("dqn", "CartPole-v1", {"weight_clip": 0.3}),  # gradient norm clipping
     ("ddpg", "Pendulum-v1", {"policy_ema": 0.05, "max_norm": 2.0, "target_update": "hard:3"}),
+    ("tqc", "Pendulum-v1", {"policy_ema": 0.05, "n_critics": 3, "n_quantiles": 5}),
     # resets (their targets copied, the optimizers' state forgotten) and the unit sphere
     ("sac", "Pendulum-v1", {"reset_every": 7, "reset_layers": "critic.*,actor.mean.*"}),
     ("td3", "Pendulum-v1", {"shrink_perturb": (0.6, 0.4), "sp_every": 9, "unit_sphere": "*"}),
@@ -179,7 +180,7 @@ def test_compile_auto_compiles_the_runs_long_enough_for_it_to_pay(algo, steps, c
         )
         config, _ = _checked_config(args, 0, "cpu")
         planned = (steps - config.learning_starts) // config.train_freq * config.gradient_steps
-        assert (planned >= COMPILE_PAYS_FROM.get(algo, float("inf"))) == compiled
+        assert (planned >= (COMPILE_PAYS_FROM[algo] or float("inf"))) == compiled
         assert config.compile is compiled
     for mode, want in (("on", True), ("off", False)):
         args = build_parser("train").parse_args(["train", "--algo", algo, "--compile", mode])

@@ -53,6 +53,9 @@ VALUES = {
     "target_policy_noise": (0.5, []),
     "target_noise_clip": (0.25, []),
     "exploration_noise": (0.5, []),
+    "n_critics": (3, []),
+    "n_quantiles": (7, []),
+    "top_quantiles_to_drop_per_net": (3, []),
 }
 
 
@@ -141,7 +144,11 @@ def test_sb3_names_reach_sb3s_own_attributes():
         model, attachment = build_sb3_model(config)
         attachment.detach()
         for name, value in changed.items():
-            got = getattr(model, named[name])
+            *within, attribute = named[name].split(".")  # "policy_kwargs.n_critics"
+            got = model
+            for key in within:
+                got = getattr(got, key)
+            got = got[attribute] if within else getattr(got, attribute)
             got = got(1.0) if callable(got) else got  # SB3 keeps a schedule of the rate
             assert got == pytest.approx(value), (algo, name, got, value)
         model.get_env().close()

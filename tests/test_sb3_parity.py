@@ -157,7 +157,7 @@ def _continuous_pair(algo: str, **overrides):
     _copy_linears(model.actor, agent.actor)
     _copy_twin(model.critic.q_networks, agent.critic)
     _copy_twin(model.critic_target.q_networks, agent.networks["critic_target"])
-    if algo != "sac":
+    if algo in ("td3", "ddpg"):
         _copy_linears(model.actor_target, agent.networks["actor_target"])
     return model, agent
 
@@ -191,6 +191,50 @@ def test_sac_gradient_steps_match_sb3_on_identical_batches():
         [model.critic_target.qf0, model.critic_target.qf1], agent.networks["critic_target"], **tol
     )
     assert_close(agent.log_alpha.detach(), model.log_ent_coef.detach(), **tol)
+
+
+def test_tqc_gradient_steps_match_sb3_contrib_on_identical_batches():
+    """sb3-contrib's TQC: 3 critics of 5 quantiles, 2 of each dropped from the target. Its
+    critic loss, actor loss (the mean quantile), temperature and target update, in its order
+    with the same noise (its log-probability's epsilon set to 0, as for SAC above)."""
+    pytest.importorskip("sb3_contrib")
+    model, agent = _continuous_pair(
+        "tqc",
+        learning_rate=3e-3,
+        target_update="polyak:0.1",
+        ent_coef=None,
+        use_sde=False,
+        n_critics=3,
+        n_quantiles=5,
+        top_quantiles_to_drop_per_net=2,
+    )
+    assert type(model).__name__ == "TQC" and model.critic.quantiles_total == 15
+    model.actor.action_dist.epsilon = 0.0
+    _train_both(model, agent, steps=10, seed=0)
+    for s, t in zip(_linears(model.actor), _linears(agent.actor), strict=True):
+        assert_close(t.weight, s.weight, **TOL)
+    _assert_twin(model.critic.q_networks, agent.critic, **TOL)
+    _assert_twin(model.critic_target.q_networks, agent.networks["critic_target"], **TOL)
+    assert_close(agent.log_alpha.detach(), model.log_ent_coef.detach(), **TOL)
+
+
+def test_quantile_huber_loss_is_the_hand_written_one():
+    """Against the loss written out in float64, one pair at a time."""
+    from rlweights.agents.tqc import quantile_huber_loss
+
+    gen = torch.Generator().manual_seed(0)
+    quantiles = torch.randn(2, 3, 4, generator=gen, dtype=torch.float64) * 2
+    targets = torch.randn(3, 5, generator=gen, dtype=torch.float64) * 2
+    total = 0.0
+    for c in range(2):
+        for b in range(3):
+            for i in range(4):
+                tau = (i + 0.5) / 4
+                for j in range(5):
+                    d = float(targets[b, j] - quantiles[c, b, i])
+                    huber = 0.5 * d * d if abs(d) <= 1 else abs(d) - 0.5
+                    total += abs(tau - (1.0 if d < 0 else 0.0)) * huber
+    assert quantile_huber_loss(quantiles, targets).item() == pytest.approx(total / 120, rel=1e-12)
 
 
 def test_sac_log_probabilities_are_sb3s_whatever_the_action_bounds():

@@ -44,7 +44,7 @@ def weights(agent) -> dict[str, torch.Tensor]:
     }
 
 
-@pytest.mark.parametrize("algo", ["dqn", "sac", "td3", "ddpg"])
+@pytest.mark.parametrize("algo", ["dqn", "sac", "td3", "ddpg", "tqc"])
 def test_same_seed_same_run(algo):
     a, summary = train(tiny(algo, total_steps=150, seed=3))
     b, _ = train(tiny(algo, total_steps=150, seed=3))
@@ -202,6 +202,10 @@ def _envs(config):
         ("td3", ["--policy-ema", "0.1", "--target-update", "hard:3", "--weight-clip", "1"]),
         ("td3", ["--max-norm", "1.5", "--num-envs", "2", "--drift-every", "50"]),
         ("ddpg", ["--policy-ema", "0.1", "--target-update", "hard:3", "--weight-clip", "1"]),
+        (
+            "tqc",
+            ["--policy-ema", "0.1", "--n-critics", "3", "--n-quantiles", "5", "--max-norm", "2"],
+        ),
         ("dqn", ["--policy-ema", "0.2", "--target-update", "polyak:0.1", "--max-norm", "1"]),
         ("dqn", ["--num-envs", "2", "--weight-clip", "0.3", "--target-update", "hard:8"]),
     ],
@@ -245,7 +249,7 @@ def test_evaluate_matches_the_final_evaluation_of_the_run(tmp_path, capsys):
     assert f"mean return {summary['final_eval_return']:.1f}" in capsys.readouterr().out
 
 
-@pytest.mark.parametrize("algo", ["dqn", "sac", "td3", "ddpg"])
+@pytest.mark.parametrize("algo", ["dqn", "sac", "td3", "ddpg", "tqc"])
 def test_impl_sb3_trains_evaluates_and_resumes(tmp_path, capsys, algo):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -719,7 +723,8 @@ def _sb3_target_update(algo: str):
     model of it is attached, in this process)."""
     import importlib
 
-    return importlib.import_module(f"stable_baselines3.{algo}.{algo}").polyak_update
+    package = "sb3_contrib" if algo == "tqc" else "stable_baselines3"
+    return importlib.import_module(f"{package}.{algo}.{algo}").polyak_update
 
 
 def _counters(state):
@@ -752,6 +757,8 @@ def _schedules(saved) -> dict:
         ),
         ("sb3", "td3", {"target_update": "hard:3", "policy_ema": 0.1}),
         ("native", "ddpg", {"target_update": "hard:3", "policy_ema": 0.1, "max_norm": 1.5}),
+        ("native", "tqc", {"target_update": "hard:5", "policy_ema": 0.1, **PLASTIC}),
+        ("sb3", "tqc", {"target_update": "hard:5", "policy_ema": 0.1}),
         ("sb3", "dqn", {"target_update": "hard:8", "train_freq": 1, "gradient_steps": 1}),
     ],
 )

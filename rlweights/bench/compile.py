@@ -102,7 +102,7 @@ def run(algos: list[str], repeats: int, rounds: int, steps: int, threads: int) -
             "compiled_ms_per_step": 1e3 * compiled,
             "compiled": all(s["compiled"] for s in everything),
             "samples": samples,
-            "compile_pays_from": COMPILE_PAYS_FROM.get(algo),
+            "compile_pays_from": COMPILE_PAYS_FROM.get(algo, "not set"),
         }
         for kind in ("cold", "warm"):
             seconds = statistics.median(s["compile_seconds"] for s in samples[kind])
@@ -122,12 +122,13 @@ def markdown(result: dict) -> str:
         "|---|---:|---:|---:|---:|---:|",
     ]
     for algo, r in result["algos"].items():
-        pays = r["compile_pays_from"]
+        pays = r["compile_pays_from"]  # None: never; "not set": not measured before
+        pays = "never (eager)" if pays is None else f"{pays:,}" if isinstance(pays, int) else pays
         lines.append(
             f"| {algo} | {r['eager_ms_per_step']:.2f} | {r['compiled_ms_per_step']:.2f} | "
             f"{r['compile_seconds_cold']:.1f} / {r['compile_seconds_warm']:.1f} | "
             f"{steps(r['break_even_cold'])} / {steps(r['break_even_warm'])} | "
-            f"{'never (eager)' if pays is None else f'{pays:,}'} |"
+            f"{pays} |"
         )
     return "\n".join(lines)
 
