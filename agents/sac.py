@@ -11,6 +11,7 @@ gradients that would be thrown away.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -245,9 +246,21 @@ class SAC(ContinuousAgent):
             q_pi = self.critic(torch.cat([obs, acts], -1), detach_weights=True).min(0)[0]
             return (alpha * log_prob - q_pi).mean(), log_prob
 
+        return self.step_networks(critic_loss, actor_loss, alpha)
+
+    def step_networks(
+        self,
+        critic_loss: Callable[[nn.Module], Tensor],
+        actor_loss: Callable[[nn.Module], tuple[Tensor, Tensor]],
+        alpha: Tensor,
+    ) -> dict[str, Tensor]:
+        """The steps that follow the losses, in SB3's order (SAC's and TQC's): the critic's,
+        the actor's (through the updated critic), the temperature's (loss
+        ``-(log_alpha * (log_prob + target entropy)).mean()``), the policy EMA, the target
+        update. Returns the step's losses."""
         critic_loss_value = self.minimize("critic", critic_loss)
         actor_loss_value, log_prob = self.minimize("actor", actor_loss, has_aux=True)
-        if cfg.ent_coef is None:  # loss -(log_alpha * (log_prob + target entropy)).mean()
+        if self.config.ent_coef is None:
             grad = -(log_prob + self.target_entropy).mean().reshape(1)
             self.apply_gradients("alpha", [self.log_alpha], [grad])
         self.average_policy()

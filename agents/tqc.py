@@ -100,16 +100,4 @@ class TQC(SAC):
             z = self.critic(torch.cat([obs, acts], -1), detach_weights=True)
             return (alpha * log_prob - z.mean((0, 2))).mean(), log_prob
 
-        critic_loss_value = self.minimize("critic", critic_loss)
-        actor_loss_value, log_prob = self.minimize("actor", actor_loss, has_aux=True)
-        if cfg.ent_coef is None:  # loss -(log_alpha * (log_prob + target entropy)).mean()
-            grad = -(log_prob + self.target_entropy).mean().reshape(1)
-            self.apply_gradients("alpha", [self.log_alpha], [grad])
-        self.average_policy()
-        self.target_routine.step()
-        return {
-            "critic_loss": critic_loss_value,
-            "actor_loss": actor_loss_value,
-            "alpha": alpha,
-            "entropy": -log_prob.mean(),
-        }
+        return self.step_networks(critic_loss, actor_loss, alpha)
