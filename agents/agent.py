@@ -88,8 +88,8 @@ def _constraint_tensors(module: nn.Module, names: Container[str] | None = None) 
 
 
 class OffPolicyAgent:
-    """The base of DQN, SAC, TD3, DDPG and TQC: holds the networks, optimizers and rlweights
-    routines, and runs the gradient step.
+    """The base of the native agents (DQN, SAC, TD3, DDPG, TQC, DroQ): holds the networks,
+    optimizers and rlweights routines, and runs the gradient step.
 
     A subclass builds its networks and optimizers, then calls :meth:`_setup_routines` with
     the online networks whose targets it keeps and the policy network to average. It

@@ -207,8 +207,8 @@ def _check_fields(state: dict[str, Any], path: Path) -> None:
 
     if state.get("algo") not in ALGOS:
         raise impossible("algo", state.get("algo"), f"one of {', '.join(ALGOS)}")
-    if state.get("impl") not in ("native", "sb3"):
-        raise impossible("impl", state.get("impl"), "native or sb3")
+    if state.get("impl") not in ("native", "sb3", "sbx"):
+        raise impossible("impl", state.get("impl"), "native, sb3 or sbx")
     for key in ("config", "weights"):
         if not isinstance(state.get(key), dict):
             raise impossible(key, type(state.get(key)).__name__, "a mapping")

@@ -34,7 +34,7 @@ from rlweights.agents.environments import route_mujoco_warnings, spaces_of
 from rlweights.agents.evaluation import evaluate
 from rlweights.agents.memory import available_memory, memory_needed
 from rlweights.agents.parallel import launched_ranks
-from rlweights.agents.presets import NOTES, preset
+from rlweights.agents.presets import NOTES, PRESET_SOURCES, preset
 from rlweights.agents.registry import ALGOS, make_config
 from rlweights.agents.run_folder import (
     MARKER,
@@ -54,10 +54,11 @@ from rlweights.extras import require
 from rlweights.files import WriteError, write_json
 
 TRAIN_DESCRIPTION = """\
-Train a native DQN, SAC, TD3, DDPG or TQC agent on a Gymnasium environment (with --impl sb3:
-SB3's or sb3-contrib's algorithm of the same name, rlweights attached). Without arguments: SAC
-on Pendulum-v1.
-Hyperparameters come from rl-baselines3-zoo's preset for the algorithm and environment
+Train a native DQN, SAC, TD3, DDPG, TQC or DroQ agent on a Gymnasium environment (with --impl
+sb3: SB3's or sb3-contrib's algorithm of the same name, rlweights attached). Without arguments:
+SAC on Pendulum-v1.
+Hyperparameters come from rl-baselines3-zoo's preset for the algorithm and environment (DroQ:
+the zoo's SAC preset with SBX's DroQ settings)
 (classic control, Box2D with gymnasium[box2d], MuJoCo v5 with the mujoco extra; the table:
 python -m pydoc rlweights.agents.presets); an environment without one gets the algorithm's
 defaults (the zoo's for CartPole-v1 or Pendulum-v1), and the run says so.
@@ -230,8 +231,9 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     )
     groups["hyperparameters"].add_argument(
         "--impl",
-        choices=("native", "sb3"),
-        help="native agents (default) or the SB3 algorithm of the same name, rlweights attached",
+        choices=("native", "sb3", "sbx"),
+        help="native agents (default); sb3: SB3's (or sb3-contrib's) algorithm of the same name, "
+        "rlweights attached; sbx: SBX's (JAX), as it is",
     )
     run.add_argument(
         "--resume",
@@ -530,8 +532,8 @@ def _rank() -> int:
 
 def _check_parallel(config: Any, impl: str) -> None:
     processes = launched_ranks()
-    if config.average_every and impl == "sb3":
-        raise UsageError("--average-every is for the native agents, not --impl sb3")
+    if config.average_every and impl != "native":
+        raise UsageError(f"--average-every is for the native agents, not --impl {impl}")
     if config.average_every and processes < 2:
         raise UsageError(
             "--average-every needs several learners: launch with torchrun --nproc_per_node=N "
@@ -544,10 +546,25 @@ def _check_parallel(config: Any, impl: str) -> None:
         )
 
 
-def _check_impl(impl: str) -> None:
-    """--impl sb3 without its extra fails before anything is written."""
+def _check_impl(impl: str, config: Any) -> None:
+    """--impl sb3 or sbx without its extra, or for an algorithm it does not have (or, SBX,
+    with rlweights' weight routines), fails before anything is written."""
     if impl == "sb3":
         require("stable_baselines3", "sb3", "rlweights train --impl sb3")
+        from rlweights.agents.sb3_train import sb3_class
+
+        try:
+            sb3_class(config.algo)
+        except ValueError as exc:
+            raise UsageError(str(exc)) from None
+    if impl == "sbx":
+        require("sbx", "bench", "rlweights train --impl sbx")
+        from rlweights.agents.sbx_train import check_sbx_config
+
+        try:
+            check_sbx_config(config)
+        except ValueError as exc:
+            raise UsageError(str(exc)) from None
 
 
 def _resume_dir(given: str) -> Path:
@@ -593,7 +610,7 @@ def _prepare_resume(
             raise
         except (KeyError, TypeError, AttributeError, ValueError) as exc:
             raise CheckpointError(f"{where} is unreadable ({exc})") from None
-        _check_impl(impl)
+        _check_impl(impl, config)
         _check_env(config, impl=impl)
         mark(run_dir)  # it can be written
         reset_for_rerun(run_dir)
@@ -607,7 +624,7 @@ def _prepare_resume(
     except (KeyError, TypeError) as exc:
         raise CheckpointError(f"{where}: its config is unreadable ({exc})") from None
     impl, initial = saved["impl"], saved["steps"]
-    _check_impl(impl)
+    _check_impl(impl, config)
     _check_env(config, saved.get("spaces"), impl)
     finished = (run_dir / "summary.json").is_file()
     if config.total_steps < initial or (config.total_steps == initial and finished):
@@ -632,9 +649,9 @@ def _checked_config(args: argparse.Namespace, seed: int, device: str) -> tuple[A
             )
     config = make_config(algo, args.env, seed=seed, device=device, **_overrides(args))
     impl = args.impl or "native"
-    _check_impl(impl)
     if config.compile and impl != "native":
-        raise UsageError("--compile compiles the native agents' step, not --impl sb3")
+        raise UsageError(f"--compile compiles the native agents' step, not --impl {impl}")
+    _check_impl(impl, config)
     if args.compile in (None, "auto") and impl == "native":
         config = dataclasses.replace(config, compile=compile_pays(config)[0])
     _check_env(config, impl=impl)
@@ -642,7 +659,7 @@ def _checked_config(args: argparse.Namespace, seed: int, device: str) -> tuple[A
 
 
 def _default_run_name(config: Any, impl: str, stamp: str) -> str:
-    suffix = "-sb3" if impl == "sb3" else ""
+    suffix = "" if impl == "native" else f"-{impl}"
     env = re.sub(r"[^A-Za-z0-9._-]+", "-", config.env_id)  # rlweights/Chain-v0, mod:Env-v0
     return f"{config.algo}-{env}-s{config.seed}{suffix}-{stamp}"
 
@@ -868,6 +885,10 @@ def _train(
             from rlweights.agents.sb3_train import train_sb3
 
             summary = train_sb3(config, run_dir, resume=resume, progress=progress, stop=stop)
+        elif impl == "sbx":
+            from rlweights.agents.sbx_train import train_sbx
+
+            summary = train_sbx(config, run_dir, resume=resume, progress=progress, stop=stop)
         else:
             from rlweights.agents.train import train
 
@@ -924,7 +945,8 @@ def _preset_line(config: Any) -> str:
             f"{config.algo}'s defaults (rl-baselines3-zoo's for {home}) are used"
         )
     note = f"; {NOTES[key]}, which the native agents do not have" if key in NOTES else ""
-    return f"rlweights train: rl-baselines3-zoo's preset for {config.algo} on {config.env_id}{note}"
+    source = PRESET_SOURCES.get(config.algo, "rl-baselines3-zoo's preset")
+    return f"rlweights train: {source} for {config.algo} on {config.env_id}{note}"
 
 
 def _number(value: float) -> str:
@@ -955,6 +977,16 @@ def _prepare_evaluate(args: argparse.Namespace) -> tuple[Any, Any, dict[str, Any
         from rlweights.agents.sb3_train import load_sb3_policy
 
         return config, load_sb3_policy(config, saved, ema=args.ema), saved
+    if saved["impl"] == "sbx":
+        from rlweights.agents.sbx_train import load_sbx_policy
+
+        if args.ema:
+            raise UsageError("--ema: an --impl sbx run keeps no policy EMA")
+        require("sbx", "bench", "rlweights evaluate of an --impl sbx run")
+        try:
+            return config, load_sbx_policy(config, saved), saved
+        except ValueError as exc:
+            raise CheckpointError(f"{args.checkpoint}: {exc}") from None
     from rlweights.agents.environments import make_envs
     from rlweights.agents.registry import build_agent
 

@@ -68,6 +68,8 @@ def memory_needed(
     row = 4 * (2 * obs + 2) + (8 if discrete else 4 * act)  # obs, next obs, reward, done, action
     # per pass and sample: each layer's output and activation, and their gradients
     activations = 4 * 4 * passes * (obs + act + sum(hidden))
+    if getattr(config, "dropout", 0.0) or getattr(config, "layer_norm", False):
+        activations *= 2  # DroQ's critics keep a dropout mask and a normalised output too
     return {
         "replay buffer": capacity * row,
         "networks and optimizers": 4 * networks,

@@ -11,7 +11,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-__all__ = ["BoundedActor", "TwinQ", "mlp"]
+__all__ = ["LAYER_NORM_EPS", "BoundedActor", "TwinQ", "mlp"]
 
 
 def mlp(sizes: Iterable[int], activate_last: bool = False) -> nn.Sequential:
@@ -25,33 +25,63 @@ def mlp(sizes: Iterable[int], activate_last: bool = False) -> nn.Sequential:
     return nn.Sequential(*layers)
 
 
+# The epsilon of the critics' layer normalisation (DroQ): flax's LayerNorm default, as SBX's
+# DroQ critics use it (torch's nn.LayerNorm default is 1e-5).
+LAYER_NORM_EPS = 1e-6
+
+
 class TwinQ(nn.Module):
     """``n`` Q-networks evaluated together (two by default): every layer is one batched matmul
     for all of them. Each outputs ``out`` values (1: a Q-value; TQC: its quantiles).
+
+    DroQ's critics (``dropout`` > 0, ``layer_norm``): each hidden layer's output goes through
+    dropout (active in every evaluation, the target's too, as in DroQ and SBX), then layer
+    normalisation with a learned scale and shift per network, then the ReLU.
 
     Weights are stored as (networks, inputs, outputs) so that ``baddbmm`` needs no transpose;
     :meth:`unit_weights` gives the (outputs, inputs) view of each network's layer that a
     per-unit constraint such as max-norm works on.
     """
 
-    def __init__(self, in_dim: int, hidden: tuple[int, ...], n: int = 2, out: int = 1):
+    def __init__(
+        self,
+        in_dim: int,
+        hidden: tuple[int, ...],
+        n: int = 2,
+        out: int = 1,
+        dropout: float = 0.0,
+        layer_norm: bool = False,
+    ):
         super().__init__()
+        if not 0.0 <= dropout < 1.0:
+            raise ValueError(f"TwinQ: dropout={dropout!r} is not a rate in [0, 1)")
         sizes = [in_dim, *hidden, out]
+        self.dropout = float(dropout)
         self.weights = nn.ParameterList()
         self.biases = nn.ParameterList()
         for n_in, n_out in itertools.pairwise(sizes):
             self.weights.append(nn.Parameter(torch.empty(n, n_in, n_out)))
             self.biases.append(nn.Parameter(torch.empty(n, 1, n_out)))
+        # the layer normalisations' scales and shifts, one per network and hidden layer
+        self.norm_scales = nn.ParameterList()
+        self.norm_shifts = nn.ParameterList()
+        for size in hidden if layer_norm else ():
+            self.norm_scales.append(nn.Parameter(torch.empty(n, 1, size)))
+            self.norm_shifts.append(nn.Parameter(torch.empty(n, 1, size)))
         self.reset_parameters()
 
     @torch.no_grad()
     def reset_parameters(self) -> None:
         """nn.Linear's default initialisation for every network's layers: weights and biases
-        uniform in +-1/sqrt(inputs), layer by layer (what ``rw.reinit_`` draws for them)."""
+        uniform in +-1/sqrt(inputs), layer by layer (what ``rw.reinit_`` draws for them); the
+        layer normalisations' scales 1 and shifts 0 (nn.LayerNorm's)."""
         for w, b in zip(self.weights, self.biases, strict=True):
             bound = 1 / math.sqrt(w.shape[1])
             w.uniform_(-bound, bound)
             b.uniform_(-bound, bound)
+        for scale, shift in zip(self.norm_scales, self.norm_shifts, strict=True):
+            scale.fill_(1.0)
+            shift.zero_()
 
     def forward(self, x: Tensor, detach_weights: bool = False, first: int | None = None) -> Tensor:
         """Q-values of shape (n, batch), or (n, batch, out) for ``out`` > 1.
@@ -60,16 +90,23 @@ class TwinQ(nn.Module):
         ``first``: evaluate only the first ``first`` networks (TD3's actor reads Q1 alone), of
         shape (first, batch)."""
         n = len(self.weights[0]) if first is None else first
+
+        def own(t: Tensor) -> Tensor:  # this evaluation's networks, detached if asked
+            t = t if first is None else t[:first]
+            return t.detach() if detach_weights else t
+
         h = x.unsqueeze(0).expand(n, -1, -1)
         last = len(self.weights) - 1
         for i, (w, b) in enumerate(zip(self.weights, self.biases, strict=True)):
-            if first is not None:
-                w, b = w[:first], b[:first]
-            if detach_weights:
-                w, b = w.detach(), b.detach()
-            h = torch.baddbmm(b, h, w)
-            if i < last:
-                h = F.relu(h)
+            h = torch.baddbmm(own(b), h, own(w))
+            if i == last:
+                break
+            if self.dropout > 0.0:
+                h = F.dropout(h, self.dropout, training=True)
+            if self.norm_scales:
+                h = F.layer_norm(h, h.shape[-1:], eps=LAYER_NORM_EPS)
+                h = torch.addcmul(own(self.norm_shifts[i]), h, own(self.norm_scales[i]))
+            h = F.relu(h)
         return h.squeeze(-1) if h.shape[-1] == 1 else h
 
     def unit_weights(self, names: Container[str] | None = None) -> list[Tensor]:

@@ -1,5 +1,6 @@
 """Hyperparameters per (algorithm, environment), from rl-baselines3-zoo (hyperparams/dqn.yml,
-sac.yml, td3.yml, ddpg.yml, tqc.yml; its MuJoCo v4 settings for the v5 environments).
+sac.yml, td3.yml, ddpg.yml, tqc.yml; its MuJoCo v4 settings for the v5 environments) and, for
+DroQ, SBX's DroQ configuration of SAC's.
 
 A preset holds what differs from the algorithm's defaults (the defaults are the zoo's settings
 for CartPole-v1 (DQN) and Pendulum-v1 (SAC, TD3, DDPG)); flags override it. The zoo's DDPG
@@ -15,7 +16,7 @@ from __future__ import annotations
 
 from typing import Any
 
-__all__ = ["NOTES", "PRESETS", "preset"]
+__all__ = ["NOTES", "PRESETS", "PRESET_SOURCES", "preset"]
 
 # SB3's defaults where the algorithm's native defaults are another environment's settings.
 _SAC_SB3 = {"learning_rate": 3e-4}
@@ -113,11 +114,22 @@ PRESETS |= {("ddpg", env_id): values for (algo, env_id), values in PRESETS.items
 # but on Hopper, where it drops 5 quantiles per critic instead of 2.
 PRESETS |= {("tqc", env_id): values for (algo, env_id), values in PRESETS.items() if algo == "sac"}
 PRESETS[("tqc", "Hopper-v5")] = {**_SAC_MUJOCO, "top_quantiles_to_drop_per_net": 5}
+# DroQ: SAC's settings with DroQ's 20 gradient steps per environment step (SBX's DroQ settings
+# are SAC's with these, dropout and layer normalisation: DroQConfig's defaults).
+PRESETS |= {
+    ("droq", env_id): {**values, "gradient_steps": 20 * values.get("train_freq", 1)}
+    for (algo, env_id), values in PRESETS.items()
+    if algo == "sac"
+}
+
+# Where an algorithm's presets come from, as a run's first line names it (the zoo's otherwise).
+PRESET_SOURCES = {"droq": "rl-baselines3-zoo's SAC preset with SBX's DroQ settings"}
 
 # What the zoo does that these presets cannot (the native agents lack it).
 NOTES: dict[tuple[str, str], str] = {
     ("sac", "LunarLanderContinuous-v3"): "the zoo decays the learning rate linearly",
     ("tqc", "LunarLanderContinuous-v3"): "the zoo decays the learning rate linearly",
+    ("droq", "LunarLanderContinuous-v3"): "the zoo decays SAC's learning rate linearly",
     ("td3", "MountainCarContinuous-v0"): "the zoo's exploration noise is Ornstein-Uhlenbeck",
     ("ddpg", "MountainCarContinuous-v0"): "the zoo's exploration noise is Ornstein-Uhlenbeck",
 }

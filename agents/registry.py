@@ -11,6 +11,7 @@ from rlweights.agents.agent import OffPolicyAgent
 from rlweights.agents.config import AgentConfig
 from rlweights.agents.ddpg import DDPG, DDPGConfig
 from rlweights.agents.dqn import DQN, DQNConfig
+from rlweights.agents.droq import DroQ, DroQConfig
 from rlweights.agents.presets import preset
 from rlweights.agents.sac import SAC, SACConfig
 from rlweights.agents.td3 import TD3, TD3Config
@@ -25,6 +26,7 @@ ALGOS: dict[str, tuple[type[AgentConfig], type[OffPolicyAgent]]] = {
     "td3": (TD3Config, TD3),
     "ddpg": (DDPGConfig, DDPG),
     "tqc": (TQCConfig, TQC),
+    "droq": (DroQConfig, DroQ),
 }
 
 

@@ -223,12 +223,15 @@ class SAC(ContinuousAgent):
         noise = torch.randn(batch_size, self.act_dim, device=self.device)
         return noise, torch.randn_like(noise)
 
-    def gradient_step(self, obs, actions, rewards, next_obs, terminated, noise, next_noise):
+    def gradient_step(
+        self, obs, actions, rewards, next_obs, terminated, noise, next_noise, update_actor=True
+    ):
         """One gradient step in SB3's order: the soft TD target, the critic's step, the
         actor's step (through the updated critic), the temperature's step, the policy EMA,
         the target update. All losses use the temperature before its step (SB3 steps it
         first; it changes no loss of this step, so it comes after the actor, whose forward
-        pass gives the log-probabilities it needs)."""
+        pass gives the log-probabilities it needs). ``update_actor`` False (DroQ's policy
+        delay): the critic's step and the target update only."""
         cfg = self.config
         alpha = self.alpha()
         with torch.no_grad():
@@ -246,31 +249,31 @@ class SAC(ContinuousAgent):
             q_pi = self.critic(torch.cat([obs, acts], -1), detach_weights=True).min(0)[0]
             return (alpha * log_prob - q_pi).mean(), log_prob
 
-        return self.step_networks(critic_loss, actor_loss, alpha)
+        return self.step_networks(critic_loss, actor_loss, alpha, update_actor)
 
     def step_networks(
         self,
         critic_loss: Callable[[nn.Module], Tensor],
         actor_loss: Callable[[nn.Module], tuple[Tensor, Tensor]],
         alpha: Tensor,
+        update_actor: bool = True,
     ) -> dict[str, Tensor]:
-        """The steps that follow the losses, in SB3's order (SAC's and TQC's): the critic's,
-        the actor's (through the updated critic), the temperature's (loss
-        ``-(log_alpha * (log_prob + target entropy)).mean()``), the policy EMA, the target
-        update. Returns the step's losses."""
-        critic_loss_value = self.minimize("critic", critic_loss)
-        actor_loss_value, log_prob = self.minimize("actor", actor_loss, has_aux=True)
-        if self.config.ent_coef is None:
-            grad = -(log_prob + self.target_entropy).mean().reshape(1)
-            self.apply_gradients("alpha", [self.log_alpha], [grad])
-        self.average_policy()
+        """The steps that follow the losses, in SB3's order (SAC's, TQC's and DroQ's): the
+        critic's; with ``update_actor``, the actor's (through the updated critic), the
+        temperature's (loss ``-(log_alpha * (log_prob + target entropy)).mean()``) and the
+        policy EMA; the target update (which reads neither the actor nor the temperature:
+        SBX's order, target before actor, gives the same numbers). Returns the step's
+        losses."""
+        losses = {"critic_loss": self.minimize("critic", critic_loss)}
+        if update_actor:
+            actor_loss_value, log_prob = self.minimize("actor", actor_loss, has_aux=True)
+            if self.config.ent_coef is None:
+                grad = -(log_prob + self.target_entropy).mean().reshape(1)
+                self.apply_gradients("alpha", [self.log_alpha], [grad])
+            self.average_policy()
+            losses |= {"actor_loss": actor_loss_value, "alpha": alpha, "entropy": -log_prob.mean()}
         self.target_routine.step()
-        return {
-            "critic_loss": critic_loss_value,
-            "actor_loss": actor_loss_value,
-            "alpha": alpha,
-            "entropy": -log_prob.mean(),
-        }
+        return losses
 
     def alpha(self) -> Tensor:
         """The temperature: the fixed ``ent_coef``, or the tuned one."""

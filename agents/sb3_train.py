@@ -43,7 +43,17 @@ from rlweights.targets import TargetRoutine
 if TYPE_CHECKING:
     from rlweights.sb3.algorithms import Algorithm
 
-__all__ = ["build_sb3_model", "check_plasticity", "load_sb3_policy", "sb3_kwargs", "train_sb3"]
+__all__ = [
+    "SB3Run",
+    "buffer_state",
+    "build_sb3_model",
+    "check_plasticity",
+    "load_buffer_state",
+    "load_sb3_policy",
+    "sb3_class",
+    "sb3_kwargs",
+    "train_sb3",
+]
 
 
 def sb3_kwargs(config: AgentConfig) -> dict[str, Any]:
@@ -81,7 +91,7 @@ def build_sb3_model(config: AgentConfig) -> tuple[Any, Any]:
     route_mujoco_warnings(config.env_id)
     vec_env = make_vec_env(config.env_id, n_envs=config.num_envs, seed=config.seed)
     kwargs = sb3_kwargs(config)
-    algorithm = _sb3_class(config.algo)
+    algorithm = sb3_class(config.algo)
     if _row(config.algo).acts == "actor":  # a deterministic actor explores by action noise
         n = int(np.prod(vec_env.action_space.shape))
         kwargs["action_noise"] = NormalActionNoise(
@@ -127,16 +137,24 @@ def check_plasticity(config: AgentConfig) -> None:
         model.get_env().close()
 
 
-def _sb3_class(algo: str) -> type:
+def sb3_class(algo: str) -> type:
     """SB3's class of the native algorithm named ``algo`` (``"ddpg"``: ``DDPG``), or
-    sb3-contrib's (``"tqc"``: ``TQC``, a row of :data:`rlweights.sb3.algorithms.ALGORITHMS`)."""
+    sb3-contrib's (``"tqc"``: ``TQC``, a row of :data:`rlweights.sb3.algorithms.ALGORITHMS`).
+    Raises ``ValueError`` for an algorithm neither has (DroQ)."""
     import stable_baselines3 as sb3
 
     from rlweights.sb3.algorithms import ALGORITHMS
 
     if hasattr(sb3, algo.upper()):
         return getattr(sb3, algo.upper())
-    row = next(row for row in ALGORITHMS if row.name == algo.upper())
+    row = next((row for row in ALGORITHMS if row.name == algo.upper()), None)
+    if row is None:
+        from rlweights.agents.registry import ALGOS
+
+        raise ValueError(
+            f"neither SB3 nor sb3-contrib has {algo}: --impl sb3 runs "
+            f"{', '.join(a for a in ALGOS if a != algo)}; --impl sbx runs SBX's"
+        )
     require(row.package, EXTRA_OF[row.package], f"--impl sb3 --algo {algo}")
     return row.cls()
 
@@ -145,7 +163,7 @@ def _row(algo: str) -> Algorithm:
     """The row of SB3's names for the native algorithm named ``algo``."""
     from rlweights.sb3.algorithms import algorithm_of
 
-    return algorithm_of(_sb3_class(algo))
+    return algorithm_of(sb3_class(algo))
 
 
 def _policy_network(model: Any, algo: str) -> nn.Module:
@@ -179,15 +197,15 @@ def _policy_fn(model: Any, algo: str, network: nn.Module) -> Callable:
 _BUFFER_ARRAYS = ("observations", "next_observations", "actions", "rewards", "dones", "timeouts")
 
 
-def _buffer_state(buffer: Any) -> dict[str, Any]:
+def buffer_state(buffer: Any) -> dict[str, Any]:
     n = buffer.buffer_size if buffer.full else buffer.pos
     state = {name: torch.from_numpy(np.array(getattr(buffer, name)[:n])) for name in _BUFFER_ARRAYS}
     state.update(pos=buffer.pos, full=buffer.full)
     return state
 
 
-def _load_buffer_state(buffer: Any, state: dict[str, Any]) -> None:
-    """Restore :func:`_buffer_state` into SB3's replay buffer, validated first: the ring
+def load_buffer_state(buffer: Any, state: dict[str, Any]) -> None:
+    """Restore :func:`buffer_state` into SB3's replay buffer, validated first: the ring
     position in range, and the stored rows in the buffer's shapes and dtypes."""
     pos, full = state["pos"], state["full"]
     if not isinstance(full, bool):
@@ -229,10 +247,10 @@ def train_sb3(
     """
     stop = stop or GracefulStop()
     with stop:
-        return _SB3Run(config, Path(run_dir), resume, progress).train(stop)
+        return SB3Run(config, Path(run_dir), resume, progress).train(stop)
 
 
-class _SB3Run(Run):
+class SB3Run(Run):
     """One ``--impl sb3`` run: the SB3 model with rlweights attached, the policy EMA, the
     episode returns and the outputs. SB3's ``learn`` is the loop; at each of its
     environment steps, :meth:`on_step` evaluates and checkpoints the step before when due."""
@@ -250,7 +268,7 @@ class _SB3Run(Run):
 
         super().__init__(config, run_dir, progress)
         self.resume = resume
-        self.model, self.attachment = build_sb3_model(config)
+        self.model, self.attachment = self.build()
         self.device = self.model.device
         self.ema_routine = self.ema_hook = None
         if config.policy_ema is not None:
@@ -283,6 +301,10 @@ class _SB3Run(Run):
         # report, whether an evaluation is due after it); see on_step.
         self.pending: tuple[dict[str, float], bool] | None = None
 
+    def build(self) -> tuple[Any, Any]:
+        """(model, attachment) of the run (:func:`build_sb3_model`)."""
+        return build_sb3_model(self.config)
+
     @property
     def steps(self) -> int:
         return self.model.num_timesteps
@@ -298,7 +320,7 @@ class _SB3Run(Run):
             for name, value in training["variables"].items():
                 getattr(model, name).copy_(value)
         self.load_routine_states(training["routines"])
-        _load_buffer_state(model.replay_buffer, training["buffer"])
+        load_buffer_state(model.replay_buffer, training["buffer"])
         model.num_timesteps = saved["steps"]
         model._n_updates = training["n_updates"]
         if hasattr(model, "_n_calls"):  # DQN's count of steps, for its target updates
@@ -475,7 +497,7 @@ class _SB3Run(Run):
         return {
             "parameters": model.get_parameters(),
             "variables": _torch_variables(model),
-            "buffer": _buffer_state(model.replay_buffer),
+            "buffer": buffer_state(model.replay_buffer),
             "n_updates": model._n_updates,
             "n_calls": getattr(model, "_n_calls", 0),
             "routines": self.routine_states(),
@@ -485,8 +507,8 @@ class _SB3Run(Run):
         return super().summary(results, train_seconds) | {"gradient_updates": self.model._n_updates}
 
 
-def _on_step_callback(run: _SB3Run) -> Any:
-    """The SB3 callback that hands every environment step to :meth:`_SB3Run.on_step`, which
+def _on_step_callback(run: SB3Run) -> Any:
+    """The SB3 callback that hands every environment step to :meth:`SB3Run.on_step`, which
     ends ``learn`` on a stop signal and at the asked step count (SB3 would finish its
     rollout, up to ``train_freq`` steps more). Made here: SB3 is an optional extra, imported
     only when it runs."""

@@ -39,7 +39,7 @@ class TD3Config(AgentConfig):
     hidden: tuple[int, ...] = (400, 300)
     policy_delay: int = setting(
         2,
-        "critic steps per actor step (and per target update)",
+        "gradient steps per actor step (td3: and per target update)",
         rule=lambda v: v >= 1,
         sb3="policy_delay",
     )

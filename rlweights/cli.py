@@ -26,7 +26,8 @@ COMMANDS: dict[str, tuple[str, str, str, str | None, str]] = {
         "add_train_arguments",
         "train_main",
         "TRAIN_DESCRIPTION",
-        "train a native DQN/SAC/TD3/DDPG/TQC agent (or SB3's, with --impl sb3) on a Gymnasium env",
+        "train a native DQN/SAC/TD3/DDPG/TQC/DroQ agent (or SB3's or SBX's: --impl) on a "
+        "Gymnasium env",
     ),
     "evaluate": (
         "rlweights.agents.cli",
@@ -144,8 +145,9 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
         prog="rlweights",
         description=(
             "Fast, validated in-place weight operations for deep RL: Polyak/hard target "
-            "updates, averaging, clipping, native DQN/SAC/TD3/DDPG/TQC agents, an SB3 plug-in and "
-            "weight drift in TensorBoard. 'rlweights COMMAND --help' explains each command."
+            "updates, averaging, clipping, native DQN/SAC/TD3/DDPG/TQC/DroQ agents, an SB3 "
+            "plug-in and weight drift in TensorBoard. 'rlweights COMMAND --help' explains each "
+            "command."
         ),
     )
     parser.add_argument("--version", action="version", version=f"rlweights {__version__}")

@@ -67,6 +67,8 @@ CASES = [
     ("dqn", "CartPole-v1", {"weight_clip": 0.3}),  # gradient norm clipping
     ("ddpg", "Pendulum-v1", {"policy_ema": 0.05, "max_norm": 2.0, "target_update": "hard:3"}),
     ("tqc", "Pendulum-v1", {"policy_ema": 0.05, "n_critics": 3, "n_quantiles": 5}),
+    # dropout and layer normalisation in the critics, two graphs (the policy delay)
+    ("droq", "Pendulum-v1", {"policy_ema": 0.05, "policy_delay": 3, "gradient_steps": 1}),
     # resets (their targets copied, the optimizers' state forgotten) and the unit sphere
     ("sac", "Pendulum-v1", {"reset_every": 7, "reset_layers": "critic.*,actor.mean.*"}),
     ("td3", "Pendulum-v1", {"shrink_perturb": (0.6, 0.4), "sp_every": 9, "unit_sphere": "*"}),
@@ -130,7 +132,7 @@ def _check_compiled_against_eager(algo: str, env_id: str, overrides: dict) -> No
         pairs = zip(net.state_dict().items(), theirs, strict=True)
         for (key, a), b in pairs:
             assert_close(b, a, rtol=1e-3, atol=1e-4, msg=f"{name}.{key}")
-    if algo == "sac":
+    if algo in ("sac", "tqc", "droq"):
         assert_close(compiled.log_alpha, eager.log_alpha, rtol=1e-4, atol=1e-5)
     state, want_state = compiled.training_state(), eager.training_state()
     assert_close(state["routines"], want_state["routines"], rtol=1e-3, atol=1e-4)

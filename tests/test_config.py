@@ -5,7 +5,6 @@ the SB3 constructor arguments."""
 from __future__ import annotations
 
 import dataclasses
-import typing
 
 import pytest
 
@@ -56,6 +55,8 @@ VALUES = {
     "n_critics": (3, []),
     "n_quantiles": (7, []),
     "top_quantiles_to_drop_per_net": (3, []),
+    "dropout": (0.5, []),
+    "layer_norm": (False, []),
 }
 
 
@@ -78,7 +79,9 @@ def test_every_field_with_a_help_text_is_a_flag_that_sets_it():
     for flag in cli.FLAGS:
         value, needs = VALUES[flag.field]
         for algo in ALGOS:
-            argv = [flag.flag] if value is True else [flag.flag, _text(value)]
+            argv = [flag.flag, _text(value)]
+            if isinstance(value, bool):  # --use-sde, --no-layer-norm
+                argv = [flag.flag if value else f"--no-{flag.flag[2:]}"]
             args = _parse("--algo", algo, *argv, *needs)
             if algo not in flag.algos:
                 with pytest.raises(cli.UsageError, match=f"{flag.flag} is a setting of "):
@@ -94,7 +97,8 @@ def test_every_field_with_a_help_text_is_a_flag_that_sets_it():
 def test_a_flag_of_another_algorithm_is_one_line(capsys):
     assert main(["train", "--algo", "sac", "--policy-delay", "3", "--steps", "10"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert err == ["rlweights train: error: --policy-delay is a setting of td3, not of sac"], err
+    want = "rlweights train: error: --policy-delay is a setting of td3 and droq, not of sac"
+    assert err == [want], err
 
 
 def test_a_rule_of_a_setting_names_the_value():
@@ -123,9 +127,12 @@ def test_help_lists_the_flags_in_sections(capsys):
 
 
 def test_sb3_names_reach_sb3s_own_attributes():
-    """Every field that names an SB3 argument arrives in SB3's model under that name."""
+    """Every field that names an SB3 argument arrives in SB3's model under that name (DroQ's,
+    which SB3 lacks, in SBX's)."""
     pytest.importorskip("stable_baselines3")
+    pytest.importorskip("sbx")
     from rlweights.agents.sb3_train import build_sb3_model
+    from rlweights.agents.sbx_train import build_sbx_model
 
     for algo, (cls, _) in ALGOS.items():
         named = {
@@ -138,11 +145,15 @@ def test_sb3_names_reach_sb3s_own_attributes():
             for name in named
             if name not in ("use_sde", "sde_sample_freq", "seed")
         }
-        hints = typing.get_type_hints(cls)
-        assert all(hints[name] is not bool for name in changed)
         config = make_config(algo, total_steps=1000, **changed)
-        model, attachment = build_sb3_model(config)
-        attachment.detach()
+        if algo == "droq":  # its own settings (SAC's reach SB3's SAC above)
+            sac = {field.name for field in dataclasses.fields(ALGOS["sac"][0])}
+            changed = {name: value for name, value in changed.items() if name not in sac}
+            assert changed
+            model = build_sbx_model(config)
+        else:
+            model, attachment = build_sb3_model(config)
+            attachment.detach()
         for name, value in changed.items():
             *within, attribute = named[name].split(".")  # "policy_kwargs.n_critics"
             got = model

@@ -44,7 +44,7 @@ def weights(agent) -> dict[str, torch.Tensor]:
     }
 
 
-@pytest.mark.parametrize("algo", ["dqn", "sac", "td3", "ddpg", "tqc"])
+@pytest.mark.parametrize("algo", ["dqn", "sac", "td3", "ddpg", "tqc", "droq"])
 def test_same_seed_same_run(algo):
     a, summary = train(tiny(algo, total_steps=150, seed=3))
     b, _ = train(tiny(algo, total_steps=150, seed=3))
@@ -206,6 +206,7 @@ def _envs(config):
             "tqc",
             ["--policy-ema", "0.1", "--n-critics", "3", "--n-quantiles", "5", "--max-norm", "2"],
         ),
+        ("droq", ["--policy-ema", "0.1", "--gradient-steps", "3", "--policy-delay", "2"]),
         ("dqn", ["--policy-ema", "0.2", "--target-update", "polyak:0.1", "--max-norm", "1"]),
         ("dqn", ["--num-envs", "2", "--weight-clip", "0.3", "--target-update", "hard:8"]),
     ],
@@ -758,6 +759,7 @@ def _schedules(saved) -> dict:
         ("sb3", "td3", {"target_update": "hard:3", "policy_ema": 0.1}),
         ("native", "ddpg", {"target_update": "hard:3", "policy_ema": 0.1, "max_norm": 1.5}),
         ("native", "tqc", {"target_update": "hard:5", "policy_ema": 0.1, **PLASTIC}),
+        ("native", "droq", {"policy_ema": 0.1, "gradient_steps": 3, "policy_delay": 2}),
         ("sb3", "tqc", {"target_update": "hard:5", "policy_ema": 0.1}),
         ("sb3", "dqn", {"target_update": "hard:8", "train_freq": 1, "gradient_steps": 1}),
     ],

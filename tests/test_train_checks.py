@@ -188,14 +188,14 @@ def test_non_finite_weights_mark_an_sb3_run_diverged(tmp_path, monkeypatch, caps
     pytest.importorskip("stable_baselines3")
     from rlweights.agents import sb3_train
 
-    evaluate = sb3_train._SB3Run.evaluate
+    evaluate = sb3_train.SB3Run.evaluate
 
     def poisoned_final_evaluation(run, interruptible=False):
         if interruptible:  # the final one
             _poison(run.model.q_net)
         return evaluate(run, interruptible)
 
-    monkeypatch.setattr(sb3_train._SB3Run, "evaluate", poisoned_final_evaluation)
+    monkeypatch.setattr(sb3_train.SB3Run, "evaluate", poisoned_final_evaluation)
     args = ["train", "--impl", "sb3", "--algo", "dqn", "--steps", "40", *TINY_FLAGS]
     assert main([*args, "--logdir", str(tmp_path), "--run-name", "r"]) == 0
     summary = json.loads((tmp_path / "r" / "summary.json").read_text())

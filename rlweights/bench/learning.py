@@ -58,7 +58,8 @@ __all__ = [
     "variants_markdown",
 ]
 
-IMPLS = ("native", "compile", "sb3")  # compile: the native agent with --compile
+# compile: the native agent with --compile; sbx: SBX's algorithm (the reference of DroQ)
+IMPLS = ("native", "compile", "sb3", "sbx")
 DEFAULT_IMPLS = ("native", "sb3")
 
 
@@ -105,8 +106,9 @@ def _configuration(cell: Cell, points: int, episodes: int) -> list[str]:
     from rlweights.agents.registry import make_config
 
     steps = cell.budget or make_config(cell.algo, cell.env_id).total_steps
-    impl = ["--impl", "sb3" if cell.impl == "sb3" else "native"]
-    if cell.impl != "sb3":  # the native agent as asked, never as --compile auto chooses
+    reference = cell.impl in ("sb3", "sbx")
+    impl = ["--impl", cell.impl if reference else "native"]
+    if not reference:  # the native agent as asked, never as --compile auto chooses
         impl.append("--compile=on" if cell.impl == "compile" else "--compile=off")
     return [
         *cell.flags,
@@ -179,6 +181,9 @@ def summarise(curves: list[dict]) -> list[dict]:
     return rows
 
 
+_REFERENCE_NAMES = {"sb3": "SB3", "sbx": "SBX"}
+
+
 def _seconds(value: float) -> str:
     """Wall seconds for a table: three significant figures, whole seconds from 100 on (no
     exponent: 1750, not 1.75e+03)."""
@@ -193,20 +198,28 @@ def _reaches(a: dict | None, b: dict | None) -> str:
 
 
 def markdown(rows: list[dict]) -> str:
-    """Native next to SB3 per (algo, env); 'not worse' when the native interval reaches the
-    SB3 interval. With runs of the native agent under ``--compile``, two more columns: their
-    returns, and whether they are not worse than the eager runs'."""
+    """Native next to the reference per (algo, env): SB3's runs, or SBX's where there are no
+    SB3 runs (DroQ); 'not worse' when the native interval reaches the reference's. With runs
+    of the native agent under ``--compile``, two more columns: their returns, and whether they
+    are not worse than the eager runs'."""
     compiled = any(r["impl"] == "compile" for r in rows)
     extra = " native --compile: mean [95 % CI], IQM | compiled not worse than eager |"
+    by_key = {(r["algo"], r["env_id"], r["impl"]): r for r in rows}
+    pairs = list(dict.fromkeys((r["algo"], r["env_id"]) for r in rows))
+    references = {
+        key: "sb3" if (*key, "sb3") in by_key or (*key, "sbx") not in by_key else "sbx"
+        for key in pairs
+    }
+    ref = " or ".join(sorted({_REFERENCE_NAMES[i] for i in references.values()}))
     lines = [
-        "| algo | env | steps | seeds | native: mean [95 % CI], IQM | SB3: mean [95 % CI], IQM "
-        "| native not worse | wall s per run, native / SB3"
+        f"| algo | env | steps | seeds | native: mean [95 % CI], IQM | {ref}: mean [95 % CI], "
+        f"IQM | native not worse | wall s per run, native / {ref}"
         + (" / --compile |" + extra if compiled else " |"),
         "|---|---|---:|---:|---|---|---|---|" + ("---|---|" if compiled else ""),
     ]
-    by_key = {(r["algo"], r["env_id"], r["impl"]): r for r in rows}
-    for algo, env_id in dict.fromkeys((r["algo"], r["env_id"]) for r in rows):
-        native, sb3 = by_key.get((algo, env_id, "native")), by_key.get((algo, env_id, "sb3"))
+    for algo, env_id in pairs:
+        native = by_key.get((algo, env_id, "native"))
+        sb3 = by_key.get((algo, env_id, references[algo, env_id]))
         fast = by_key.get((algo, env_id, "compile"))
 
         def cell(r: dict | None) -> str:
@@ -248,8 +261,8 @@ def plot(curves: list[dict], path: Path) -> None:
     panels = list(dict.fromkeys((c["algo"], c["env_id"]) for c in curves))
     fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 3.6), squeeze=False)
     for ax, (algo, env_id) in zip(axes[0], panels, strict=True):
-        labels = {"native": "rlweights", "compile": "rlweights --compile", "sb3": "SB3"}
-        known = ("native", "compile", "sb3")
+        labels = {"native": "rlweights", "compile": "rlweights --compile", **_REFERENCE_NAMES}
+        known = ("native", "compile", "sb3", "sbx")
         more = [i for i in dict.fromkeys(c["impl"] for c in curves) if i not in known]
         colors = ["tab:orange", "tab:green", "tab:blue", "tab:red", "tab:purple", "tab:brown"]
         for impl, color in zip([*known, *more], colors + ["tab:gray"] * len(more), strict=False):
@@ -360,7 +373,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         nargs="+",
         choices=IMPLS,
         default=list(DEFAULT_IMPLS),
-        help="native, sb3 (default both), compile (the native agent with --compile)",
+        help="native, sb3 (default both), compile (the native agent with --compile), sbx "
+        "(SBX's algorithm: the reference of droq)",
     )
     parser.add_argument(
         "--flags",

@@ -1,0 +1,198 @@
+"""DroQ (agents/droq.py): its critics against a hand-written float64 network, its step against
+SAC's (which is checked against SB3's per step) once dropout, layer normalisation and the
+policy delay are taken away, its policy delay against SBX's rule, and ``--impl sbx`` (SBX's
+DroQ configuration of SAC with the same settings)."""
+
+from __future__ import annotations
+
+import json
+
+import gymnasium as gym
+import pytest
+import torch
+from torch.nn import functional as F
+from torch.testing import assert_close
+
+from rlweights.agents.checkpoint import load_checkpoint
+from rlweights.agents.networks import LAYER_NORM_EPS, TwinQ
+from rlweights.agents.registry import ALGOS, make_config
+from rlweights.cli import main
+
+
+def _reference_q(net: TwinQ, x: torch.Tensor, masks: list[torch.Tensor] | None) -> torch.Tensor:
+    """Each network on its own, in float64, written out: linear layer, dropout (``masks``:
+    the kept units scaled by 1/(1-p)), layer normalisation (mean and biased variance over
+    the units, then the learned scale and shift), ReLU; a linear output."""
+    out = []
+    layers = len(net.weights)
+    for k in range(len(net.weights[0])):
+        h = x.double()
+        for i in range(layers):
+            h = h @ net.weights[i][k].double() + net.biases[i][k, 0].double()
+            if i == layers - 1:
+                break
+            if masks is not None:
+                h = h * masks[i][k].double()
+            if net.norm_scales:
+                mean = h.mean(-1, keepdim=True)
+                var = ((h - mean) ** 2).mean(-1, keepdim=True)
+                h = (h - mean) / torch.sqrt(var + LAYER_NORM_EPS)
+                h = h * net.norm_scales[i][k, 0].double() + net.norm_shifts[i][k, 0].double()
+            h = torch.clamp(h, min=0.0)
+        out.append(h[:, 0])
+    return torch.stack(out)
+
+
+def _critic(dropout: float, layer_norm: bool) -> TwinQ:
+    torch.manual_seed(0)
+    net = TwinQ(5, (7, 6), dropout=dropout, layer_norm=layer_norm)
+    with torch.no_grad():  # scales and shifts away from 1 and 0, so that they count
+        for p in [*net.norm_scales, *net.norm_shifts]:
+            p.add_(torch.randn_like(p) * 0.5)
+    return net
+
+
+def test_the_critics_layer_normalisation_is_the_hand_written_one():
+    net = _critic(0.0, True)
+    x = torch.randn(9, 5)
+    assert_close(net(x).double(), _reference_q(net, x, None), rtol=1e-5, atol=1e-6)
+    # the actor's view of the critic: gradients reach the input, not the weights
+    y = x.clone().requires_grad_()
+    net(y, detach_weights=True).sum().backward()
+    assert y.grad is not None and all(p.grad is None for p in net.parameters())
+
+
+def test_the_critics_dropout_comes_before_the_layer_normalisation_in_every_evaluation():
+    p = 0.3
+    net = _critic(p, True)
+    x = torch.randn(9, 5)
+    torch.manual_seed(5)
+    got = net(x)
+    torch.manual_seed(5)  # the same draws, as masks: F.dropout of ones of each layer's shape
+    masks = [F.dropout(torch.ones(2, 9, size), p, training=True) for size in (7, 6)]
+    assert_close(got.double(), _reference_q(net, x, masks), rtol=1e-5, atol=1e-6)
+    assert not torch.equal(net(x), net(x))  # active in every evaluation (the target's too)
+    with pytest.raises(ValueError, match=r"dropout=1\.0 is not a rate"):
+        TwinQ(4, (8,), dropout=1.0)
+
+
+def _agents(algo_a: str, algo_b: str, **droq):
+    env = gym.make("Pendulum-v1")
+    built = []
+    for algo, overrides in ((algo_a, {}), (algo_b, droq)):
+        config = make_config(algo, "Pendulum-v1", hidden=(32, 32), **overrides)
+        torch.manual_seed(0)
+        built.append(ALGOS[algo][1](config, env.observation_space, env.action_space))
+    env.close()
+    return built
+
+
+def _batch(seed: int) -> dict[str, torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    return {
+        "obs": torch.randn(64, 3, generator=gen),
+        "actions": torch.rand(64, 1, generator=gen) * 4 - 2,
+        "rewards": torch.randn(64, generator=gen),
+        "next_obs": torch.randn(64, 3, generator=gen),
+        "terminated": (torch.rand(64, generator=gen) < 0.1).float(),
+    }
+
+
+def test_droq_without_dropout_layer_norm_and_policy_delay_takes_sacs_steps():
+    sac, droq = _agents("sac", "droq", dropout=0.0, layer_norm=False, policy_delay=1)
+    for step in range(12):
+        batch = _batch(step)
+        torch.manual_seed(100 + step)
+        want = sac.train_step(batch)
+        torch.manual_seed(100 + step)
+        got = droq.train_step(batch)
+        assert got.keys() == want.keys()
+    for name, net in sac.networks.items():
+        for (key, a), b in zip(
+            net.state_dict().items(), droq.networks[name].state_dict().values(), strict=True
+        ):
+            assert torch.equal(a, b), f"{name}.{key}"
+    assert torch.equal(sac.log_alpha, droq.log_alpha)
+
+
+def _unchanged(before: list[torch.Tensor], now) -> list[bool]:
+    return [torch.equal(a, b) for a, b in zip(before, now, strict=True)]
+
+
+def test_droq_steps_the_actor_and_temperature_at_sbxs_policy_delay_steps():
+    """SBX steps the actor at gradient step ``i`` of a call of ``K`` (after ``n`` earlier
+    updates) when ``(n + 1 + i) % policy_delay == 0``: at the updates counted 1, 2, ... that
+    are multiples of the delay. The critic and its target move at every step."""
+    droq = _agents("droq", "droq", policy_delay=4)[1]
+    delay, moved = 4, []
+    for step in range(13):
+        actor = [p.clone() for p in droq.actor.parameters()]
+        alpha = droq.log_alpha.clone()
+        critic = [p.clone() for p in droq.critic.parameters()]
+        target = [p.clone() for p in droq.networks["critic_target"].parameters()]
+        losses = droq.train_step(_batch(step))
+        stepped = not any(_unchanged(actor, droq.actor.parameters()))
+        assert stepped == (not torch.equal(alpha, droq.log_alpha)) == ("actor_loss" in losses)
+        assert not any(_unchanged(critic, droq.critic.parameters()))
+        assert not any(_unchanged(target, droq.networks["critic_target"].parameters()))
+        if stepped:
+            moved.append(step)
+    sbx = [g for g in range(13) if (g + 1) % delay == 0]  # n = g - i updates before, + i
+    assert moved == sbx == [3, 7, 11]
+
+
+def test_droqs_presets_are_sacs_with_20_updates_per_environment_step():
+    for env_id in ("Pendulum-v1", "Hopper-v5", "MountainCarContinuous-v0"):
+        droq, sac = make_config("droq", env_id), make_config("sac", env_id)
+        assert droq.gradient_steps == 20 * sac.train_freq
+        assert (droq.policy_delay, droq.dropout, droq.layer_norm) == (20, 0.01, True)
+        for field in ("total_steps", "learning_rate", "learning_starts", "batch_size", "hidden"):
+            assert getattr(droq, field) == getattr(sac, field), (env_id, field)
+
+
+def test_impl_sbx_gets_droqs_settings():
+    pytest.importorskip("sbx")
+    from rlweights.agents.sbx_train import build_sbx_model
+
+    config = make_config("droq", "Pendulum-v1", hidden=(16, 16), policy_delay=5, dropout=0.2)
+    model = build_sbx_model(config)
+    model.get_env().close()
+    assert type(model).__name__ == "SAC" and type(model).__module__.startswith("sbx")
+    assert (model.gradient_steps, model.policy_delay, model.learning_rate) == (20, 5, 1e-3)
+    assert (model.policy.dropout_rate, model.policy.layer_norm) == (0.2, True)
+    assert model.policy.net_arch_pi == model.policy.net_arch_qf == [16, 16]
+
+
+def test_impl_sbx_trains_evaluates_and_resumes(tmp_path, capsys):
+    pytest.importorskip("sbx")
+    run = tmp_path / "r"
+    args = ["train", "--impl", "sbx", "--algo", "droq", "--hidden", "16,16", "--no-progress"]
+    args += ["--learning-starts", "50", "--gradient-steps", "2", "--policy-delay", "2"]
+    args += ["--eval-every", "60", "--eval-episodes", "2", "--steps", "120"]
+    assert main([*args, "--logdir", str(tmp_path), "--run-name", "r"]) == 0
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["impl"] == "sbx" and summary["steps"] == 120
+    assert summary["gradient_updates"] == (120 - 50) * 2
+    saved = load_checkpoint(run)
+    assert main(["evaluate", str(run), "--episodes", "2"]) == 0
+    assert main(["train", "--resume", str(run), "--steps", "150", "--no-progress"]) == 0
+    resumed = load_checkpoint(run)
+    assert resumed["steps"] == 150 and resumed["training"]["n_updates"] == (150 - 50) * 2
+    n = len(saved["training"]["buffer"]["observations"])
+    assert torch.equal(
+        resumed["training"]["buffer"]["observations"][:n],
+        saved["training"]["buffer"]["observations"],
+    )
+    # the resumed run started from the saved states: the optimizer's step count went on
+    counts = [t for t in saved["training"]["states"]["policy.qf_state"] if t.ndim == 0]
+    counts_now = [t for t in resumed["training"]["states"]["policy.qf_state"] if t.ndim == 0]
+    assert int(counts_now[0]) == int(counts[0]) + 30 * 2
+    capsys.readouterr()
+    for refused in (["--policy-ema", "0.1"], ["--target-update", "hard:5"], ["--compile", "on"]):
+        assert main([*args, *refused, "--logdir", str(tmp_path / "x")]) == 2
+    assert "rlweights' weight routines" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()
+
+
+def test_impl_sb3_has_no_droq():
+    assert main(["train", "--impl", "sb3", "--algo", "droq", "--steps", "10"]) == 2
