@@ -8,15 +8,16 @@ every ``policy_delay`` (20) of them. The 20 batches of one environment step are 
 (one index draw and one gather, as SBX draws them); under ``--compile`` the critic-only step
 and the step with the actor are each one compiled graph.
 
-The dropout masks are drawn inside the step, by torch's generator eagerly and by the compiled
-code's own generator under ``--compile`` (seeded from torch's): a compiled DroQ run draws other
-masks than an eager one with the same seed (the policy's noise is the same in both).
+The units that dropout drops are drawn before each step, with its other random draws, as the
+positions of the dropped units (:func:`~rlweights.agents.networks.dropped_units`: about one
+random number per dropped unit, a hundredth of what a mask drawn unit by unit takes at DroQ's
+rate): an eager and a compiled step drop the same units.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import gymnasium as gym
 from torch import Tensor
@@ -75,10 +76,20 @@ class DroQ(SAC):
             self.obs_dim + self.act_dim, cfg.hidden, dropout=cfg.dropout, layer_norm=cfg.layer_norm
         )
 
-    def step_inputs(self, batch_size: int) -> tuple[Tensor, Tensor, bool]:
-        """SAC's draws, and whether the actor steps in this gradient step (compiled, one graph
-        for each)."""
-        return (*super().step_inputs(batch_size), self.actor_delay.step())
+    def step_inputs(self, batch_size: int) -> tuple[Any, ...]:
+        """SAC's draws; whether the actor steps in this gradient step (compiled, one graph for
+        each); the units that dropout drops in the critics' evaluations of the step: the
+        target's, the critic's and (when the actor steps) the actor loss's
+        (:meth:`TwinQ.draw_dropped`, drawn here so that an eager and a compiled step drop the
+        same units)."""
+        noise, next_noise = super().step_inputs(batch_size)
+        update_actor = self.actor_delay.step()
+        dropped: tuple[list[Tensor] | None, ...] = (None, None, None)
+        if self.config.dropout > 0.0:
+            draw = self.critic.draw_dropped
+            actor = draw(batch_size) if update_actor else None
+            dropped = (draw(batch_size), draw(batch_size), actor)
+        return noise, next_noise, update_actor, dropped
 
     def _extra_state(self) -> dict:
         return super()._extra_state() | {"actor_delay": self.actor_delay.state_dict()}

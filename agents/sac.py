@@ -224,29 +224,42 @@ class SAC(ContinuousAgent):
         return noise, torch.randn_like(noise)
 
     def gradient_step(
-        self, obs, actions, rewards, next_obs, terminated, noise, next_noise, update_actor=True
+        self,
+        obs,
+        actions,
+        rewards,
+        next_obs,
+        terminated,
+        noise,
+        next_noise,
+        update_actor=True,
+        dropped=(None, None, None),
     ):
         """One gradient step in SB3's order: the soft TD target, the critic's step, the
         actor's step (through the updated critic), the temperature's step, the policy EMA,
         the target update. All losses use the temperature before its step (SB3 steps it
         first; it changes no loss of this step, so it comes after the actor, whose forward
         pass gives the log-probabilities it needs). ``update_actor`` False (DroQ's policy
-        delay): the critic's step and the target update only."""
+        delay): the critic's step and the target update only. ``dropped``: the units that the
+        critics' dropout drops (DroQ) in the target's, the critic's and the actor loss's
+        evaluation."""
         cfg = self.config
         alpha = self.alpha()
         with torch.no_grad():
             next_actions, next_log_prob = self.actor(next_obs, noise=next_noise)
-            next_q = self.critic_target(torch.cat([next_obs, next_actions], -1)).min(0)[0]
+            next_x = torch.cat([next_obs, next_actions], -1)
+            next_q = self.critic_target(next_x, dropped=dropped[0]).min(0)[0]
             target = rewards + cfg.gamma * (1 - terminated) * (next_q - alpha * next_log_prob)
 
         def critic_loss(critic: nn.Module) -> Tensor:  # SB3's 0.5 * (mse_1 + mse_2)
-            q = critic(torch.cat([obs, actions], -1))
+            q = critic(torch.cat([obs, actions], -1), dropped=dropped[1])
             return F.mse_loss(q, target.expand_as(q))
 
         def actor_loss(actor: nn.Module) -> tuple[Tensor, Tensor]:
             acts, log_prob = actor(obs, noise=noise)
             # the critic's weights detached: no critic gradients computed to be thrown away
-            q_pi = self.critic(torch.cat([obs, acts], -1), detach_weights=True).min(0)[0]
+            x = torch.cat([obs, acts], -1)
+            q_pi = self.critic(x, detach_weights=True, dropped=dropped[2]).min(0)[0]
             return (alpha * log_prob - q_pi).mean(), log_prob
 
         return self.step_networks(critic_loss, actor_loss, alpha, update_actor)

@@ -309,10 +309,38 @@ def test_bench_train_update_ratio_row_trains_sac_at_20_updates_per_step(monkeypa
     result["algos"] = {"sac-utd20": result["algos"]["sac-utd20"]}
     result["machine"]["threads"] = 2
     row = (
-        "| 12 (250 updates/s) | - | 1 thread: 25% of 400/s; 2 threads: 20% of 400/s | "
+        "| 12 (250 updates/s) | - | - | 1 thread: 25% of 400/s; 2 threads: 20% of 400/s | "
         f"20 (native {12.5 / utd_ceiling:.0%}) |"
     )
     assert row in bench.markdown(result)
+
+
+def test_bench_train_droq_row_runs_without_sb3_and_compares_with_sbx(monkeypatch):
+    from rlweights.bench import train as bench
+
+    speeds = {"native": [10.0, 12.0, 11.0], "compile": [20.0, 30.0, 24.0], "sbx": [10.0] * 3}
+    seen: dict[str, list] = {}
+
+    def timed(impl, config):
+        seen.setdefault(impl, []).append(config)
+        return {"steps_per_second": speeds[impl][len(seen[impl]) - 1], "compile_seconds": 0.0}
+
+    bound = {"bound_updates_per_second": 400.0, "updates_per_second": 100.0}
+    bound["env_steps_per_second"] = 1000.0
+    monkeypatch.setattr(bench, "_isolated", timed)
+    monkeypatch.setattr(bench, "update_bound", lambda config, compiled: {"threads": {"1": bound}})
+    impls = ["native", "compile", "sb3", "sbx"]
+    monkeypatch.setattr(bench, "available", lambda impls, device="cpu": impls)
+    result = bench.run(["droq"], 3, {"droq": 300}, impls)
+    assert set(seen) == {"native", "compile", "sbx"}  # SB3 has no DroQ
+    assert all(c.algo == "droq" and c.gradient_steps == 20 for c in seen["native"])
+    row = result["algos"]["droq"]
+    assert "vs_sb3" not in row
+    assert row["vs_sbx"]["compile"] == pytest.approx(2.4)  # median of 2.0, 3.0, 2.4
+    result["machine"]["threads"] = 1
+    assert "| 11 (220 updates/s) | 24 (480 updates/s) | - | 10 (200 updates/s) | - | " in (
+        bench.markdown(result)
+    )
 
 
 def test_bench_distributed_smoke(tmp_path):

@@ -72,14 +72,18 @@ WARMUP = 100  # training steps before the timing starts (compiling happens in th
 
 # Row -> settings for the timed runs: the CLI defaults, but learning starts after 100 steps
 # so that the timing covers training (TD3's zoo setting waits 10k steps). "sac-utd20": SAC at
-# 20 gradient steps per environment step (DroQ's update-to-data ratio), which is a row of
-# updates per second more than of environment steps.
+# 20 gradient steps per environment step (DroQ's update-to-data ratio); "droq" has that ratio
+# by default: rows of updates per second more than of environment steps.
 SETTINGS = {
     "sac": {"learning_starts": 100},
     "td3": {"learning_starts": 100},
     "dqn": {"learning_starts": 100},
     "sac-utd20": {"learning_starts": 100, "train_freq": 1, "gradient_steps": 20},
+    "tqc": {"learning_starts": 100},
+    "droq": {"learning_starts": 100},
 }
+# Rows an implementation does not have: SB3 (and sb3-contrib) has no DroQ.
+MISSING = {("droq", "sb3")}
 
 
 def algorithm(row: str) -> str:
@@ -138,18 +142,11 @@ def _sb3(config: Any) -> dict[str, float]:
 
 
 def _sbx(config: Any) -> dict[str, float]:
-    import sbx
-    from stable_baselines3.common.env_util import make_vec_env
+    from rlweights.agents.sbx_train import build_sbx_model
 
-    from rlweights.agents.sb3_train import sb3_kwargs
-
-    kwargs = sb3_kwargs(config)
-    for key in ("device", "max_grad_norm"):
-        kwargs.pop(key, None)
-    env = make_vec_env(config.env_id, n_envs=config.num_envs, seed=config.seed)
-    model = getattr(sbx, config.algo.upper())("MlpPolicy", env, **kwargs)
+    model = build_sbx_model(config)  # what 'rlweights train --impl sbx' trains
     out = _timed_learn(model, config.total_steps, config.learning_starts + WARMUP)
-    env.close()
+    model.get_env().close()
     return out
 
 
@@ -396,9 +393,10 @@ def run(
             device=device,
             **SETTINGS[algo],
         )
-        runs: dict[str, list[dict[str, float]]] = {impl: [] for impl in impls}
+        here = [impl for impl in impls if (algo, impl) not in MISSING]
+        runs: dict[str, list[dict[str, float]]] = {impl: [] for impl in here}
         for r in range(rounds):
-            order = impls[r % len(impls) :] + impls[: r % len(impls)]
+            order = here[r % len(here) :] + here[: r % len(here)]
             for impl in order:
                 runs[impl].append(_isolated(impl, dataclasses.replace(config, seed=r)))
         speeds = {k: [x["steps_per_second"] for x in v] for k, v in runs.items()}
@@ -421,6 +419,11 @@ def run(
                 for k, v in speeds.items()
             }
             row["speedup"] = row["vs_sb3"].get("native")
+        if "sbx" in speeds:
+            row["vs_sbx"] = {
+                k: statistics.median(a / b for a, b in zip(v, speeds["sbx"], strict=True))
+                for k, v in speeds.items()
+            }
         same = results["algos"].get(algorithm(algo))  # the same update: measured once
         row["bound"] = same["bound"] if same else update_bound(config, compiled="compile" in impls)
         row["ceiling_steps_per_second"] = {
@@ -443,18 +446,21 @@ def markdown(result: dict) -> str:
     head = " | ".join(f"{i} steps/s" for i in impls)
     lines = [
         f"| algorithm | env | network | batch | steps | {head} | vs SB3 (median of rounds) | "
-        "update / bound (eager, compiled; timed alone) | ceiling steps/s (share of it) |",
-        "|---|---|---|---|---|" + "---|" * len(impls) + "---|---|---|",
+        "vs SBX | update / bound (eager, compiled; timed alone) | ceiling steps/s (share of it) |",
+        "|---|---|---|---|---|" + "---|" * len(impls) + "---|---|---|---|",
     ]
     run_threads = str(result["machine"]["threads"])
     for algo, r in result["algos"].items():
         ratio = r["gradient_steps"] / r["train_freq"]  # gradient steps per environment step
         speeds = " | ".join(
-            f"{r['steps_per_second'][i]:.0f}"
+            "-"
+            if i not in r["steps_per_second"]
+            else f"{r['steps_per_second'][i]:.0f}"
             + (f" ({ratio * r['steps_per_second'][i]:.0f} updates/s)" if ratio > 1 else "")
             for i in impls
         )
         vs = ", ".join(f"{i} {x:.2f}x" for i, x in r.get("vs_sb3", {}).items() if i != "sb3")
+        vs_sbx = ", ".join(f"{i} {x:.2f}x" for i, x in r.get("vs_sbx", {}).items() if i != "sbx")
         bounds = []
         for count, b in r["bound"]["threads"].items():
             fractions = [
@@ -469,11 +475,14 @@ def markdown(result: dict) -> str:
         bound = "; ".join(bounds)
         top = r.get("ceiling_steps_per_second", {}).get(run_threads)
         if top:
-            shares = ", ".join(f"{i} {r['steps_per_second'][i] / top:.0%}" for i in impls)
+            shares = ", ".join(
+                f"{i} {speed / top:.0%}" for i, speed in r["steps_per_second"].items()
+            )
             top = f"{top:.0f} ({shares})"
         lines.append(
             f"| {algo.upper()} | {r['env_id']} | {'-'.join(map(str, r['hidden']))} | "
-            f"{r['batch_size']} | {r['steps']} | {speeds} | {vs or '-'} | {bound} | "
+            f"{r['batch_size']} | {r['steps']} | {speeds} | {vs or '-'} | {vs_sbx or '-'} | "
+            f"{bound} | "
             f"{top or '-'} |"
         )
     if "sbx" not in impls:
@@ -487,7 +496,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         nargs="+",
         choices=list(SETTINGS),
         default=list(SETTINGS),
-        help="rows: sac, td3, dqn, sac-utd20 (SAC at 20 gradient steps per environment step)",
+        help="rows: sac, td3, dqn, sac-utd20 (SAC at 20 gradient steps per environment step), "
+        "tqc, droq (20 gradient steps per environment step)",
     )
     parser.add_argument(
         "--impls",
@@ -503,7 +513,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--steps",
         type=int,
         default=1500,
-        help="env steps per SAC/TD3 run (1500; DQN: 10x, sac-utd20: a quarter, at least 300)",
+        help="env steps per SAC/TD3/TQC run (1500; DQN: 10x, sac-utd20 and droq: a quarter, "
+        "at least 300)",
     )
     parser.add_argument("--json", type=Path, help="also write the raw results as JSON here")
 
@@ -511,8 +522,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def main_from_args(args: argparse.Namespace) -> int:
     if args.rounds < 1 or args.steps < 400:
         raise SystemExit("rlweights bench-train: --rounds must be >= 1 and --steps >= 400")
-    steps = {"sac": args.steps, "td3": args.steps, "dqn": 10 * args.steps}
-    steps["sac-utd20"] = max(300, args.steps // 4)
+    steps = {"sac": args.steps, "td3": args.steps, "tqc": args.steps, "dqn": 10 * args.steps}
+    steps["sac-utd20"] = steps["droq"] = max(300, args.steps // 4)
     result = run(args.algos, args.rounds, steps, list(args.impls), args.device)
     print(markdown(result), end="")
     if args.json:
