@@ -14,7 +14,7 @@ from torch.nn import functional as F
 from torch.testing import assert_close
 
 from rlweights.agents.checkpoint import load_checkpoint
-from rlweights.agents.networks import LAYER_NORM_EPS, TwinQ
+from rlweights.agents.networks import LAYER_NORM_EPS, TwinQ, dropped_units
 from rlweights.agents.registry import ALGOS, make_config
 from rlweights.cli import main
 
@@ -74,6 +74,42 @@ def test_the_critics_dropout_comes_before_the_layer_normalisation_in_every_evalu
     assert not torch.equal(net(x), net(x))  # active in every evaluation (the target's too)
     with pytest.raises(ValueError, match=r"dropout=1\.0 is not a rate"):
         TwinQ(4, (8,), dropout=1.0)
+
+
+def test_dropped_units_drop_each_unit_independently_at_the_rate():
+    """The positions drawn from geometric gaps are a Bernoulli(rate) mask's zeros: the
+    fraction dropped is the rate, the count per draw has the binomial variance, neighbours
+    are dropped independently (both with probability rate^2), and every unit can be."""
+    torch.manual_seed(0)
+    size, rate, draws = 5000, 0.05, 400
+    masks = torch.zeros(draws, size)
+    for k in range(draws):
+        positions = dropped_units(size, rate)
+        assert positions[-1] == size and bool((positions[1:] >= positions[:-1]).all())
+        masks[k, positions[positions < size]] = 1.0
+    counts = masks.sum(1).double()
+    mean, var = size * rate, size * rate * (1 - rate)
+    assert abs(counts.mean() - mean) < 4 * (var / draws) ** 0.5
+    assert 0.8 < counts.var() / var < 1.2
+    both = (masks[:, 1:] * masks[:, :-1]).mean()
+    assert abs(float(both) - rate**2) < 4 * (rate**2 / (draws * size)) ** 0.5
+    assert bool(masks.sum(0).gt(0).float().mean() > 0.99)  # 1 - 0.95^400: every unit
+
+
+def test_the_critics_with_units_dropped_before_the_step_are_the_hand_written_one():
+    p = 0.3
+    net = _critic(p, True)
+    x = torch.randn(9, 5)
+    dropped = net.draw_dropped(9)
+    masks = []
+    for positions, size in zip(dropped, (7, 6), strict=True):
+        keep = torch.full((2 * 9 * size,), 1 / (1 - p))
+        keep[positions[positions < keep.numel()]] = 0.0
+        masks.append(keep.view(2, 9, size))
+    assert all(0 < float((m == 0).float().mean()) < 1 for m in masks)
+    got = net(x, dropped=dropped)
+    assert_close(got.double(), _reference_q(net, x, masks), rtol=1e-5, atol=1e-6)
+    assert torch.equal(net(x, dropped=dropped), got)  # the same units, the same values
 
 
 def _agents(algo_a: str, algo_b: str, **droq):
