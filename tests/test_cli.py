@@ -139,6 +139,7 @@ def test_bench_sb3_script_smoke(tmp_path):
         "1",
         "--train-steps",
         "150",
+        *("--models", "sac", "tqc", "--gradient-steps", "3"),
         "--json",
         str(out),
     )
@@ -149,10 +150,12 @@ def test_bench_sb3_script_smoke(tmp_path):
         "plain model, dispatcher installed",
         "attached model",
     }
-    training = result["training"]
-    assert len(training) == 3
-    assert all(0 < row["update_share"] < 1 for row in training.values())
+    assert set(result["training"]) == {"sac", "tqc"}
+    for training in result["training"].values():
+        assert len(training) == 3
+        assert all(0 < row["update_share"] < 1 for row in training.values())
     assert "| plain SB3 |" in done.stdout
+    assert "| TQC, 150 steps, 3 gradient steps per step |" in done.stdout
 
 
 def test_bench_drift_script_smoke(tmp_path):

@@ -5,9 +5,11 @@ Run as 'rlweights bench-sb3' or 'python scripts/bench_sb3.py'. Needs the sb3 ext
 1. The call SAC.train makes, polyak_update(critic.parameters(), critic_target.parameters(),
    tau), timed side by side (interleaved rounds) on a plain SAC (SB3's own function) and on
    an attached one (rlweights' flat path).
-2. SAC on Pendulum-v1, plain, attached, and attached with a rw.PolyakUpdate routine, in
-   rotating runs: the share of wall time spent in target updates (both of SB3's calls per
-   update point, timed at the call site) and environment steps per second.
+2. SAC (and sb3-contrib's TQC, ``--models sac tqc``) on Pendulum-v1, plain, attached, and
+   attached with a rw.PolyakUpdate routine, in rotating runs: the share of wall time spent in
+   target updates (all of SB3's calls per update point, timed at the call site) and
+   environment steps per second; ``--gradient-steps 20`` makes 20 gradient steps (and target
+   updates) per environment step, DroQ's update ratio.
 """
 
 from __future__ import annotations
@@ -23,10 +25,30 @@ from rlweights.files import write_json
 __all__ = ["add_arguments", "main_from_args", "run"]
 
 
-def _sac(seed: int):
-    from stable_baselines3 import SAC
+# The models of the training runs: (module whose polyak_update the algorithm calls, class).
+MODELS = {
+    "sac": ("stable_baselines3.sac.sac", "stable_baselines3:SAC"),
+    "tqc": ("sb3_contrib.tqc.tqc", "sb3_contrib:TQC"),
+}
 
-    return SAC("MlpPolicy", "Pendulum-v1", seed=seed, device="cpu", learning_starts=100)
+
+def _model(algo: str, seed: int, gradient_steps: int = 1):
+    import importlib
+
+    package, name = MODELS[algo][1].split(":")
+    cls = getattr(importlib.import_module(package), name)
+    return cls(
+        "MlpPolicy",
+        "Pendulum-v1",
+        seed=seed,
+        device="cpu",
+        learning_starts=100,
+        gradient_steps=gradient_steps,
+    )
+
+
+def _sac(seed: int):
+    return _model("sac", seed)
 
 
 def _call_site(rounds: int, inner: int) -> dict:
@@ -94,38 +116,41 @@ VARIANTS = {
 }
 
 
-def _training_run(variant: str | None, steps: int, seed: int) -> dict:
-    from stable_baselines3.sac import sac
+def _training_run(
+    variant: str | None, steps: int, seed: int, algo: str = "sac", gradient_steps: int = 1
+) -> dict:
+    import importlib
 
     import rlweights as rw
     from rlweights.sb3 import attach
 
-    model = _sac(seed)
+    module = importlib.import_module(MODELS[algo][0])
+    model = _model(algo, seed, gradient_steps)
     handle = None
     if variant == "exact":
         handle = attach(model)
     elif variant == "lerp":
         handle = attach(model, routine=rw.PolyakUpdate(tau=model.tau))
     box = [0.0]
-    original = sac.polyak_update
-    sac.polyak_update = _timed(original, box)
+    original = module.polyak_update
+    module.polyak_update = _timed(original, box)
     try:
         start = time.perf_counter()
         model.learn(steps)
         wall = time.perf_counter() - start
     finally:
-        sac.polyak_update = original
+        module.polyak_update = original
         if handle is not None:
             handle.detach()
     return {"wall_s": wall, "update_s": box[0], "steps_per_s": steps / wall}
 
 
-def _training(rounds: int, steps: int) -> dict:
+def _training(rounds: int, steps: int, algo: str = "sac", gradient_steps: int = 1) -> dict:
     runs: dict[str, list[dict]] = {name: [] for name in VARIANTS}
     names = list(VARIANTS)
     for r in range(rounds):
         for name in names[r % len(names) :] + names[: r % len(names)]:
-            runs[name].append(_training_run(VARIANTS[name], steps, seed=r))
+            runs[name].append(_training_run(VARIANTS[name], steps, r, algo, gradient_steps))
     out: dict = {}
     plain = runs["plain SB3"]
     for name, rs in runs.items():
@@ -140,15 +165,24 @@ def _training(rounds: int, steps: int) -> dict:
     return out
 
 
-def run(rounds: int = 21, inner: int = 200, train_rounds: int = 2, train_steps: int = 3000) -> dict:
+def run(
+    rounds: int = 21,
+    inner: int = 200,
+    train_rounds: int = 2,
+    train_steps: int = 3000,
+    models: tuple[str, ...] = ("sac",),
+    gradient_steps: int = 1,
+) -> dict:
     import torch  # here, not at import: the command's --help starts without torch
 
+    training = {algo: _training(train_rounds, train_steps, algo, gradient_steps) for algo in models}
     return {
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
         "call_site": _call_site(rounds, inner),
-        "training": _training(train_rounds, train_steps) if train_rounds else None,
+        "training": training if train_rounds else None,
         "train_steps": train_steps,
+        "gradient_steps": gradient_steps,
     }
 
 
@@ -162,12 +196,13 @@ def markdown(result: dict) -> str:
     ]
     for name, row in result["call_site"].items():
         lines.append(f"| {name} | {row['median_us']:.1f} us | {row['speedup_vs_sb3']:.2f}x |")
-    training = result["training"]
-    if training:
+    ratio = result.get("gradient_steps", 1)
+    each = f", {ratio} gradient steps per step" if ratio > 1 else ""
+    for algo, training in (result["training"] or {}).items():
         lines += [
             "",
-            f"| SAC, {result['train_steps']} steps | env steps/s | speed vs plain | "
-            "wall time in target updates |",
+            f"| {algo.upper()}, {result['train_steps']} steps{each} | env steps/s | "
+            "speed vs plain | wall time in target updates |",
             "|---|---:|---:|---:|",
         ]
         for name, row in training.items():
@@ -189,6 +224,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--train-steps", type=int, default=3000, help="environment steps per run (default 3000)"
     )
+    parser.add_argument(
+        "--models",
+        nargs="+",
+        choices=list(MODELS),
+        default=["sac"],
+        help="the training runs' algorithms: SB3's SAC, sb3-contrib's TQC (default sac)",
+    )
+    parser.add_argument(
+        "--gradient-steps",
+        type=int,
+        default=1,
+        help="gradient steps (and target updates) per environment step (default 1; DroQ: 20)",
+    )
     parser.add_argument("--json", type=Path, help="also write the raw results as JSON here")
 
 
@@ -198,7 +246,16 @@ def main_from_args(args: argparse.Namespace) -> int:
             "rlweights bench-sb3: --rounds must be >= 1, --train-rounds >= 0 and "
             "--train-steps > 100 (SAC starts learning after 100 steps)"
         )
-    result = run(args.rounds, 200, args.train_rounds, args.train_steps)
+    if args.gradient_steps < 1:
+        raise SystemExit("rlweights bench-sb3: --gradient-steps must be >= 1")
+    result = run(
+        args.rounds,
+        200,
+        args.train_rounds,
+        args.train_steps,
+        tuple(args.models),
+        args.gradient_steps,
+    )
     print(markdown(result), end="")
     if args.json:
         write_json(args.json, result)
