@@ -440,6 +440,11 @@ class OffPolicyAgent:
     def act(self, obs: Tensor, steps: int) -> Tensor:  # exploring actions
         raise NotImplementedError
 
+    def warmup_actions(self, actions: Tensor) -> Tensor:
+        """The actions taken before learning starts, from the uniformly random ``actions``:
+        as they are, but where SB3 adds action noise to them too (TD3, DDPG)."""
+        return actions
+
     def policy(self, obs: Tensor, network: nn.Module | None = None) -> Tensor:
         raise NotImplementedError
 

@@ -63,6 +63,10 @@ class DDPG(ContinuousAgent):
         return self.actor.explore(obs, self.config.exploration_noise)
 
     @torch.no_grad()
+    def warmup_actions(self, actions: Tensor) -> Tensor:  # as TD3's: SB3's action noise
+        return self.actor.perturb(actions, self.config.exploration_noise)
+
+    @torch.no_grad()
     def policy(self, obs: Tensor, network: nn.Module | None = None) -> Tensor:
         return (network or self.actor)(obs)
 

@@ -71,10 +71,13 @@ class DeterministicActor(BoundedActor):
         return self.to_bounds(torch.tanh(self.net(obs)))
 
     def explore(self, obs: Tensor, noise_std: float) -> Tensor:
-        """The action plus Gaussian noise of std ``noise_std`` relative to the bounds (SB3's
+        """The action with exploration noise (:meth:`perturb`)."""
+        return self.perturb(self(obs), noise_std)
+
+    def perturb(self, actions: Tensor, noise_std: float) -> Tensor:
+        """``actions`` plus Gaussian noise of std ``noise_std`` relative to the bounds (SB3's
         ``NormalActionNoise`` on the [-1, 1] scale), clipped to the bounds."""
-        action = self(obs)
-        return self.clamp(action + torch.randn_like(action) * noise_std * self.scale)
+        return self.clamp(actions + torch.randn_like(actions) * noise_std * self.scale)
 
 
 class TD3(ContinuousAgent):
@@ -99,6 +102,12 @@ class TD3(ContinuousAgent):
     @torch.no_grad()
     def act(self, obs: Tensor, steps: int = 0) -> Tensor:
         return self.actor.explore(obs, self.config.exploration_noise)
+
+    @torch.no_grad()
+    def warmup_actions(self, actions: Tensor) -> Tensor:
+        """The warm-up's random actions with the exploration noise added, as SB3 adds its
+        action noise to every action it takes, the warm-up's too."""
+        return self.actor.perturb(actions, self.config.exploration_noise)
 
     @torch.no_grad()
     def policy(self, obs: Tensor, network: nn.Module | None = None) -> Tensor:

@@ -203,6 +203,8 @@ class _Run(Run):
         cfg = self.config
         if self.steps < cfg.learning_starts:
             actions = np.stack([self.action_space.sample() for _ in range(cfg.num_envs)])
+            drawn = torch.as_tensor(actions, device=self.agent.device)
+            actions = self.agent.warmup_actions(drawn).cpu().numpy()
         else:
             obs = torch.as_tensor(self.obs, dtype=torch.float32, device=self.agent.device)
             actions = self.agent.act(obs, self.steps).cpu().numpy()

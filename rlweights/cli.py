@@ -99,6 +99,13 @@ COMMANDS: dict[str, tuple[str, str, str, str | None, str]] = {
         None,
         "when compiling a native agent's gradient step pays: compile seconds and break-even",
     ),
+    "bench-lockstep": (
+        "rlweights.bench.lockstep",
+        "add_arguments",
+        "main_from_args",
+        None,
+        "a native run and SB3's in lockstep (shared weights and draws): where they part",
+    ),
     "bench-startup": (
         "rlweights.bench.startup",
         "add_arguments",

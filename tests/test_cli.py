@@ -37,6 +37,7 @@ def _run(*args: str) -> subprocess.CompletedProcess:
         "bench-distributed",
         "bench-startup",
         "bench-compile",
+        "bench-lockstep",
         "demo",
         "demo baird",
         "demo chain",

@@ -266,6 +266,7 @@ NO_AGENTS = (
     "bench-distributed",
     "bench-learning",
     "bench-startup",
+    "bench-lockstep",
 )
 
 

@@ -397,3 +397,24 @@ def test_gsde_noise_matrices_are_drawn_at_sb3s_steps(sde_sample_freq):
     assert native_draws[0] == config.learning_starts
     assert native_draws[1:] == sb3_draws
     assert len(native_draws) > (config.total_steps - config.learning_starts) // 16
+
+
+@pytest.mark.parametrize("algo", ["td3", "ddpg"])
+def test_whole_runs_in_lockstep_take_sb3s_actions_until_the_first_actor_step(algo):
+    """The native loop and SB3's ``learn``, from identical weights with SB3's draws
+    (rlweights.bench.lockstep): the warm-up's random actions with SB3's action noise added
+    and clipped, the environment steps, the steps at which training starts and the actor
+    steps, the stored transitions, all SB3's, up to rounding; once the actor has stepped,
+    rounding grows as it does between two native runs one ulp apart."""
+    from rlweights.bench.lockstep import lockstep
+
+    config = make_config(
+        algo, "MountainCarContinuous-v0", hidden=(16, 16), batch_size=32, learning_starts=60
+    )
+    result = lockstep(config, 90)
+    assert result["gradient_updates"]["native"] == result["gradient_updates"]["sb3"] == 30
+    actions = result["max_difference_per_step"]["actions"]
+    first_actor_step = 61 if algo == "td3" else 60  # TD3: at its second gradient step
+    assert max(actions[: first_actor_step + 1]) < 1e-6
+    assert max(result["max_difference_per_step"]["obs"][: first_actor_step + 2]) < 1e-6
+    assert max(result["max_difference_per_step"]["rewards"][: first_actor_step + 1]) < 1e-6
