@@ -16,6 +16,7 @@ __all__ = [
     "AgentConfig",
     "Group",
     "exploration_noise",
+    "policy_delay",
     "setting",
     "setting_of",
     "split_patterns",
@@ -282,6 +283,18 @@ def exploration_noise() -> Any:
         "std of the Gaussian exploration noise, relative to the action bounds",
         rule=lambda v: v >= 0.0,
         metavar="STD",
+    )
+
+
+def policy_delay(default: int) -> Any:
+    """The setting of TD3's and DroQ's policy delay: the actor steps at every ``default``-th
+    gradient step (TD3's targets too; DroQ's move at every step). SB3's and SBX's
+    ``policy_delay``."""
+    return setting(
+        default,
+        "gradient steps per actor step (td3: and per target update)",
+        rule=lambda v: v >= 1,
+        sb3="policy_delay",
     )
 
 

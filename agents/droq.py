@@ -22,7 +22,7 @@ from typing import Any, ClassVar
 import gymnasium as gym
 from torch import Tensor
 
-from rlweights.agents.config import setting
+from rlweights.agents.config import policy_delay, setting
 from rlweights.agents.networks import TwinQ
 from rlweights.agents.sac import SAC, SACConfig
 from rlweights.periodic import Periodic
@@ -38,12 +38,7 @@ class DroQConfig(SACConfig):
 
     algo: ClassVar[str] = "droq"
     gradient_steps: int = 20
-    policy_delay: int = setting(
-        20,
-        "gradient steps per actor step",
-        rule=lambda v: v >= 1,
-        sb3="policy_delay",
-    )
+    policy_delay: int = policy_delay(20)
     dropout: float = setting(
         0.01,
         "dropout rate after each hidden layer of the critics",

@@ -17,7 +17,7 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from rlweights.agents.agent import ContinuousAgent, make_adam
-from rlweights.agents.config import AgentConfig, exploration_noise, setting
+from rlweights.agents.config import AgentConfig, exploration_noise, policy_delay, setting
 from rlweights.agents.networks import BoundedActor, TwinQ, mlp
 from rlweights.periodic import Periodic
 
@@ -37,12 +37,7 @@ class TD3Config(AgentConfig):
     buffer_size: int = 200_000
     learning_starts: int = 10_000
     hidden: tuple[int, ...] = (400, 300)
-    policy_delay: int = setting(
-        2,
-        "gradient steps per actor step (td3: and per target update)",
-        rule=lambda v: v >= 1,
-        sb3="policy_delay",
-    )
+    policy_delay: int = policy_delay(2)
     target_policy_noise: float = setting(
         0.2,
         "std of the noise added to the target policy's actions",
