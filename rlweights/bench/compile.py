@@ -5,7 +5,8 @@ compiling costs before the compiled step runs, with an empty inductor cache (col
 run of this code) and with the cache that run left (warm: every later run), each in a fresh
 process; and the time of one gradient step, eager and compiled, in interleaved rounds on one
 fixed batch. The compile seconds are the first few compiled steps less as many eager ones
-(TD3 compiles a second graph, its delayed actor step, at its second call). The break-even is
+(TD3 compiles a second graph, its delayed actor step, at its second call; DroQ at its 20th:
+the steps counted reach past the policy delay). The break-even is
 the gradient steps after which the compiled step's saving has paid for its compiling:
 ``compile seconds / (eager - compiled seconds per step)``.
 
@@ -28,7 +29,7 @@ from rlweights.files import write_json
 
 __all__ = ["add_arguments", "main_from_args", "markdown", "run"]
 
-FIRST = 6  # compiled steps counted as compiling: past TD3's second graph
+FIRST = 6  # compiled steps counted as compiling at least: past TD3's second graph
 
 
 def _measure(algo: str, threads: int, rounds: int, steps: int) -> dict[str, Any]:
@@ -38,8 +39,10 @@ def _measure(algo: str, threads: int, rounds: int, steps: int) -> dict[str, Any]
     from rlweights.bench.train import agents_and_batch
 
     torch.set_num_threads(threads)
-    env, agents, batch = agents_and_batch(make_config(algo))
+    config = make_config(algo)
+    env, agents, batch = agents_and_batch(config)
     env.close()
+    first = max(FIRST, getattr(config, "policy_delay", 1) + 1)  # past the delayed actor's graph
 
     def seconds(agent: Any, count: int) -> float:
         start = time.perf_counter()
@@ -50,9 +53,9 @@ def _measure(algo: str, threads: int, rounds: int, steps: int) -> dict[str, Any]
     seconds(agents[False], 20)  # warm-up
     eager = statistics.median(seconds(agents[False], 1) for _ in range(20))
     start = time.perf_counter()
-    for _ in range(FIRST):
+    for _ in range(first):
         agents[True].train_step(batch)
-    compile_seconds = time.perf_counter() - start - FIRST * eager
+    compile_seconds = time.perf_counter() - start - first * eager
     compiled = agents[True].compiled is not None and not agents[True].compiled.failed
     seconds(agents[True], 20)
     per: dict[bool, list[float]] = {False: [], True: []}
