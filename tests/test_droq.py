@@ -223,7 +223,23 @@ def test_impl_sbx_trains_evaluates_and_resumes(tmp_path, capsys):
     counts = [t for t in saved["training"]["states"]["policy.qf_state"] if t.ndim == 0]
     counts_now = [t for t in resumed["training"]["states"]["policy.qf_state"] if t.ndim == 0]
     assert int(counts_now[0]) == int(counts[0]) + 30 * 2
+    # a crafted checkpoint (resealed: the checksum finds damage, not intent) whose arrays do
+    # not fit the model is refused in one line, and nothing is written
+    from rlweights.files import sealed
+
+    state = torch.load(run / "model.pt", weights_only=True)
+    state.pop("checksum")
+    state["training"]["states"]["policy.qf_state"][0] = torch.zeros(3)
+    torch.save(sealed(state), run / "model.pt")
+    before = (run / "model.pt").read_bytes()
     capsys.readouterr()
+    assert main(["train", "--resume", str(run), "--steps", "200", "--no-progress"]) == 2
+    assert "does not fit this run" in capsys.readouterr().err
+    assert (run / "model.pt").read_bytes() == before
+    state["weights"]["actor"] = {"['params']['x']": torch.zeros(2)}
+    torch.save(sealed(state), run / "model.pt")
+    assert main(["evaluate", str(run), "--episodes", "1"]) == 2
+    assert "actor does not fit" in capsys.readouterr().err
     for refused in (["--policy-ema", "0.1"], ["--target-update", "hard:5"], ["--compile", "on"]):
         assert main([*args, *refused, "--logdir", str(tmp_path / "x")]) == 2
     assert "rlweights' weight routines" in capsys.readouterr().err
