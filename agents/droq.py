@@ -20,7 +20,6 @@ from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import gymnasium as gym
-from torch import Tensor
 
 from rlweights.agents.config import policy_delay, setting
 from rlweights.agents.networks import TwinQ
@@ -73,17 +72,15 @@ class DroQ(SAC):
 
     def step_inputs(self, batch_size: int) -> tuple[Any, ...]:
         """SAC's draws; whether the actor steps in this gradient step (compiled, one graph for
-        each); the units that dropout drops in the critics' evaluations of the step: the
-        target's, the critic's and (when the actor steps) the actor loss's
+        each); the units that dropout drops in the step's evaluations of the critics, drawn at
+        once: the target's, the critic's and (when the actor steps) the actor loss's
         (:meth:`TwinQ.draw_dropped`, drawn here so that an eager and a compiled step drop the
         same units)."""
         noise, next_noise = super().step_inputs(batch_size)
         update_actor = self.actor_delay.step()
-        dropped: tuple[list[Tensor] | None, ...] = (None, None, None)
+        dropped = None
         if self.config.dropout > 0.0:
-            draw = self.critic.draw_dropped
-            actor = draw(batch_size) if update_actor else None
-            dropped = (draw(batch_size), draw(batch_size), actor)
+            dropped = self.critic.draw_dropped(batch_size, 3 if update_actor else 2)
         return noise, next_noise, update_actor, dropped
 
     def _extra_state(self) -> dict:

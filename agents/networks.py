@@ -35,11 +35,15 @@ def dropped_units(size: int, rate: float, device: torch.device | str = "cpu") ->
     overwhelming probability; should they not, more are drawn (a longer tensor)."""
     mean = size * rate
     count = int(mean + 8 * math.sqrt(mean * (1 - rate)) + 16)
-    gaps = torch.empty(count, dtype=torch.float64, device=device).geometric_(rate)
-    positions = gaps.cumsum(0) - 1  # gaps count the units up to and including a dropped one
+    per_log = 1 / math.log1p(-rate)
+
+    def gaps() -> Tensor:  # geometric on 1, 2, ...: P(gap > k) = (1 - rate)^k
+        uniform = torch.rand(count, dtype=torch.float64, device=device)
+        return torch.floor(torch.log1p(-uniform) * per_log) + 1  # float64: the tail kept
+
+    positions = gaps().cumsum(0) - 1  # a gap counts the units up to the dropped one
     while positions[-1] < size:  # not past the end yet (probability below 1e-15)
-        more = torch.empty(count, dtype=torch.float64, device=device).geometric_(rate)
-        positions = torch.cat([positions, positions[-1] + more.cumsum(0)])
+        positions = torch.cat([positions, positions[-1] + gaps().cumsum(0)])
     return positions.clamp_(max=size).long()
 
 
@@ -55,8 +59,9 @@ class TwinQ(nn.Module):
     DroQ's critics (``dropout`` > 0, ``layer_norm``): each hidden layer's output goes through
     dropout (active in every evaluation, the target's too, as in DroQ and SBX), then layer
     normalisation with a learned scale and shift per network, then the ReLU. The units dropped
-    are ``F.dropout``'s, or, given (``dropped``, from :meth:`draw_dropped`), those drawn before
-    the step: the same eagerly and compiled, and cheaper to draw.
+    are ``F.dropout``'s, or, given (``masks``, from :meth:`draw_dropped` and
+    :meth:`dropout_masks`), those drawn before the step: the same eagerly and compiled, and
+    cheaper to draw.
 
     Weights are stored as (networks, inputs, outputs) so that ``baddbmm`` needs no transpose;
     :meth:`unit_weights` gives the (outputs, inputs) view of each network's layer that a
@@ -76,6 +81,7 @@ class TwinQ(nn.Module):
         if not 0.0 <= dropout < 1.0:
             raise ValueError(f"TwinQ: dropout={dropout!r} is not a rate in [0, 1)")
         sizes = [in_dim, *hidden, out]
+        self.hidden = tuple(hidden)
         self.dropout = float(dropout)
         self.weights = nn.ParameterList()
         self.biases = nn.ParameterList()
@@ -103,29 +109,47 @@ class TwinQ(nn.Module):
             scale.fill_(1.0)
             shift.zero_()
 
-    def draw_dropped(self, batch: int) -> list[Tensor]:
-        """The units that dropout drops in one evaluation of a batch of ``batch`` inputs: per
-        hidden layer, their positions in its (networks, batch, units) output
-        (:func:`dropped_units`)."""
-        device = self.weights[0].device
-        n = len(self.weights[0])
-        return [
-            dropped_units(n * batch * w.shape[-1], self.dropout, device) for w in self.weights[:-1]
-        ]
+    def draw_dropped(self, batch: int, evaluations: int = 1) -> Tensor:
+        """The units that dropout drops in ``evaluations`` evaluations of a batch of ``batch``
+        inputs, drawn at once (:func:`dropped_units`): positions in their hidden layers'
+        outputs laid end to end, evaluation by evaluation, layer by layer, each output
+        (networks, batch, units). :meth:`dropout_masks` makes the masks."""
+        return dropped_units(evaluations * self._hidden_units(batch), self.dropout, self._device)
+
+    def dropout_masks(self, dropped: Tensor, batch: int, evaluations: int) -> list[list[Tensor]]:
+        """The masks of :meth:`draw_dropped`'s units, per evaluation and hidden layer: 0 where
+        a unit is dropped, ``1 / (1 - dropout)`` elsewhere (as ``F.dropout`` scales), each of
+        its layer's output shape; one fill for all of them."""
+        total = evaluations * self._hidden_units(batch)
+        keep = torch.full((total + 1,), 1 / (1 - self.dropout), device=self._device)
+        keep = keep.index_fill(0, dropped, 0.0)[:-1]  # the spare slot takes the positions past
+        shapes = [(len(self.weights[0]), batch, size) for size in self.hidden]
+        flat = keep.split([math.prod(shape) for shape in shapes] * evaluations)
+        masks = [part.view(shape) for part, shape in zip(flat, shapes * evaluations, strict=True)]
+        layers = len(shapes)
+        return [masks[e * layers : (e + 1) * layers] for e in range(evaluations)]
+
+    def _hidden_units(self, batch: int) -> int:
+        return len(self.weights[0]) * batch * sum(self.hidden)
+
+    @property
+    def _device(self) -> torch.device:
+        return self.weights[0].device
 
     def forward(
         self,
         x: Tensor,
         detach_weights: bool = False,
         first: int | None = None,
-        dropped: list[Tensor] | None = None,
+        masks: list[Tensor] | None = None,
     ) -> Tensor:
         """Q-values of shape (n, batch), or (n, batch, out) for ``out`` > 1.
         ``detach_weights``: gradients flow to ``x`` only (the actor's loss reads the critic
         without computing critic gradients it would discard).
         ``first``: evaluate only the first ``first`` networks (TD3's actor reads Q1 alone), of
         shape (first, batch).
-        ``dropped``: the units dropout drops (:meth:`draw_dropped`); else ``F.dropout``'s."""
+        ``masks``: dropout's masks of the hidden layers (:meth:`dropout_masks`); without,
+        ``F.dropout`` draws them."""
         n = len(self.weights[0]) if first is None else first
 
         def own(t: Tensor) -> Tensor:  # this evaluation's networks, detached if asked
@@ -138,11 +162,10 @@ class TwinQ(nn.Module):
             h = torch.baddbmm(own(b), h, own(w))
             if i == last:
                 break
-            if self.dropout > 0.0 and dropped is None:
+            if self.dropout > 0.0 and masks is None:
                 h = F.dropout(h, self.dropout, training=True)
-            elif self.dropout > 0.0:  # the kept units scaled by 1 / (1 - rate), as F.dropout
-                keep = h.new_full((h.numel() + 1,), 1 / (1 - self.dropout))
-                h = h * keep.index_fill(0, dropped[i], 0.0)[:-1].view_as(h)
+            elif self.dropout > 0.0:
+                h = h * masks[i]
             if self.norm_scales:
                 h = F.layer_norm(h, h.shape[-1:], eps=LAYER_NORM_EPS)
                 h = torch.addcmul(own(self.norm_shifts[i]), h, own(self.norm_scales[i]))

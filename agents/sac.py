@@ -233,7 +233,7 @@ class SAC(ContinuousAgent):
         noise,
         next_noise,
         update_actor=True,
-        dropped=(None, None, None),
+        dropped=None,
     ):
         """One gradient step in SB3's order: the soft TD target, the critic's step, the
         actor's step (through the updated critic), the temperature's step, the policy EMA,
@@ -241,25 +241,29 @@ class SAC(ContinuousAgent):
         first; it changes no loss of this step, so it comes after the actor, whose forward
         pass gives the log-probabilities it needs). ``update_actor`` False (DroQ's policy
         delay): the critic's step and the target update only. ``dropped``: the units that the
-        critics' dropout drops (DroQ) in the target's, the critic's and the actor loss's
-        evaluation."""
+        critics' dropout drops (DroQ: :meth:`TwinQ.draw_dropped`) in the target's, the
+        critic's and (with ``update_actor``) the actor loss's evaluation."""
         cfg = self.config
         alpha = self.alpha()
+        masks: list = [None, None, None]
+        if dropped is not None:
+            evaluations = 3 if update_actor else 2
+            masks[:evaluations] = self.critic.dropout_masks(dropped, len(obs), evaluations)
         with torch.no_grad():
             next_actions, next_log_prob = self.actor(next_obs, noise=next_noise)
             next_x = torch.cat([next_obs, next_actions], -1)
-            next_q = self.critic_target(next_x, dropped=dropped[0]).min(0)[0]
+            next_q = self.critic_target(next_x, masks=masks[0]).min(0)[0]
             target = rewards + cfg.gamma * (1 - terminated) * (next_q - alpha * next_log_prob)
 
         def critic_loss(critic: nn.Module) -> Tensor:  # SB3's 0.5 * (mse_1 + mse_2)
-            q = critic(torch.cat([obs, actions], -1), dropped=dropped[1])
+            q = critic(torch.cat([obs, actions], -1), masks=masks[1])
             return F.mse_loss(q, target.expand_as(q))
 
         def actor_loss(actor: nn.Module) -> tuple[Tensor, Tensor]:
             acts, log_prob = actor(obs, noise=noise)
             # the critic's weights detached: no critic gradients computed to be thrown away
             x = torch.cat([obs, acts], -1)
-            q_pi = self.critic(x, detach_weights=True, dropped=dropped[2]).min(0)[0]
+            q_pi = self.critic(x, detach_weights=True, masks=masks[2]).min(0)[0]
             return (alpha * log_prob - q_pi).mean(), log_prob
 
         return self.step_networks(critic_loss, actor_loss, alpha, update_actor)

@@ -97,19 +97,24 @@ def test_dropped_units_drop_each_unit_independently_at_the_rate():
 
 
 def test_the_critics_with_units_dropped_before_the_step_are_the_hand_written_one():
+    """Two evaluations' units drawn at once, their masks made in one fill: each evaluation's
+    critic against the float64 network with the mask written out from the positions."""
     p = 0.3
     net = _critic(p, True)
     x = torch.randn(9, 5)
-    dropped = net.draw_dropped(9)
-    masks = []
-    for positions, size in zip(dropped, (7, 6), strict=True):
-        keep = torch.full((2 * 9 * size,), 1 / (1 - p))
-        keep[positions[positions < keep.numel()]] = 0.0
-        masks.append(keep.view(2, 9, size))
-    assert all(0 < float((m == 0).float().mean()) < 1 for m in masks)
-    got = net(x, dropped=dropped)
-    assert_close(got.double(), _reference_q(net, x, masks), rtol=1e-5, atol=1e-6)
-    assert torch.equal(net(x, dropped=dropped), got)  # the same units, the same values
+    dropped = net.draw_dropped(9, evaluations=2)
+    keep = torch.full((2 * (2 * 9 * 7 + 2 * 9 * 6),), 1 / (1 - p))
+    keep[dropped[dropped < keep.numel()]] = 0.0
+    sizes = [2 * 9 * 7, 2 * 9 * 6] * 2
+    parts = keep.split(sizes)
+    written = [[parts[0].view(2, 9, 7), parts[1].view(2, 9, 6)]]
+    written.append([parts[2].view(2, 9, 7), parts[3].view(2, 9, 6)])
+    masks = net.dropout_masks(dropped, 9, 2)
+    for evaluation, (made, mine) in enumerate(zip(masks, written, strict=True)):
+        assert all(0 < float((m == 0).float().mean()) < 1 for m in mine)
+        got = net(x, masks=made)
+        assert_close(got.double(), _reference_q(net, x, mine), rtol=1e-5, atol=1e-6)
+        assert torch.equal(net(x, masks=made), got), evaluation  # the same units, values
 
 
 def _agents(algo_a: str, algo_b: str, **droq):
