@@ -55,8 +55,8 @@ from rlweights.files import WriteError, write_json
 
 TRAIN_DESCRIPTION = """\
 Train a native DQN, SAC, TD3, DDPG, TQC or DroQ agent on a Gymnasium environment (with --impl
-sb3: SB3's or sb3-contrib's algorithm of the same name, rlweights attached). Without arguments:
-SAC on Pendulum-v1.
+sb3: SB3's or sb3-contrib's algorithm of the same name, rlweights attached; with --impl sbx:
+SBX's, the bench extra). Without arguments: SAC on Pendulum-v1.
 Hyperparameters come from rl-baselines3-zoo's preset for the algorithm and environment (DroQ:
 the zoo's SAC preset with SBX's DroQ settings)
 (classic control, Box2D with gymnasium[box2d], MuJoCo v5 with the mujoco extra; the table:
