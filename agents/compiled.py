@@ -48,7 +48,7 @@ BACKEND = "inductor"
 # gains too little per step for its runs' lengths. An algorithm not listed has not been
 # measured: eager unless --compile on.
 COMPILE_PAYS_FROM: dict[str, int | None] = {"sac": 16_000, "td3": 30_000, "ddpg": 24_000}
-COMPILE_PAYS_FROM["dqn"] = None
+COMPILE_PAYS_FROM |= {"tqc": 3_500, "droq": 28_000, "dqn": None}
 
 
 def planned_gradient_steps(config: Any) -> int:

@@ -166,6 +166,10 @@ def test_the_command_takes_compile_and_refuses_it_for_sb3(tmp_path, capsys):
         ("td3", 40_000, True),  # 30,000 after TD3's 10,000 random steps
         ("td3", 30_000, False),
         ("ddpg", 40_000, True),
+        ("tqc", 3_000, False),  # 2,900 gradient steps
+        ("tqc", 20_000, True),  # the default run
+        ("droq", 1_000, False),  # 18,000 gradient steps
+        ("droq", 10_000, True),  # the default run: 198,000
         ("dqn", 1_000_000, False),  # never: DQN stays eager
     ],
 )
@@ -187,7 +191,8 @@ def test_compile_auto_compiles_the_runs_long_enough_for_it_to_pay(algo, steps, c
     for mode, want in (("on", True), ("off", False)):
         args = build_parser("train").parse_args(["train", "--algo", algo, "--compile", mode])
         assert _checked_config(args, 0, "cpu")[0].compile is want
-    args = build_parser("train").parse_args(["train", "--algo", algo, "--impl", "sb3"])
+    other = "sbx" if algo == "droq" else "sb3"  # SB3 has no DroQ
+    args = build_parser("train").parse_args(["train", "--algo", algo, "--impl", other])
     assert _checked_config(args, 0, "cpu")[0].compile is False  # auto: SB3 runs its own step
 
 
