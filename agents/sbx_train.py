@@ -32,11 +32,12 @@ from rlweights.extras import require
 
 __all__ = ["SBX_ALGOS", "build_sbx_model", "check_sbx_config", "load_sbx_policy", "train_sbx"]
 
-# The native algorithms SBX has, by the name of its class (DroQ is SBX's SAC, configured).
-SBX_ALGOS = {"sac": "SAC", "droq": "SAC", "tqc": "TQC", "td3": "TD3", "ddpg": "DDPG", "dqn": "DQN"}
+# The native algorithms SBX has, by the name of its class (DroQ is SBX's SAC, configured): the
+# continuous ones, whose actor this run saves for evaluation.
+SBX_ALGOS = {"sac": "SAC", "droq": "SAC", "tqc": "TQC", "td3": "TD3", "ddpg": "DDPG"}
 
 # SB3 arguments SBX's constructors do not take.
-_NOT_SBX = ("device", "max_grad_norm")
+_NOT_SBX = ("device",)
 
 
 def check_sbx_config(config: AgentConfig) -> None:

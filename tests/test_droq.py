@@ -251,5 +251,24 @@ def test_impl_sbx_trains_evaluates_and_resumes(tmp_path, capsys):
     assert not (tmp_path / "x").exists()
 
 
+@pytest.mark.parametrize("algo", ["sac", "tqc", "td3", "ddpg"])
+def test_impl_sbx_builds_sbxs_algorithm_of_the_same_name_with_the_settings(algo):
+    pytest.importorskip("sbx")
+    from rlweights.agents.sbx_train import _actor_params, build_sbx_model
+
+    config = make_config(algo, "Pendulum-v1", hidden=(16, 16), learning_rate=5e-4, gamma=0.9)
+    model = build_sbx_model(config)
+    model.get_env().close()
+    assert type(model).__module__.startswith("sbx") and type(model).__name__ == algo.upper()
+    assert (model.learning_rate, model.gamma, model.batch_size) == (5e-4, 0.9, 256)
+    assert _actor_params(model)  # the weights a checkpoint keeps for evaluation
+    if algo == "td3":
+        assert model.policy_delay == config.policy_delay == 2
+
+
+def test_impl_sbx_has_no_dqn():
+    assert main(["train", "--impl", "sbx", "--algo", "dqn", "--steps", "10"]) == 2
+
+
 def test_impl_sb3_has_no_droq():
     assert main(["train", "--impl", "sb3", "--algo", "droq", "--steps", "10"]) == 2
