@@ -57,6 +57,32 @@ def test_table_says_whether_native_is_worse_beyond_the_intervals():
     assert table.splitlines()[2].endswith("| 1 / 1 / 1 | 2.5 [1.5, 3.5], 2.5 | yes |")
 
 
+def test_sbx_is_the_reference_where_sb3_has_no_runs(tmp_path):
+    """DroQ's reference is SBX (SB3 has no DroQ): its column, verdict and run command."""
+    from rlweights.bench.learning import Cell, _command
+
+    curves = [
+        {
+            "algo": "droq",
+            "env_id": "E",
+            "impl": impl,
+            "seed": s,
+            "steps": [10],
+            "returns": [r],
+            "final_return": r,
+            "wall_seconds": 1.0,
+        }
+        for impl, finals in (("native", [5.0, 6.0, 7.0]), ("sbx", [0.0, 1.0, 2.0]))
+        for s, r in enumerate(finals)
+    ]
+    table = markdown(summarise(curves))
+    assert "| SBX: mean [95 % CI], IQM |" in table and "native / SBX |" in table
+    assert "| droq | E | 10 | 3 | 6.0 [5.0, 7.0], 6.0 | 1.0 [0.0, 2.0], 1.0 | yes |" in table
+    command = _command(Cell("droq", "Pendulum-v1", 300, "sbx", 1), tmp_path, 3, 1)
+    i = command.index("--impl")
+    assert command[i : i + 2] == ["--impl", "sbx"] and "--compile=off" not in command
+
+
 def test_wall_seconds_read_as_seconds_in_the_table():
     curves = [
         {
