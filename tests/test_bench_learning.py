@@ -30,10 +30,11 @@ def test_iqm_and_bootstrap_against_references():
     assert bootstrap_interval(same) == (3.0, 3.0)
 
 
-def test_table_says_whether_native_is_worse_beyond_the_intervals():
-    curves = [
+def _curves(algo: str, finals: dict[str, list[float]]) -> list[dict]:
+    """One-point curves of environment E: each implementation's final returns by seed."""
+    return [
         {
-            "algo": "dqn",
+            "algo": algo,
             "env_id": "E",
             "impl": impl,
             "seed": s,
@@ -42,9 +43,13 @@ def test_table_says_whether_native_is_worse_beyond_the_intervals():
             "final_return": r,
             "wall_seconds": 1.0,
         }
-        for impl, finals in (("native", [0.0, 1.0, 2.0]), ("sb3", [10.0, 11.0, 12.0]))
-        for s, r in enumerate(finals)
+        for impl, returns in finals.items()
+        for s, r in enumerate(returns)
     ]
+
+
+def test_table_says_whether_native_is_worse_beyond_the_intervals():
+    curves = _curves("dqn", {"native": [0.0, 1.0, 2.0], "sb3": [10.0, 11.0, 12.0]})
     table = markdown(summarise(curves))
     assert "| dqn | E | 10 | 3 | 1.0 [0.0, 2.0], 1.0 | 11.0 [10.0, 12.0], 11.0 | **no** |" in table
     assert "--compile" not in table
@@ -61,20 +66,7 @@ def test_sbx_is_the_reference_where_sb3_has_no_runs(tmp_path):
     """DroQ's reference is SBX (SB3 has no DroQ): its column, verdict and run command."""
     from rlweights.bench.learning import Cell, _command
 
-    curves = [
-        {
-            "algo": "droq",
-            "env_id": "E",
-            "impl": impl,
-            "seed": s,
-            "steps": [10],
-            "returns": [r],
-            "final_return": r,
-            "wall_seconds": 1.0,
-        }
-        for impl, finals in (("native", [5.0, 6.0, 7.0]), ("sbx", [0.0, 1.0, 2.0]))
-        for s, r in enumerate(finals)
-    ]
+    curves = _curves("droq", {"native": [5.0, 6.0, 7.0], "sbx": [0.0, 1.0, 2.0]})
     table = markdown(summarise(curves))
     assert "| SBX: mean [95 % CI], IQM |" in table and "native / SBX |" in table
     assert "| droq | E | 10 | 3 | 6.0 [5.0, 7.0], 6.0 | 1.0 [0.0, 2.0], 1.0 | yes |" in table
