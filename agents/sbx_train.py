@@ -30,21 +30,30 @@ from rlweights.agents.signals import GracefulStop
 from rlweights.agents.target_update import TargetUpdateSpec
 from rlweights.extras import require
 
-__all__ = ["SBX_ALGOS", "build_sbx_model", "check_sbx_config", "load_sbx_policy", "train_sbx"]
+__all__ = [
+    "SBX_ALGOS",
+    "SBX_RUNS",
+    "build_sbx_model",
+    "check_sbx_config",
+    "load_sbx_policy",
+    "train_sbx",
+]
 
-# The native algorithms SBX has, by the name of its class (DroQ is SBX's SAC, configured): the
-# continuous ones, whose actor this run saves for evaluation.
-SBX_ALGOS = {"sac": "SAC", "droq": "SAC", "tqc": "TQC", "td3": "TD3", "ddpg": "DDPG"}
+# The native algorithms SBX has, by the name of its class (DroQ is SBX's SAC, configured).
+SBX_ALGOS = {"sac": "SAC", "droq": "SAC", "tqc": "TQC", "td3": "TD3", "ddpg": "DDPG", "dqn": "DQN"}
+# Those an --impl sbx run trains: the continuous ones, whose actor its checkpoint keeps
+# (rlweights bench-train times SBX's DQN too).
+SBX_RUNS = ("sac", "droq", "tqc", "td3", "ddpg")
 
 # SB3 arguments SBX's constructors do not take.
-_NOT_SBX = ("device",)
+_NOT_SBX = ("device", "max_grad_norm")
 
 
 def check_sbx_config(config: AgentConfig) -> None:
     """Raise ``ValueError`` if ``config`` asks SBX for what it does not do: an algorithm it
     lacks, or one of rlweights' weight routines (its weights are JAX arrays)."""
-    if config.algo not in SBX_ALGOS:
-        raise ValueError(f"SBX has no {config.algo}; --impl sbx runs {', '.join(SBX_ALGOS)}")
+    if config.algo not in SBX_RUNS:
+        raise ValueError(f"--impl sbx runs {', '.join(SBX_RUNS)}, not {config.algo}")
     asked = {
         "--policy-ema": config.policy_ema is not None,
         "--weight-clip": config.weight_clip is not None,
@@ -71,7 +80,8 @@ def build_sbx_model(config: AgentConfig) -> Any:
     from stable_baselines3.common.env_util import make_vec_env
     from stable_baselines3.common.noise import NormalActionNoise
 
-    check_sbx_config(config)
+    if config.algo not in SBX_ALGOS:
+        raise ValueError(f"SBX has no {config.algo}")
     route_mujoco_warnings(config.env_id)
     vec_env = make_vec_env(config.env_id, n_envs=config.num_envs, seed=config.seed)
     kwargs = {k: v for k, v in sb3_kwargs(config).items() if k not in _NOT_SBX}
@@ -194,6 +204,7 @@ class _SBXRun(SB3Run):
     impl = "sbx"
 
     def build(self) -> tuple[Any, Any]:
+        check_sbx_config(self.config)
         return build_sbx_model(self.config), _Unattached()
 
     def weight_callbacks(self) -> list[Any]:

@@ -62,7 +62,7 @@ COMMANDS: dict[str, tuple[str, str, str, str | None, str]] = {
         "add_arguments",
         "main_from_args",
         None,
-        "benchmark SB3's target-update call site and SAC training",
+        "benchmark SB3's target-update call site and SAC / TQC training",
     ),
     "bench-drift": (
         "rlweights.bench.drift",
@@ -83,7 +83,7 @@ COMMANDS: dict[str, tuple[str, str, str, str | None, str]] = {
         "add_arguments",
         "main_from_args",
         None,
-        "learning curves of native agents next to SB3 over seeds, with intervals",
+        "learning curves of native agents next to SB3 (or SBX) over seeds, with intervals",
     ),
     "bench-distributed": (
         "rlweights.bench.distributed",

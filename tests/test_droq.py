@@ -266,8 +266,14 @@ def test_impl_sbx_builds_sbxs_algorithm_of_the_same_name_with_the_settings(algo)
         assert model.policy_delay == config.policy_delay == 2
 
 
-def test_impl_sbx_has_no_dqn():
+def test_impl_sbx_has_no_dqn_run_but_bench_train_builds_sbxs_dqn():
     assert main(["train", "--impl", "sbx", "--algo", "dqn", "--steps", "10"]) == 2
+    pytest.importorskip("sbx")
+    from rlweights.agents.sbx_train import build_sbx_model
+
+    model = build_sbx_model(make_config("dqn", "CartPole-v1", hidden=(16,)))
+    model.get_env().close()
+    assert type(model).__module__.startswith("sbx") and type(model).__name__ == "DQN"
 
 
 def test_impl_sb3_has_no_droq():
