@@ -91,14 +91,14 @@ class OffPolicyAgent:
     """The base of the native agents (DQN, SAC, TD3, DDPG, TQC, DroQ): holds the networks,
     optimizers and rlweights routines, and runs the gradient step.
 
-    A subclass builds its networks and optimizers, then calls :meth:`_setup_routines` with
+    A subclass builds its networks and optimizers, then calls ``_setup_routines`` with
     the online networks whose targets it keeps and the policy network to average. It
     implements ``act`` (exploring actions), ``policy`` (deterministic actions, for
     evaluation), ``step_inputs`` (the step's random draws) and ``gradient_step``, the whole
     gradient step written once: its losses as functions of the network they train, each
-    handed to :meth:`minimize` (gradients, Adam, weight constraints), then
-    :meth:`average_policy` and ``target_routine.step()`` at the algorithm's update points.
-    :meth:`update` runs it, eagerly or compiled (``--compile``).
+    handed to ``minimize`` (gradients, Adam, weight constraints), then
+    ``average_policy`` and ``target_routine.step()`` at the algorithm's update points.
+    ``update`` runs it, eagerly or compiled (``--compile``).
     """
 
     name: ClassVar[str] = ""
@@ -184,7 +184,7 @@ class OffPolicyAgent:
             )
 
     def _setup_plasticity(self) -> None:
-        """``--reset-every`` / ``--shrink-perturb``: :class:`rw.ShrinkPerturb` routines over
+        """``--reset-every`` / ``--shrink-perturb``: ``rw.ShrinkPerturb`` routines over
         the ``--reset-layers`` of the trained networks (every optimizer forgets the state of
         what they touch); ``--unit-sphere``: the names of the weights projected after each
         optimizer step, by network. Patterns are checked here, before training starts."""
@@ -264,15 +264,15 @@ class OffPolicyAgent:
 
     def count_update(self) -> None:
         """One more gradient update done; every ``FLUSH_SUBNORMALS_EVERY``-th, on the CPU, the
-        optimizers' subnormal moments become 0 (:func:`flush_subnormal_state_`)."""
+        optimizers' subnormal moments become 0 (``flush_subnormal_state_``)."""
         self.gradient_updates += 1
         if self.device.type == "cpu" and self.gradient_updates % FLUSH_SUBNORMALS_EVERY == 0:
             for optimizer in self.optimizers.values():
                 flush_subnormal_state_(optimizer)
 
     def train_step(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
-        """One gradient step on ``batch``: :meth:`gradient_step` with the step's random draws
-        and schedule (:meth:`step_inputs`), compiled under ``--compile`` (eagerly where it
+        """One gradient step on ``batch``: ``gradient_step`` with the step's random draws
+        and schedule (``step_inputs``), compiled under ``--compile`` (eagerly where it
         cannot be compiled here). Returns the step's losses (detached)."""
         fields = [batch[name] for name in ReplayBuffer.FIELDS]
         args = (*fields, *self.step_inputs(len(fields[0])))
@@ -291,14 +291,14 @@ class OffPolicyAgent:
     ) -> Any:
         """One optimizer step of network ``name`` down ``loss_fn(network)`` (which returns the
         loss, or ``(loss, aux)`` with ``has_aux``), its gradient norm clipped to
-        ``max_grad_norm`` if given, then the weight constraints (:meth:`constrain`). Returns
+        ``max_grad_norm`` if given, then the weight constraints (``constrain``). Returns
         what ``loss_fn`` returned, detached.
 
         The one place where eager and compiled steps differ: eagerly, ``loss.backward()`` and
         the ``torch.optim.Adam`` step; inside ``torch.compile`` (``--compile``), the gradients
         by ``torch.func.grad_and_value`` of ``loss_fn`` called with the same module on its
         parameters as inputs, and Adam as tensor code on the optimizer's own state
-        (:func:`~rlweights.agents.compiled.tensor_adam_step_`)."""
+        (``tensor_adam_step_``)."""
         net = self.networks[name]
         params = list(net.parameters())
         compiling = torch.compiler.is_compiling()
@@ -383,7 +383,7 @@ class OffPolicyAgent:
 
     @property
     def drift_pairs(self) -> tuple[dict[str, nn.Module], dict[str, nn.Module]]:
-        """(networks to watch, their targets) for :class:`rlweights.drift.DriftMonitor`."""
+        """(networks to watch, their targets) for ``rlweights.drift.DriftMonitor``."""
         watched = {name: self.networks[name] for name in self.optimizers if name in self.networks}
         targets = {name: self.networks[f"{name}_target"] for name in self.online_names}
         return watched, targets
@@ -449,19 +449,19 @@ class OffPolicyAgent:
         raise NotImplementedError
 
     def step_inputs(self, batch_size: int) -> tuple[Any, ...]:
-        """What :meth:`gradient_step` takes besides the batch, made outside it in the eager
+        """What ``gradient_step`` takes besides the batch, made outside it in the eager
         step's order: the random draws (so that a compiled step draws the eager one's numbers)
         and host-side schedules (TD3's policy delay)."""
         raise NotImplementedError
 
     def gradient_step(self, *fields_and_inputs: Any) -> dict[str, Tensor]:
         """The algorithm's whole gradient step on a batch's obs, actions, rewards, next_obs,
-        terminated flags and the :meth:`step_inputs`: run eagerly, and compiled as it is."""
+        terminated flags and the ``step_inputs``: run eagerly, and compiled as it is."""
         raise NotImplementedError
 
 
 class ContinuousAgent(OffPolicyAgent):
-    """The base of SAC and TD3: Box actions, an actor and a twin critic (:class:`TwinQ`)."""
+    """The base of SAC and TD3: Box actions, an actor and a twin critic (``TwinQ``)."""
 
     actions = (gym.spaces.Box, "continuous (Box)", "use --algo dqn for discrete actions")
 

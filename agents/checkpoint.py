@@ -98,7 +98,7 @@ def _sb3_algorithm(path: Path) -> str | None:
 def load_checkpoint(path: str | Path, *, resume: bool = False) -> dict[str, Any]:
     """Read a checkpoint with ``weights_only=True`` (no code from the file ever runs) and
     check that it is an rlweights checkpoint, of the current version if it is to ``resume``
-    a run. Raises :class:`CheckpointError`."""
+    a run. Raises ``CheckpointError``."""
     path = Path(path)
     if path.is_dir():
         path = path / "model.pt"
@@ -177,7 +177,7 @@ def _rename(fields: Any, names: dict[str, str]) -> None:
 @contextlib.contextmanager
 def restoring(path: Path) -> Iterator[None]:
     """What a restore raises on a checkpoint's content (a state that does not fit this
-    run) becomes a :class:`CheckpointError` naming ``path``, in one line."""
+    run) becomes a ``CheckpointError`` naming ``path``, in one line."""
     try:
         yield
     except (KeyError, TypeError, ValueError, RuntimeError, IndexError) as exc:
@@ -198,7 +198,7 @@ def _real(value: Any) -> bool:
 def _check_fields(state: dict[str, Any], path: Path) -> None:
     """The values a run restores, checked for type and range as the command line checks its
     own (the checksum finds damage, not intent: anyone can write a checkpoint and seal it).
-    The config itself is checked by :func:`config_from_checkpoint`."""
+    The config itself is checked by ``config_from_checkpoint``."""
 
     def impossible(what: str, value: Any, rule: str) -> CheckpointError:
         shown = repr(value)
@@ -263,7 +263,7 @@ def _check_fields(state: dict[str, Any], path: Path) -> None:
 
 
 def _check_env_from_file(env_id: Any, env: str | None, where: str) -> None:
-    """Raise :class:`CheckpointError` if the environment id ``env_id`` read from a file
+    """Raise ``CheckpointError`` if the environment id ``env_id`` read from a file
     (``where``) names a module ("module:Env-v0", which Gymnasium imports, running any code it
     holds) that the user did not name with the same id (``env``, from ``--env``), or if
     ``env`` is another id than the file's."""
@@ -287,7 +287,7 @@ def config_from_checkpoint(
     """The config a checkpoint (or a ``config.json``, as ``{"config": ...}``) was written
     with, ``overrides`` applied and every value checked as the command line's are. Its
     environment id imports no module unless the user names it (``env``, see
-    :func:`_check_env_from_file`)."""
+    ``_check_env_from_file``)."""
     saved = dict(state["config"])
     _rename(saved, _RENAMED_IN_3["config"])  # a config.json written before version 3
     algo = saved.pop("algo")
@@ -324,7 +324,7 @@ def _fits(value: Any, hint: Any) -> bool:
 
 
 def _check_types(cls: type[AgentConfig], saved: dict[str, Any], where: str) -> None:
-    """Raise :class:`CheckpointError` naming a saved config value whose type is not its
+    """Raise ``CheckpointError`` naming a saved config value whose type is not its
     field's (the command line parses each flag to its type; a file may hold anything)."""
     hints = typing.get_type_hints(cls)
     for field in dataclasses.fields(cls):

@@ -150,7 +150,7 @@ _PARSERS: dict[Any, tuple[Any, str]] = {
 @dataclasses.dataclass(frozen=True)
 class Flag:
     """A flag of ``rlweights train``, made from a config field
-    (:func:`~rlweights.agents.config.setting`): its name, the field it sets, the field's type
+    (``setting``): its name, the field it sets, the field's type
     and what was said about it, and the algorithms whose configs have the field."""
 
     flag: str

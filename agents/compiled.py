@@ -4,11 +4,11 @@ The compiled step is the agent's own ``gradient_step``, the one the eager run ex
 wrapped in ``torch.compile(fullgraph=True)``: one graph, no host sync, no graph break. In this
 torch, ``loss.backward()`` and ``optimizer.step()`` break a graph (and a step compiled piece
 by piece is slower than an eager one), so the one place where the two differ,
-:meth:`~rlweights.agents.agent.OffPolicyAgent.minimize`, takes the gradients there with
+``minimize``, takes the gradients there with
 ``torch.func.grad_and_value`` (the same modules, called on their parameters as inputs) and
-Adam as tensor code on the ``torch.optim.Adam`` objects' own state (:func:`tensor_adam_step_`:
+Adam as tensor code on the ``torch.optim.Adam`` objects' own state (``tensor_adam_step_``:
 checkpoints and ``--resume`` see the same optimizer state either way). The target update
-and the policy EMA are the capturable rlweights routines (:mod:`rlweights.capture`), eagerly
+and the policy EMA are the capturable rlweights routines (``rlweights.capture``), eagerly
 too.
 
 Random draws (the policy's noise) are made outside the graph, in the eager step's order, so
@@ -108,7 +108,7 @@ def tensor_adam_step_(
 ) -> None:
     """One Adam step of ``params`` (all in the optimizer's first group) down ``grads``, as
     ``torch.optim.Adam`` takes it, written as tensor code on the optimizer's state (see
-    :func:`prepare_adam`): traceable, no host sync."""
+    ``prepare_adam``): traceable, no host sync."""
     group = optimizer.param_groups[0]
     beta1, beta2 = group["betas"]
     lr, eps = group["lr"], group["eps"]
@@ -132,7 +132,7 @@ class CompiledStep:
     """``fn`` compiled with ``torch.compile(fullgraph=True)``. Every call first runs
     ``checks`` (the capturable routines' and constraints' layout checks: a few pointer
     comparisons), so that weights moved since the step was built raise
-    :class:`~rlweights.LayoutChangedError` instead of a compiled write into old memory. Where
+    ``LayoutChangedError`` instead of a compiled write into old memory. Where
     compiling is impossible here (no C++ compiler for the CPU backend, an unsupported torch),
     the first call says so in one line and returns None from then on: the caller goes on
     eagerly."""

@@ -42,13 +42,13 @@ def setting(
     with ``metavar`` and the ``group`` of the help it is listed in; and ``sb3``, the name of
     the SB3 constructor argument that takes its value as it is (``--impl sb3``). A subclass
     that only changes the default redeclares the field plainly (``total_steps: int = 50_000``);
-    the rest is read from the class that declared it (:func:`setting_of`)."""
+    the rest is read from the class that declared it (``setting_of``)."""
     meta = {"help": help, "rule": rule, "flag": flag, "metavar": metavar, "group": group}
     return dataclasses.field(default=default, metadata={**meta, "sb3": sb3})
 
 
 def setting_of(cls: type, name: str) -> Mapping[str, Any]:
-    """What :func:`setting` said about field ``name`` of config class ``cls`` (empty for a
+    """What ``setting`` said about field ``name`` of config class ``cls`` (empty for a
     field declared without it)."""
     for klass in cls.__mro__:
         field = klass.__dict__.get("__dataclass_fields__", {}).get(name)

@@ -2,8 +2,8 @@
 
 SB3's DDPG, which is TD3 with one critic, no target policy smoothing and no policy delay
 (Lillicrap et al. 2016, as SB3 writes it): a deterministic actor (TD3's
-:class:`~rlweights.agents.td3.DeterministicActor`), one Q-network (a
-:class:`~rlweights.agents.networks.TwinQ` of one), Gaussian exploration noise; both targets
+``DeterministicActor``), one Q-network (a
+``TwinQ`` of one), Gaussian exploration noise; both targets
 share one flat buffer, moved by an rlweights routine after every gradient step.
 """
 

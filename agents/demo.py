@@ -179,7 +179,7 @@ def chain_dqn(
     """One run of the native DQN on ``rlweights/Chain-v0`` (10 cells, slip 0.1) with
     the ``target_update`` spec (``"none"``: the TD target reads the online network, i.e.
     ``polyak:1`` at every environment step, before every gradient step), returning the
-    Q-error curves against :meth:`rlweights.envs.chain.Chain.optimal_q`. ``overrides``
+    Q-error curves against ``rlweights.envs.chain.Chain.optimal_q``. ``overrides``
     change the DQN settings below."""
     from rlweights.agents.registry import make_config
     from rlweights.agents.train import train

@@ -2,7 +2,7 @@
 
 As in SB3's DQN: epsilon-greedy exploration with a linear schedule, Huber loss, gradient-norm
 clipping, and the target network moved by an rlweights routine at DQN's update point, which
-is an environment step, not a gradient step (SB3's, see :mod:`rlweights.sb3.patching`).
+is an environment step, not a gradient step (SB3's, see ``rlweights.sb3.patching``).
 """
 
 from __future__ import annotations
@@ -115,7 +115,7 @@ class DQN(OffPolicyAgent):
         """One gradient step of the Q-network, in SB3's order: the TD target from the target
         network, the Huber loss of the taken actions' Q-values, the step (its gradient norm
         clipped), then the policy EMA. The target update is not part of it: it counts
-        environment steps (:meth:`on_env_step`)."""
+        environment steps (``on_env_step``)."""
         with torch.no_grad():
             next_q = self.networks["q_target"](next_obs).max(-1)[0]
             target = rewards + self.config.gamma * (1 - terminated) * next_q

@@ -9,7 +9,7 @@ every ``policy_delay`` (20) of them. The 20 batches of one environment step are 
 and the step with the actor are each one compiled graph.
 
 The units that dropout drops are drawn before each step, with its other random draws, as the
-positions of the dropped units (:func:`~rlweights.agents.networks.dropped_units`: about one
+positions of the dropped units (``dropped_units``: about one
 random number per dropped unit, a hundredth of what a mask drawn unit by unit takes at DroQ's
 rate): an eager and a compiled step drop the same units.
 """
@@ -74,7 +74,7 @@ class DroQ(SAC):
         """SAC's draws; whether the actor steps in this gradient step (compiled, one graph for
         each); the units that dropout drops in the step's evaluations of the critics, drawn at
         once: the target's, the critic's and (when the actor steps) the actor loss's
-        (:meth:`TwinQ.draw_dropped`, drawn here so that an eager and a compiled step drop the
+        (``TwinQ.draw_dropped``, drawn here so that an eager and a compiled step drop the
         same units)."""
         noise, next_noise = super().step_inputs(batch_size)
         update_actor = self.actor_delay.step()

@@ -59,12 +59,12 @@ class TwinQ(nn.Module):
     DroQ's critics (``dropout`` > 0, ``layer_norm``): each hidden layer's output goes through
     dropout (active in every evaluation, the target's too, as in DroQ and SBX), then layer
     normalisation with a learned scale and shift per network, then the ReLU. The units dropped
-    are ``F.dropout``'s, or, given (``masks``, from :meth:`draw_dropped` and
-    :meth:`dropout_masks`), those drawn before the step: the same eagerly and compiled, and
+    are ``F.dropout``'s, or, given (``masks``, from ``draw_dropped`` and
+    ``dropout_masks``), those drawn before the step: the same eagerly and compiled, and
     cheaper to draw.
 
     Weights are stored as (networks, inputs, outputs) so that ``baddbmm`` needs no transpose;
-    :meth:`unit_weights` gives the (outputs, inputs) view of each network's layer that a
+    ``unit_weights`` gives the (outputs, inputs) view of each network's layer that a
     per-unit constraint such as max-norm works on.
     """
 
@@ -111,13 +111,13 @@ class TwinQ(nn.Module):
 
     def draw_dropped(self, batch: int, evaluations: int = 1) -> Tensor:
         """The units that dropout drops in ``evaluations`` evaluations of a batch of ``batch``
-        inputs, drawn at once (:func:`dropped_units`): positions in their hidden layers'
+        inputs, drawn at once (``dropped_units``): positions in their hidden layers'
         outputs laid end to end, evaluation by evaluation, layer by layer, each output
-        (networks, batch, units). :meth:`dropout_masks` makes the masks."""
+        (networks, batch, units). ``dropout_masks`` makes the masks."""
         return dropped_units(evaluations * self._hidden_units(batch), self.dropout, self._device)
 
     def dropout_masks(self, dropped: Tensor, batch: int, evaluations: int) -> list[list[Tensor]]:
-        """The masks of :meth:`draw_dropped`'s units, per evaluation and hidden layer: 0 where
+        """The masks of ``draw_dropped``'s units, per evaluation and hidden layer: 0 where
         a unit is dropped, ``1 / (1 - dropout)`` elsewhere (as ``F.dropout`` scales), each of
         its layer's output shape; one fill for all of them."""
         total = evaluations * self._hidden_units(batch)
@@ -148,7 +148,7 @@ class TwinQ(nn.Module):
         without computing critic gradients it would discard).
         ``first``: evaluate only the first ``first`` networks (TD3's actor reads Q1 alone), of
         shape (first, batch).
-        ``masks``: dropout's masks of the hidden layers (:meth:`dropout_masks`); without,
+        ``masks``: dropout's masks of the hidden layers (``dropout_masks``); without,
         ``F.dropout`` draws them."""
         n = len(self.weights[0]) if first is None else first
 

@@ -4,13 +4,13 @@
 Each of the N processes is a full learner (its own environments, seeds, replay buffer and
 optimizer state); they start from rank 0's networks and, every K environment steps, replace
 every network (policy, critics, their targets, the policy EMA, SAC's temperature) by the
-mean over the learners with :func:`rlweights.distributed.all_average_`: one ``all_reduce``
+mean over the learners with ``rlweights.distributed.all_average_``: one ``all_reduce``
 per flat buffer. Optimizer state stays with each learner (post-local SGD). Rank 0 evaluates,
 logs and checkpoints; the other ranks write nothing.
 
 The process group is gloo on CPU and NCCL on CUDA (each rank on ``cuda:LOCAL_RANK``), with
 the config's ``peer_timeout``: a learner that dies or stops answering makes the others stop
-with :class:`rlweights.distributed.PeerError` instead of waiting forever.
+with ``rlweights.distributed.PeerError`` instead of waiting forever.
 """
 
 from __future__ import annotations

@@ -32,7 +32,7 @@ ALGOS: dict[str, tuple[type[AgentConfig], type[OffPolicyAgent]]] = {
 
 def make_config(algo: str, env_id: str | None = None, **overrides: Any) -> AgentConfig:
     """The algorithm's config: its defaults, the zoo preset for ``env_id`` if there is one
-    (:mod:`rlweights.agents.presets`), then ``overrides`` (``None`` values are ignored).
+    (``rlweights.agents.presets``), then ``overrides`` (``None`` values are ignored).
     Raises ``ValueError`` on bad values."""
     if algo not in ALGOS:
         raise ValueError(f"unknown algorithm {algo!r}; choose one of {', '.join(ALGOS)}")

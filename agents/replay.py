@@ -81,7 +81,7 @@ class ReplayBuffer:
         self.position = (self.position + n) % self.capacity
         self.size = min(self.size + n, self.capacity)
 
-    # The most bytes one draw of several batches gathers at once (:meth:`batches`).
+    # The most bytes one draw of several batches gathers at once (``batches``).
     GATHER_BYTES = 64 * 2**20
 
     def sample(self, batch_size: int) -> dict[str, Tensor]:
@@ -91,8 +91,8 @@ class ReplayBuffer:
     def batches(self, count: int, batch_size: int) -> Iterator[dict[str, Tensor]]:
         """``count`` uniformly sampled batches (with replacement) for as many gradient steps,
         drawn together: one index draw and one gather per field for all of them (in chunks
-        of at most :attr:`GATHER_BYTES`), not one per step. On the CPU the batches are
-        exactly those of ``count`` calls of :meth:`sample` (the generator's stream is the
+        of at most ``GATHER_BYTES``), not one per step. On the CPU the batches are
+        exactly those of ``count`` calls of ``sample`` (the generator's stream is the
         same); on CUDA they are other uniform draws."""
         if self.size == 0:
             raise ValueError("ReplayBuffer.sample: the buffer is empty")
@@ -118,7 +118,7 @@ class ReplayBuffer:
         return state
 
     def check_state(self, state: Any) -> None:
-        """Raise ``ValueError`` unless ``state`` is a :meth:`state_dict` this buffer can load:
+        """Raise ``ValueError`` unless ``state`` is a ``state_dict`` this buffer can load:
         counters that are integers in range, and ``size`` rows of each field in this buffer's
         shapes and dtypes."""
         op = "ReplayBuffer.load_state_dict"
@@ -150,7 +150,7 @@ class ReplayBuffer:
             raise ValueError(f"{op}: generator must be a torch generator state (uint8 tensor)")
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore :meth:`state_dict`, validated first. Into a buffer of another capacity (a
+        """Restore ``state_dict``, validated first. Into a buffer of another capacity (a
         run resumed with more steps), the rows are laid oldest first from row 0, so that the
         ring goes on as it would have in a buffer of this capacity: new rows never overwrite
         old ones while there is room, and no empty row is ever sampled."""

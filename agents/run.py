@@ -66,7 +66,7 @@ class Run:
     below that raise ``NotImplementedError``.
 
     The checkpoint (``run_dir/model.pt``) holds ``algo``, ``impl``, ``config``, ``spaces``,
-    ``steps``, ``weights`` and ``training``: the subclass's :meth:`training_state` plus the
+    ``steps``, ``weights`` and ``training``: the subclass's ``training_state`` plus the
     global RNG states, the episode returns and the wall-clock seconds so far."""
 
     impl: ClassVar[str]
@@ -108,7 +108,7 @@ class Run:
         raise NotImplementedError
 
     def spaces(self) -> dict[str, str]:
-        """The observation and action spaces, as :func:`~rlweights.agents.environments.spaces_of`
+        """The observation and action spaces, as ``spaces_of``
         writes them."""
         raise NotImplementedError
 
@@ -124,7 +124,7 @@ class Run:
 
     def restore(self) -> None:
         """Continue from ``run_dir/model.pt``: what does not fit this run is one
-        :class:`~rlweights.agents.checkpoint.CheckpointError`."""
+        ``CheckpointError``."""
         if self.run_dir is None:
             raise ValueError("resume=True needs the run directory")
         path = self.run_dir / "model.pt"
@@ -137,7 +137,7 @@ class Run:
         self.wall_before = training["wall_seconds"]
 
     def evaluate(self, interruptible: bool = False) -> dict[str, np.ndarray]:
-        """Deterministic episodes of each of :meth:`policies` on the evaluation seeds;
+        """Deterministic episodes of each of ``policies`` on the evaluation seeds;
         ``interruptible``: a stop signal ends it (``KeyboardInterrupt``)."""
         tick = time.perf_counter()
         cfg = self.config
@@ -195,7 +195,7 @@ class Run:
         self.aside += time.perf_counter() - tick
 
     def summary(self, results: dict[str, np.ndarray], train_seconds: float) -> dict[str, Any]:
-        """What ``summary.json`` holds (:func:`run_summary`)."""
+        """What ``summary.json`` holds (``run_summary``)."""
         return run_summary(
             self.config,
             self.impl,

@@ -73,7 +73,7 @@ def _lock(run_dir: Path) -> int | None:
 @contextmanager
 def holding(run_dir: str | Path) -> Iterator[None]:
     """Hold the run folder's lock inside the ``with`` block (re-entrant in one process).
-    Raises :class:`RunFolderError` when another process holds it."""
+    Raises ``RunFolderError`` when another process holds it."""
     key = Path(run_dir).resolve()
     if key in _HELD:
         _HELD[key][1] += 1
@@ -91,7 +91,7 @@ def holding(run_dir: str | Path) -> Iterator[None]:
 
 def create(run_dir: Path) -> None:
     """Make a new run folder (its parents too); raises ``FileExistsError`` when something is
-    there already. Hold its lock, then :func:`mark` it."""
+    there already. Hold its lock, then ``mark`` it."""
     run_dir.parent.mkdir(parents=True, exist_ok=True)
     run_dir.mkdir()
 
@@ -99,7 +99,7 @@ def create(run_dir: Path) -> None:
 def mark(run_dir: str | Path) -> None:
     """Write the marker of a folder that rlweights created (atomically). It also proves that
     the folder can be written: a read-only folder or a full disk raises
-    :class:`RunFolderError` here, before a run starts. Call it while holding the lock."""
+    ``RunFolderError`` here, before a run starts. Call it while holding the lock."""
     try:
         atomic_write(Path(run_dir) / MARKER, lambda f: f.write("rlweights run folder\n"), "w")
     except OSError as exc:
@@ -129,7 +129,7 @@ def discard(run_dir: Path) -> None:
 def clean_temporaries(run_dir: str | Path) -> list[Path]:
     """Remove what interrupted atomic writes of rlweights' own files left behind; returns the
     removed paths. Call it while holding the lock (a live run's temporary files are in use),
-    in a folder that is a run (:func:`is_marked`, or one with an rlweights checkpoint)."""
+    in a folder that is a run (``is_marked``, or one with an rlweights checkpoint)."""
     removed = [p for p in Path(run_dir).iterdir() if _TEMPORARY.match(p.name) and p.is_file()]
     for path in removed:
         path.unlink(missing_ok=True)
@@ -138,7 +138,7 @@ def clean_temporaries(run_dir: str | Path) -> list[Path]:
 
 def never_checkpointed(run_dir: str | Path) -> bool:
     """A folder of a run that stopped before its first checkpoint: created by rlweights
-    (:func:`is_marked`), only ``rlweights train``'s files, a ``config.json`` and no
+    (``is_marked``), only ``rlweights train``'s files, a ``config.json`` and no
     ``model.pt``. The same command can start it again."""
     run_dir = Path(run_dir)
     if not is_marked(run_dir) or not (run_dir / "config.json").is_file():
@@ -152,7 +152,7 @@ def never_checkpointed(run_dir: str | Path) -> bool:
 
 
 def reset_for_rerun(run_dir: str | Path) -> None:
-    """Empty a :func:`never_checkpointed` folder for a new start (its event files describe
+    """Empty a ``never_checkpointed`` folder for a new start (its event files describe
     steps that the new start does again). Call it while holding the lock."""
     run_dir = Path(run_dir)
     clean_temporaries(run_dir)

@@ -1,9 +1,9 @@
 """Soft Actor-Critic (continuous actions) built on rlweights.
 
 Small and readable in the CleanRL spirit, but importable. The critic's two Q-networks are
-batched (:class:`~rlweights.agents.networks.TwinQ`); the target critic is kept by
+batched (``TwinQ``); the target critic is kept by
 ``rw.make_target`` and moved by an rlweights routine at SAC's update point (SB3's, see
-:mod:`rlweights.sb3.patching`); all networks live in flat storage; Adam is fused; the actor's
+``rlweights.sb3.patching``); all networks live in flat storage; Adam is fused; the actor's
 loss reads the critic through detached weights, so its backward pass computes no critic weight
 gradients that would be thrown away.
 """
@@ -95,7 +95,7 @@ class Actor(BoundedActor):
         return self.to_bounds(squashed), log_prob
 
     def sample(self, obs: Tensor) -> Tensor:
-        """An action drawn as :meth:`forward` draws it, without its log-probability (acting
+        """An action drawn as ``forward`` draws it, without its log-probability (acting
         needs none): fewer operations per environment step."""
         h = self.trunk(obs)
         log_std = self.log_std(h).clamp(LOG_STD_MIN, LOG_STD_MAX)
@@ -110,8 +110,8 @@ class StateDependentActor(BoundedActor):
     that exploration is smooth in time (what MountainCarContinuous needs). ``log_std`` is one
     learned parameter per (feature, action); the mean is clipped to [-2, 2] as in SB3.
 
-    Acting uses the matrices of :meth:`reset_noise` (one per environment); a gradient step
-    draws its own standard normal matrix, scaled by ``exp(log_std)`` in :meth:`forward`
+    Acting uses the matrices of ``reset_noise`` (one per environment); a gradient step
+    draws its own standard normal matrix, scaled by ``exp(log_std)`` in ``forward``
     (gradients reach ``log_std`` through it)."""
 
     def __init__(
@@ -241,7 +241,7 @@ class SAC(ContinuousAgent):
         first; it changes no loss of this step, so it comes after the actor, whose forward
         pass gives the log-probabilities it needs). ``update_actor`` False (DroQ's policy
         delay): the critic's step and the target update only. ``dropped``: the units that the
-        critics' dropout drops (DroQ: :meth:`TwinQ.draw_dropped`) in the target's, the
+        critics' dropout drops (DroQ: ``TwinQ.draw_dropped``) in the target's, the
         critic's and (with ``update_actor``) the actor loss's evaluation."""
         cfg = self.config
         alpha = self.alpha()

@@ -1,12 +1,12 @@
 """``rlweights train --impl sb3``: the SB3 algorithm of the same name, rlweights attached.
 
-The same config, the same evaluation (:func:`rlweights.agents.evaluation.evaluate`, same seeds),
+The same config, the same evaluation (``rlweights.agents.evaluation.evaluate``, same seeds),
 the same outputs (TensorBoard events through SB3's logger, ``model.pt``, ``summary.json``) as
 the native agents, so that the two can be compared run for run. Target updates go through
-:func:`rlweights.sb3.attach`, at SB3's update points (the table is in
-:mod:`rlweights.sb3.patching`); clipping / max-norm through
-:class:`rlweights.sb3.WeightConstraintCallback`; drift through
-:class:`rlweights.sb3.DriftCallback`; the policy EMA is an rlweights routine stepped by an
+``rlweights.sb3.attach``, at SB3's update points (the table is in
+``rlweights.sb3.patching``); clipping / max-norm through
+``rlweights.sb3.WeightConstraintCallback``; drift through
+``rlweights.sb3.DriftCallback``; the policy EMA is an rlweights routine stepped by an
 optimizer post-hook of the policy's optimizer (after every policy step, as natively).
 
 ``model.pt`` holds the policy's weights (and the EMA's) for evaluation, plus what a resumed
@@ -58,7 +58,7 @@ __all__ = [
 
 def sb3_kwargs(config: AgentConfig) -> dict[str, Any]:
     """SB3 constructor arguments equivalent to ``config``: every field that names its SB3
-    argument (:func:`~rlweights.agents.config.setting`'s ``sb3``) with its value (``None``:
+    argument (``setting``'s ``sb3``) with its value (``None``:
     SB3's default), then the ones that SB3 takes in another form."""
     kwargs: dict[str, Any] = {}
     for field in dataclasses.fields(config):
@@ -205,7 +205,7 @@ def buffer_state(buffer: Any) -> dict[str, Any]:
 
 
 def load_buffer_state(buffer: Any, state: dict[str, Any]) -> None:
-    """Restore :func:`buffer_state` into SB3's replay buffer, validated first: the ring
+    """Restore ``buffer_state`` into SB3's replay buffer, validated first: the ring
     position in range, and the stored rows in the buffer's shapes and dtypes."""
     pos, full = state["pos"], state["full"]
     if not isinstance(full, bool):
@@ -243,7 +243,7 @@ def train_sb3(
     """Train SB3's algorithm for ``config`` with rlweights attached; returns the summary.
 
     Training stops at ``config.total_steps`` (SB3's ``learn`` would finish its rollout: up to
-    ``train_freq`` steps more). Stop signals act as in :func:`rlweights.agents.train.train`.
+    ``train_freq`` steps more). Stop signals act as in ``rlweights.agents.train.train``.
     """
     stop = stop or GracefulStop()
     with stop:
@@ -253,7 +253,7 @@ def train_sb3(
 class SB3Run(Run):
     """One ``--impl sb3`` run: the SB3 model with rlweights attached, the policy EMA, the
     episode returns and the outputs. SB3's ``learn`` is the loop; at each of its
-    environment steps, :meth:`on_step` evaluates and checkpoints the step before when due."""
+    environment steps, ``on_step`` evaluates and checkpoints the step before when due."""
 
     impl = "sb3"
 
@@ -302,7 +302,7 @@ class SB3Run(Run):
         self.pending: tuple[dict[str, float], bool] | None = None
 
     def build(self) -> tuple[Any, Any]:
-        """(model, attachment) of the run (:func:`build_sb3_model`)."""
+        """(model, attachment) of the run (``build_sb3_model``)."""
         return build_sb3_model(self.config)
 
     @property
@@ -451,7 +451,7 @@ class SB3Run(Run):
         return states
 
     def load_routine_states(self, states: Any) -> None:
-        """Restore :meth:`routine_states` (each routine validates its own state)."""
+        """Restore ``routine_states`` (each routine validates its own state)."""
         expected = set(self.routine_states())
         if not isinstance(states, dict) or set(states) != expected:
             got = sorted(states) if isinstance(states, dict) else type(states).__name__
@@ -508,7 +508,7 @@ class SB3Run(Run):
 
 
 def _on_step_callback(run: SB3Run) -> Any:
-    """The SB3 callback that hands every environment step to :meth:`SB3Run.on_step`, which
+    """The SB3 callback that hands every environment step to ``SB3Run.on_step``, which
     ends ``learn`` on a stop signal and at the asked step count (SB3 would finish its
     rollout, up to ``train_freq`` steps more). Made here: SB3 is an optional extra, imported
     only when it runs."""

@@ -190,7 +190,7 @@ def train_sbx(
     stop: GracefulStop | None = None,
 ) -> dict[str, Any]:
     """Train SBX's algorithm for ``config``; returns the summary (as
-    :func:`~rlweights.agents.sb3_train.train_sb3` does for SB3)."""
+    ``train_sb3`` does for SB3)."""
     from pathlib import Path
 
     stop = stop or GracefulStop()

@@ -3,7 +3,7 @@ number of torch threads. Behind ``rlweights train --seeds`` and ``rlweights benc
 
 A stop signal (Ctrl-C, SIGTERM, SIGHUP) to this process reaches the running children, which
 stop as ``rlweights train`` stops (a checkpoint, then exit code 128 + signal), and no further
-run starts; :meth:`SideBySide.run` then returns what each run did.
+run starts; ``SideBySide.run`` then returns what each run did.
 """
 
 from __future__ import annotations

@@ -17,15 +17,17 @@ __all__ = ["TargetUpdateSpec"]
 @dataclass(frozen=True)
 class TargetUpdateSpec:
     """How a target network follows its online network, at each of the algorithm's update
-    points (SB3's; the table is in :mod:`rlweights.sb3.patching`).
+    points (SB3's; the table is in ``rlweights.sb3.patching``).
 
     ``polyak:TAU`` lerps the target toward the online network by ``TAU`` in [0, 1] at every
     update point; ``hard:EVERY`` copies it at every ``EVERY``-th one. ``tau`` and ``every``
     are SB3's ``tau`` and ``target_update_interval``: a hard copy has ``tau=1``, a Polyak
     update ``every=1``.
 
+    ```python
     >>> TargetUpdateSpec.parse("hard:250")
     TargetUpdateSpec(kind='hard', tau=1.0, every=250)
+    ```
     """
 
     kind: Literal["polyak", "hard"]
@@ -62,7 +64,7 @@ class TargetUpdateSpec:
         capturable: bool = False,
     ) -> rw.PolyakUpdate | rw.HardUpdate:
         """The rlweights routine moving ``target`` toward ``source`` (without them: a template,
-        as :func:`rlweights.sb3.attach` takes).
+        as ``rlweights.sb3.attach`` takes).
 
         ``steps_per_call``: how many counted steps one ``step()`` call stands for (DQN steps
         its routine once per step of ``num_envs`` environments, while ``EVERY`` counts

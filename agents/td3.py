@@ -1,9 +1,9 @@
 """Twin Delayed DDPG (continuous actions) built on rlweights.
 
 As in Fujimoto et al. (2018) and SB3: a deterministic actor, twin critics (batched,
-:class:`~rlweights.agents.networks.TwinQ`), target policy smoothing, and delayed actor
+``TwinQ``), target policy smoothing, and delayed actor
 updates. Both targets (actor and critic) share one flat buffer, so their rlweights update at
-TD3's update point (SB3's, see :mod:`rlweights.sb3.patching`) is a single pass.
+TD3's update point (SB3's, see ``rlweights.sb3.patching``) is a single pass.
 """
 
 from __future__ import annotations
@@ -66,7 +66,7 @@ class DeterministicActor(BoundedActor):
         return self.to_bounds(torch.tanh(self.net(obs)))
 
     def explore(self, obs: Tensor, noise_std: float) -> Tensor:
-        """The action with exploration noise (:meth:`perturb`)."""
+        """The action with exploration noise (``perturb``)."""
         return self.perturb(self(obs), noise_std)
 
     def perturb(self, actions: Tensor, noise_std: float) -> Tensor:

@@ -81,7 +81,7 @@ class TQC(SAC):
         """One gradient step in sb3-contrib's order: the truncated distributional TD target,
         the critic's step, the actor's step (through the updated critic), the temperature's
         step, the policy EMA, the target update. All use the temperature before its step (as
-        in :meth:`SAC.gradient_step`)."""
+        in ``SAC.gradient_step``)."""
         cfg = self.config
         alpha = self.alpha()
         kept = cfg.n_critics * (cfg.n_quantiles - cfg.top_quantiles_to_drop_per_net)

@@ -51,16 +51,16 @@ def train(
     ``resume=True`` the run continues from ``run_dir/model.pt`` (weights, optimizers,
     routines, replay buffer, counters, RNG); the environments restart their episodes.
     ``progress(steps, info)`` is called after every environment step. Ctrl-C, SIGTERM or
-    SIGHUP stops at the next step, writes the checkpoint and raises :class:`Stopped`; an
+    SIGHUP stops at the next step, writes the checkpoint and raises ``Stopped``; an
     evaluation stops at once (the final one after the final checkpoint, another one without
     its results); while the environments are made, before the next one (``KeyboardInterrupt``,
-    no checkpoint). ``stop``: a :class:`GracefulStop` already installed by the caller (from
+    no checkpoint). ``stop``: a ``GracefulStop`` already installed by the caller (from
     before the run is built).
     ``monitor(steps, agent)`` is called every ``monitor_every`` environment steps (and at the
     end) and returns ``{tag: value}`` measurements, written to TensorBoard with the run's
     other scalars (e.g. the error of a Q-function against known optimal values).
 
-    With ``config.average_every > 0`` (under torchrun, see :mod:`rlweights.agents.parallel`)
+    With ``config.average_every > 0`` (under torchrun, see ``rlweights.agents.parallel``)
     this process is one of several learners that average their weights every
     ``average_every`` environment steps; only rank 0 evaluates and writes to ``run_dir``, and
     only rank 0's summary has the evaluation results.
@@ -88,7 +88,7 @@ def train(
 
 class _Run(Run):
     """One native training run: the environments, the agent, its replay buffer, the counters
-    and the outputs. :meth:`train` is the loop; each of its steps is one method."""
+    and the outputs. ``train`` is the loop; each of its steps is one method."""
 
     impl = "native"
 
@@ -331,7 +331,7 @@ class _Run(Run):
             self.progress(self.steps, self.info)
 
     def stop(self) -> None:
-        """A stop signal: checkpoint, close, and raise :class:`Stopped` naming the step."""
+        """A stop signal: checkpoint, close, and raise ``Stopped`` naming the step."""
         self.checkpoint()
         self.close()
         raise Stopped(self.steps, self.stopping.signum)

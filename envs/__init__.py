@@ -1,16 +1,18 @@
 """Gymnasium environments of rlweights, registered as ``rlweights/<Name>-v0`` on import.
 
+```python
 >>> import gymnasium as gym
 >>> import rlweights.envs
 >>> env = gym.make("rlweights/Chain-v0", length=8, slip=0.2)
+```
 
 ``gym.make("rlweights.envs:rlweights/Chain-v0")`` imports this package itself. The
 ``rlweights`` command imports it, so ``rlweights train --env rlweights/Chain-v0`` works too.
 
-* ``rlweights/BairdCounterexample-v0`` (:class:`rlweights.envs.baird.BairdCounterexample`):
+* ``rlweights/BairdCounterexample-v0`` (``rlweights.envs.baird.BairdCounterexample``):
   Baird's counterexample, where off-policy semi-gradient TD with linear features diverges;
-* ``rlweights/Chain-v0`` (:class:`rlweights.envs.chain.Chain`): a corridor with slip whose
-  optimal action values are known exactly (:meth:`rlweights.envs.chain.Chain.optimal_q`).
+* ``rlweights/Chain-v0`` (``rlweights.envs.chain.Chain``): a corridor with slip whose
+  optimal action values are known exactly (``rlweights.envs.chain.Chain.optimal_q``).
 """
 
 from __future__ import annotations

@@ -38,7 +38,7 @@ class Chain(Env[np.ndarray, np.int64]):
     A corridor of ``length`` cells. The agent starts in the leftmost cell and the episode
     ends with reward 1 when it reaches the rightmost one; every other step gives 0. With
     probability ``slip`` the chosen move goes the other way. The optimal action values are
-    known exactly (:meth:`optimal_q`, by value iteration over the MDP's transition model),
+    known exactly (``optimal_q``, by value iteration over the MDP's transition model),
     so the error of a learned Q-function can be measured against the truth, e.g. to compare
     target-network update routines.
 
@@ -64,7 +64,7 @@ class Chain(Env[np.ndarray, np.int64]):
     Termination: the agent enters the rightmost cell. Truncation: registered with
     ``max_episode_steps=100`` (enough for the default corridor; pass ``max_episode_steps``
     to ``gymnasium.make`` with a longer ``length``). Truncation is not termination:
-    :meth:`optimal_q` gives the values of the discounted MDP without a time limit, which a
+    ``optimal_q`` gives the values of the discounted MDP without a time limit, which a
     learner that bootstraps through truncations (as the rlweights agents and SB3 do)
     estimates.
 

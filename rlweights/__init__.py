@@ -2,7 +2,7 @@
 
 ``import rlweights as rw``. Every op takes *weight sets*: an ``nn.Module`` (matched by
 name), a sequence of tensors (matched by position), a ``state_dict`` or the handle of
-:func:`flatten_`. Coefficient convention: ``tau`` is the step toward the source,
+``flatten_``. Coefficient convention: ``tau`` is the step toward the source,
 ``target <- target + tau * (source - target)`` (TorchRL's eps / torch's decay = 1 - tau).
 
 Each name loads its module when it is first used: the names below come from the core and
@@ -16,7 +16,7 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 __all__ = [
     "EMA",

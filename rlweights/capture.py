@@ -1,8 +1,8 @@
 """The capturable form of the weight ops (``capturable=True`` on a routine or a constraint).
 
 A capturable routine resolves, pairs and validates its tensors once, when it is built, into a
-:class:`~rlweights.ops.Plan` (the eager ops' plan, here with what the layout checks compare),
-which :func:`~rlweights.ops.write_` writes, as it writes the eager ops'. Its per-step work is
+``Plan`` (the eager ops' plan, here with what the layout checks compare),
+which ``write_`` writes, as it writes the eager ops'. Its per-step work is
 then pure tensor code: the coefficient and the counters live in tensors on the weights'
 device, "every N" is arithmetic on the counter, and nothing reads a value back to the host or
 branches on one. So it traces with
@@ -11,12 +11,12 @@ branches on one. So it traces with
 What the plan fixed (the tensors and their memory) can be invalidated afterwards by
 re-flattening a module, ``.to()``, ``load_state_dict(assign=True)`` and the like. A compiled or
 captured step would then keep writing the old tensors without anyone noticing, so the plan is
-checked (:func:`check_plan`, a few pointer comparisons) on every eager call, and a
-changed layout raises :class:`LayoutChangedError` naming the fix, never silently. Inside a
+checked (``check_plan``, a few pointer comparisons) on every eager call, and a
+changed layout raises ``LayoutChangedError`` naming the fix, never silently. Inside a
 ``torch.compile``'d function the check runs for real each time the function is traced, and
 the compiled code is guarded so that it is traced again (and checked) after any change that
 could make its tensors stale: new tensors registered on the weights' modules (a
-:class:`~rlweights.registration.StructureWatch` flag), or a tensor's dtype, device or shape
+``StructureWatch`` flag), or a tensor's dtype, device or shape
 changed (torch's own guards). So a compiled function that holds a routine raises at its first
 call after such a change instead of writing the old tensors. A CUDA graph recorded by hand
 (``torch.cuda.graph``) replays without any Python: call ``check()`` before replaying it.
@@ -47,8 +47,8 @@ class LayoutChangedError(RuntimeError):
 
 
 def check_plan(plan: Plan) -> None:
-    """Raise :class:`LayoutChangedError` unless every tensor of a capturable ``plan`` (from
-    :func:`frozen_plan` or :func:`single_plan`) is where the plan found it.
+    """Raise ``LayoutChangedError`` unless every tensor of a capturable ``plan`` (from
+    ``frozen_plan`` or ``single_plan``) is where the plan found it.
 
     Inside ``torch.compile`` it is checked when the function is traced, and the compiled code
     is traced again after a registration on the weights' modules (see the module docstring):
@@ -110,8 +110,8 @@ def _modules(*weight_sets: Weights) -> list[torch.nn.Module]:
 
 def frozen_plan(target: Weights, source: Weights, op: str) -> Plan:
     """Pair and validate ``target`` with ``source`` (as the eager ops do, raising
-    :class:`~rlweights.WeightMismatchError`) and fix the tensors for capturable use: the plan
-    :func:`~rlweights.ops.write_` writes, with what :func:`check_plan` compares."""
+    ``WeightMismatchError``) and fix the tensors for capturable use: the plan
+    ``write_`` writes, with what ``check_plan`` compares."""
     plan = pair_plan(target, source, op, ints_ok=True)
     if plan.flat:
         # A copy: the eager ops share the cached plan; this one names the routine in its

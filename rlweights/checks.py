@@ -142,8 +142,8 @@ def smallest_tau(dtype: torch.dtype) -> float:
 
 
 def warn_small_tau(tau: object, dtypes: Iterable[torch.dtype], op: str) -> None:
-    """Warn (:class:`PrecisionWarning`) when ``tau``, a Python number, is positive but below
-    :func:`smallest_tau` of the least precise floating dtype among ``dtypes``. Only the value
+    """Warn (``PrecisionWarning``) when ``tau``, a Python number, is positive but below
+    ``smallest_tau`` of the least precise floating dtype among ``dtypes``. Only the value
     and the dtypes are looked at (no tensor is read, nothing syncs), so routines call it when
     ``tau`` is set; the warnings machinery shows each message once."""
     floats = [d for d in dtypes if d.is_floating_point]

@@ -1,8 +1,10 @@
 """Weight constraints applied after optimizer steps (what Keras has and PyTorch lacks), and the
 reset of optimizer state after a manual write.
 
+```python
 >>> handle = rw.constrain(optimizer, actor, rw.constraints.MaxNorm(3.0))
 >>> handle.remove()
+```
 
 Each constraint is a callable ``constraint(weights)`` that writes in place under
 ``torch.no_grad()`` through the tensors themselves (autograd's version counters see it), on
@@ -52,9 +54,9 @@ class Constraint:
     """Base class: ``constraint(weights)`` projects the weights in place.
 
     ``capturable=True`` (for compiled and captured training steps, see
-    :mod:`rlweights.capture`): :meth:`bind` resolves and validates the weights once and gives
-    a :class:`BoundConstraint` whose call is pure tensor code (no host sync, no graph break
-    inside ``torch.compile``); :func:`constrain` binds a capturable constraint when it
+    ``rlweights.capture``): ``bind`` resolves and validates the weights once and gives
+    a ``BoundConstraint`` whose call is pure tensor code (no host sync, no graph break
+    inside ``torch.compile``); ``constrain`` binds a capturable constraint when it
     attaches it, and calling the constraint on weights binds them on first use.
     """
 
@@ -94,12 +96,12 @@ class Constraint:
 
 
 class BoundConstraint:
-    """A constraint fixed to one weight set (:meth:`Constraint.bind`). Calling it applies the
+    """A constraint fixed to one weight set (``Constraint.bind``). Calling it applies the
     constraint: on the flat buffers when eager (one kernel per buffer where the constraint
     allows it), through the weights themselves inside torch.compile (so that the compiler
     sees what aliases what). Every call first checks that the weights are where they were
-    (:class:`~rlweights.LayoutChangedError` if not; inside torch.compile when the function is
-    traced, see :mod:`rlweights.capture`); :meth:`check` does it on demand."""
+    (``LayoutChangedError`` if not; inside torch.compile when the function is
+    traced, see ``rlweights.capture``); ``check`` does it on demand."""
 
     def __init__(self, constraint: Constraint, weights: Weights):
         name = type(constraint).__name__
@@ -195,7 +197,9 @@ class UnitSphere(_UnitConstraint):
     ``dim``: the slices along that dimension; ``dim=None``: each whole tensor. Tensors with
     fewer than 2 dims (biases, gains) are left alone in every mode.
 
+    ```python
     >>> rw.constrain(optimizer, critic, rw.constraints.UnitSphere())
+    ```
     """
 
     def __init__(self, dim: int | None = 0, *, capturable: bool = False):
@@ -236,7 +240,7 @@ class UnitSphere(_UnitConstraint):
 
 class UnitNorm(UnitSphere):
     """Each output unit's incoming weights to L2 norm exactly 1 (Keras ``UnitNorm``): the
-    default :class:`UnitSphere`."""
+    default ``UnitSphere``."""
 
     def __init__(self, *, capturable: bool = False):
         super().__init__(0, capturable=capturable)
@@ -354,7 +358,7 @@ def _flat_names(layout: FlatWeights) -> list[str]:
 def constrain(optimizer: Optimizer, weights: Weights, constraint: Any) -> RemovableHandle:
     """Apply ``constraint(weights)`` after every ``optimizer.step()`` (an optimizer step
     post-hook). Returns the handle; ``handle.remove()`` stops it. A capturable constraint is
-    bound to ``weights`` here (:meth:`Constraint.bind`).
+    bound to ``weights`` here (``Constraint.bind``).
 
     ``weights`` must be trained by ``optimizer`` (at least one of its tensors), so that a
     constraint is never attached to the wrong optimizer by mistake.

@@ -5,11 +5,13 @@ N learners that train copies of a network and average them every K steps (local 
 process's weights the mean of all processes' weights, fast. On flat storage
 (``rw.flatten_``) that is one ``all_reduce`` per flat buffer, straight into the buffer:
 
+```python
 >>> torch.distributed.init_process_group("gloo")      # under torchrun
 >>> rw.flatten_(policy)
 >>> rw.distributed.broadcast_(policy, src=0)          # start from the same weights
 >>> averager = rw.distributed.PeriodicAverager(policy, every=1000)
 >>> averager.step()                                   # after each optimizer step
+```
 
 PyTorch's own ``torch.distributed.algorithms.model_averaging.utils.average_parameters``
 concatenates all parameters into a new buffer, reduces it and copies the result back at
@@ -29,10 +31,10 @@ with one ``all_reduce`` of a single number, in which the processes agree whether
 them holds a weight set not yet compared with the others' (the first call for a module, a
 module reloaded or changed since, a sequence or mapping of tensors); if so, all of them
 gather and compare their weight sets (one small gather) and raise
-:class:`~rlweights.WeightMismatchError` on every process naming what differs, instead of
+``WeightMismatchError`` on every process naming what differs, instead of
 hanging or reducing mismatched buffers. A peer that dies or stops answering makes the
 collective fail after the process group's timeout (``init_process_group(timeout=...)``);
-that surfaces as :class:`PeerError`, and the weights of the failed call may then be
+that surfaces as ``PeerError``, and the weights of the failed call may then be
 partially averaged.
 """
 
@@ -168,7 +170,7 @@ def _any_process(flag: bool, group: Any, op: str) -> bool:
 
 
 def _check_peers(weights: Weights, sig: _Signature, group: Any, op: str) -> None:
-    """Compare every process's signature when any process asks for it (:func:`_needs_check`),
+    """Compare every process's signature when any process asks for it (``_needs_check``),
     all of them together: a process whose weight set changed never gathers alone while the
     others reduce (which hung every process for the whole timeout). A module's signature is
     remembered once the processes agree on it."""
@@ -245,7 +247,7 @@ def all_average_(weights: Weights, group: Any = None, *, buffers: BufferMode = "
 def broadcast_(weights: Weights, src: int = 0, group: Any = None) -> None:
     """Copy process ``src``'s weights (parameters and floating buffers) into every process,
     in place: the learners start from the same network. One ``broadcast`` per flat buffer
-    (or per (role, device, dtype) group of tensors, as :func:`all_average_`)."""
+    (or per (role, device, dtype) group of tensors, as ``all_average_``)."""
     op = "broadcast_"
     world = _require_group(op, group)
     check_int(src, "src (a rank)", op, minimum=0, maximum=world - 1)
@@ -264,10 +266,10 @@ def broadcast_(weights: Weights, src: int = 0, group: Any = None) -> None:
 
 class PeriodicAverager(PeriodicRoutine):
     """Average ``weights`` across the processes of ``group`` on every ``every``-th
-    :meth:`step` (call it once per optimizer step, on every process).
+    ``step`` (call it once per optimizer step, on every process).
 
     ``state_dict()`` is ``{"counter": <Periodic's state>, "updates": n}``; a state saved
-    with another ``every`` is refused, as :class:`~rlweights.periodic.Periodic` does.
+    with another ``every`` is refused, as ``Periodic`` does.
     """
 
     def __init__(
@@ -279,7 +281,7 @@ class PeriodicAverager(PeriodicRoutine):
 
     @property
     def calls(self) -> int:
-        """Calls of :meth:`step` counted so far."""
+        """Calls of ``step`` counted so far."""
         return self.steps
 
     def _run(self) -> None:

@@ -1,7 +1,7 @@
 """Weight drift: what the weights are doing while an agent trains.
 
-A :class:`DriftMonitor` watches named modules (and, optionally, their target networks) and,
-on each :meth:`~DriftMonitor.measure`, returns for every module and every parameter tensor:
+A ``DriftMonitor`` watches named modules (and, optionally, their target networks) and,
+on each ``measure``, returns for every module and every parameter tensor:
 
 * ``weight_norm``: ``||w||``; growing without bound means weights blow up;
 * ``init_distance``: ``||w - w_0||`` from the weights at the start (a flat snapshot); a
@@ -76,8 +76,10 @@ def _contiguous(module: nn.Module, tensors: list[Tensor]) -> Tensor:
 class DriftMonitor:
     """Drift metrics of named modules; see the module docstring for what each one means.
 
+    ```python
     >>> monitor = DriftMonitor({"actor": actor, "critic": critic}, {"critic": critic_target})
     >>> metrics = monitor.measure()  # {"drift/critic/target_distance": tensor(...), ...}
+    ```
     """
 
     def __init__(

@@ -8,7 +8,7 @@
 * ``box2d``: Gymnasium's Box2D environments (LunarLander, BipedalWalker);
 * ``all``: everything above; ``dev``: everything and the test tools.
 
-A feature whose extra is missing raises :class:`MissingExtraError` naming the extra to
+A feature whose extra is missing raises ``MissingExtraError`` naming the extra to
 install, in one line; the ``rlweights`` command prints it and exits with status 2.
 """
 
@@ -24,7 +24,7 @@ class MissingExtraError(ImportError):
 
 
 def require(module: str, extra: str, feature: str) -> None:
-    """Raise :class:`MissingExtraError` unless ``module`` can be imported."""
+    """Raise ``MissingExtraError`` unless ``module`` can be imported."""
     try:
         found = importlib.util.find_spec(module) is not None
     except (ImportError, ValueError):  # a parent package missing, or a stub in sys.modules

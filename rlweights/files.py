@@ -26,7 +26,7 @@ __all__ = [
 
 
 class WriteError(OSError):
-    """A file that :func:`atomic_write` could not write (a full disk, a read-only folder):
+    """A file that ``atomic_write`` could not write (a full disk, a read-only folder):
     the file is left as it was. ``filename`` is its path, ``errno`` and ``strerror`` the
     operating system's reason."""
 
@@ -53,7 +53,7 @@ def atomic_write(path: str | Path, write: Callable[[IO], None], mode: str = "wb"
     rename it over ``path`` (atomic on POSIX and Windows). The file gets the permissions any
     new file gets (``0o666`` less the umask: 644 under the usual 022). On any error the
     temporary file is removed and ``path`` is left as it was; an error of the operating system
-    (``OSError``: no space left, no permission) is raised as :class:`WriteError`."""
+    (``OSError``: no space left, no permission) is raised as ``WriteError``."""
     path = Path(path)
     tmp = None
     try:
@@ -128,13 +128,13 @@ def checksum(state: Any) -> str:
 
 
 def sealed(state: dict[str, Any]) -> dict[str, Any]:
-    """``state`` with a ``"checksum"`` entry: the :func:`checksum` of everything else."""
+    """``state`` with a ``"checksum"`` entry: the ``checksum`` of everything else."""
     rest = {key: value for key, value in state.items() if key != "checksum"}
     return {**rest, "checksum": checksum(rest)}
 
 
 def checksum_matches(state: dict[str, Any], required: bool = True) -> bool:
-    """Remove the ``"checksum"`` entry of a :func:`sealed` ``state``; whether it matches the
+    """Remove the ``"checksum"`` entry of a ``sealed`` ``state``; whether it matches the
     rest. Without one: ``not required`` (files of a format written before checksums)."""
     stored = state.pop("checksum", None)
     return not required if stored is None else stored == checksum(state)

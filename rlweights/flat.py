@@ -3,7 +3,7 @@
 The role says what a buffer holds: ``"param"`` for parameters, ``"buffer"`` for floating
 buffers (BatchNorm running statistics), as ``Entry.kind`` names them.
 
-After :func:`flatten_`, a Polyak update of a whole network is one ``lerp_`` per buffer, a
+After ``flatten_``, a Polyak update of a whole network is one ``lerp_`` per buffer, a
 hard copy one ``copy_``, a clip one ``clamp_``: the cost becomes the memory traffic instead of
 Python and kernel-launch overhead. Parameter (and buffer) *objects* are kept, only their
 storage is rebound, so optimizers, hooks and other references stay valid.
@@ -23,11 +23,11 @@ Why each piece is there:
   ``torch.save`` of the module, of its ``state_dict()`` or of a submodule's, and pickling,
   write each tensor's own elements, not the whole buffer (a saved actor does not carry the
   critic). ``copy.deepcopy`` and unpickling give a plain module with compact tensors;
-  :func:`rlweights.make_target` flattens the copy again.
+  ``rlweights.make_target`` flattens the copy again.
 
 Limitation: replacing a tensor by writing into ``module._parameters`` / ``module._buffers``
 directly bypasses PyTorch's registration hooks and is not detected; assign attributes
-(``module.weight = ...``) or call :func:`flatten_` again after such surgery.
+(``module.weight = ...``) or call ``flatten_`` again after such surgery.
 """
 
 from __future__ import annotations
@@ -70,12 +70,12 @@ _LAYOUT_ATTR = "_rlweights_layout"
 
 
 class _LayoutRef:
-    """What :func:`flatten_` leaves on the module: a weak reference to its layout, so that a
+    """What ``flatten_`` leaves on the module: a weak reference to its layout, so that a
     compiled function finds the layout through the module it was given (guarded by that
     module's own attribute) rather than through the global table, whose keys move whenever
     some other flattened module is collected (a recompile, or a failed guard mid-compile).
     A copy of the module points at the original's layout, which names another module, so
-    :func:`registered_layout` finds none for it; a pickle carries an empty one."""
+    ``registered_layout`` finds none for it; a pickle carries an empty one."""
 
     __slots__ = ("ref",)
 
@@ -94,7 +94,7 @@ _SIGNATURES: dict[tuple, int] = {}
 
 class FlatLayoutWarning(UserWarning):
     """A flattened module's layout broke (moved, cast, tensors replaced); ops fall back to
-    the slower per-tensor path until :func:`flatten_` is called again."""
+    the slower per-tensor path until ``flatten_`` is called again."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -110,7 +110,7 @@ class FlatGroup:
 
 
 class FlatWeights(ModuleHandle):
-    """Handle returned by :func:`flatten_`; usable wherever a weight set is expected.
+    """Handle returned by ``flatten_``; usable wherever a weight set is expected.
 
     ``groups`` holds the flat buffers: ``role="param"`` for parameters, ``"buffer"`` for
     floating buffers (BatchNorm statistics); ``param_flats`` / ``buffer_flats`` are those
@@ -119,11 +119,11 @@ class FlatWeights(ModuleHandle):
     ``others``. Writing into ``group.flat`` yourself bypasses autograd's version counters;
     use the ops.
 
-    ``generation`` is the registration count (:mod:`rlweights.registration`) at which the
+    ``generation`` is the registration count (``rlweights.registration``) at which the
     module's structure was last found unchanged (-1 once it broke): while it equals the
     current count, checking the data pointers of the views is enough. ``watch`` turns True at
     a registration on the module or its submodules; code compiled around the layout guards
-    on it (see :mod:`rlweights.ops`).
+    on it (see ``rlweights.ops``).
     """
 
     def __init__(self, module: nn.Module, groups: list[FlatGroup], others: list[Entry]):
@@ -234,9 +234,9 @@ def layout_of(weights: object) -> FlatWeights | None:
 
 
 def registered_layout(module: nn.Module) -> FlatWeights | None:
-    """The layout :func:`flatten_` made for ``module``, without checking that it is still
-    intact (:func:`layout_of` checks): a lookup through the module that ``torch.compile`` can
-    trace, for code that checked the layout before (see :mod:`rlweights.capture`)."""
+    """The layout ``flatten_`` made for ``module``, without checking that it is still
+    intact (``layout_of`` checks): a lookup through the module that ``torch.compile`` can
+    trace, for code that checked the layout before (see ``rlweights.capture``)."""
     holder = getattr(module, _LAYOUT_ATTR, None)
     layout = holder() if isinstance(holder, _LayoutRef) else None
     if layout is None or layout._module() is not module:

@@ -5,11 +5,11 @@ tensor bit-identical), writes under ``torch.no_grad()`` through the tensors them
 ``.data``) so autograd sees the write, keeps Parameter objects, and never syncs the host with
 the device unless asked to (``nonfinite="raise"``).
 
-Paths, fastest first: both sides flattened with the same layout (:func:`rlweights.flatten_`):
+Paths, fastest first: both sides flattened with the same layout (``rlweights.flatten_``):
 one kernel per flat buffer; otherwise ``torch._foreach_*`` per (device, dtype) group;
 per-tensor where foreach has no form (tensor coefficients, non-finite guards). Every Polyak
 update and copy, eager, traced inside torch.compile or of a capturable routine, is written by
-one function, :func:`write_`, from one validated :class:`Plan`.
+one function, ``write_``, from one validated ``Plan``.
 
 Coefficient convention, everywhere: ``tau`` is the step toward the source,
 ``target <- target + tau * (source - target)`` as in SB3, CleanRL and Tianshou. TorchRL's
@@ -17,7 +17,7 @@ Coefficient convention, everywhere: ``tau`` is the step toward the source,
 
 Non-finite sources (``nonfinite=``): ``"propagate"`` (default, free) writes NaN/inf through as
 the formula says; ``"raise"`` checks every source first (one extra read of the sources and one
-host sync per call) and raises :class:`~rlweights.NonFiniteError` before writing;
+host sync per call) and raises ``NonFiniteError`` before writing;
 ``"skip"`` leaves the target untouched when any source is non-finite without syncing (one
 extra read of the sources plus a ``torch.where`` pass over the targets).
 """
@@ -79,7 +79,7 @@ _Group = tuple[Sequence[Tensor], Sequence[Tensor]]
 
 @dataclass(slots=True, eq=False)
 class Plan:
-    """Matched, validated (target, source) tensors by role, what :func:`write_` writes.
+    """Matched, validated (target, source) tensors by role, what ``write_`` writes.
 
     ``params`` are floating parameters (or the tensors of sequences and state_dicts),
     ``buffers`` floating buffers, each a list of ``(targets, sources)`` groups of one
@@ -93,7 +93,7 @@ class Plan:
 
     ``bump_*`` list the views whose autograd version an eager flat write must bump; ``views``
     / ``ptrs`` are what the integrity checks compare. ``resolve``, ``ids``, ``generation``
-    and ``watch`` are set for the capturable routines' checks (:mod:`rlweights.capture`).
+    and ``watch`` are set for the capturable routines' checks (``rlweights.capture``).
     """
 
     op: str
@@ -221,10 +221,10 @@ def _shared_layouts(*weight_sets: Weights) -> list[FlatWeights] | None:
 def pair_plan(
     target: Weights, source: Weights, op: str, ints_ok: bool = False, flat: bool = True
 ) -> Plan:
-    """Pair and validate ``target`` with ``source`` (raising :class:`WeightMismatchError`
+    """Pair and validate ``target`` with ``source`` (raising ``WeightMismatchError``
     otherwise) and group the pairs for the ops: the cached flat plan when both share an intact
     flat layout (and ``flat``), else one built now. ``ints_ok`` lets sequences hold integer
-    tensors (copied, as by :func:`copy_`); ``op`` names the caller in messages.
+    tensors (copied, as by ``copy_``); ``op`` names the caller in messages.
     """
     if flat:
         plan = _cached_flat_plan(target, source)
@@ -255,7 +255,7 @@ def _finite_guard(
 ) -> Tensor | None:
     """None to write unconditionally, else a 0-dim bool tensor: all sources finite.
 
-    With ``"raise"`` it syncs once and raises :class:`NonFiniteError` naming the tensors.
+    With ``"raise"`` it syncs once and raises ``NonFiniteError`` naming the tensors.
     """
     if nonfinite == "propagate":
         return None
@@ -345,7 +345,7 @@ def write_(
 
     Nothing is checked here (the plan was, when it was made or found in the cache): eager,
     a flat plan costs one kernel per flat buffer and a version bump of its views; inside
-    torch.compile the writes go through the views (see :class:`Plan`) and are traced.
+    torch.compile the writes go through the views (see ``Plan``) and are traced.
     """
     eager_flat = when is None and plan.flat and not skip_nonfinite
     if eager_flat and (tau is None or type(tau) is float) and not is_compiling():
@@ -396,7 +396,7 @@ def write_(
 
 
 def _read(plan: Plan, params: bool, buffers: BufferPolicy) -> list[Tensor]:
-    """The sources that :func:`write_` reads with these settings (for the finite check)."""
+    """The sources that ``write_`` reads with these settings (for the finite check)."""
     groups = (plan.params if params else []) + (plan.buffers if buffers != "skip" else [])
     return [s for _, ss in groups for s in ss]
 
@@ -431,7 +431,7 @@ def _flat_pair_at_trace(target: Weights, source: Weights) -> bool:
     """Whether ``target`` and ``source`` share an intact flat layout. Inside torch.compile
     this runs once, for real, when the function is traced (the pointer checks cannot be
     traced), and its answer is built into the compiled code; the layouts' watches are
-    cleared, as they were just found intact (see :func:`_flat_pair_traced`)."""
+    cleared, as they were just found intact (see ``_flat_pair_traced``)."""
     layouts = _shared_layouts(target, source)
     for layout in layouts or ():
         layout.watch.changed = False
@@ -439,8 +439,8 @@ def _flat_pair_at_trace(target: Weights, source: Weights) -> bool:
 
 
 def _flat_pair_traced(target: Weights, source: Weights) -> bool:
-    """:func:`_flat_pair_at_trace`, with the compiled code made to depend on the layouts'
-    watches (:class:`~rlweights.registration.StructureWatch`): they are False here (just
+    """``_flat_pair_at_trace``, with the compiled code made to depend on the layouts'
+    watches (``StructureWatch``): they are False here (just
     cleared), but reading them guards the code, so that a tensor registered on either module
     afterwards (``load_state_dict(assign=True)``, a replaced Parameter) traces the function
     again, and the broken layout then takes the eager path instead of the old views."""
@@ -455,8 +455,8 @@ def _traced_layout(weights: Weights) -> FlatWeights:
 
 
 def _traced_plan(target: Weights, source: Weights, op: str) -> Plan:
-    """The plan of a flat pair inside torch.compile (after :func:`_flat_pair_traced`): its
-    views, as :func:`write_` writes them there. Built while tracing, from the layouts alone:
+    """The plan of a flat pair inside torch.compile (after ``_flat_pair_traced``): its
+    views, as ``write_`` writes them there. Built while tracing, from the layouts alone:
     the cached eager plan is found by pointer checks, which cannot be traced."""
     tl, sl = _traced_layout(target), _traced_layout(source)
     params, buffers = _view_groups(tl, sl, "param"), _view_groups(tl, sl, "buffer")
@@ -767,7 +767,7 @@ def unit_norms_(
     only the units above it; else every unit, an all-zero unit staying zero). A unit is a
     slice along ``dim`` (0: an output unit, a row of a Linear weight or an output channel of a
     Conv weight), or the whole tensor for ``dim=None``. Pure tensor code, unvalidated: the body
-    of :func:`max_norm_` and of the norm constraints (:mod:`rlweights.constraints`), traced as
+    of ``max_norm_`` and of the norm constraints (``rlweights.constraints``), traced as
     it is inside torch.compile."""
     for t in tensors:
         if t.dim() < 2 or t.numel() == 0:

@@ -2,11 +2,11 @@
 
 Target updates (``PolyakUpdate`` / ``HardUpdate``), EMA and SWA, averaging across processes
 (``distributed.PeriodicAverager``) and the SB3 callbacks (drift logging, evaluation of an
-averaged policy) all count with :class:`Periodic`, so they agree on when "every N" fires and
-save their counters in one format. The routines among them share :class:`PeriodicRoutine`:
+averaged policy) all count with ``Periodic``, so they agree on when "every N" fires and
+save their counters in one format. The routines among them share ``PeriodicRoutine``:
 count, act when due, save ``{"counter": ..., "updates": ...}``.
 
-:class:`DevicePeriodic` is the same counter with its count in a device tensor, for the
+``DevicePeriodic`` is the same counter with its count in a device tensor, for the
 capturable routines (``capturable=True``): counting and "is it due" are tensor arithmetic,
 so they trace with ``torch.compile(fullgraph=True)`` and record into CUDA graphs.
 """
@@ -33,13 +33,13 @@ class Periodic:
     With the default ``start=0`` the due steps are ``every, 2 * every, ...`` (as SB3's DQN
     copies its target: the first copy happens at step ``every``). ``start=s`` makes the first
     due step ``s + every`` (SWA's late start). ``at=[50_000, 100_000]``: due at exactly those
-    counts (BRO's resets at fixed steps). :meth:`step` may count several steps at once
+    counts (BRO's resets at fixed steps). ``step`` may count several steps at once
     (``n``, e.g. one step of ``n`` vectorised environments); it is due when any due count was
     crossed.
 
     ``state_dict()`` is ``{"every": ..., "start": ..., "steps": ...}`` (``{"at": [...],
     "steps": ...}`` for listed steps): every routine of rlweights saves its counter in this
-    format. ``every``, ``start`` and ``at`` are settings, so :meth:`load_state_dict` refuses
+    format. ``every``, ``start`` and ``at`` are settings, so ``load_state_dict`` refuses
     a state saved with other ones instead of adopting them (the code or the config that built
     the counter says when it fires).
     """
@@ -126,12 +126,12 @@ class Periodic:
         return {"every": self._every, "start": self._start, "steps": self.steps}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore :meth:`state_dict`; validated first, so a bad state changes nothing. A
+        """Restore ``state_dict``; validated first, so a bad state changes nothing. A
         state saved with another ``every``, ``start`` or ``at`` is refused, naming the fix."""
         self._set_steps(self.check_state(state))
 
     def check_state(self, state: dict[str, Any]) -> int:
-        """Validate a :meth:`state_dict` for this counter without loading it; return its
+        """Validate a ``state_dict`` for this counter without loading it; return its
         ``steps``. Routines call it before they change anything."""
         op = f"{self.name}.load_state_dict"
         expected = set(self.state_dict())
@@ -173,10 +173,10 @@ def _check_at(at: object, name: str) -> tuple[int, ...]:
 
 
 class DevicePeriodic(Periodic):
-    """:class:`Periodic` with its count in a 0-dim int64 tensor on ``device``: :meth:`step`
+    """``Periodic`` with its count in a 0-dim int64 tensor on ``device``: ``step``
     adds to it and returns a 0-dim bool tensor (due or not) without reading anything back to
-    the host, so it can run inside a compiled or captured step. Reading :attr:`steps` or
-    :attr:`fired` syncs; the state is :class:`Periodic`'s."""
+    the host, so it can run inside a compiled or captured step. Reading ``steps`` or
+    ``fired`` syncs; the state is ``Periodic``'s."""
 
     __slots__ = ("count",)
 
@@ -222,17 +222,17 @@ class DevicePeriodic(Periodic):
 
 
 class PeriodicRoutine:
-    """Base of the routines that act on the due steps of a :class:`Periodic` counter (target
+    """Base of the routines that act on the due steps of a ``Periodic`` counter (target
     updates, averages, averaging across processes).
 
-    :meth:`step` counts one step and, when it is due, runs :meth:`_run`; ``updates`` counts
-    the runs that completed; ``counter`` is the :class:`Periodic`. The state is
+    ``step`` counts one step and, when it is due, runs ``_run``; ``updates`` counts
+    the runs that completed; ``counter`` is the ``Periodic``. The state is
     ``{"counter": <Periodic's state>, "updates": n}`` plus what a subclass adds
-    (:meth:`_extra_state`), and :meth:`load_state_dict` validates all of it before it changes
+    (``_extra_state``), and ``load_state_dict`` validates all of it before it changes
     anything.
 
-    ``capturable=True``: the counter is a :class:`DevicePeriodic` on ``device``, ``updates``
-    a 0-dim int64 tensor there, and :meth:`step` runs :meth:`_run_when` (the subclass's
+    ``capturable=True``: the counter is a ``DevicePeriodic`` on ``device``, ``updates``
+    a 0-dim int64 tensor there, and ``step`` runs ``_run_when`` (the subclass's
     tensor-only form, given the due flag) on every call and returns the flag as a tensor.
     """
 
@@ -273,7 +273,7 @@ class PeriodicRoutine:
         raise NotImplementedError
 
     def _run_when(self, due: Tensor) -> None:
-        """The capturable form of :meth:`_run`: act where ``due`` (a 0-dim bool tensor) is
+        """The capturable form of ``_run``: act where ``due`` (a 0-dim bool tensor) is
         true, without reading it on the host."""
         raise NotImplementedError
 
@@ -301,7 +301,7 @@ class PeriodicRoutine:
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore :meth:`state_dict`; validated first, so a bad state changes nothing."""
+        """Restore ``state_dict``; validated first, so a bad state changes nothing."""
         op = f"{self.counter.name}.load_state_dict"
         expected = set(self.state_dict())
         if not isinstance(state, dict) or set(state) != expected:

@@ -2,10 +2,12 @@
 "The Primacy Bias in Deep RL"; BRO's resets at fixed steps) and shrink-and-perturb (Ash &
 Adams 2020; BBF shrinks its encoder by 0.5 toward a fresh initialisation every 20k steps).
 
+```python
 >>> rw.shrink_perturb_(critic, shrink=0.8, perturb=0.2, optimizer=critic_optimizer)
 >>> rw.reinit_(actor, include="net.4.*", optimizer=actor_optimizer)  # the last layer afresh
 >>> resets = rw.ShrinkPerturb(critic, 0.0, 1.0, at=[50_000, 100_000])  # BRO-style
 >>> resets.step()  # after every gradient step
+```
 
 Every selected floating parameter ``theta`` becomes ``shrink * theta + perturb * fresh``,
 where ``fresh`` is a new initialisation of the same layer by that layer's own
@@ -217,13 +219,13 @@ def shrink_perturb_(
     selected floating parameter, ``fresh`` a new initialisation of its layer (see the module
     docstring for how it is drawn). ``shrink`` and ``perturb`` are in [0, 1]: Ash & Adams
     shrink by about 0.4-0.6 and perturb by 0.001-0.01, BBF uses 0.5 and 0.5; ``shrink=0,
-    perturb=1`` is :func:`reinit_`.
+    perturb=1`` is ``reinit_``.
 
-    ``include`` / ``exclude``: shell-style globs on parameter names, as in :func:`copy_`
+    ``include`` / ``exclude``: shell-style globs on parameter names, as in ``copy_``
     (``include="encoder.*"``). ``generator``: draw the fresh weights from it instead of the
     global RNG (on the weights' device). ``optimizer`` (or a sequence of them: an agent's
     actor and critic optimizers): also forget their state (Adam's moments and step count) for
-    exactly the touched parameters (:func:`reset_optimizer_state_`).
+    exactly the touched parameters (``reset_optimizer_state_``).
 
     Everything is checked before anything is drawn or written (a bad pattern, coefficient,
     generator or optimizer leaves every weight and optimizer state as it was). Writes go
@@ -245,7 +247,7 @@ def reinit_(
     optimizer: Optimizer | Sequence[Optimizer] | None = None,
 ) -> list[str]:
     """Re-initialise the selected parameters by their layers' ``reset_parameters()``:
-    :func:`shrink_perturb_` with ``shrink=0, perturb=1`` (Nikishin et al.'s resets).
+    ``shrink_perturb_`` with ``shrink=0, perturb=1`` (Nikishin et al.'s resets).
     Returns the names of the touched parameters."""
     return _reset(module, 0.0, 1.0, include, exclude, generator, optimizer, "reinit_")
 
@@ -312,12 +314,14 @@ def _combine(theta: Tensor, fresh: Tensor, shrink: float, perturb: float) -> Non
 
 
 class ShrinkPerturb(PeriodicRoutine):
-    """:func:`shrink_perturb_` on a schedule: every ``every`` steps, or at the listed steps
-    ``at`` (BRO's resets at fixed steps); ``shrink=0, perturb=1`` resets. :meth:`step` after
+    """``shrink_perturb_`` on a schedule: every ``every`` steps, or at the listed steps
+    ``at`` (BRO's resets at fixed steps); ``shrink=0, perturb=1`` resets. ``step`` after
     every gradient step (or ``step(n)`` after ``n`` environment steps: the caller's unit);
     ``touched`` names what the last run touched; ``state_dict()`` saves the counter.
 
+    ```python
     >>> resets = rw.ShrinkPerturb(critic, 0.0, 1.0, every=100_000, optimizer=critic_opt)
+    ```
     """
 
     def __init__(

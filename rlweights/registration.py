@@ -36,7 +36,7 @@ class StructureWatch:
     the watched modules (``load_state_dict(assign=True)``, ``module.weight = ...``, a layer
     replaced), as the registration happens. A compiled function guards on the flag: its
     cached code stops being used the moment the structure may have changed, without any
-    check at run time (see :func:`rlweights.capture.check_plan`)."""
+    check at run time (see ``rlweights.capture.check_plan``)."""
 
     __slots__ = ("__weakref__", "changed")
 

@@ -2,12 +2,14 @@
 
 Both keep a frozen averaged copy of the module in flat storage (``rw.make_target``), so an
 update is one fused pass per flat buffer, and both are routines like ``rw.PolyakUpdate``
-(:class:`~rlweights.periodic.PeriodicRoutine`): ``update()`` (also named ``step()``),
+(``PeriodicRoutine``): ``update()`` (also named ``step()``),
 ``state_dict()`` / ``load_state_dict()``, a clear repr.
 
+```python
 >>> ema = rw.EMA(policy, tau=0.005, warmup=True)
 >>> ema.update()  # after each optimizer step of the policy
 >>> action = ema.averaged(obs)
+```
 
 Convention: ``tau`` is the step toward the online weights, as everywhere in rlweights
 (torch's / timm's ``decay`` and ema-pytorch's ``beta`` are ``1 - tau``).
@@ -38,7 +40,9 @@ __all__ = ["EMA", "SWA"]
 
 class _Average(PeriodicRoutine):
     """The averaged copy, moved toward the module on the due steps of the routine's counter;
-    subclasses give the schedule of tau. The state is ``{"counter": ..., "updates": ...,
+    subclasses give the schedule of tau. The copy is made by ``make_target``, which also puts
+    the online module into flat storage (its Parameter objects stay, so optimizers and hooks
+    built on them stay valid). The state is ``{"counter": ..., "updates": ...,
     "averaged": <the averaged module's state_dict>}``."""
 
     def __init__(
@@ -67,7 +71,7 @@ class _Average(PeriodicRoutine):
         raise NotImplementedError
 
     def _tau_tensor(self, updates: Tensor) -> Tensor:
-        """The capturable form of :meth:`_tau` (float64, on the device)."""
+        """The capturable form of ``_tau`` (float64, on the device)."""
         raise NotImplementedError
 
     def _run(self) -> None:
@@ -80,7 +84,7 @@ class _Average(PeriodicRoutine):
         write_(self.plan, tau, buffers=self.buffers, when=None if always else due)
 
     def check(self) -> None:
-        """Capturable averages: raise :class:`~rlweights.LayoutChangedError` if the weights
+        """Capturable averages: raise ``LayoutChangedError`` if the weights
         moved since the average was built."""
         if self.plan is not None:
             check_plan(self.plan)
@@ -128,7 +132,7 @@ class EMA(_Average):
     initialisation for thousands of steps. ``every=k`` updates on every k-th call.
 
     ``capturable=True``: the form for compiled and captured steps (as for
-    :class:`~rlweights.PolyakUpdate`): ``tau`` in a device tensor (``ema.tau = x`` writes it
+    ``PolyakUpdate``): ``tau`` in a device tensor (``ema.tau = x`` writes it
     in place), the warm-up schedule computed there from the update count.
     """
 
@@ -208,7 +212,7 @@ class SWA(_Average):
 
     @property
     def calls(self) -> int:
-        """Calls of :meth:`update` counted so far (those before ``start`` included)."""
+        """Calls of ``update`` counted so far (those before ``start`` included)."""
         return self.steps
 
     def __repr__(self) -> str:

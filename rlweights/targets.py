@@ -55,14 +55,14 @@ def _always(routine: TargetRoutine) -> bool:
 class TargetRoutine(PeriodicRoutine):
     """Counts ``step()`` calls and updates the target on every due step: every ``every``-th
     one (as SB3's DQN does: the first update happens at step ``every``), after the first
-    ``start`` steps. ``counter`` is the :class:`~rlweights.periodic.Periodic` that says when.
+    ``start`` steps. ``counter`` is the ``Periodic`` that says when.
 
-    A routine made without ``source`` and ``target`` is a template: :meth:`bind` makes a bound
+    A routine made without ``source`` and ``target`` is a template: ``bind`` makes a bound
     copy (``rlweights.sb3.attach`` does this for each target pair of a model).
 
     ``state_dict()`` is ``{"counter": <Periodic's state>, "updates": n}`` (plus ``"tau"`` for
-    :class:`PolyakUpdate`); a state saved with another ``every`` or ``start`` is refused, as
-    :class:`~rlweights.periodic.Periodic` does.
+    ``PolyakUpdate``); a state saved with another ``every`` or ``start`` is refused, as
+    ``Periodic`` does.
     """
 
     def __init__(
@@ -100,10 +100,10 @@ class TargetRoutine(PeriodicRoutine):
         """What a subclass keeps per bound pair (the capturable form's coefficient tensor)."""
 
     def check(self) -> None:
-        """Capturable routines: raise :class:`~rlweights.LayoutChangedError` if the weights
+        """Capturable routines: raise ``LayoutChangedError`` if the weights
         moved since the routine was built (called on every step: inside torch.compile when
         the step is traced, and the compiled code is traced again after a change, see
-        :mod:`rlweights.capture`)."""
+        ``rlweights.capture``)."""
         if self.plan is not None:
             check_plan(self.plan)
 
@@ -143,21 +143,23 @@ class PolyakUpdate(TargetRoutine):
     that receives the number of updates done so far and returns the float for this one
     (validated at every update). It can be changed at any time (``routine.tau = 0.01``).
     ``start=s`` holds the first update back to step ``s + every`` (how SWA starts averaging
-    late). ``buffers`` / ``nonfinite`` are those of :func:`rlweights.polyak_`.
+    late). ``buffers`` / ``nonfinite`` are those of ``rlweights.polyak_``.
 
     ``capturable=True``: the form for compiled and captured training steps (see
-    :mod:`rlweights.capture`). The pair is resolved and validated here; ``tau`` lives in a
+    ``rlweights.capture``). The pair is resolved and validated here; ``tau`` lives in a
     0-dim float64 tensor on the weights' device, which ``routine.tau = x`` overwrites in place
     (compiled and captured steps see the new value); the counters are device tensors, and
-    :meth:`step` returns the due flag as a tensor. Off the every-step case the write is a
+    ``step`` returns the due flag as a tensor. Off the every-step case the write is a
     ``torch.where`` over the due flag. Schedules and ``nonfinite="raise"`` need the host at
     every update and are refused; ``tau=0`` then adds ``0 * (source - target)`` (the weights
     stay equal, but a non-finite source makes NaN).
 
+    ```python
     >>> target = rw.make_target(critic)
     >>> update = rw.PolyakUpdate(critic, target, tau=0.005)
     >>> update.step()  # after each gradient step
     >>> warmup = rw.PolyakUpdate(tau=lambda n: min(1.0, 0.005 + 1.0 / (n + 1)))  # a template
+    ```
     """
 
     def __init__(
@@ -262,12 +264,14 @@ class PolyakUpdate(TargetRoutine):
 
 class HardUpdate(TargetRoutine):
     """Hard target update (exact copy) every ``every`` steps, as DQN's target network;
-    ``start`` as for :class:`PolyakUpdate`.
+    ``start`` as for ``PolyakUpdate``.
 
+    ```python
     >>> update = rw.HardUpdate(q_net, q_target, every=1000)
+    ```
 
     ``capturable=True``: the form for compiled and captured steps (as for
-    :class:`PolyakUpdate`): every call is one ``torch.where`` per tensor over the due flag of
+    ``PolyakUpdate``): every call is one ``torch.where`` per tensor over the due flag of
     the device counter, no host branch.
     """
 

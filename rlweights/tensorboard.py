@@ -1,18 +1,20 @@
 """Writing drift metrics to TensorBoard with ``torch.utils.tensorboard.SummaryWriter``.
 
 Needs the ``tensorboard`` extra (``pip install 'rlweights[tensorboard]'``); without it,
-importing this module raises :class:`rlweights.extras.MissingExtraError` naming it.
+importing this module raises ``rlweights.extras.MissingExtraError`` naming it.
 
-Tags are those of :mod:`rlweights.drift`: ``drift/<module>/<metric>`` for totals and
+Tags are those of ``rlweights.drift``: ``drift/<module>/<metric>`` for totals and
 ``drift/<module>/layers/<tensor>/<metric>`` per tensor. A custom-scalars layout (TensorBoard's
 "Custom Scalars" tab) puts each module's per-tensor values of one metric on one chart.
 
+```python
 >>> from torch.utils.tensorboard import SummaryWriter
 >>> logger = DriftLogger(SummaryWriter("runs/exp"), DriftMonitor({"critic": critic}))
 >>> for step in range(steps):
 ...     train_step()
 ...     if step % 1000 == 0:
 ...         logger.log(step)
+```
 """
 
 from __future__ import annotations
@@ -35,8 +37,8 @@ __all__ = ["DriftLogger"]
 
 
 class DriftLogger:
-    """Measures a :class:`DriftMonitor` and writes the values (and optionally histograms of
-    the weights) to a ``SummaryWriter``; one host sync per :meth:`log` call."""
+    """Measures a ``DriftMonitor`` and writes the values (and optionally histograms of
+    the weights) to a ``SummaryWriter``; one host sync per ``log`` call."""
 
     def __init__(
         self,

@@ -3,7 +3,7 @@
 A *weight set* is an ``nn.Module`` (its parameters without duplicates, so tied weights count
 once, then its buffers, matched **by name**), a mapping of names to tensors (a ``state_dict``,
 matched by name), a sequence of tensors (matched **by position**), a single tensor, or the
-:class:`~rlweights.FlatWeights` handle returned by :func:`rlweights.flatten_`.
+``FlatWeights`` handle returned by ``rlweights.flatten_``.
 
 Everything here runs before any op writes: a bad call raises and leaves every tensor untouched.
 """
@@ -41,7 +41,7 @@ __all__ = [
 
 
 class ModuleHandle:
-    """Base of handles that stand for a module's weights (:class:`rlweights.FlatWeights`):
+    """Base of handles that stand for a module's weights (``rlweights.FlatWeights``):
     an op given a handle acts on ``handle.module``."""
 
     @property
@@ -145,10 +145,10 @@ _ENTRIES = weakref.WeakKeyDictionary()
 
 
 def cached_module_entries(module: nn.Module) -> list[Entry]:
-    """:func:`module_entries`, remembered until any module registers a tensor or submodule.
+    """``module_entries``, remembered until any module registers a tensor or submodule.
 
     Only *which* tensors a module holds is cached; shapes, dtypes and devices are checked at
-    every call by :func:`match`, so ``.to()`` and casts are always seen.
+    every call by ``match``, so ``.to()`` and casts are always seen.
     """
     install_hooks()
     cached = _ENTRIES.get(module)
@@ -193,7 +193,7 @@ def match(
 ) -> list[tuple[Entry, Entry]]:
     """Pair target and source entries (by name when both are named, else by position).
 
-    Raises :class:`WeightMismatchError` naming every offending tensor when names, counts,
+    Raises ``WeightMismatchError`` naming every offending tensor when names, counts,
     shapes, dtypes or devices differ, or (``writes``) when target tensors share memory (with
     each other, within themselves, or with a source) or hold no data (meta tensors).
     """
@@ -328,7 +328,7 @@ def check_apart(pairs: list[tuple[Entry, Entry]], op: str) -> None:
     """Refuse a target tensor that shares memory with a source tensor, unless it *is* its own
     source (same address, shape and strides): writing it would change values that are still
     to be read, so the result would depend on the order of the writes, or an op would fail
-    halfway. Conservative, like :func:`check_no_overlap` (memory spans are compared).
+    halfway. Conservative, like ``check_no_overlap`` (memory spans are compared).
 
     One sweep over the spans sorted by address: about ``n log n`` for ``n`` tensors; none
     when the two sides hold different storages (the usual case, checked first)."""

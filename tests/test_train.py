@@ -887,7 +887,7 @@ def test_a_current_checkpoint_without_its_checksum_is_refused(tmp_path, capsys):
 
 
 def _set(*keys_and_value):
-    """A change for :func:`_reseal`: the entry at ``keys`` of the state becomes ``value``."""
+    """A change for ``_reseal``: the entry at ``keys`` of the state becomes ``value``."""
     *keys, value = keys_and_value
 
     def change(state):

@@ -214,7 +214,7 @@ def _kernels_per_update(device: torch.device) -> int | None:
 def run(
     models: list[str], device: str = "cpu", rounds: int = 15, min_batch_s: float = 0.002
 ) -> dict:
-    """Benchmark each model; returns a JSON-able dict (see :func:`markdown`)."""
+    """Benchmark each model; returns a JSON-able dict (see ``markdown``)."""
     import torch
 
     dev = torch.device(device)

@@ -183,7 +183,7 @@ def _isolated(impl: str, config: Any, threads: int | None = None) -> Any:
     """One timed run of ``impl`` in a fresh process with ``threads`` threads (this process's
     count by default; ``OMP_NUM_THREADS`` set before the process starts, as ``rlweights train
     --threads`` does; JAX and torch are never in one process). ``impl="bound"``:
-    :func:`_bound_here`."""
+    ``_bound_here``."""
     threads = threads or torch.get_num_threads()
     return in_fresh_process(_timed, impl, config, threads, env={"OMP_NUM_THREADS": str(threads)})
 
@@ -192,7 +192,7 @@ def update_bound(config: Any, compiled: bool = True, threads: tuple[int, ...] = 
     """The update against this machine's matmul limit, for each thread count in ``threads``
     (default: one thread, the agents' default, and this process's count; on CUDA the one
     device): each measured in a process of its own started with that count
-    (:func:`_bound_here`). The rate and the bound grow with threads; the update's small
+    (``_bound_here``). The rate and the bound grow with threads; the update's small
     elementwise kernels and thin layers hardly do, so the fraction reached depends on the
     thread count as well."""
     here = torch.get_num_threads()
@@ -245,7 +245,7 @@ def agents_and_batch(
 
 
 def _bound_here(config: Any, rounds: int = 5, repeats: int = 20) -> dict[str, float]:
-    """In this process: the matmuls of one eager update (:class:`UpdateMatmuls`; of one cycle
+    """In this process: the matmuls of one eager update (``UpdateMatmuls``; of one cycle
     of updates where they differ, TD3's delayed actor), then ``rounds`` interleaved rounds of
     the eager update, the compiled one (if ``config.compile``; compiled here, at this thread
     count), those matmuls replayed alone and a square matmul (batch x hidden by hidden x

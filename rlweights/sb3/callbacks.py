@@ -44,7 +44,9 @@ class WeightConstraintCallback(BaseCallback):
     (not every environment step), and the hooks are removed when training ends. Logs
     ``rlweights/constraint_steps`` through SB3's logger.
 
+    ```python
     >>> model.learn(10_000, callback=WeightConstraintCallback(("actor",), max_norm=3.0))
+    ```
     """
 
     def __init__(
@@ -93,7 +95,7 @@ class WeightConstraintCallback(BaseCallback):
         return {"constraint_steps": self.constraint_steps}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore :meth:`state_dict`, validated first."""
+        """Restore ``state_dict``, validated first."""
         op = "WeightConstraintCallback.load_state_dict"
         if not isinstance(state, dict) or set(state) != {"constraint_steps"}:
             got = sorted(state) if isinstance(state, dict) else type(state).__name__
@@ -105,7 +107,7 @@ class WeightConstraintCallback(BaseCallback):
 
 
 class DriftCallback(BaseCallback):
-    """Log weight drift (:mod:`rlweights.drift`) of an SB3 model every ``every`` calls.
+    """Log weight drift (``rlweights.drift``) of an SB3 model every ``every`` calls.
 
     Tracks the online networks of the model's target pairs (``critic``, ``actor``, ``q_net``,
     ...) with their targets, or the whole ``policy`` for algorithms without targets. When the
@@ -113,8 +115,10 @@ class DriftCallback(BaseCallback):
     its ``SummaryWriter``, at ``num_timesteps``; otherwise they are recorded through SB3's
     logger (per-tensor values kept out of stdout).
 
+    ```python
     >>> model = SAC("MlpPolicy", "Pendulum-v1", tensorboard_log="runs")
     >>> model.learn(20_000, callback=DriftCallback(every=1000))
+    ```
     """
 
     def __init__(self, every: int = 1000, per_layer: bool = True, histograms: bool = False):
@@ -166,7 +170,7 @@ class DriftCallback(BaseCallback):
 class PlasticityCallback(BaseCallback):
     """Resets, shrink-and-perturb and unit-sphere projection for an SB3 model: the native
     agents' ``--reset-every``, ``--shrink-perturb`` and ``--unit-sphere``
-    (:mod:`rlweights.plasticity`, :class:`rlweights.constraints.UnitSphere`).
+    (``rlweights.plasticity``, ``rlweights.constraints.UnitSphere``).
 
     ``reset_every`` / ``sp_every`` count environment steps (``model.num_timesteps``).
     ``reset_layers``: shell globs over the names of ``model.policy``'s parameters
@@ -186,8 +190,10 @@ class PlasticityCallback(BaseCallback):
     model and then the one ``SAC.load`` gives back: the schedules go on from that model's
     ``num_timesteps``.
 
+    ```python
     >>> resets = PlasticityCallback(reset_every=20_000, reset_layers="critic.*")
     >>> model.learn(100_000, callback=resets)
+    ```
     """
 
     def __init__(
@@ -304,7 +310,7 @@ class PlasticityCallback(BaseCallback):
     def state_dict(self) -> dict[str, Any]:
         """The schedules' states (counters, generators; SB3's ``log_std`` schedules apart) and
         the event counts, to resume a run (before training starts: the state given to
-        :meth:`load_state_dict`)."""
+        ``load_state_dict``)."""
         if not self.routines and not self._log_std_shifts and self._pending is not None:
             return self._pending
         return {
@@ -314,7 +320,7 @@ class PlasticityCallback(BaseCallback):
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore :meth:`state_dict` (each schedule's state validated before it loads). Before
+        """Restore ``state_dict`` (each schedule's state validated before it loads). Before
         training starts the state is kept and loaded into the schedules when they are made
         (which of them there are depends on the policy)."""
         op = "PlasticityCallback.load_state_dict"

@@ -2,7 +2,7 @@
 
 SB3 imports ``polyak_update`` by name into each algorithm module and calls it at its own
 update points with generators of parameters. ``attach`` replaces that name in the
-algorithm's module (once, for all models) by this module's :func:`polyak_update`, which
+algorithm's module (once, for all models) by this module's ``polyak_update``, which
 recognises the target tensors of attached models and routes those calls to rlweights; every
 other call, from models that are not attached, goes to SB3's own function unchanged.
 Nothing is stored on the model, so ``model.save()`` / ``SAC.load()`` work as usual; after a
@@ -135,7 +135,7 @@ _NO_TOGGLE = nullcontext()
 def _polyak_as_sb3_(target: Weights, source: Weights, tau: float) -> None:
     """SB3's own formula, ``target <- target * (1 - tau) + tau * source`` (two passes, rounded
     as SB3's ``polyak_update`` rounds), on the parameters only, on the validated plans of
-    :func:`rlweights.polyak_` (one kernel pair per flat buffer).
+    ``rlweights.polyak_`` (one kernel pair per flat buffer).
 
     An attached model uses it where it is given no routine, so that it trains bit-identically
     to a plain one. ``tau=0`` writes nothing.
@@ -185,7 +185,7 @@ class _Stats:
 
 @dataclass
 class Attachment:
-    """What :func:`attach` did to one model; :meth:`detach` undoes it."""
+    """What ``attach`` did to one model; ``detach`` undoes it."""
 
     algorithm: str
     module_path: str
@@ -325,7 +325,7 @@ def attach(model: Any, routine: Routine = None) -> Attachment:
 
 
 def detach(model: Any) -> None:
-    """Undo :func:`attach` for ``model`` (nothing happens if it is not attached)."""
+    """Undo ``attach`` for ``model`` (nothing happens if it is not attached)."""
     attachment = _ATTACHED.pop(model, None)
     if attachment is not None:
         attachment.detach()

@@ -48,9 +48,9 @@ class PolicyAveragingCallback(BaseCallback):
     """Keep an averaged copy of an SB3 policy, evaluate it next to the online policy, save it.
 
     ``average="ema"``: exponential moving average, ``avg <- avg + tau * (online - avg)``
-    (:class:`rlweights.EMA`; ``warmup=True`` for its TensorFlow-style warm-up; torch/timm
+    (``rlweights.EMA``; ``warmup=True`` for its TensorFlow-style warm-up; torch/timm
     ``decay`` is ``1 - tau``). ``average="swa"``: uniform mean of the weights seen after the
-    first ``start`` gradient steps (:class:`rlweights.SWA`). Either way ``every=k`` averages
+    first ``start`` gradient steps (``rlweights.SWA``). Either way ``every=k`` averages
     at every k-th gradient step. The average is made over the whole ``model.policy`` (actor,
     critics and their targets), so it has the policy's ``state_dict`` and saves as a normal
     model; it is frozen (no grad, eval mode, in no optimizer) and lives in flat storage, so an
@@ -77,13 +77,15 @@ class PolicyAveragingCallback(BaseCallback):
     ``eval/averaged_std_reward``; ``evaluations`` keeps ``(timesteps, online mean, averaged
     mean)``. ``rlweights/averaged_updates`` is recorded at each rollout end.
 
-    With :func:`attach` on the same model, the flat layouts ``attach`` made for the target
+    With ``attach`` on the same model, the flat layouts ``attach`` made for the target
     pairs are kept (the policy is then not flattened as a whole, and the average is updated
     on the grouped ``torch._foreach_*`` path); attach before ``learn``.
 
+    ```python
     >>> averaging = PolicyAveragingCallback("ema", tau=0.005, eval_env="Pendulum-v1")
     >>> model.learn(50_000, callback=averaging)
     >>> averaging.save_averaged("sac_ema")  # sac_ema.zip: SAC.load acts with the average
+    ```
     """
 
     def __init__(
@@ -291,7 +293,7 @@ class PolicyAveragingCallback(BaseCallback):
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore :meth:`state_dict`. Before training starts the state is kept and loaded
+        """Restore ``state_dict``. Before training starts the state is kept and loaded
         into the average when it is made (to resume an average with a loaded model)."""
         name = "PolicyAveragingCallback.load_state_dict"
         expected = {"average", "averager", "evaluations"}
