@@ -15,9 +15,11 @@ import ast
 import importlib
 import json
 import os
+import re
 import subprocess
 import sys
 import sysconfig
+import tarfile
 import textwrap
 import zipfile
 from pathlib import Path
@@ -597,3 +599,52 @@ def test_no_private_name_crosses_a_module_and_no_import_cycle():
         if module not in state:
             visit(module, [module])
     assert not cycles, "module-level import cycles: " + "; ".join(" -> ".join(c) for c in cycles)
+
+
+def test_the_version_is_the_changelogs():
+    """pyproject, ``rlweights.__version__`` and the CHANGELOG's latest release agree."""
+    import tomllib
+
+    import rlweights
+
+    version = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["version"]
+    releases = re.findall(r"^## \[(\d+\.\d+\.\d+)\] - \d{4}-\d{2}-\d{2}$", _changelog(), re.M)
+    assert releases, "CHANGELOG.md names no release ('## [X.Y.Z] - YYYY-MM-DD')"
+    assert version == rlweights.__version__ == releases[0]
+
+
+def _changelog() -> str:
+    return (ROOT / "CHANGELOG.md").read_text(encoding="utf-8")
+
+
+def test_the_release_builds_and_its_readme_renders(tmp_path):
+    """``python -m build`` makes a wheel and an sdist (the sdist's wheel built from the sdist
+    alone); ``twine check --strict`` renders the README as PyPI would; both carry the
+    license, and the wheel's metadata says MIT."""
+    out = tmp_path / "dist"
+    done = subprocess.run(
+        [sys.executable, "-m", "build", "--no-isolation", "--outdir", str(out), str(ROOT)],
+        capture_output=True,
+        text=True,
+        timeout=SUBPROCESS_TIMEOUT,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    (wheel,) = out.glob("rlweights-*.whl")
+    (sdist,) = out.glob("rlweights-*.tar.gz")
+    check = subprocess.run(
+        [sys.executable, "-m", "twine", "check", "--strict", str(wheel), str(sdist)],
+        capture_output=True,
+        text=True,
+        timeout=SUBPROCESS_TIMEOUT,
+    )
+    assert check.returncode == 0, check.stdout + check.stderr
+    with zipfile.ZipFile(wheel) as zf:
+        names = zf.namelist()
+        (metadata,) = [n for n in names if n.endswith(".dist-info/METADATA")]
+        text = zf.read(metadata).decode()
+        assert any(n.endswith(".dist-info/licenses/LICENSE") for n in names)
+    assert "License-Expression: MIT" in text
+    assert "Classifier: Programming Language :: Python :: 3" in text
+    assert (ROOT / "LICENSE").read_text().startswith("MIT License")
+    with tarfile.open(sdist) as tf:
+        assert any(n.endswith("/LICENSE") for n in tf.getnames())
