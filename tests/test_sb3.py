@@ -292,12 +292,31 @@ def test_drift_callback_logs_into_the_sb3_tensorboard_run(tmp_path):
     assert "drift/critic/target_distance" in scalars
     assert "drift/critic/layers/qf0.0.weight/update_ratio" in scalars
     read = events.Scalars("drift/critic/target_distance")
-    assert [e.step for e in read] == [50, 100, 150, 200, 1000]
+    assert [e.step for e in read] == [50, 100, 150, 200, 1000]  # 200: due, once
     want = rw.distance(list(model.critic.parameters()), list(model.critic_target.parameters()))
     assert read[-1].value == pytest.approx(want.item(), rel=1e-5)
     assert read[-1].value == pytest.approx(logged["drift/critic/target_distance"], rel=1e-6)
     with pytest.raises(ValueError, match="every must be an int >= 1"):
         rsb3.DriftCallback(every=0)
+
+
+def test_drift_callback_measures_the_end_of_a_learn_between_due_steps(tmp_path):
+    """A learn that ends between two due steps is measured at its end, on its final weights;
+    one that ends on a due step is measured there once."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    model = _make(SAC, tensorboard_log=str(tmp_path))
+    callback = rsb3.DriftCallback(every=50)
+    model.learn(120, callback=callback)
+    critic, target = list(model.critic.parameters()), list(model.critic_target.parameters())
+    final = rw.distance(critic, target).item()
+    model.learn(30, callback=callback, reset_num_timesteps=False)  # ends at 150, a due step
+    callback.drift_logger.writer.flush()
+    events = EventAccumulator(str(next(tmp_path.iterdir())), size_guidance={"scalars": 0})
+    events.Reload()
+    read = events.Scalars("drift/critic/target_distance")
+    assert [e.step for e in read] == [50, 100, 120, 150]
+    assert read[2].value == pytest.approx(final, rel=1e-5)
 
 
 def test_drift_callback_without_tensorboard_records_through_the_logger():

@@ -113,7 +113,9 @@ class DriftCallback(BaseCallback):
     ...) with their targets, or the whole ``policy`` for algorithms without targets. When the
     model logs to TensorBoard (``tensorboard_log=``), the values go into that same run through
     its ``SummaryWriter``, at ``num_timesteps``; otherwise they are recorded through SB3's
-    logger (per-tensor values kept out of stdout).
+    logger (per-tensor values kept out of stdout). A due step is measured when SB3 reports
+    it, after its environment step and before the rollout's gradient steps; a ``learn`` that
+    ends between two due steps is measured once more at its end, on its final weights.
 
     ```python
     >>> model = SAC("MlpPolicy", "Pendulum-v1", tensorboard_log="runs")
@@ -128,6 +130,7 @@ class DriftCallback(BaseCallback):
         self.histograms = histograms
         self.drift_logger = None
         self.monitor: DriftMonitor | None = None
+        self.logged_at: int | None = None  # num_timesteps of the last measurement
 
     def _on_training_start(self) -> None:
         from stable_baselines3.common.logger import TensorBoardOutputFormat
@@ -156,8 +159,15 @@ class DriftCallback(BaseCallback):
             self.log_drift()
         return True
 
+    def _on_training_end(self) -> None:
+        if self.logged_at != self.num_timesteps:
+            self.log_drift()
+            if self.drift_logger is None:  # SB3 writes its logger's records at rollout ends
+                self.logger.dump(self.num_timesteps)
+
     def log_drift(self) -> dict[str, float]:
         """Measure now and log at the model's ``num_timesteps``."""
+        self.logged_at = self.num_timesteps
         if self.drift_logger is not None:
             return self.drift_logger.log(self.num_timesteps)
         values = {tag: float(v) for tag, v in self.monitor.measure().items()}
