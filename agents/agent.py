@@ -39,9 +39,9 @@ __all__ = [
 ]
 
 
-# Every this many gradient updates (on the CPU), the optimizers' subnormal state becomes 0:
-# see flush_subnormal_state_.
 FLUSH_SUBNORMALS_EVERY = 100
+"""Every this many gradient updates (on the CPU), the optimizers' subnormal state becomes 0: see
+flush_subnormal_state_."""
 
 
 def flush_subnormal_state_(optimizer: torch.optim.Optimizer) -> None:

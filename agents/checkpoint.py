@@ -37,16 +37,20 @@ __all__ = [
 
 
 CHECKPOINT_FORMAT = "rlweights-agent"
+"""The ``format`` entry of every checkpoint ``rlweights train`` writes: a file without it is not
+one of its checkpoints."""
 
 
-# Version 2: the routines' states in the one counter format of rlweights.periodic. Version 3:
-# the config's weight clamp is ``weight_clip`` (was ``clip``) and the replay buffer's terminal
-# flags ``terminated`` (were ``dones``); a version 2 checkpoint is read with those names
-# changed and resumes. Version 1 checkpoints load for evaluation only.
 CHECKPOINT_VERSION = 3
+"""The version of the checkpoints written now. Version 2: the routines' states in the one counter
+format of rlweights.periodic. Version 3: the config's weight clamp is ``weight_clip`` (was
+``clip``) and the replay buffer's terminal flags ``terminated`` (were ``dones``); a version 2
+checkpoint is read with those names changed and resumes. Version 1 checkpoints load for
+evaluation only."""
 
 
 RESUMABLE_VERSIONS = (2, 3)
+"""The checkpoint versions ``--resume`` continues from (older ones evaluate only)."""
 
 
 # Names a version 2 file gives what version 3 names otherwise (config field, buffer field).

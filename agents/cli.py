@@ -73,6 +73,7 @@ table: python -m pydoc rlweights.sb3.patching).
 
 Parallel learners: torchrun --nproc_per_node=N -m rlweights train ... --average-every K.
 """
+"""The description of ``rlweights train --help``."""
 
 MAX_RUN_NAME = 200  # bytes; file systems allow 255 per name
 
@@ -80,6 +81,7 @@ MAX_RUN_NAME = 200  # bytes; file systems allow 255 per name
 ENV_ID = re.compile(r"(?:[A-Za-z_]\w*(?:\.[A-Za-z_]\w*)*:)?(?:[\w.-]+/)?[\w.-]+")
 
 EVALUATE_DESCRIPTION = "Run deterministic episodes with a saved agent and print the mean return."
+"""The description of ``rlweights evaluate --help``."""
 
 __all__ = [
     "EVALUATE_DESCRIPTION",
@@ -206,6 +208,8 @@ FLAGS = _flags()
 
 
 def add_train_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add the flags of ``rlweights train`` to ``parser``, in the sections of its help: one flag
+    per config field (with its default, rule and help), and the run's own flags."""
     run = parser.add_argument_group("run and output")
     groups = {
         "run": run,
@@ -287,6 +291,7 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def add_evaluate_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add the arguments of ``rlweights evaluate`` to ``parser``."""
     parser.add_argument("checkpoint", help="a model.pt written by 'rlweights train', or its run")
     parser.add_argument("--episodes", type=_count, default=10, help="evaluation episodes (10)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the first episode (0)")
@@ -717,6 +722,9 @@ def _unwritten_message(run_dir: Path, exc: WriteError) -> str:
 
 
 def train_main(args: argparse.Namespace) -> int:
+    """``rlweights train``: one run, several seeds side by side, or a resumed run, from parsed
+    arguments; the exit code (2 on bad input, in one line, before anything is written; 128 +
+    the signal's number when stopped)."""
     if args.threads < 1:
         print("rlweights train: error: --threads must be >= 1", file=sys.stderr)
         return 2
@@ -1007,6 +1015,8 @@ def _prepare_evaluate(args: argparse.Namespace) -> tuple[Any, Any, dict[str, Any
 
 
 def evaluate_main(args: argparse.Namespace) -> int:
+    """``rlweights evaluate``: evaluate a checkpoint and print its mean return; the exit code (2 on
+    bad input, in one line)."""
     prepared = _guarded("evaluate", _prepare_evaluate, args)
     if isinstance(prepared, int):
         return prepared

@@ -35,19 +35,18 @@ __all__ = [
     "tensor_adam_step_",
 ]
 
-# torch.compile's backend for the compiled steps: inductor generates the fused kernels; the
-# tests also use "aot_eager" (the same tracing and functionalization, no code generation,
-# seconds instead of a minute of compiling).
 BACKEND = "inductor"
+"""The torch.compile backend of the compiled steps: inductor generates the fused kernels; the tests
+also use "aot_eager" (the same tracing and functionalization, no code generation, seconds
+instead of a minute of compiling)."""
 
 
-# ``rlweights train --compile auto`` (the default) compiles the gradient step of a run that
-# plans at least this many gradient steps: about twice as many as it takes, on the CPU, for
-# the compiled step's saving to pay for compiling with an empty inductor cache
-# (docs/benchmarks.md, "When compiling pays"). DQN (None) is left eager: its compiled step
-# gains too little per step for its runs' lengths. An algorithm not listed has not been
-# measured: eager unless --compile on.
 COMPILE_PAYS_FROM: dict[str, int | None] = {"sac": 16_000, "td3": 30_000, "ddpg": 24_000}
+"""``rlweights train --compile auto`` (the default) compiles the gradient step of a run that plans
+at least this many gradient steps: about twice as many as it takes, on the CPU, for the compiled
+step's saving to pay for compiling with an empty inductor cache (docs/benchmarks.md, "When
+compiling pays"). DQN (None) is left eager: its compiled step gains too little per step for its
+runs' lengths. An algorithm not listed has not been measured: eager unless --compile on."""
 COMPILE_PAYS_FROM |= {"tqc": 3_500, "droq": 28_000, "dqn": None}
 
 

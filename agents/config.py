@@ -22,8 +22,8 @@ __all__ = [
     "split_patterns",
 ]
 
-# The sections of ``rlweights train --help`` a setting's flag is listed under.
 Group = Literal["hyperparameters", "weights", "plasticity", "run", "parallel"]
+"""The sections of ``rlweights train --help`` a setting's flag is listed under."""
 
 
 def setting(
@@ -69,9 +69,9 @@ def _none_or_positive(value: float | None) -> bool:
     return value is None or value > 0.0
 
 
-# Evaluations per run by default. TensorBoard's Scalars dashboard, with its default "ignore
-# outliers in chart scaling", draws no line for a series of two points: a run needs more.
 EVALUATIONS = 10
+"""Evaluations per run by default. TensorBoard's Scalars dashboard, with its default "ignore
+outliers in chart scaling", draws no line for a series of two points: a run needs more."""
 
 
 @dataclass

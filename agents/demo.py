@@ -57,10 +57,13 @@ BAIRD_ROUTINES = (
     "polyak:0.01",
     "polyak:0.001",
 )
+"""The TD targets ``rlweights demo baird`` compares: none (the online weights), hard copies and
+Polyak averages."""
 CHAIN_ROUTINES = ("none", "hard:100", "hard:1000", "polyak:0.01", "polyak:0.001")
-# A run "diverges" when the weight norm passes this: about 100 times the initial norm,
-# sqrt(107).
+"""The target updates ``rlweights demo chain`` compares."""
 DIVERGED_NORM = 1e3
+"""A run "diverges" when the weight norm passes this: about 100 times the initial norm,
+sqrt(107)."""
 _GIVE_UP_NORM = 1e12  # stop simulating a run that has clearly diverged
 
 
@@ -357,6 +360,8 @@ def _step_size(text: str) -> float:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add the subcommands of ``rlweights demo`` (``baird``, ``chain``) and their flags to
+    ``parser``."""
     demos = parser.add_subparsers(dest="demo", metavar="DEMO", required=True)
     common: list[tuple[tuple[str, ...], dict[str, Any]]] = [
         (("--seeds",), {"type": int, "nargs": "+", "default": [0], "help": "seeds (0)"}),
@@ -402,6 +407,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def main_from_args(args: argparse.Namespace) -> int:
+    """``rlweights demo``: run the chosen demo over its seeds, print its table, write its
+    TensorBoard runs (and the figure with ``--png``); the exit code."""
     if args.logdir is None:
         args.logdir = Path("runs") / f"demo-{args.demo}-{time.strftime('%Y%m%d-%H%M%S')}"
     if args.demo == "baird":

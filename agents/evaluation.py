@@ -14,6 +14,7 @@ __all__ = ["EVAL_SEED_OFFSET", "evaluate"]
 
 
 EVAL_SEED_OFFSET = 1_000_000  # evaluation episodes never reuse a training seed
+"""Added to a run's seed for its evaluation episodes, so that they never reuse a training seed."""
 
 
 def evaluate(

@@ -19,12 +19,13 @@ def _mlp_parameters(sizes: list[int]) -> int:
     return sum((a + 1) * b for a, b in itertools.pairwise(sizes))
 
 
-# Bytes of one environment with its wrappers in a vector environment: about 8-16 KiB for
-# classic control, over 1 MiB for a MuJoCo model and its data.
 ENV_BYTES = 64 * 2**10
+"""Bytes of one environment with its wrappers in a vector environment: about 8-16 KiB for classic
+control, over 1 MiB for a MuJoCo model and its data."""
 
 
 MUJOCO_ENV_BYTES = 2 * 2**20
+"""Bytes of one MuJoCo environment (its model and data) in a vector environment."""
 
 
 def _env_bytes(env_id: str) -> int:

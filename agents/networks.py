@@ -47,9 +47,9 @@ def dropped_units(size: int, rate: float, device: torch.device | str = "cpu") ->
     return positions.clamp_(max=size).long()
 
 
-# The epsilon of the critics' layer normalisation (DroQ): flax's LayerNorm default, as SBX's
-# DroQ critics use it (torch's nn.LayerNorm default is 1e-5).
 LAYER_NORM_EPS = 1e-6
+"""The epsilon of the critics' layer normalisation (DroQ): flax's LayerNorm default, as SBX's DroQ
+critics use it (torch's nn.LayerNorm default is 1e-5)."""
 
 
 class TwinQ(nn.Module):

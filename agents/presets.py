@@ -109,6 +109,8 @@ PRESETS: dict[tuple[str, str], dict[str, Any]] = {
     ("td3", "Ant-v5"): _TD3_MUJOCO,
     ("td3", "Humanoid-v5"): {**_TD3_MUJOCO, "total_steps": 2_000_000},
 }
+"""rl-baselines3-zoo's hyperparameters by (algorithm, environment id), as ``AgentConfig`` field
+names."""
 PRESETS |= {("ddpg", env_id): values for (algo, env_id), values in PRESETS.items() if algo == "td3"}
 # The zoo's TQC settings for these environments are its SAC ones (TQC's defaults are SAC's),
 # but on Hopper, where it drops 5 quantiles per critic instead of 2.
@@ -122,10 +124,9 @@ PRESETS |= {
     if algo == "sac"
 }
 
-# Where an algorithm's presets come from, as a run's first line names it (the zoo's otherwise).
 PRESET_SOURCES = {"droq": "rl-baselines3-zoo's SAC preset with SBX's DroQ settings"}
+"""Where an algorithm's presets come from, as a run's first line names it (the zoo's otherwise)."""
 
-# What the zoo does that these presets cannot (the native agents lack it).
 NOTES: dict[tuple[str, str], str] = {
     ("sac", "LunarLanderContinuous-v3"): "the zoo decays the learning rate linearly",
     ("tqc", "LunarLanderContinuous-v3"): "the zoo decays the learning rate linearly",
@@ -133,6 +134,7 @@ NOTES: dict[tuple[str, str], str] = {
     ("td3", "MountainCarContinuous-v0"): "the zoo's exploration noise is Ornstein-Uhlenbeck",
     ("ddpg", "MountainCarContinuous-v0"): "the zoo's exploration noise is Ornstein-Uhlenbeck",
 }
+"""What the zoo does that these presets cannot (the native agents lack it)."""
 
 
 def preset(algo: str, env_id: str) -> dict[str, Any] | None:

@@ -28,6 +28,7 @@ ALGOS: dict[str, tuple[type[AgentConfig], type[OffPolicyAgent]]] = {
     "tqc": (TQCConfig, TQC),
     "droq": (DroQConfig, DroQ),
 }
+"""The algorithms of ``rlweights train --algo``: each name's config class and agent class."""
 
 
 def make_config(algo: str, env_id: str | None = None, **overrides: Any) -> AgentConfig:
@@ -45,4 +46,5 @@ def make_config(algo: str, env_id: str | None = None, **overrides: Any) -> Agent
 
 
 def build_agent(config: AgentConfig, envs: gym.vector.VectorEnv) -> OffPolicyAgent:
+    """The agent of ``config.algo`` for the spaces of ``envs`` (checked by the agent)."""
     return ALGOS[config.algo][1](config, envs.single_observation_space, envs.single_action_space)

@@ -36,6 +36,8 @@ __all__ = [
 ]
 
 MARKER = ".rlweights-run"
+"""The file that marks a folder as a run folder that rlweights created: only such a folder is
+written into or resumed."""
 _OWN_FILES = {MARKER, "config.json", "model.pt", "summary.json"}
 # The temporary files of rlweights.files.atomic_write (tempfile's 8 characters) for the
 # files above, and nothing else.

@@ -198,6 +198,8 @@ _BUFFER_ARRAYS = ("observations", "next_observations", "actions", "rewards", "do
 
 
 def buffer_state(buffer: Any) -> dict[str, Any]:
+    """An SB3 replay buffer's transitions and position as plain tensors, for a ``weights_only``
+    checkpoint (``load_buffer_state`` restores them)."""
     n = buffer.buffer_size if buffer.full else buffer.pos
     state = {name: torch.from_numpy(np.array(getattr(buffer, name)[:n])) for name in _BUFFER_ARRAYS}
     state.update(pos=buffer.pos, full=buffer.full)

@@ -39,11 +39,11 @@ __all__ = [
     "train_sbx",
 ]
 
-# The native algorithms SBX has, by the name of its class (DroQ is SBX's SAC, configured).
 SBX_ALGOS = {"sac": "SAC", "droq": "SAC", "tqc": "TQC", "td3": "TD3", "ddpg": "DDPG", "dqn": "DQN"}
-# Those an --impl sbx run trains: the continuous ones, whose actor its checkpoint keeps
-# (rlweights bench-train times SBX's DQN too).
+"""The native algorithms SBX has, by the name of its class (DroQ is SBX's SAC, configured)."""
 SBX_RUNS = ("sac", "droq", "tqc", "td3", "ddpg")
+"""The algorithms an --impl sbx run trains: the continuous ones, whose actor its checkpoint keeps
+(rlweights bench-train times SBX's DQN too)."""
 
 # SB3 arguments SBX's constructors do not take.
 _NOT_SBX = ("device", "max_grad_norm")

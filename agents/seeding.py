@@ -12,9 +12,9 @@ import torch
 __all__ = ["MAX_SEED", "rng_state", "seed_everything", "set_rng_state"]
 
 
-# Seeds are 31-bit: numpy takes up to 2**32 - 1, and parallel learners add their rank's
-# offset (rlweights.agents.parallel) to the seed.
 MAX_SEED = 2**31 - 1
+"""The largest seed. Seeds are 31-bit: numpy takes up to 2**32 - 1, and parallel learners add their
+rank's offset (rlweights.agents.parallel) to the seed."""
 
 
 def seed_everything(seed: int) -> None:
@@ -43,6 +43,7 @@ def rng_state() -> dict[str, Any]:
 
 
 def set_rng_state(state: dict[str, Any]) -> None:
+    """Restore the random generators of python, numpy and torch from ``rng_state()``'s output."""
     torch.set_rng_state(state["torch"])
     n = state["numpy"]
     keys = n["keys"].numpy().astype(np.uint32)

@@ -9,8 +9,9 @@ from typing import Any
 __all__ = ["STOP_SIGNALS", "GracefulStop", "Stopped"]
 
 
-# What a user, a scheduler (SLURM, Kubernetes, docker stop, timeout) or a closed terminal sends.
 STOP_SIGNALS = ("SIGINT", "SIGTERM", "SIGHUP")
+"""The signals that stop a run: what a user, a scheduler (SLURM, Kubernetes, docker stop, timeout)
+or a closed terminal sends."""
 
 
 class Stopped(KeyboardInterrupt):

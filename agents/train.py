@@ -32,6 +32,7 @@ __all__ = ["Monitor", "train"]
 
 
 Monitor = Callable[[int, OffPolicyAgent], dict[str, float]]
+"""What ``train(monitor=...)`` calls: ``monitor(steps, agent)`` returns values to log, by tag."""
 
 
 def train(

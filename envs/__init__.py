@@ -26,6 +26,7 @@ from gymnasium.envs.registration import register, registry  # noqa: E402
 __all__ = ["IDS"]
 
 IDS = ("rlweights/BairdCounterexample-v0", "rlweights/Chain-v0")
+"""The ids of the environments this package registers."""
 
 _ENTRY_POINTS = {
     "rlweights/BairdCounterexample-v0": ("rlweights.envs.baird:BairdCounterexample", 1000),

@@ -33,6 +33,8 @@ from rlweights.weights import WeightMismatchError, group_by_device_dtype, is_flo
 __all__ = ["METRICS", "DriftMonitor"]
 
 METRICS = ("weight_norm", "init_distance", "update_ratio", "nonfinite", "target_distance")
+"""The drift metrics of each module, in the order ``DriftMonitor`` logs them (``target_distance``
+only for modules with a target)."""
 
 
 @dataclass

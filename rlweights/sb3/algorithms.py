@@ -57,8 +57,6 @@ class Algorithm:
 
 _BN = (("batch_norm_stats", "batch_norm_stats_target"),)
 
-# TRPO is not here: its actor moves by a line search, not by an optimizer step; MaskablePPO
-# is not: evaluating it without its action masks would act wrongly.
 ALGORITHMS: tuple[Algorithm, ...] = (
     Algorithm(
         "stable_baselines3",
@@ -165,6 +163,9 @@ ALGORITHMS: tuple[Algorithm, ...] = (
         trained=("policy",),
     ),
 )
+"""SB3's and sb3-contrib's algorithms that rlweights knows, one row each. TRPO is not here: its
+actor moves by a line search, not by an optimizer step; MaskablePPO is not: evaluating it
+without its action masks would act wrongly."""
 
 
 def algorithm_of(model_or_class: object) -> Algorithm | None:
