@@ -62,6 +62,19 @@ def test_table_says_whether_native_is_worse_beyond_the_intervals():
     assert table.splitlines()[2].endswith("| 1 / 1 / 1 | 2.5 [1.5, 3.5], 2.5 | yes |")
 
 
+def test_compiled_runs_alone_are_the_native_column():
+    """Long runs of the native agent under --compile alone (no eager runs): compared with the
+    reference in the native column, marked, with no eager-against-compiled columns."""
+    curves = _curves("tqc", {"compile": [0.0, 1.0, 2.0], "sb3": [10.0, 11.0, 12.0]})
+    table = markdown(summarise(curves))
+    row = (
+        "| tqc | E | 10 | 3 | 1.0 [0.0, 2.0], 1.0 (--compile) | 11.0 [10.0, 12.0], 11.0 | **no** |"
+    )
+    assert row in table
+    assert "compiled not worse than eager" not in table
+    assert table.splitlines()[2].endswith("| 1 / 1 |")
+
+
 def test_sbx_is_the_reference_where_sb3_has_no_runs(tmp_path):
     """DroQ's reference is SBX (SB3 has no DroQ): its column, verdict and run command."""
     from rlweights.bench.learning import Cell, _command

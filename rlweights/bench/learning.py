@@ -201,10 +201,13 @@ def markdown(rows: list[dict]) -> str:
     """Native next to the reference per (algo, env): SB3's runs, or SBX's where there are no
     SB3 runs (DroQ); 'not worse' when the native interval reaches the reference's. With runs
     of the native agent under ``--compile``, two more columns: their returns, and whether they
-    are not worse than the eager runs'."""
-    compiled = any(r["impl"] == "compile" for r in rows)
+    are not worse than the eager runs'. A pair with compiled runs only (the long runs, where
+    compiling saves hours) puts them in the native column, marked ``(--compile)``."""
     extra = " native --compile: mean [95 % CI], IQM | compiled not worse than eager |"
     by_key = {(r["algo"], r["env_id"], r["impl"]): r for r in rows}
+    compiled = any(
+        r["impl"] == "compile" and (r["algo"], r["env_id"], "native") in by_key for r in rows
+    )
     pairs = list(dict.fromkeys((r["algo"], r["env_id"]) for r in rows))
     references = {
         key: "sb3" if (*key, "sb3") in by_key or (*key, "sbx") not in by_key else "sbx"
@@ -221,20 +224,24 @@ def markdown(rows: list[dict]) -> str:
         native = by_key.get((algo, env_id, "native"))
         sb3 = by_key.get((algo, env_id, references[algo, env_id]))
         fast = by_key.get((algo, env_id, "compile"))
+        only_compiled = native is None and fast is not None
+        if only_compiled:
+            native, fast = fast, None
 
-        def cell(r: dict | None) -> str:
+        def cell(r: dict | None, mark: str = "") -> str:
             if r is None:
                 return "-"
             return (
                 f"{r['final_mean']:.1f} [{r['final_low']:.1f}, {r['final_high']:.1f}], "
-                f"{r['final_iqm']:.1f}"
+                f"{r['final_iqm']:.1f}{mark}"
             )
 
         timed = (native, sb3, fast) if compiled else (native, sb3)
         walls = " / ".join(_seconds(r["wall_seconds"]) if r else "-" for r in timed)
         some = native or sb3 or fast
         line = (
-            f"| {algo} | {env_id} | {some['steps']} | {len(some['seeds'])} | {cell(native)} "
+            f"| {algo} | {env_id} | {some['steps']} | {len(some['seeds'])} "
+            f"| {cell(native, ' (--compile)' if only_compiled else '')} "
             f"| {cell(sb3)} | {_reaches(native, sb3)} | {walls} |"
         )
         if compiled:
