@@ -110,3 +110,27 @@ def test_the_pages_speak_of_the_project_only():
         if FORBIDDEN.search(line)
     ]
     assert not found, found
+
+
+def test_the_source_view_is_written_only_where_it_wrote_before(tmp_path, monkeypatch):
+    """The build's hook links the installed layout (``rlweights/agents`` -> ``agents/``) into
+    its own folder, and refuses a folder of that name that it did not write."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("hooks", ROOT / "scripts" / "mkdocs_hooks.py")
+    hooks = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(hooks)
+    view = tmp_path / "docs-src"
+    monkeypatch.setattr(hooks, "VIEW", view)
+    monkeypatch.setattr(hooks, "MARKER", view / ".written-by-mkdocs-hooks")
+    view.mkdir()
+    (view / "mine.txt").write_text("a user's file")
+    with pytest.raises(SystemExit, match="was not written by"):
+        hooks.on_startup()
+    assert [p.name for p in view.iterdir()] == ["mine.txt"]
+    (view / "mine.txt").unlink()
+    view.rmdir()
+    hooks.on_startup()
+    hooks.on_startup()  # its own folder: written again
+    assert (view / "rlweights" / "agents" / "sac.py").resolve() == ROOT / "agents" / "sac.py"
+    assert (view / "rlweights" / "ops.py").resolve() == ROOT / "rlweights" / "ops.py"
