@@ -4,9 +4,10 @@ Every fenced block is Python or shell, and every shell line is one that a test b
 how to run: ``rlweights train`` lines run with ``--steps 300`` added (the flags, the
 environment and the algorithm as written), ``rlweights evaluate`` evaluates the folder one of
 them wrote, Python blocks run as written with ``.learn(N)`` cut to 300 steps, the install
-lines name extras that pyproject defines and install what ``.ci/run`` installs, the test
-line is ``.ci/run``'s, and ``mkdocs serve`` is checked by building the same site. A new
-kind of line in the README fails ``test_every_shell_line_is_known`` until it gets a runner.
+lines (from a clone: ``pip install -e .[...]``) name extras that pyproject defines, the
+Quickstart installs what ``.ci/run`` installs and its test line is ``.ci/run``'s, and
+``mkdocs serve`` is checked by building the same site. A new kind of line in the README
+fails ``test_every_shell_line_is_known`` until it gets a runner.
 """
 
 from __future__ import annotations
@@ -100,8 +101,9 @@ def test_install_lines_name_defined_extras():
     named = set()
     for words in SHELL:
         if _kind(words) == "install":
-            for requirement in words[2:]:
-                match = re.fullmatch(r"rlweights\[([\w,]+)\]", requirement)
+            assert words[2] == "-e", f"an install line that is not from the clone: {words}"
+            for requirement in words[3:]:
+                match = re.fullmatch(r"\.\[([\w,]+)\]", requirement)
                 assert match, requirement
                 named |= set(match[1].split(","))
     assert named and named <= set(extras), named - set(extras)
