@@ -14,6 +14,7 @@ the runs share), ``evaluation``, ``checkpoint``, ``signals``, ``run_folder``, ``
 >>> from rlweights.agents.registry import make_config
 >>> from rlweights.agents.train import train
 >>> agent, summary = train(make_config("sac", total_steps=10_000), "runs/my-sac")
+
 ```
 """
 

@@ -27,6 +27,7 @@ class TargetUpdateSpec:
     ```python
     >>> TargetUpdateSpec.parse("hard:250")
     TargetUpdateSpec(kind='hard', tau=1.0, every=250)
+
     ```
     """
 

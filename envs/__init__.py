@@ -4,6 +4,7 @@
 >>> import gymnasium as gym
 >>> import rlweights.envs
 >>> env = gym.make("rlweights/Chain-v0", length=8, slip=0.2)
+
 ```
 
 ``gym.make("rlweights.envs:rlweights/Chain-v0")`` imports this package itself. The

@@ -4,6 +4,7 @@ reset of optimizer state after a manual write.
 ```python
 >>> handle = rw.constrain(optimizer, actor, rw.constraints.MaxNorm(3.0))
 >>> handle.remove()
+
 ```
 
 Each constraint is a callable ``constraint(weights)`` that writes in place under
@@ -199,6 +200,7 @@ class UnitSphere(_UnitConstraint):
 
     ```python
     >>> rw.constrain(optimizer, critic, rw.constraints.UnitSphere())
+
     ```
     """
 

@@ -11,6 +11,7 @@ process's weights the mean of all processes' weights, fast. On flat storage
 >>> rw.distributed.broadcast_(policy, src=0)          # start from the same weights
 >>> averager = rw.distributed.PeriodicAverager(policy, every=1000)
 >>> averager.step()                                   # after each optimizer step
+
 ```
 
 PyTorch's own ``torch.distributed.algorithms.model_averaging.utils.average_parameters``

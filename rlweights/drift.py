@@ -81,6 +81,7 @@ class DriftMonitor:
     ```python
     >>> monitor = DriftMonitor({"actor": actor, "critic": critic}, {"critic": critic_target})
     >>> metrics = monitor.measure()  # {"drift/critic/target_distance": tensor(...), ...}
+
     ```
     """
 

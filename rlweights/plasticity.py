@@ -7,6 +7,7 @@ Adams 2020; BBF shrinks its encoder by 0.5 toward a fresh initialisation every 2
 >>> rw.reinit_(actor, include="net.4.*", optimizer=actor_optimizer)  # the last layer afresh
 >>> resets = rw.ShrinkPerturb(critic, 0.0, 1.0, at=[50_000, 100_000])  # BRO-style
 >>> resets.step()  # after every gradient step
+
 ```
 
 Every selected floating parameter ``theta`` becomes ``shrink * theta + perturb * fresh``,
@@ -321,6 +322,7 @@ class ShrinkPerturb(PeriodicRoutine):
 
     ```python
     >>> resets = rw.ShrinkPerturb(critic, 0.0, 1.0, every=100_000, optimizer=critic_opt)
+
     ```
     """
 

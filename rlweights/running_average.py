@@ -9,6 +9,7 @@ update is one fused pass per flat buffer, and both are routines like ``rw.Polyak
 >>> ema = rw.EMA(policy, tau=0.005, warmup=True)
 >>> ema.update()  # after each optimizer step of the policy
 >>> action = ema.averaged(obs)
+
 ```
 
 Convention: ``tau`` is the step toward the online weights, as everywhere in rlweights

@@ -159,6 +159,7 @@ class PolyakUpdate(TargetRoutine):
     >>> update = rw.PolyakUpdate(critic, target, tau=0.005)
     >>> update.step()  # after each gradient step
     >>> warmup = rw.PolyakUpdate(tau=lambda n: min(1.0, 0.005 + 1.0 / (n + 1)))  # a template
+
     ```
     """
 
@@ -268,6 +269,7 @@ class HardUpdate(TargetRoutine):
 
     ```python
     >>> update = rw.HardUpdate(q_net, q_target, every=1000)
+
     ```
 
     ``capturable=True``: the form for compiled and captured steps (as for

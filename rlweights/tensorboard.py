@@ -14,6 +14,7 @@ Tags are those of ``rlweights.drift``: ``drift/<module>/<metric>`` for totals an
 ...     train_step()
 ...     if step % 1000 == 0:
 ...         logger.log(step)
+
 ```
 """
 

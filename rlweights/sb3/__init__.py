@@ -5,6 +5,7 @@
 >>> model = SAC("MlpPolicy", "Pendulum-v1")
 >>> attach(model)                   # SB3's own target updates, on rlweights' fast path
 >>> attach(model, routine=rw.HardUpdate(every=1000))   # or a routine of your own
+
 ```
 
 Callbacks (``model.learn(..., callback=...)``): ``WeightConstraintCallback`` (weight
@@ -17,6 +18,7 @@ unit-sphere projection):
 >>> averaging = PolicyAveragingCallback("ema", tau=0.005, eval_env="Pendulum-v1")
 >>> model.learn(50_000, callback=averaging)
 >>> averaging.save_averaged("sac_ema.zip")   # SAC.load("sac_ema.zip") acts with the average
+
 ```
 
 Modules: ``algorithms`` (SB3's per-algorithm attribute names, one row per algorithm),

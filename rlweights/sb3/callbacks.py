@@ -46,6 +46,7 @@ class WeightConstraintCallback(BaseCallback):
 
     ```python
     >>> model.learn(10_000, callback=WeightConstraintCallback(("actor",), max_norm=3.0))
+
     ```
     """
 
@@ -120,6 +121,7 @@ class DriftCallback(BaseCallback):
     ```python
     >>> model = SAC("MlpPolicy", "Pendulum-v1", tensorboard_log="runs")
     >>> model.learn(20_000, callback=DriftCallback(every=1000))
+
     ```
     """
 
@@ -203,6 +205,7 @@ class PlasticityCallback(BaseCallback):
     ```python
     >>> resets = PlasticityCallback(reset_every=20_000, reset_layers="critic.*")
     >>> model.learn(100_000, callback=resets)
+
     ```
     """
 

@@ -85,6 +85,7 @@ class PolicyAveragingCallback(BaseCallback):
     >>> averaging = PolicyAveragingCallback("ema", tau=0.005, eval_env="Pendulum-v1")
     >>> model.learn(50_000, callback=averaging)
     >>> averaging.save_averaged("sac_ema")  # sac_ema.zip: SAC.load acts with the average
+
     ```
     """
 
