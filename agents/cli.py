@@ -278,8 +278,8 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
         choices=("auto", "on", "off"),
         help="compile the whole gradient step (losses, gradients, Adam, temperature, "
         "constraints, policy EMA, target update) as one torch.compile graph: on (--compile "
-        "alone), off, or auto (the default: on the CPU, SAC, TD3 and DDPG runs long enough "
-        "for compiling to pay; the run says which)",
+        "alone), off, or auto (the default: on the CPU, SAC, TD3, DDPG, TQC and DroQ runs "
+        "long enough for compiling to pay; the run says which)",
     )
     speed.add_argument(
         "--cudagraphs",
