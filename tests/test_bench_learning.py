@@ -71,6 +71,7 @@ def test_compiled_runs_alone_are_the_native_column():
         "| tqc | E | 10 | 3 | 1.0 [0.0, 2.0], 1.0 (--compile) | 11.0 [10.0, 12.0], 11.0 | **no** |"
     )
     assert row in table
+    assert "| sb3-contrib: mean [95 % CI], IQM |" in table  # TQC's --impl sb3 is sb3-contrib's
     assert "compiled not worse than eager" not in table
     assert table.splitlines()[2].endswith("| 1 / 1 |")
 

@@ -184,6 +184,17 @@ def summarise(curves: list[dict]) -> list[dict]:
 _REFERENCE_NAMES = {"sb3": "SB3", "sbx": "SBX"}
 
 
+def _reference_name(algo: str, impl: str) -> str:
+    """SB3, sb3-contrib (an ``--impl sb3`` run of an algorithm that SB3 itself lacks: TQC)
+    or SBX."""
+    if impl == "sb3":
+        from rlweights.sb3.algorithms import ALGORITHMS
+
+        if any(row.name == algo.upper() and row.package == "sb3_contrib" for row in ALGORITHMS):
+            return "sb3-contrib"
+    return _REFERENCE_NAMES[impl]
+
+
 def _seconds(value: float) -> str:
     """Wall seconds for a table: three significant figures, whole seconds from 100 on (no
     exponent: 1750, not 1.75e+03)."""
@@ -213,7 +224,7 @@ def markdown(rows: list[dict]) -> str:
         key: "sb3" if (*key, "sb3") in by_key or (*key, "sbx") not in by_key else "sbx"
         for key in pairs
     }
-    ref = " or ".join(sorted({_REFERENCE_NAMES[i] for i in references.values()}))
+    ref = " or ".join(sorted({_reference_name(key[0], i) for key, i in references.items()}))
     lines = [
         f"| algo | env | steps | seeds | native: mean [95 % CI], IQM | {ref}: mean [95 % CI], "
         f"IQM | native not worse | wall s per run, native / {ref}"
@@ -268,7 +279,11 @@ def plot(curves: list[dict], path: Path) -> None:
     panels = list(dict.fromkeys((c["algo"], c["env_id"]) for c in curves))
     fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 3.6), squeeze=False)
     for ax, (algo, env_id) in zip(axes[0], panels, strict=True):
-        labels = {"native": "rlweights", "compile": "rlweights --compile", **_REFERENCE_NAMES}
+        labels = {
+            "native": "rlweights",
+            "compile": "rlweights --compile",
+            **{impl: _reference_name(algo, impl) for impl in _REFERENCE_NAMES},
+        }
         known = ("native", "compile", "sb3", "sbx")
         more = [i for i in dict.fromkeys(c["impl"] for c in curves) if i not in known]
         colors = ["tab:orange", "tab:green", "tab:blue", "tab:red", "tab:purple", "tab:brown"]
