@@ -225,6 +225,7 @@ def test_bench_compile_smoke(tmp_path):
     assert "| dqn | " in done.stdout and "never (eager) |" in done.stdout
 
 
+@pytest.mark.slow  # four timed training runs: a benchmark tool's smoke, over a minute
 def test_bench_revisions_smoke(tmp_path):
     """Two revisions' runs alternated (here one environment as both): each run timed, the
     table's ratio the median of the rounds' new / old."""
