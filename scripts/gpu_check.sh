@@ -19,7 +19,8 @@ if ls .whl/*.whl >/dev/null 2>&1; then
 fi
 "$py" -c 'import torch; print("torch", torch.__version__, "cuda", torch.version.cuda,
 torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU")' | tee "$out/env.txt"
-"$py" -m pytest -q -m gpu -p no:cacheprovider tests 2>&1 | tee "$out/gpu-tests.log"
+# -o addopts="": the tests in one process, without pyproject's pytest-xdist options
+"$py" -m pytest -q -o addopts="" -m gpu -p no:cacheprovider tests 2>&1 | tee "$out/gpu-tests.log"
 tests=${PIPESTATUS[0]}
 "$py" -m rlweights bench --device cuda --rounds "${ROUNDS:-30}" --json "$out/bench-cuda.json" \
   2>&1 | tee "$out/bench-cuda.md"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import multiprocessing
+import os
 import signal
 import socket
 import time
@@ -23,6 +24,13 @@ FLOAT_DTYPES = [torch.float32, torch.float64, torch.bfloat16, torch.float16]
 # A subprocess's timeout in a test only catches a hang: far above what the slowest command
 # takes on a busy machine (minutes), so that a loaded machine never fails a test.
 SUBPROCESS_TIMEOUT = 1800.0
+
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # Tests run in several worker processes (pytest-xdist, pyproject's addopts): one thread
+    # each, in the worker and in every command it starts, since OpenMP threads of processes
+    # side by side on the same cores wait for each other (many times slower than one thread).
+    os.environ["OMP_NUM_THREADS"] = "1"
+    torch.set_num_threads(1)
 
 
 @pytest.fixture(autouse=True, scope="session")
