@@ -75,7 +75,9 @@ class PolicyAveragingCallback(BaseCallback):
     and so in the model's TensorBoard run (``tensorboard_log=``), at ``num_timesteps``:
     ``eval/online_mean_reward``, ``eval/online_std_reward``, ``eval/averaged_mean_reward``,
     ``eval/averaged_std_reward``; ``evaluations`` keeps ``(timesteps, online mean, averaged
-    mean)``. ``rlweights/averaged_updates`` is recorded at each rollout end.
+    mean)``. ``rlweights/averaged_updates`` is recorded after every update of the average
+    (and at each rollout end, before training starts), so each dump of the logger shows the
+    count of that moment.
 
     With ``attach`` on the same model, the flat layouts ``attach`` made for the target
     pairs are kept (the policy is then not flattened as a whole, and the average is updated
@@ -180,6 +182,8 @@ class PolicyAveragingCallback(BaseCallback):
 
     def _update(self, optimizer: Optimizer, args: Any, kwargs: Any) -> None:
         self.averager.update()
+        # the count of this moment: SB3 dumps its logger during the next rollout
+        self.logger.record("rlweights/averaged_updates", self.averager.updates)
 
     def _remove_hook(self) -> None:
         if self._hook is not None:
