@@ -15,6 +15,7 @@ with ``rlweights.distributed.PeerError`` instead of waiting forever.
 
 from __future__ import annotations
 
+import importlib
 import os
 from datetime import timedelta
 
@@ -48,6 +49,11 @@ class Learners:
                     f"average_every={self.every} needs several learners: launch with "
                     "torchrun --nproc_per_node=N -m rlweights train ... --average-every K"
                 )
+            # Imported after init_process_group, torch._dynamo (which the agents import)
+            # brings torch.distributed._shard, whose import keeps a reference to the default
+            # group: its gloo threads then outlive destroy_process_group() and abort the
+            # process at exit (SIGABRT, "terminate called without an active exception").
+            importlib.import_module("torch._dynamo")
             cuda = torch.device(config.device).type == "cuda"
             if cuda:
                 torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))

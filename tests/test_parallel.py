@@ -4,6 +4,7 @@ dies, and the command's refusals."""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -152,6 +153,48 @@ def test_torchrun_trains_parallel_learners_from_the_command(tmp_path):
     summary = (tmp_path / "r" / "summary.json").read_text()
     assert '"processes": 2' in summary and '"averages": 2' in summary
     assert '"average_every": 100' in (tmp_path / "r" / "config.json").read_text()
+
+
+GLOO_THREADS_SCRIPT = """
+import json, os, sys
+from pathlib import Path
+from rlweights.agents.registry import make_config
+from rlweights.agents.train import train
+
+def gloo_threads():
+    tasks = Path("/proc/self/task")
+    names = [(task / "comm").read_text().strip() for task in tasks.iterdir()]
+    return sorted(name for name in names if "gloo" in name)
+
+seen = {}
+def progress(steps, info):
+    seen.setdefault("during", gloo_threads())
+
+out = Path(sys.argv[1])
+config = make_config("dqn", "CartPole-v1", **TINY)
+train(config, out / "run", progress=progress)
+seen["after"] = gloo_threads()
+(out / f"rank{os.environ['RANK']}.txt").write_text(json.dumps(seen))
+"""
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="needs Linux's /proc")
+def test_a_learner_that_owns_the_process_group_leaves_no_gloo_thread_behind(tmp_path):
+    # Learners that start the group themselves (as under torchrun) destroy it at the end; a
+    # gloo thread alive after that makes the process abort at exit (SIGABRT, now and then).
+    script = tmp_path / "learner.py"
+    script.write_text(f"TINY = {TINY!r}\n" + GLOO_THREADS_SCRIPT)
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
+    command += ["--nproc_per_node=2", str(script), str(tmp_path)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(
+        command, capture_output=True, text=True, timeout=SUBPROCESS_TIMEOUT, env=env
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    for rank in range(2):
+        seen = json.loads((tmp_path / f"rank{rank}.txt").read_text())
+        assert seen["during"], seen  # the group's threads, while it lives
+        assert seen["after"] == [], seen
 
 
 @pytest.mark.parametrize(
