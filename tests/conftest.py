@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import multiprocessing
 import os
 import signal
@@ -194,6 +195,9 @@ def launch(worker, tmp_path, timeout=SUBPROCESS_TIMEOUT, **kwargs):
 
 def _entry(worker, rank, port, out, kwargs):
     torch.set_num_threads(1)
+    # Before the group starts, as rlweights.agents.parallel.Learners does: imported after it,
+    # torch._dynamo keeps the group alive past destroy_process_group() (abort at exit).
+    importlib.import_module("torch._dynamo")
     dist.init_process_group(
         "gloo",
         init_method=f"tcp://127.0.0.1:{port}",
